@@ -1,0 +1,41 @@
+"""`flexmore-prep`: tokenise your .txt / .jsonl / .parquet files into token shards for `data=shards`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flexmore.data.prep import prepare
+from flexmore.data.shards import read_index
+from flexmore.data.tokenizer import load_tokenizer
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexmore-prep", description=__doc__)
+    p.add_argument("inputs", nargs="+", help="files or folders (searched for .txt, .jsonl, .parquet)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a path to a tokenizer.json")
+    p.add_argument("--field", default="text", help="JSONL field / parquet column holding the text (default: text)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.shard_tokens < 1:
+        parser().error(f"--shard-tokens={args.shard_tokens} must be >= 1")
+    try:
+        out = prepare(args.inputs, args.out, load_tokenizer(args.tokenizer), field=args.field,
+                      shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"flexmore-prep: error: {e}", file=sys.stderr)
+        return 2
+    ix = read_index(out)
+    print(f"wrote {ix['num_tokens']:,} tokens from {ix['num_documents']:,} documents in {len(ix['shards'])} "
+          f"shard(s) ({ix['dtype']}, tokenizer {ix['tokenizer']}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""`flexmore-train`: compose the hydra config, turn it into dataclasses (validating them), run the loop."""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from flexmore.config import Config
+from flexmore.model.presets import conf_dir
+
+ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    """Structured-config object with every dataclass's __post_init__ checks run."""
+    return OmegaConf.to_object(dcfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(dcfg: DictConfig) -> None:
+    from flexmore.train.loop import train
+
+    cfg = to_config(dcfg)
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The run's configuration as plain dataclasses: hydra composes them in the entry points, library code only reads them.
+
+Each dataclass validates itself in ``__post_init__``, which runs when the entry point turns the composed config
+into objects, so bad values fail at start-up, before any data is built or any weight allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from flexmore.model.config import ModelConfig
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    """Training data: the embedded domains (default) or shard folders made by ``flexmore-prep``."""
+
+    source: str = "embedded"  # embedded | shards
+    domains: list[str] = field(default_factory=lambda: ["public"])  # embedded: training domains (concatenated)
+    paths: list[str] = field(default_factory=list)  # shards: training shard folders
+    val_domains: list[str] = field(default_factory=lambda: ["public", "code", "math", "facts"])
+    val_paths: dict[str, str] = field(default_factory=dict)  # shards: name -> validation shard folder
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    train_chars: int = 4_000_000  # embedded: size of each training domain (characters of generated text)
+    val_chars: int = 200_000
+    seed: int = 0
+    cache_dir: Optional[str] = None  # embedded: where generated shards are kept (default ~/.cache/flexmore)
+
+    def __post_init__(self) -> None:
+        _need(self.source in ("embedded", "shards"), f"data.source={self.source!r}; allowed: 'embedded', 'shards'")
+        if self.source == "embedded":
+            from flexmore.data.domains import DOMAINS
+
+            for d in list(self.domains) + list(self.val_domains):
+                _need(d in DOMAINS, f"data domain {d!r} is not an embedded domain; allowed: {', '.join(DOMAINS)}")
+            _need(len(self.domains) > 0, "data.domains is empty: name at least one embedded training domain")
+            _need(self.train_chars > 0 and self.val_chars > 0, "data.train_chars and data.val_chars must be > 0")
+        else:
+            _need(len(self.paths) > 0, "data.source=shards needs data.paths: one or more folders made by flexmore-prep")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # <= 0: off
+
+    def __post_init__(self) -> None:
+        _need(self.name == "adamw", f"optim.name={self.name!r}; allowed: 'adamw'")
+        _need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}: two values in [0, 1)")
+        _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
+        _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150  # the schedule's length
+    stop_at: Optional[int] = None  # leave early at this step (a job's time limit) with a checkpoint; resume later
+    seq_len: int = 128
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    autocast: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | off
+    compile: bool = False  # torch.compile the model for training (2.5-3.5x faster steps on H100: benchmarks/)
+    log_every: int = 10
+    eval_every: int = 50  # <= 0: only at the end
+    eval_batches: int = 4
+    save_every: int = 0  # <= 0: only at the end
+    keep_last: int = 2
+    save_dir: Optional[str] = None  # default: <run dir>/checkpoints
+    resume: str = "auto"  # auto: continue from save_dir's latest checkpoint if any | never
+    peak_tflops: Optional[float] = None  # for MFU; default: known GPUs' dense bf16 peak
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "seq_len", "micro_batch", "grad_accum", "keep_last", "eval_batches", "log_every"):
+            _need(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1")
+        _need(self.stop_at is None or 1 <= self.stop_at <= self.steps,
+              f"train.stop_at={self.stop_at} must be in [1, train.steps={self.steps}] or null")
+        _need(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}; allowed: auto, cpu, cuda")
+        _need(self.autocast in ("auto", "bf16", "off"), f"train.autocast={self.autocast!r}; allowed: auto, bf16, off")
+        _need(self.resume in ("auto", "never"), f"train.resume={self.resume!r}; allowed: auto, never")
+
+
+@dataclass
+class LoggingConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "flexmore"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _need(self.mode in ("offline", "online", "disabled"), f"logging.mode={self.mode!r}; allowed: offline, online, disabled")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "single"
+
+    def __post_init__(self) -> None:
+        _need(self.strategy == "single", f"parallel.strategy={self.strategy!r}; allowed: 'single'")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_name: str = "default"
+    run_dir: str = "outputs/default"  # the entry point sets it to hydra's run dir
+
+    def __post_init__(self) -> None:
+        _need(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len={self.train.seq_len} is larger than the model's max_seq_len={self.model.max_seq_len} "
+            f"(model={self.model.name}); use train.seq_len<={self.model.max_seq_len} or raise model.max_seq_len",
+        )

@@ -1,0 +1,133 @@
+"""Knowledge-heavy text: a fixed generated world of people, cities and companies, stated in varied sentences.
+
+The world is the same for every seed (it is the knowledge to learn); the seed only changes which sentences state it.
+Validation text states the same facts with templates the training text never uses.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+from flexmore.data.domains.streams import split_seed
+
+SALT = 4
+CATEGORY = "knowledge"
+WORLD_SEED = 20250709
+N_PEOPLE, N_CITIES, N_COMPANIES = 600, 60, 150
+SYL = ["ka", "lo", "mi", "ra", "ven", "tor", "el", "sa", "dun", "bri", "qua", "zel", "mor", "ti", "an", "gor", "phe",
+       "lys", "dor", "ne", "val", "cor", "is", "ur"]
+JOBS = ["baker", "pilot", "chemist", "sculptor", "surgeon", "librarian", "architect", "farmer", "judge", "sailor",
+        "violinist", "geologist", "engineer", "poet", "astronomer"]
+COLORS = ["red", "blue", "green", "amber", "violet", "silver", "teal", "crimson"]
+INDUSTRIES = ["shipbuilding", "textiles", "software", "mining", "glassmaking", "publishing", "brewing", "optics"]
+COUNTRIES = ["Arveland", "Belmora", "Costaine", "Drevia", "Esterhold", "Fenmark"]
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    born: int
+    city: str
+    job: str
+    color: str
+
+
+@dataclass(frozen=True)
+class Company:
+    name: str
+    founded: int
+    city: str
+    founder: str
+    industry: str
+
+
+def _name(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(SYL) for _ in range(parts)).capitalize()
+
+
+@lru_cache(maxsize=1)
+def world() -> tuple[dict[str, str], list[Person], list[Company]]:
+    rng = random.Random(WORLD_SEED)
+    cities: dict[str, str] = {}
+    while len(cities) < N_CITIES:
+        cities.setdefault(_name(rng, 3), rng.choice(COUNTRIES))
+    city_names = sorted(cities)
+    people, seen = [], set()
+    while len(people) < N_PEOPLE:
+        name = f"{_name(rng, 2)} {_name(rng, 3)}"
+        if name not in seen:
+            seen.add(name)
+            people.append(Person(name, rng.randint(1900, 2005), rng.choice(city_names), rng.choice(JOBS),
+                                 rng.choice(COLORS)))
+    companies, seen = [], set()
+    while len(companies) < N_COMPANIES:
+        name = f"{_name(rng, 2)} {rng.choice(['Works', 'Group', 'Labs', 'Company', 'Guild'])}"
+        if name not in seen:
+            seen.add(name)
+            founder = rng.choice(people)
+            companies.append(Company(name, founder.born + rng.randint(20, 50), rng.choice(city_names), founder.name,
+                                     rng.choice(INDUSTRIES)))
+    return cities, people, companies
+
+
+# Templates: the last one of each list is held out for validation text.
+PERSON_T = [
+    "{n} was born in {c} in {y}.", "Born in {y}, {n} grew up in {c}.", "{n} is a native of {c}, born in the year {y}.",
+    "The records of {c} list {n} among those born in {y}.", "In {y}, {n} was born in the city of {c}.",
+]
+JOB_T = ["{n} works as {a} {j}.", "By profession, {n} is {a} {j}.", "{n} earns a living as {a} {j}.", "{n} trained to become {a} {j}."]
+COLOR_T = ["The favourite colour of {n} is {k}.", "{n} likes {k} more than any other colour.", "Ask {n}: the best colour is {k}."]
+COMPANY_T = [
+    "{m} was founded in {c} in {y} by {f}.", "{f} started {m} in {y}; its home is {c}.",
+    "In {y}, {f} founded {m}, based in {c}.", "{m}, a company from {c}, was established by {f} in {y}.",
+]
+INDUSTRY_T = ["{m} is known for {i}.", "The main business of {m} is {i}.", "{m} works in {i}."]
+CITY_T = ["{c} is a city in {o}.", "The city of {c} lies in {o}.", "{c} belongs to the country of {o}."]
+
+
+def _pick(rng: random.Random, templates: list[str], split: str) -> str:
+    return templates[-1] if split == "val" else rng.choice(templates[:-1])
+
+
+def documents(split: str, seed: int) -> Iterator[str]:
+    cities, people, companies = world()
+    rng = random.Random(split_seed(seed, split, SALT))
+    while True:
+        kind = rng.random()
+        if kind < 0.6:
+            p = rng.choice(people)
+            parts = [_pick(rng, PERSON_T, split).format(n=p.name, c=p.city, y=p.born),
+                     _pick(rng, JOB_T, split).format(n=p.name, j=p.job, a="an" if p.job[0] in "aeiou" else "a"),
+                     _pick(rng, COLOR_T, split).format(n=p.name, k=p.color),
+                     _pick(rng, CITY_T, split).format(c=p.city, o=cities[p.city])]
+        elif kind < 0.9:
+            m = rng.choice(companies)
+            parts = [_pick(rng, COMPANY_T, split).format(m=m.name, c=m.city, y=m.founded, f=m.founder),
+                     _pick(rng, INDUSTRY_T, split).format(m=m.name, i=m.industry)]
+        else:
+            c = rng.choice(sorted(cities))
+            parts = [_pick(rng, CITY_T, split).format(c=c, o=cities[c])]
+        rng.shuffle(parts)
+        yield " ".join(parts)
+
+
+def qa_pairs(split: str, n: int, seed: int) -> list[dict]:
+    """Questions about the world; the answer is a single name, word or year."""
+    cities, people, companies = world()
+    rng = random.Random(split_seed(seed, split, SALT + 100))
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.5:
+            p = rng.choice(people)
+            q, a = rng.choice([(f"In which city was {p.name} born?", p.city), (f"In what year was {p.name} born?", str(p.born)),
+                               (f"What is the profession of {p.name}?", p.job)])
+        else:
+            m = rng.choice(companies)
+            q, a = rng.choice([(f"Who founded {m.name}?", m.founder), (f"In what year was {m.name} founded?", str(m.founded)),
+                               (f"In which city is {m.name} based?", m.city)])
+        out.append({"question": f"Question: {q}\nAnswer:", "answer": a, "category": CATEGORY})
+    return out

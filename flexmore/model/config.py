@@ -1,0 +1,85 @@
+"""Model shape: one dataclass, validated on construction so a bad shape fails before any weight exists."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """An OLMo2 / FlexOlmo decoder. ``num_experts == 1`` is the dense model."""
+
+    name: str = "tiny"
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer, padded to ``vocab_multiple``
+    vocab_multiple: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: = n_heads (multi-head attention)
+    d_ffn: int = 192
+    max_seq_len: int = 256
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # Mixture of experts (FlexOlmo). Expert 0 is the public FFN.
+    num_experts: int = 1
+    top_k: int = 1
+    norm_topk_prob: bool = False  # FlexOlmo: softmax over all experts, top-k, no renormalisation
+    expert_bias: bool = False  # learned bias b <= 0 (min(b, 0)) on the non-public experts' logits
+    router_z_loss_weight: float = 0.0
+    lb_loss_weight: float = 0.0
+    expert_names: list[str] = field(default_factory=list)  # optional, one per expert; "public" first
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"model '{self.name}': {msg}")
+
+        for key in ("d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len", "num_experts", "top_k", "vocab_multiple"):
+            need(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        need(self.vocab_size is None or self.vocab_size >= 1, f"vocab_size={self.vocab_size} must be >= 1 or null")
+        need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        kv = self.kv_heads
+        need(kv >= 1 and self.n_heads % kv == 0, f"n_kv_heads={kv} must divide n_heads={self.n_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        need(
+            self.top_k <= self.num_experts,
+            f"top_k={self.top_k} is larger than num_experts={self.num_experts}; allowed: 1..{self.num_experts}",
+        )
+        need(
+            not self.expert_names or len(self.expert_names) == self.num_experts,
+            f"expert_names has {len(self.expert_names)} names for num_experts={self.num_experts}",
+        )
+        need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    def resolved_vocab(self, tokenizer_vocab: int) -> int:
+        """The embedding size: explicit, or the tokenizer's padded up to ``vocab_multiple``."""
+        if self.vocab_size is not None:
+            if self.vocab_size < tokenizer_vocab:
+                raise ValueError(
+                    f"model '{self.name}': vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                    f"vocabulary ({tokenizer_vocab} ids)"
+                )
+            return self.vocab_size
+        m = self.vocab_multiple
+        return (tokenizer_vocab + m - 1) // m * m
+
+    def shape_dict(self) -> dict:
+        """What must match between a checkpoint and the model that loads it."""
+        d = asdict(self)
+        for k in ("name", "init_std", "router_z_loss_weight", "lb_loss_weight", "norm_topk_prob", "vocab_multiple"):
+            d.pop(k)
+        return d

@@ -1,0 +1,110 @@
+"""The FlexOlmo decoder: OLMo2 blocks (reordered norm) whose FFN is a FlexOlmo MoE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexmore.model.config import ModelConfig
+from flexmore.model.layers import Attention, RMSNorm, rope_tables
+from flexmore.model.moe import MoEFFN
+
+
+class Block(nn.Module):
+    """h = x + norm(attn(x)); out = h + norm(ffn(h)): the norm sits on the sublayer output (OLMo2)."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.attn = Attention(cfg, device=device)
+        self.post_attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
+        self.ffn = MoEFFN(cfg, device=device)
+        self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
+
+    def forward(self, x, cos, sin):
+        h = x + self.post_attention_norm(self.attn(x, cos, sin))
+        f, aux = self.ffn(h)
+        return h + self.post_ffn_norm(f), aux
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # cross-entropy + weighted router losses: what backward() takes
+    ce_loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FlexOlmo(nn.Module):
+    """Token embedding, blocks, final norm, untied lm_head. Build on meta, then ``to_empty`` + ``init_weights``."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be resolved (cfg.resolved_vocab) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
+        self.blocks = nn.ModuleList(Block(cfg, device=device) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every parameter and the RoPE tables; works after ``to_empty`` from meta."""
+        gen_state = None
+        if seed is not None:
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+        std = self.cfg.init_std
+        nn.init.trunc_normal_(self.embed.weight, std=std, a=-3 * std, b=3 * std)
+        for block in self.blocks:
+            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj):
+                nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+            for norm in (block.attn.q_norm, block.attn.k_norm, block.post_attention_norm, block.post_ffn_norm):
+                norm.reset_parameters()
+            block.ffn.reset_parameters(std)
+        self.norm.reset_parameters()
+        nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-3 * std, b=3 * std)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        if gen_state is not None:
+            torch.random.set_rng_state(gen_state)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(input_ids)
+        aux_sum: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            for k, v in aux.items():
+                aux_sum[k] = aux_sum[k] + v if k in aux_sum else v
+        logits = self.lm_head(self.norm(x))
+        aux_mean = {k: v / len(self.blocks) for k, v in aux_sum.items()}
+        if labels is None:
+            return ModelOutput(logits=logits, aux=aux_mean)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss = ce
+        if "router_z_loss" in aux_mean:
+            loss = loss + self.cfg.router_z_loss_weight * aux_mean["router_z_loss"]
+            loss = loss + self.cfg.lb_loss_weight * aux_mean["lb_loss"]
+        return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux=aux_mean)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> FlexOlmo:
+    """Construct on the meta device (no memory), then materialise on ``device`` and initialise."""
+    with torch.device("meta"):
+        model = FlexOlmo(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model

@@ -1,0 +1,1 @@
+"""Training: the loop, its optimizer and schedule, checkpoints, logging and throughput accounting."""

@@ -1,0 +1,126 @@
+"""Checkpoints with torch.distributed.checkpoint: atomic (temp folder renamed into place), keep-last-K, shape-checked.
+
+Layout: <save_dir>/step_00000100/{DCP files, meta.json}. A folder whose name is step_<N> is complete by construction:
+it only gets that name by a rename after everything in it was written, so a crash mid-save leaves a hidden
+``.step_<N>.tmp`` folder that is never taken as the latest and is cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+from flexmore.distributed import barrier, rank
+from flexmore.model.config import ModelConfig
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns on every single-process save/load that it assumes a single process: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+class CheckpointManager:
+    def __init__(self, save_dir: str | Path, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be >= 1")
+        self.dir, self.keep_last = Path(save_dir), keep_last
+
+    def steps(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := STEP_DIR.match(p.name)) and (p / META).is_file())
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}"
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    @staticmethod
+    def read_meta(path: str | Path) -> dict:
+        path = Path(path)
+        if not (path / META).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
+        return json.loads((path / META).read_text())
+
+    @classmethod
+    def check_compatible(cls, path: str | Path, model_cfg: ModelConfig) -> dict:
+        """Fail before any work if the checkpoint holds another model shape; name every differing field."""
+        meta = cls.read_meta(path)
+        saved, now = meta["model"], model_cfg.shape_dict()
+        diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume from {path}: it holds another model shape ({detail})")
+        return meta
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
+        final = self.path(step)
+        tmp = self.dir / f".{final.name}.tmp"
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+                 "rng": _rng_state()}
+        with _quiet():
+            dcp.save(state, checkpoint_id=str(tmp))
+        barrier()
+        if rank() == 0:
+            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep_last]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+        for p in self.dir.iterdir():
+            if p.name.startswith(".step_") and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        """Restore model, optimizer and RNG in place; return the meta (step, loader position, ...)."""
+        meta = CheckpointManager.read_meta(path)
+        state = {"model": get_model_state_dict(model), "rng": _rng_state()}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        return meta

@@ -1,0 +1,175 @@
+"""The training loop. Reads top to bottom: set-up (all checks first), then steps, evals, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexmore.config import Config
+from flexmore.data.loader import SequenceLoader, eval_batches
+from flexmore.data.sources import build_streams
+from flexmore.data.tokenizer import load_tokenizer
+from flexmore.distributed import print0, rank
+from flexmore.model import build_model, count_params, flops_per_token
+from flexmore.train.checkpoint import CheckpointManager
+from flexmore.train.logger import make_logger
+from flexmore.train.optim import LRSchedule, build_optimizer
+from flexmore.train.perf import peak_flops
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (every log_every steps)
+    val: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> domain -> loss
+    final_step: int = 0
+    resumed_from: int | None = None
+    checkpoint: Path | None = None
+    model: torch.nn.Module | None = None  # the trained model, for callers that inspect it (tests, notebooks)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_ctx(mode: str, device: torch.device):
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, val_sets: dict, device: torch.device, autocast: str) -> dict[str, float]:
+    model.eval()
+    out = {}
+    for name, batches in val_sets.items():
+        total, count = 0.0, 0
+        for x, y in batches:
+            with autocast_ctx(autocast, device):
+                res = model(x.to(device), y.to(device))
+            total += res.ce_loss.item() * y.numel()
+            count += y.numel()
+        out[name] = total / count
+    model.train()
+    return out
+
+
+def train(cfg: Config) -> TrainResult:
+    tc = cfg.train
+    run_dir = Path(cfg.run_dir)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+
+    # --- every check that can fail, before any data is generated or weight allocated ---
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
+    ckpt = CheckpointManager(tc.save_dir or run_dir / "checkpoints", tc.keep_last)
+    resume_path = ckpt.latest() if tc.resume == "auto" else None
+    if resume_path is not None:
+        CheckpointManager.check_compatible(resume_path, model_cfg)
+    train_stream, val_streams = build_streams(cfg.data, tokenizer, model_cfg.vocab_size)
+    loader = SequenceLoader(train_stream, tc.seq_len, tc.micro_batch, tc.grad_accum, dp_rank=0, dp_world=1,
+                            seed=cfg.data.seed)
+    val_sets = {f"{name}": eval_batches(s, tc.seq_len, tc.micro_batch, tc.eval_batches) for name, s in val_streams.items()}
+
+    # --- model, optimizer, state ---
+    model = build_model(model_cfg, device=device, seed=tc.seed)
+    counts = count_params(model)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    schedule = LRSchedule(cfg.optim, tc.steps)
+    result = TrainResult()
+    start = 0
+    if resume_path is not None:
+        meta = CheckpointManager.load(resume_path, model, optimizer)
+        loader.load_state_dict(meta["loader"])
+        start = result.resumed_from = meta["step"]
+        print0(f"resumed from {resume_path} at step {start}")
+    print0(f"model {model_cfg.name}: {counts.describe()} | device {device}")
+    print0(f"data: {train_stream.num_tokens:,} train tokens, global batch {loader.global_batch} x {tc.seq_len} "
+           f"= {loader.global_batch * tc.seq_len:,} tokens/step, {loader.epoch_steps:.0f} steps/epoch")
+    flops_tok = flops_per_token(model, tc.seq_len)
+    peak = peak_flops(device, tc.peak_tflops)
+    logger = make_logger(cfg.logging, run_dir, {**dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+                                                  "params/total": counts.total, "params/trainable": counts.trainable},
+                         rank())
+    meta_base = {"model": model_cfg.shape_dict(), "model_name": model_cfg.name, "tokenizer": tokenizer.name}
+
+    def save(step: int) -> Path:
+        return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()})
+
+    # --- steps ---
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_model = torch.compile(model) if tc.compile else model
+    bar = None
+    if tc.progress and rank() == 0 and start < (tc.stop_at or tc.steps):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    end = tc.stop_at or tc.steps
+    for step in range(start, end):
+        lr = schedule(step)
+        LRSchedule.apply(optimizer, lr)
+        loss_sum = torch.zeros((), device=device)
+        aux_sum: dict[str, torch.Tensor] = {}
+        for x, y in loader.next_step():
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_ctx(tc.autocast, device):
+                out = step_model(x, y)
+            (out.loss / tc.grad_accum).backward()
+            loss_sum += out.ce_loss.detach()
+            for k in ("router_z_loss", "lb_loss"):
+                if k in out.aux:
+                    aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
+            tokens_since += y.numel()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+
+        if done % tc.log_every == 0 or done == end:
+            loss = (loss_sum / tc.grad_accum).item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"train loss is {loss} at step {done}")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            tok_s = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                       "perf/tokens_per_s": tok_s, "perf/tflops": tok_s * flops_tok / 1e12}
+            if peak:
+                metrics["perf/mfu"] = tok_s * flops_tok / peak
+            metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items()})
+            result.losses[done] = loss
+            logger.log(metrics, step=done)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        if (tc.eval_every > 0 and done % tc.eval_every == 0) or done == end:
+            val = evaluate(model, val_sets, device, tc.autocast)
+            result.val[done] = val
+            logger.log({f"val/{k}/loss": v for k, v in val.items()}, step=done)
+            print0(f"step {done}: " + " ".join(f"val/{k}={v:.4f}" for k, v in val.items()))
+        if (tc.save_every > 0 and done % tc.save_every == 0) or done == end:
+            result.checkpoint = save(done)
+    if bar is not None:
+        bar.close()
+    result.final_step = max(start, end)
+    if result.losses:
+        first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
+        print0(f"train loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}")
+    logger.finish()
+    result.model = model
+    return result

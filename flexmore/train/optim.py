@@ -1,0 +1,49 @@
+"""AdamW with decay only on matrices, and a warm-up + cosine schedule that is a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flexmore.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-D weights except the embedding table; none on norms and biases. Frozen tensors are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+
+
+class LRSchedule:
+    """Linear warm-up to ``lr``, then cosine down to ``min_lr_ratio * lr`` at ``total_steps`` (or constant)."""
+
+    def __init__(self, cfg: OptimConfig, total_steps: int):
+        self.cfg, self.total = cfg, total_steps
+
+    def __call__(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return c.lr
+        span = max(1, self.total - c.warmup_steps)
+        t = min(1.0, (step - c.warmup_steps) / span)
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    @staticmethod
+    def apply(optimizer: torch.optim.Optimizer, lr: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr

@@ -1,0 +1,40 @@
+"""Shared fixtures: one generated-corpus cache per test session, single-threaded torch, tiny configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory):
+    """Every test shares one cache of generated embedded shards (and never touches ~/.cache)."""
+    path = tmp_path_factory.mktemp("flexmore-cache")
+    os.environ["FLEXMORE_CACHE"] = str(path)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    return path
+
+
+def tiny_config(tmp_path, **sections):
+    """A Config for a few-second CPU run; ``sections`` maps a section name to field overrides."""
+    from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, TrainConfig
+    from flexmore.model.presets import load_preset
+
+    model = load_preset("tiny", **sections.pop("model", {}))
+    data = DataConfig(**{"train_chars": 100_000, "val_chars": 10_000, "val_domains": ["public", "math"],
+                         **sections.pop("data", {})})
+    train = TrainConfig(**{"steps": 12, "seq_len": 32, "micro_batch": 4, "log_every": 1, "eval_every": 6,
+                           "eval_batches": 1, "progress": False, **sections.pop("train", {})})
+    optim = OptimConfig(**{"warmup_steps": 2, **sections.pop("optim", {})})
+    cfg = Config(model=model, data=data, train=train, optim=optim, logging=LoggingConfig(mode="disabled"),
+                 run_dir=str(tmp_path / "run"), **sections)
+    return cfg
+
+
+def replace_section(cfg, section: str, **fields):
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})

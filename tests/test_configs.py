@@ -1,0 +1,89 @@
+"""Hydra configs: every group option and experiment composes into validated dataclasses; bad input fails early."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ValidationError
+
+import flexmore.cli.train as cli
+from flexmore.config import Config
+from flexmore.model.presets import conf_dir
+
+CONF = conf_dir()
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in
+          ("model", "data", "optim", "train", "logging", "parallel", "experiment")}
+
+
+def composed(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return cli.to_config(compose("config", overrides=list(overrides)))
+
+
+def test_default_is_the_embedded_tiny_run():
+    cfg = composed()
+    assert isinstance(cfg, Config)
+    assert (cfg.model.name, cfg.data.source, cfg.data.domains, cfg.logging.mode) == ("tiny", "embedded", ["public"], "offline")
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if (g, o) != ("data", "shards")])
+def test_every_option_composes(group, option):
+    cfg = composed(f"{group}={option}")
+    if group == "model":
+        assert cfg.model.name == option
+    if group == "experiment":
+        assert cfg.run_name == option
+
+
+def test_shards_option_needs_paths():
+    with pytest.raises(ValueError, match="data.source=shards needs data.paths"):
+        composed("data=shards")
+    cfg = composed("data=shards", "data.paths=[/some/shards]")
+    assert cfg.data.paths == ["/some/shards"]
+
+
+def test_unknown_group_option_names_the_choices():
+    with pytest.raises(MissingConfigException, match="Could not find 'model/nope'") as err:
+        composed("model=nope")
+    assert "tiny" in str(err.value) and "small" in str(err.value)
+
+
+def test_unknown_key_and_wrong_type_fail():
+    with pytest.raises(ConfigCompositionException, match="d_modle"):
+        composed("model.d_modle=3")
+    with pytest.raises(ConfigCompositionException) as err:
+        composed("train.steps=many")
+    assert isinstance(err.value.__cause__, ValidationError)
+
+
+def test_semantic_checks_run_at_start_up():
+    with pytest.raises(ValueError, match="top_k=3 is larger than num_experts=2"):
+        composed("model.num_experts=2", "model.top_k=3")
+    with pytest.raises(ValueError, match="train.seq_len=4096 is larger than the model's max_seq_len=256"):
+        composed("train.seq_len=4096")
+    with pytest.raises(ValueError, match="data domain 'poetry' is not an embedded domain"):
+        composed("data.domains=[poetry]")
+
+
+def run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flexmore.cli.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_runs_in_a_rank_shared_run_dir_and_rejects_bad_input_before_work(tmp_path):
+    """torchrun gives every rank the same TORCHELASTIC_RUN_ID: the run dir must be built from it, not the clock."""
+    done = run_cli(tmp_path, "experiment=smoke", "train.steps=4", env={"TORCHELASTIC_RUN_ID": "job42"})
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "outputs" / "smoke" / "job42"
+    assert (run_dir / "checkpoints" / "step_00000004" / "meta.json").is_file()
+    assert "train loss" in done.stdout
+    bad = run_cli(tmp_path, "experiment=smoke", "model.num_experts=2", "model.top_k=5",
+                  env={"TORCHELASTIC_RUN_ID": "job43"})
+    assert bad.returncode != 0 and "top_k=5 is larger than num_experts=2" in bad.stderr
+    assert not (tmp_path / "outputs" / "smoke" / "job43" / "checkpoints").exists()

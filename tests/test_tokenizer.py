@@ -1,0 +1,58 @@
+"""Tokenizers round-trip text; an HF tokenizer.json is built inside the test (no download)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexmore.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+TEXTS = ["hello world", "", "Ünïcödé ✓ — 漢字 🙂", "def f(x):\n    return x + 1\n", "a" * 1000]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_round_trip(text):
+    tok = load_tokenizer("byte")
+    ids = tok.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_byte_specials_are_outside_the_byte_range_and_dropped_on_decode():
+    tok = ByteTokenizer()
+    assert {tok.bos_id, tok.eos_id, tok.pad_id} == {256, 257, 258} and tok.vocab_size == 259
+    assert tok.decode([104, 105, tok.eos_id]) == "hi"
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_file(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("text", TEXTS + ["the lazy fox"])
+def test_hf_tokenizer_round_trip(hf_tokenizer_file, text):
+    tok = load_tokenizer(str(hf_tokenizer_file))
+    assert isinstance(tok, HFTokenizer)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id == 0 and tok.vocab_size <= 400
+
+
+def test_hf_tokenizer_compresses_and_is_named_by_content(hf_tokenizer_file):
+    tok = load_tokenizer(str(hf_tokenizer_file.parent))  # a folder holding tokenizer.json works too
+    assert len(tok.encode("the quick brown fox")) < len("the quick brown fox")
+    assert tok.name.startswith("hf-") and tok.name == HFTokenizer(hf_tokenizer_file).name
+
+
+def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nope.json"))

@@ -1,0 +1,99 @@
+"""The training loop: loss goes down, resume is bit-identical, checkpoints are atomic, bad input fails early."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import replace_section, tiny_config
+from flexmore.train import checkpoint as ckpt_mod
+from flexmore.train.checkpoint import CheckpointManager
+from flexmore.train.loop import train
+
+
+def test_loss_goes_down_on_embedded_data(tmp_path):
+    cfg = tiny_config(tmp_path, train={"steps": 40, "eval_every": 40})
+    res = train(cfg)
+    first = sum(res.losses[s] for s in range(1, 6)) / 5
+    last = sum(res.losses[s] for s in range(36, 41)) / 5
+    assert last < 0.75 * first, (first, last)
+    assert set(res.val[40]) == {"public", "math"}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """Straight 12 steps == stop at 5, then resume to 12: the same losses and weights, bit for bit."""
+    full = train(tiny_config(tmp_path / "a", model={"num_experts": 2, "top_k": 2, "expert_bias": True},
+                             train={"grad_accum": 2}))
+    cfg_b = tiny_config(tmp_path / "b", model={"num_experts": 2, "top_k": 2, "expert_bias": True},
+                        train={"grad_accum": 2, "stop_at": 5})
+    part = train(cfg_b)
+    assert part.checkpoint.name == "step_00000005"
+    torch.manual_seed(1234)  # a different global RNG state must not matter
+    rest = train(replace_section(cfg_b, "train", stop_at=None))
+    assert rest.resumed_from == 5
+    for s in range(6, 13):
+        assert rest.losses[s] == full.losses[s], (s, rest.losses[s], full.losses[s])
+    for (n, p), (_, q) in zip(full.model.named_parameters(), rest.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_keep_last_k_and_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, train={"steps": 6, "save_every": 2, "keep_last": 2})
+    train(cfg)
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints")
+    assert mgr.steps() == [4, 6]
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(replace_section(cfg, "train", steps=8))
+    assert mgr.latest().name == "step_00000006"  # the half-written step 8 is not taken as latest
+    assert mgr.steps() == [4, 6]
+    monkeypatch.undo()
+    res = train(replace_section(cfg, "train", steps=8))
+    assert res.resumed_from == 6 and mgr.steps() == [6, 8]
+    assert not [p for p in mgr.dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_with_another_model_shape_fails_before_any_work(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, train={"steps": 2})
+    train(cfg)
+    built = []
+    monkeypatch.setattr("flexmore.train.loop.build_streams", lambda *a: built.append(1))
+    bigger = replace_section(cfg, "model", d_ffn=256, n_layers=3)
+    with pytest.raises(ValueError, match=r"another model shape \(d_ffn: checkpoint 192 vs config 256, n_layers"):
+        train(bigger)
+    assert built == []
+
+
+def test_seq_len_larger_than_model_max_is_rejected_at_config(tmp_path):
+    with pytest.raises(ValueError, match="train.seq_len=512 is larger than the model's max_seq_len=256"):
+        tiny_config(tmp_path, train={"seq_len": 512})
+
+
+def test_token_ids_outside_the_model_vocab_fail_before_training(tmp_path):
+    from flexmore.data import write_documents
+
+    shards = write_documents(tmp_path / "wide", [[1, 2, 3, 400] * 50], vocab_size=1000, eos_id=257, tokenizer="byte")
+    cfg = tiny_config(tmp_path, data={"source": "shards", "paths": [str(shards)], "val_domains": []})
+    with pytest.raises(ValueError, match="holds token id 400, outside the model's vocabulary of 320"):
+        train(cfg)
+
+
+def test_shards_from_another_tokenizer_are_rejected(tmp_path):
+    from flexmore.data import write_documents
+
+    shards = write_documents(tmp_path / "other", [[1, 2, 3] * 50], vocab_size=259, eos_id=257, tokenizer="hf-abc")
+    cfg = tiny_config(tmp_path, data={"source": "shards", "paths": [str(shards)], "val_domains": []})
+    with pytest.raises(ValueError, match="tokenised with 'hf-abc'"):
+        train(cfg)
+
+
+def test_missing_and_empty_data_paths(tmp_path):
+    with pytest.raises(ValueError, match="needs data.paths"):
+        tiny_config(tmp_path, data={"source": "shards", "paths": []})
+    cfg = tiny_config(tmp_path, data={"source": "shards", "paths": [str(tmp_path / "nowhere")]})
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        train(cfg)
