@@ -47,23 +47,45 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    """The optimizer, which is also the sync strategy: adamw (HSDP baseline), demo (every rank a DeMo replica),
+    flexdemo (FSDP inside a node, DeMo across nodes)."""
+
+    name: str = "adamw"  # adamw | demo | flexdemo
     lr: float = 3e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
     weight_decay: float = 0.1
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # <= 0: off
+    # AdamW
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # DeMo / FlexDeMo (see flexdemo.DeMoConfig)
+    beta: float = 0.999
+    topk: int = 32
+    chunk: int = 64
+    sign: bool = True
+    value_dtype: str = "bf16"
+    index_bits: int = 0
 
     def __post_init__(self) -> None:
-        _need(self.name == "adamw", f"optim.name={self.name!r}; allowed: 'adamw'")
+        _need(self.name in ("adamw", "demo", "flexdemo"), f"optim.name={self.name!r}; allowed: adamw, demo, flexdemo")
         _need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}: two values in [0, 1)")
         _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.name != "adamw":
+            try:
+                self.demo_config()
+            except ValueError as e:
+                raise ValueError(f"optim: {e}") from None
+
+    def demo_config(self):
+        from flexdemo import DeMoConfig
+
+        return DeMoConfig(beta=self.beta, topk=self.topk, chunk=self.chunk, sign=self.sign,
+                          weight_decay=self.weight_decay, value_dtype=self.value_dtype, index_bits=self.index_bits)
 
 
 @dataclass
@@ -111,10 +133,21 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "single"
+    """The (replicate, shard) mesh. null = from torchrun: shard = LOCAL_WORLD_SIZE, replicate = WORLD_SIZE / shard."""
+
+    replicate: Optional[int] = None
+    shard: Optional[int] = None
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    mixed_precision: str = "auto"  # auto (bf16 params + fp32 reduce on GPU) | bf16 | off
+    reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
-        _need(self.strategy == "single", f"parallel.strategy={self.strategy!r}; allowed: 'single'")
+        _need(self.backend in ("auto", "nccl", "gloo"), f"parallel.backend={self.backend!r}; allowed: auto, nccl, gloo")
+        _need(self.mixed_precision in ("auto", "bf16", "off"),
+              f"parallel.mixed_precision={self.mixed_precision!r}; allowed: auto, bf16, off")
+        for k in ("replicate", "shard"):
+            v = getattr(self, k)
+            _need(v is None or v >= 1, f"parallel.{k}={v} must be >= 1 or null")
 
 
 @dataclass

@@ -70,11 +70,16 @@ class FlexOlmo(nn.Module):
             block.ffn.reset_parameters(std)
         self.norm.reset_parameters()
         nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-3 * std, b=3 * std)
+        self.init_rope()
+        if gen_state is not None:
+            torch.random.set_rng_state(gen_state)
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Recompute the RoPE tables (non-persistent buffers: ``to_empty`` leaves them unset)."""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        if gen_state is not None:
-            torch.random.set_rng_state(gen_state)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         T = input_ids.shape[1]

@@ -22,8 +22,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
+from flexdemo import FlexDeMo
 from flexmore.distributed import barrier, rank
 from flexmore.model.config import ModelConfig
+from flexmore.parallel.mesh import ParallelContext
+from flexmore.train.demo_state import residual_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -42,6 +45,15 @@ def _rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext | None) -> dict:
+    """AdamW's state through DCP's optimizer helpers; FlexDeMo's per-replica residuals stacked over replicas."""
+    if isinstance(optimizer, FlexDeMo):
+        if ctx is None:
+            raise ValueError("saving FlexDeMo state needs the ParallelContext (its replicas' residuals differ)")
+        return {"demo": residual_state(optimizer, model, ctx)}
+    return {"optim": get_optimizer_state_dict(model, optimizer)}
 
 
 class CheckpointManager:
@@ -70,25 +82,34 @@ class CheckpointManager:
         return json.loads((path / META).read_text())
 
     @classmethod
-    def check_compatible(cls, path: str | Path, model_cfg: ModelConfig) -> dict:
-        """Fail before any work if the checkpoint holds another model shape; name every differing field."""
+    def check_compatible(cls, path: str | Path, model_cfg: ModelConfig, optimizer: str | None = None,
+                         replicate: int | None = None) -> dict:
+        """Fail before any work if the checkpoint holds another model shape, another optimizer's state, or another
+        number of FlexDeMo replicas' residuals; name what differs."""
         meta = cls.read_meta(path)
         saved, now = meta["model"], model_cfg.shape_dict()
         diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume from {path}: it holds another model shape ({detail})")
+        par = meta.get("parallel", {})
+        if optimizer is not None and par.get("optimizer", optimizer) != optimizer:
+            raise ValueError(f"cannot resume from {path}: it holds {par['optimizer']!r} optimizer state, "
+                             f"this run uses optim={optimizer!r}")
+        if optimizer in ("demo", "flexdemo") and par.get("replicate", replicate) != replicate:
+            raise ValueError(f"cannot resume from {path}: it holds the residual momenta of {par['replicate']} "
+                             f"replicas, this run has {replicate} (the shard degree may change, the replicas may not)")
         return meta
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+             ctx: ParallelContext | None = None) -> Path:
         final = self.path(step)
         tmp = self.dir / f".{final.name}.tmp"
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
-                 "rng": _rng_state()}
+        state = {"model": get_model_state_dict(model), "rng": _rng_state(), **_optim_state(model, optimizer, ctx)}
         with _quiet():
             dcp.save(state, checkpoint_id=str(tmp))
         barrier()
@@ -109,16 +130,17 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
-    def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             ctx: ParallelContext | None = None) -> dict:
         """Restore model, optimizer and RNG in place; return the meta (step, loader position, ...)."""
         meta = CheckpointManager.read_meta(path)
         state = {"model": get_model_state_dict(model), "rng": _rng_state()}
         if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            state.update(_optim_state(model, optimizer, ctx))
         with _quiet():
             dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
-        if optimizer is not None:
+        if "optim" in state:
             set_optimizer_state_dict(model, optimizer, state["optim"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"]:

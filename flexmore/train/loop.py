@@ -1,4 +1,8 @@
-"""The training loop. Reads top to bottom: set-up (all checks first), then steps, evals, checkpoints."""
+"""The training loop. Reads top to bottom: set-up (all checks first), then steps, evals, checkpoints.
+
+One process or many under torchrun: the sync strategy is the optimizer (``optim.name``): ``adamw`` is HSDP,
+``flexdemo`` shards inside a node and runs FlexDeMo across nodes, ``demo`` makes every rank a DeMo replica.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from flexmore.config import Config
 from flexmore.data.loader import SequenceLoader, eval_batches
 from flexmore.data.sources import build_streams
 from flexmore.data.tokenizer import load_tokenizer
-from flexmore.distributed import print0, rank
-from flexmore.model import build_model, count_params, flops_per_token
+from flexmore.distributed import print0
+from flexmore.model import count_params, flops_per_token
+from flexmore.parallel import build_parallel_model, init_parallel
+from flexmore.parallel.comm import comm_per_step
 from flexmore.train.checkpoint import CheckpointManager
 from flexmore.train.logger import make_logger
 from flexmore.train.optim import LRSchedule, build_optimizer
@@ -25,20 +34,14 @@ from flexmore.train.perf import peak_flops
 
 @dataclass
 class TrainResult:
-    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (every log_every steps)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, mean over ranks (every log_every)
     val: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> domain -> loss
+    comm: dict[str, float] = field(default_factory=dict)  # the last step's comm/* metrics
     final_step: int = 0
     resumed_from: int | None = None
     checkpoint: Path | None = None
     model: torch.nn.Module | None = None  # the trained model, for callers that inspect it (tests, notebooks)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def autocast_ctx(mode: str, device: torch.device):
@@ -47,8 +50,28 @@ def autocast_ctx(mode: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)  # SUM: gloo has no AVG
+        x /= dist.get_world_size()
+    return x
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Norm over this replica's gradient (FSDP shards reduce inside the shard mesh only), then clip."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 @torch.no_grad()
 def evaluate(model, val_sets: dict, device: torch.device, autocast: str) -> dict[str, float]:
+    """Every rank runs every batch (FSDP's collectives need all ranks in step), so all ranks agree."""
     model.eval()
     out = {}
     for name, batches in val_sets.items():
@@ -56,7 +79,7 @@ def evaluate(model, val_sets: dict, device: torch.device, autocast: str) -> dict
         for x, y in batches:
             with autocast_ctx(autocast, device):
                 res = model(x.to(device), y.to(device))
-            total += res.ce_loss.item() * y.numel()
+            total += mean_over_ranks(res.ce_loss.detach()).item() * y.numel()
             count += y.numel()
         out[name] = total / count
     model.train()
@@ -64,64 +87,78 @@ def evaluate(model, val_sets: dict, device: torch.device, autocast: str) -> dict
 
 
 def train(cfg: Config) -> TrainResult:
-    tc = cfg.train
+    tc, strategy = cfg.train, cfg.optim.name
     run_dir = Path(cfg.run_dir)
-    device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
 
     # --- every check that can fail, before any data is generated or weight allocated ---
+    ctx = init_parallel(cfg.parallel.replicate, cfg.parallel.shard, cfg.parallel.backend, tc.device,
+                        every_rank_a_replica=strategy == "demo")
+    device = ctx.device
+    torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
     ckpt = CheckpointManager(tc.save_dir or run_dir / "checkpoints", tc.keep_last)
     resume_path = ckpt.latest() if tc.resume == "auto" else None
     if resume_path is not None:
-        CheckpointManager.check_compatible(resume_path, model_cfg)
+        CheckpointManager.check_compatible(resume_path, model_cfg, strategy, ctx.replicate)
     train_stream, val_streams = build_streams(cfg.data, tokenizer, model_cfg.vocab_size)
-    loader = SequenceLoader(train_stream, tc.seq_len, tc.micro_batch, tc.grad_accum, dp_rank=0, dp_world=1,
-                            seed=cfg.data.seed)
-    val_sets = {f"{name}": eval_batches(s, tc.seq_len, tc.micro_batch, tc.eval_batches) for name, s in val_streams.items()}
+    loader = SequenceLoader(train_stream, tc.seq_len, tc.micro_batch, tc.grad_accum, dp_rank=ctx.rank,
+                            dp_world=ctx.world, seed=cfg.data.seed)
+    val_sets = {name: eval_batches(s, tc.seq_len, tc.micro_batch, tc.eval_batches) for name, s in val_streams.items()}
 
     # --- model, optimizer, state ---
-    model = build_model(model_cfg, device=device, seed=tc.seed)
+    mp = cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto" and device.type == "cuda")
+    model = build_parallel_model(model_cfg, ctx, strategy, seed=tc.seed, mixed_precision=mp)
     counts = count_params(model)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    optimizer = build_optimizer(model, cfg.optim, device, ctx.replicate_group)
     schedule = LRSchedule(cfg.optim, tc.steps)
-    result = TrainResult()
+    result = TrainResult(model=model, optimizer=optimizer)
     start = 0
     if resume_path is not None:
-        meta = CheckpointManager.load(resume_path, model, optimizer)
+        meta = CheckpointManager.load(resume_path, model, optimizer, ctx)
         loader.load_state_dict(meta["loader"])
         start = result.resumed_from = meta["step"]
         print0(f"resumed from {resume_path} at step {start}")
     print0(f"model {model_cfg.name}: {counts.describe()} | device {device}")
+    print0(f"parallel: {ctx.world} rank(s) = replicate {ctx.replicate} x shard {ctx.shard}, strategy {strategy}"
+           + (", bf16 params / fp32 reduce" if mp and ctx.distributed else ""))
     print0(f"data: {train_stream.num_tokens:,} train tokens, global batch {loader.global_batch} x {tc.seq_len} "
            f"= {loader.global_batch * tc.seq_len:,} tokens/step, {loader.epoch_steps:.0f} steps/epoch")
     flops_tok = flops_per_token(model, tc.seq_len)
     peak = peak_flops(device, tc.peak_tflops)
     logger = make_logger(cfg.logging, run_dir, {**dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                                                   "params/total": counts.total, "params/trainable": counts.trainable},
-                         rank())
-    meta_base = {"model": model_cfg.shape_dict(), "model_name": model_cfg.name, "tokenizer": tokenizer.name}
+                         ctx.rank)
+    meta_base = {"model": model_cfg.shape_dict(), "model_name": model_cfg.name, "tokenizer": tokenizer.name,
+                 "parallel": {"optimizer": strategy, "replicate": ctx.replicate, "shard": ctx.shard}}
 
     def save(step: int) -> Path:
-        return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()})
+        return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()}, ctx)
+
+    def comm_metrics() -> dict[str, float]:
+        return comm_per_step(strategy, counts.total, ctx.replicate, ctx.shard, param_bytes=2 if mp else 4,
+                             reduce_bytes=4, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                             demo_comm=getattr(optimizer, "last_comm", None))
 
     # --- steps ---
     params = [p for p in model.parameters() if p.requires_grad]
     step_model = torch.compile(model) if tc.compile else model
+    fsdp = isinstance(model, FSDPModule)
     bar = None
-    if tc.progress and rank() == 0 and start < (tc.stop_at or tc.steps):
+    end = tc.stop_at or tc.steps
+    if tc.progress and ctx.rank == 0 and start < end:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
-    end = tc.stop_at or tc.steps
     for step in range(start, end):
         lr = schedule(step)
         LRSchedule.apply(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, torch.Tensor] = {}
-        for x, y in loader.next_step():
+        for micro, (x, y) in enumerate(loader.next_step()):
+            if fsdp:  # reduce gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_ctx(tc.autocast, device):
                 out = step_model(x, y)
@@ -130,9 +167,8 @@ def train(cfg: Config) -> TrainResult:
             for k in ("router_z_loss", "lb_loss"):
                 if k in out.aux:
                     aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
-            tokens_since += y.numel()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            tokens_since += y.numel() * ctx.world
+        grad_norm = clip_gradients(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -140,7 +176,7 @@ def train(cfg: Config) -> TrainResult:
             bar.update(1)
 
         if done % tc.log_every == 0 or done == end:
-            loss = (loss_sum / tc.grad_accum).item()
+            loss = mean_over_ranks(loss_sum / tc.grad_accum).item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"train loss is {loss} at step {done}")
             if device.type == "cuda":
@@ -151,8 +187,11 @@ def train(cfg: Config) -> TrainResult:
             metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
                        "perf/tokens_per_s": tok_s, "perf/tflops": tok_s * flops_tok / 1e12}
             if peak:
-                metrics["perf/mfu"] = tok_s * flops_tok / peak
+                metrics["perf/mfu"] = tok_s * flops_tok / (peak * ctx.world)
             metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items()})
+            if ctx.distributed or strategy != "adamw":
+                result.comm = comm_metrics()
+                metrics.update(result.comm)
             result.losses[done] = loss
             logger.log(metrics, step=done)
             if bar is not None:
@@ -171,5 +210,4 @@ def train(cfg: Config) -> TrainResult:
         first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
         print0(f"train loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}")
     logger.finish()
-    result.model = model
     return result

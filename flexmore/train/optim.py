@@ -20,11 +20,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-        fused=device.type == "cuda",
-    )
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    replicate_group=None) -> torch.optim.Optimizer:
+    """AdamW (fused on GPU), or FlexDeMo exchanging over ``replicate_group`` for demo / flexdemo."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
+    from flexdemo import FlexDeMo
+
+    return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config())
 
 
 class LRSchedule:

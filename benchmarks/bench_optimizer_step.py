@@ -1,0 +1,125 @@
+"""Optimizer step time on one GPU: FlexDeMo's torch path (encode + decode/apply) vs AdamW.
+
+Two views, same run:
+- whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
+  2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network);
+- one tensor (default 4096 x 11008 fp32): encode and decode + apply separately, against their memory floor
+  (encode: read grad, read + write momentum = 12 B/elt; decode + apply: read + write param = 8 B/elt) over the
+  copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
+
+    python benchmarks/bench_optimizer_step.py --model base --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexdemo import FlexDeMo  # noqa: E402
+from flexmore.model import build_model, load_preset  # noqa: E402
+
+
+def bench(fn, reps: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds over ``reps`` timed calls (CUDA events)."""
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median"))
+    except ImportError:  # pragma: no cover - triton ships with CUDA torch
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    x = torch.empty(1 << 28, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / (ms / 1e3)
+
+
+def params_with_grads(shapes, dtype=torch.float32):
+    ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.02) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e-3
+    return ps
+
+
+def model_rows(model_name: str) -> list[dict]:
+    cfg = load_preset(model_name)
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259))
+    shapes = [p.shape for p in build_model(cfg, device="meta").parameters()]
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    rows = []
+    adam = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, fused=True)
+    rows.append({"what": f"{model_name}: fused AdamW step", "ms": bench(adam.step)})
+    adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
+    rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
+    demo = FlexDeMo(params_with_grads(shapes), lr=1e-4)
+    rows.append({"what": f"{model_name}: FlexDeMo torch, 1 replica", "ms": bench(demo.step)})
+    rows.append({"what": f"{model_name}: FlexDeMo torch, 2 replicas (decode twice)",
+                 "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+    for r in rows:
+        r["params"] = numel
+    return rows
+
+
+def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[dict]:
+    n = shape[0] * shape[1]
+    floor_enc = 12 * n / bw * 1e3
+    floor_dec = 8 * n / bw * 1e3 if dtype == torch.float32 else 4 * n / bw * 1e3
+    tag = f"{shape[0]}x{shape[1]} {str(dtype).replace('torch.', '')}"
+    demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4)
+    payload = demo.encode()
+    gathered = payload[None]
+    adam = torch.optim.AdamW(params_with_grads([shape], dtype), lr=1e-4, fused=True)
+    enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
+    ad = bench(adam.step)
+    return [{"what": f"{tag}: encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
+            {"what": f"{tag}: decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec, "x_floor": dec / floor_dec},
+            {"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": (28 if dtype == torch.float32 else 20) * n / bw * 1e3},
+            {"what": f"{tag}: (encode + decode) / AdamW", "ms": float("nan"), "ratio": (enc + dec) / ad}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", nargs="*", default=["base"])
+    ap.add_argument("--tensor", type=int, nargs=2, default=[4096, 11008])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    rows = []
+    for m in args.model:
+        rows += model_rows(m)
+    rows += tensor_rows(tuple(args.tensor), torch.float32, bw)
+    head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "copy_bandwidth_GBps": bw / 1e9}
+    print(json.dumps(head))
+    for r in rows:
+        extra = f"  floor {r['floor_ms']:.3f} ms ({r.get('x_floor', float('nan')):.1f}x)" if "floor_ms" in r else ""
+        extra += f"  ratio {r['ratio']:.2f}" if "ratio" in r else ""
+        print(f"{r['what']:<55}{r['ms']:>9.3f} ms{extra}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

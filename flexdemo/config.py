@@ -1,0 +1,41 @@
+"""DeMo's settings, validated on construction (no hydra here: flexmore's configs convert into this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexdemo.wire import WIRE_DTYPES, index_bits_for
+
+
+@dataclass(frozen=True)
+class DeMoConfig:
+    """Defaults follow the public DeMo code (β = 0.999, k = 32 of 64 x 64, sign update, no weight decay)."""
+
+    beta: float = 0.999  # decay of the error-feedback momentum
+    topk: int = 32  # coefficients sent per chunk
+    chunk: int = 64  # chunks are chunk x chunk tiles of each 2-D shard
+    sign: bool = True  # apply sign(decoded update) (DeMo) or the decoded update itself
+    weight_decay: float = 0.0  # decoupled: p *= 1 - lr * wd
+    value_dtype: str = "bf16"  # bf16 | fp32 | fp16: dtype of the sent coefficients
+    index_bits: int = 0  # 0 = smallest that holds chunk*chunk (12 for 64x64), or 12 / 16
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"chunk={self.chunk} must be >= 1")
+        if not 1 <= self.topk <= self.chunk * self.chunk:
+            raise ValueError(f"topk={self.topk} must be in [1, chunk*chunk={self.chunk * self.chunk}] (chunk={self.chunk})")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta={self.beta} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.value_dtype not in WIRE_DTYPES:
+            raise ValueError(f"value_dtype={self.value_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
+        index_bits_for(self.chunk, self.index_bits)
+
+    @property
+    def wire_dtype(self):
+        return WIRE_DTYPES[self.value_dtype]
+
+    @property
+    def resolved_index_bits(self) -> int:
+        return index_bits_for(self.chunk, self.index_bits)

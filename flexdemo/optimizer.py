@@ -1,0 +1,191 @@
+"""FlexDeMo: DeMo over a replicate process group, on whatever local shard each rank holds.
+
+Inside a node FSDP2 reduce-scatters gradients, so each GPU's ``.grad`` is its shard of the node's averaged gradient.
+Across nodes, the GPUs owning the same shard form the replicate group; this optimizer runs DeMo among them:
+
+    p *= 1 - lr * wd
+    delta = beta * delta + lr * grad                    (local, per replica: error feedback)
+    send the top-k DCT coefficients of each chunk of delta, and remove them from delta
+    one all-gather of every replica's packed payload    (one collective per step, all parameters)
+    p -= lr * sign(IDCT(mean over replicas of the coefficients))
+
+Every replica decodes the same gathered bytes in the same order with the same arithmetic, so replicas stay
+bit-identical. With no replicate group (or one of size 1) this is single-worker DeMo; with the whole world as the
+replicate group and unsharded parameters it is DeMo as in the paper (``DeMo``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from flexdemo import codec
+from flexdemo.chunks import ChunkLayout
+from flexdemo.config import DeMoConfig
+from flexdemo.wire import WireLayout, index_nbytes
+
+
+# torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor; both fill a flat output.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own piece of a DTensor (FSDP2 shard), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@dataclass
+class ParamPlan:
+    """Where one parameter's payload sits in the packed buffer; identical on every replica."""
+
+    layout: ChunkLayout | None  # None: sent densely
+    sparse_offset: int
+    num_sparse: int
+    dense_offset: int
+    num_dense: int
+
+
+def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPlan], WireLayout]:
+    """Compress a tensor when its packed top-k payload is smaller than sending it densely, else send it dense."""
+    val_bytes = torch.empty(0, dtype=cfg.wire_dtype).element_size()
+    bits = cfg.resolved_index_bits
+    plans: list[ParamPlan] = []
+    sparse = dense = 0
+    for shape in shapes:
+        numel = int(torch.Size(shape).numel())
+        layout = None
+        if len(shape) >= 2 and numel > 0:
+            cand = ChunkLayout(int(shape[0]), numel // int(shape[0]), cfg.chunk)
+            n = cand.num_chunks * cfg.topk
+            if n * val_bytes + index_nbytes(n, bits) < numel * val_bytes:
+                layout = cand
+        if layout is not None:
+            plans.append(ParamPlan(layout, sparse, layout.num_chunks * cfg.topk, 0, 0))
+            sparse += layout.num_chunks * cfg.topk
+        else:
+            plans.append(ParamPlan(None, 0, 0, dense, numel))
+            dense += numel
+    for p in plans:  # dense values follow all sparse values in the buffer
+        if p.layout is None:
+            p.dense_offset += sparse
+    return plans, WireLayout(sparse, dense, cfg.wire_dtype, bits)
+
+
+class FlexDeMo(torch.optim.Optimizer):
+    """DeMo on local shards, exchanged over ``replicate_group`` (None: no exchange, single worker)."""
+
+    def __init__(self, params: Iterable, replicate_group: dist.ProcessGroup | None = None, lr: float = 1e-3,
+                 config: DeMoConfig | None = None, **overrides):
+        cfg = config or DeMoConfig()
+        if overrides:
+            cfg = DeMoConfig(**{**cfg.__dict__, **overrides})
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be > 0")
+        super().__init__(params, {"lr": lr, "weight_decay": cfg.weight_decay})
+        self.cfg = cfg
+        self.group = replicate_group
+        self.replicas = dist.get_world_size(replicate_group) if replicate_group is not None else 1
+        self.params = [p for g in self.param_groups for p in g["params"]]
+        self.plans, self.wire = plan_params([local_tensor(p).shape for p in self.params], cfg)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        for p in self.params:
+            self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
+        self.last_comm: dict[str, float] = {}
+
+    # --- the three phases of a step, public so tests can simulate replicas without process groups ---
+    @torch.no_grad()
+    def encode(self) -> torch.Tensor:
+        """Update momenta and weight decay; return this replica's packed payload (uint8)."""
+        cfg = self.cfg
+        device = local_tensor(self.params[0]).device
+        values = torch.empty(self.wire.num_sparse + self.wire.num_dense, dtype=cfg.wire_dtype, device=device)
+        indices = torch.empty(self.wire.num_sparse, dtype=torch.int64, device=device)
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                plan = self.plans[self._index[id(p)]]
+                local = local_tensor(p)
+                delta = self.state[p]["delta"]
+                if wd:
+                    local.mul_(1 - lr * wd)
+                if p.grad is not None:
+                    delta.mul_(cfg.beta).add_(local_tensor(p.grad).float(), alpha=lr)
+                else:
+                    delta.mul_(cfg.beta)
+                if plan.layout is not None:
+                    d2 = delta.view(plan.layout.rows, plan.layout.cols)
+                    idx, vals = codec.encode(d2, plan.layout, cfg.topk, cfg.wire_dtype)
+                    sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
+                    indices[sl] = idx.reshape(-1)
+                    values[sl] = vals.reshape(-1)
+                elif plan.num_dense:
+                    sent = delta.reshape(-1).to(cfg.wire_dtype)
+                    values[plan.dense_offset : plan.dense_offset + plan.num_dense] = sent
+                    delta.sub_(sent.float().view_as(delta))  # residual: only what rounding lost
+        return self.wire.pack(indices, values, torch.empty(self.wire.nbytes, dtype=torch.uint8, device=device))
+
+    def exchange(self, payload: torch.Tensor) -> torch.Tensor:
+        """(nbytes,) -> (replicas, nbytes): one all-gather over the replicate group."""
+        if self.replicas == 1:
+            return payload[None]
+        out = torch.empty(self.replicas * payload.numel(), dtype=payload.dtype, device=payload.device)
+        _all_gather_flat(out, payload, group=self.group)
+        return out.view(self.replicas, -1)
+
+    @torch.no_grad()
+    def decode_apply(self, gathered: torch.Tensor) -> None:
+        """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, and step the parameters."""
+        rows = [self.wire.unpack(gathered[r]) for r in range(gathered.shape[0])]
+        for group in self.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                plan = self.plans[self._index[id(p)]]
+                local = local_tensor(p)
+                if plan.layout is not None:
+                    sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
+                    k = self.cfg.topk
+                    update = codec.decode([i[sl].view(-1, k) for i, _ in rows], [v[sl].view(-1, k) for _, v in rows],
+                                          plan.layout)
+                elif plan.num_dense:
+                    sl = slice(plan.dense_offset, plan.dense_offset + plan.num_dense)
+                    update = rows[0][1][sl].float().clone()
+                    for _, v in rows[1:]:
+                        update += v[sl].float()
+                    update /= len(rows)
+                else:
+                    continue
+                if self.cfg.sign:
+                    update = update.sign()
+                local.add_(update.view_as(local).to(local.dtype), alpha=-lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        payload = self.encode()
+        gathered = self.exchange(payload)
+        self.decode_apply(gathered)
+        self.last_comm = self.comm_bytes()
+        return loss
+
+    def comm_bytes(self) -> dict[str, float]:
+        """Per-rank bytes on the replicate group this step, and what a dense bf16 all-reduce would have cost."""
+        R = self.replicas
+        numel = sum(local_tensor(p).numel() for p in self.params)
+        sent = (R - 1) * self.wire.nbytes  # ring all-gather: each rank forwards R - 1 payloads
+        dense = 2 * (R - 1) / R * numel * 2 if R > 1 else 0.0  # ring all-reduce of bf16 gradients
+        return {"replicate_sent_bytes": float(sent), "replicate_recv_bytes": float(sent),
+                "payload_bytes": float(self.wire.nbytes), "dense_bf16_payload_bytes": float(numel * 2),
+                "dense_bf16_allreduce_bytes": float(dense),
+                "compression": float(numel * 2 / self.wire.nbytes) if self.wire.nbytes else float("inf")}
+
+
+def DeMo(params: Iterable, lr: float = 1e-3, config: DeMoConfig | None = None, **overrides) -> FlexDeMo:
+    """DeMo as in the paper: unsharded replicas, every rank of the default group exchanging with every other."""
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return FlexDeMo(params, replicate_group=group, lr=lr, config=config, **overrides)

@@ -1,0 +1,49 @@
+"""Apply FSDP2 for a sync strategy, block by block (as torchtitan does), then materialise the weights.
+
+- ``adamw``: HSDP, ``fully_shard`` on the 2-D mesh: reduce-scatter in the node, all-reduce across nodes. The baseline.
+- ``flexdemo``: ``fully_shard`` on the shard sub-mesh only: gradients are reduce-scattered inside the node and each
+  rank's ``.grad`` is its replica's shard; FlexDeMo then exchanges compressed momenta across the replicate group.
+- ``demo``: no sharding; every rank is a replica and DeMo runs over all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from flexmore.model import ModelConfig, build_model
+from flexmore.model.transformer import FlexOlmo
+from flexmore.parallel.mesh import ParallelContext
+
+STRATEGIES = ("adamw", "demo", "flexdemo")
+
+
+def apply_fsdp(model: FlexOlmo, ctx: ParallelContext, strategy: str, mixed_precision: bool,
+               reshard_after_forward: bool = True) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sync strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if not ctx.distributed or strategy == "demo":
+        return
+    mesh = ctx.mesh if strategy == "adamw" else ctx.mesh["shard"]
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, seed: int,
+                         mixed_precision: bool = False) -> FlexOlmo:
+    """Meta build -> shard -> allocate -> weights from one seeded full model on rank 0, so every layout (and a
+    single process) starts from the same numbers."""
+    if not ctx.distributed:
+        return build_model(cfg, device=ctx.device, seed=seed)
+    model = build_model(cfg, device="meta")
+    apply_fsdp(model, ctx, strategy, mixed_precision)
+    model.to_empty(device=ctx.device)
+    full = build_model(cfg, device="cpu", seed=seed).state_dict() if ctx.rank == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.init_rope()
+    dist.barrier()
+    return model

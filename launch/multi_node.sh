@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One torchrun agent per node, c10d rendezvous. Run the same command on every node:
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NGPU=8 launch/multi_node.sh optim=flexdemo model=1b
+# The mesh defaults to replicate = NNODES, shard = NGPU (GPUs per node). Extra arguments are hydra overrides.
+# All ranks share one hydra run dir through TORCHELASTIC_RUN_ID (= RUN_ID below): give every node the same RUN_ID.
+set -euo pipefail
+: "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
+MASTER_PORT=${MASTER_PORT:-29500}
+NGPU=${NGPU:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+RUN_ID=${RUN_ID:-flexmore-$MASTER_ADDR-$MASTER_PORT}
+exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
+  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RUN_ID" \
+  -m flexmore.cli.train "$@"

@@ -1,0 +1,148 @@
+"""The DeMo building blocks: DCT, chunking, top-k encode / decode, and the packed wire format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexdemo import ChunkLayout, DeMoConfig
+from flexdemo.codec import decode, encode
+from flexdemo.dct import dct2, dct_matrix, idct2
+from flexdemo.optimizer import plan_params
+from flexdemo.wire import WireLayout, index_bits_for, pack_indices, unpack_indices
+
+
+@pytest.mark.parametrize("n", [1, 4, 7, 64])
+def test_dct_is_orthonormal_and_matches_the_cosine_formula(n):
+    d = dct_matrix(n, dtype=torch.float64)
+    torch.testing.assert_close(d @ d.T, torch.eye(n, dtype=torch.float64))
+    x = torch.randn(n, dtype=torch.float64)
+    # DCT-II by its definition, orthonormal scaling
+    ref = torch.tensor([sum(x[i] * torch.cos(torch.tensor(torch.pi * (2 * i + 1) * k / (2 * n), dtype=torch.float64))
+                            for i in range(n)) * ((1 / n) ** 0.5 if k == 0 else (2 / n) ** 0.5) for k in range(n)])
+    torch.testing.assert_close(d @ x, ref)
+
+
+def test_dct2_round_trip():
+    x = torch.randn(5, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(idct2(dct2(x)), x)
+    torch.testing.assert_close((dct2(x) ** 2).sum(), (x**2).sum())  # Parseval
+
+
+@pytest.mark.parametrize("rows,cols,s", [(8, 8, 4), (13, 7, 4), (3, 30, 8), (64, 64, 64), (1, 1, 4)])
+def test_chunks_round_trip_and_are_real_2d_tiles(rows, cols, s):
+    lay = ChunkLayout(rows, cols, s)
+    x = torch.randn(rows, cols)
+    c = lay.to_chunks(x)
+    assert c.shape == (lay.num_chunks, s, s)
+    torch.testing.assert_close(lay.from_chunks(c), x)
+    # chunk (0, 1) of the grid is the tile x[:s, s:2s]
+    if lay.grid[1] > 1:
+        tile = x[:s, s : 2 * s]
+        torch.testing.assert_close(c[1][: tile.shape[0], : tile.shape[1]], tile)
+
+
+@pytest.mark.parametrize("rows,cols,s", [(8, 8, 4), (13, 7, 4), (3, 30, 8)])
+def test_full_k_reproduces_the_momentum_exactly(rows, cols, s):
+    lay = ChunkLayout(rows, cols, s)
+    delta = torch.randn(rows, cols)
+    orig = delta.clone()
+    idx, vals = encode(delta, lay, s * s, torch.float32)
+    assert delta.abs().max() < 1e-5  # nothing left behind
+    torch.testing.assert_close(decode([idx], [vals], lay), orig, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_is_the_momentum_with_sent_coefficients_zeroed_and_topk_picks_the_largest():
+    torch.manual_seed(0)
+    lay = ChunkLayout(13, 10, 4)
+    delta = torch.randn(13, 10)
+    orig = delta.clone()
+    idx, vals = encode(delta, lay, 3, torch.float32)
+    coeffs = dct2(lay.to_chunks(orig.double())).reshape(lay.num_chunks, -1)
+    checked = 0
+    for c in range(lay.num_chunks):
+        mags = coeffs[c].abs().sort(descending=True).values
+        if mags[2] - mags[3] < 1e-5:  # a near-tie at the cut: float32 and float64 may pick differently
+            continue
+        top = coeffs[c].abs().topk(3).indices
+        assert set(idx[c].tolist()) == set(top.tolist())
+        checked += 1
+    assert checked >= lay.num_chunks // 2  # edge chunks (mostly padding) have true ties
+    for c in range(lay.num_chunks):  # the values sent are the coefficients at the sent positions
+        torch.testing.assert_close(vals[c].double(), coeffs[c, idx[c]], atol=1e-6, rtol=1e-5)
+    zeroed = coeffs.clone()
+    zeroed.scatter_(1, idx, 0.0)
+    expect = lay.from_chunks(idct2(zeroed.view(-1, 4, 4)))
+    torch.testing.assert_close(delta.double(), expect, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_wire_keeps_the_rounding_error_in_the_residual():
+    lay = ChunkLayout(8, 8, 4)
+    delta = torch.randn(8, 8)
+    orig = delta.clone()
+    idx, vals = encode(delta, lay, 16, torch.bfloat16)
+    assert vals.dtype == torch.bfloat16
+    # sent + residual == original: no information is dropped
+    torch.testing.assert_close(decode([idx], [vals], lay) + delta, orig, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_averages_each_position_over_the_replicas_that_sent_it():
+    lay = ChunkLayout(2, 2, 2)
+    i0, v0 = torch.tensor([[0, 1]]), torch.tensor([[2.0, 4.0]])
+    i1, v1 = torch.tensor([[1, 3]]), torch.tensor([[6.0, 8.0]])
+    expect_coeffs = torch.tensor([2.0, 5.0, 0.0, 8.0]).view(1, 2, 2)  # position 1 averaged, 0 and 3 alone
+    torch.testing.assert_close(decode([i0, i1], [v0, v1], lay), idct2(expect_coeffs)[0])
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 100])
+def test_index_packing_round_trip(bits, n):
+    top = 4096 if bits == 12 else 65536
+    idx = torch.randint(0, top, (n,))
+    if n:
+        idx[0] = top - 1
+    raw = pack_indices(idx, bits)
+    assert raw.dtype == torch.uint8 and raw.numel() == (2 * n if bits == 16 else 3 * ((n + 1) // 2))
+    assert torch.equal(unpack_indices(raw, n, bits), idx)
+
+
+def test_wire_layout_round_trip_and_sizes():
+    wl = WireLayout(num_sparse=5, num_dense=3, value_dtype=torch.bfloat16, index_bits=12)
+    idx, vals = torch.tensor([0, 4095, 7, 3, 100]), torch.randn(8).bfloat16()
+    buf = wl.pack(idx, vals, torch.full((wl.nbytes,), 255, dtype=torch.uint8))
+    assert wl.nbytes % 8 == 0 and wl.nbytes >= 16 + 9
+    i2, v2 = wl.unpack(buf)
+    assert torch.equal(i2, idx) and torch.equal(v2, vals)
+
+
+def test_default_payload_is_3_5_bytes_per_coefficient_and_64x_below_dense_bf16():
+    cfg = DeMoConfig()
+    plans, wire = plan_params([torch.Size([4096, 4096])], cfg)
+    coeffs = 4096 * 4096 // (64 * 64) * 32
+    assert wire.num_sparse == coeffs and wire.nbytes == coeffs * 3.5
+    assert 4096 * 4096 * 2 / wire.nbytes >= 64
+
+
+def test_1d_and_tiny_tensors_go_dense():
+    plans, wire = plan_params([torch.Size([64]), torch.Size([2, 3]), torch.Size([128, 64]), torch.Size([0, 64])],
+                              DeMoConfig(chunk=64, topk=32))
+    assert [p.layout is None for p in plans] == [True, True, False, True]
+    assert wire.num_dense == 64 + 6 and wire.num_sparse == 2 * 32
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"topk": 4097}, r"topk=4097 must be in \[1, chunk\*chunk=4096\]"),
+    ({"topk": 0}, "topk=0"),
+    ({"chunk": 0}, "chunk=0 must be >= 1"),
+    ({"chunk": -3}, "chunk=-3"),
+    ({"value_dtype": "int8"}, "value_dtype='int8'"),
+    ({"chunk": 128, "index_bits": 12, "topk": 8}, "index_bits=12 cannot hold"),
+    ({"beta": 1.0}, "beta=1.0"),
+])
+def test_bad_settings_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DeMoConfig(**kw)
+
+
+def test_index_bits_auto():
+    assert index_bits_for(64) == 12 and index_bits_for(65) == 16 and index_bits_for(64, 16) == 16
