@@ -1,4 +1,4 @@
-"""Optimizer step time on one GPU: FlexDeMo's torch path (encode + decode/apply) vs AdamW.
+"""Optimizer step time on one GPU: FlexDeMo (torch path and Triton kernels) vs AdamW.
 
 Two views, same run:
 - whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
@@ -72,10 +72,11 @@ def model_rows(model_name: str) -> list[dict]:
     rows.append({"what": f"{model_name}: fused AdamW step", "ms": bench(adam.step)})
     adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
     rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
-    demo = FlexDeMo(params_with_grads(shapes), lr=1e-4)
-    rows.append({"what": f"{model_name}: FlexDeMo torch, 1 replica", "ms": bench(demo.step)})
-    rows.append({"what": f"{model_name}: FlexDeMo torch, 2 replicas (decode twice)",
-                 "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+    for kernels in ("torch", "triton"):
+        demo = FlexDeMo(params_with_grads(shapes), lr=1e-4, kernels=kernels)
+        rows.append({"what": f"{model_name}: FlexDeMo {kernels}, 1 replica", "ms": bench(demo.step)})
+        rows.append({"what": f"{model_name}: FlexDeMo {kernels}, 2 replicas (decode twice)",
+                     "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
     for r in rows:
         r["params"] = numel
     return rows
@@ -86,7 +87,7 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     floor_enc = 12 * n / bw * 1e3
     floor_dec = 8 * n / bw * 1e3 if dtype == torch.float32 else 4 * n / bw * 1e3
     tag = f"{shape[0]}x{shape[1]} {str(dtype).replace('torch.', '')}"
-    demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4)
+    demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels="torch")
     payload = demo.encode()
     gathered = payload[None]
     adam = torch.optim.AdamW(params_with_grads([shape], dtype), lr=1e-4, fused=True)
@@ -100,7 +101,7 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", nargs="*", default=["base"])
+    ap.add_argument("--model", nargs="*", default=["base", "1b"])
     ap.add_argument("--tensor", type=int, nargs=2, default=[4096, 11008])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

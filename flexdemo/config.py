@@ -18,6 +18,7 @@ class DeMoConfig:
     weight_decay: float = 0.0  # decoupled: p *= 1 - lr * wd
     value_dtype: str = "bf16"  # bf16 | fp32 | fp16: dtype of the sent coefficients
     index_bits: int = 0  # 0 = smallest that holds chunk*chunk (12 for 64x64), or 12 / 16
+    kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -31,6 +32,10 @@ class DeMoConfig:
         if self.value_dtype not in WIRE_DTYPES:
             raise ValueError(f"value_dtype={self.value_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
         index_bits_for(self.chunk, self.index_bits)
+        from flexdemo.ops import KERNELS
+
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels={self.kernels!r}; allowed: {', '.join(KERNELS)}")
 
     @property
     def wire_dtype(self):

@@ -3,11 +3,12 @@
 Inside a node FSDP2 reduce-scatters gradients, so each GPU's ``.grad`` is its shard of the node's averaged gradient.
 Across nodes, the GPUs owning the same shard form the replicate group; this optimizer runs DeMo among them:
 
-    p *= 1 - lr * wd
     delta = beta * delta + lr * grad                    (local, per replica: error feedback)
     send the top-k DCT coefficients of each chunk of delta, and remove them from delta
     one all-gather of every replica's packed payload    (one collective per step, all parameters)
-    p -= lr * sign(IDCT(mean over replicas of the coefficients))
+    p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
+
+Encode and decode + apply run as Triton kernels on CUDA (``kernels``), with torch twins for the CPU.
 
 Every replica decodes the same gathered bytes in the same order with the same arithmetic, so replicas stay
 bit-identical. With no replicate group (or one of size 1) this is single-worker DeMo; with the whole world as the
@@ -22,7 +23,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from flexdemo import codec
+from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.config import DeMoConfig
 from flexdemo.wire import WireLayout, index_nbytes
@@ -93,35 +94,33 @@ class FlexDeMo(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         for p in self.params:
             self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
+        self.kernels = ops.resolve_kernels(cfg.kernels, local_tensor(self.params[0]).device, cfg.chunk)
         self.last_comm: dict[str, float] = {}
 
     # --- the three phases of a step, public so tests can simulate replicas without process groups ---
     @torch.no_grad()
     def encode(self) -> torch.Tensor:
-        """Update momenta and weight decay; return this replica's packed payload (uint8)."""
+        """Update the momenta and return this replica's packed payload (uint8)."""
         cfg = self.cfg
         device = local_tensor(self.params[0]).device
         values = torch.empty(self.wire.num_sparse + self.wire.num_dense, dtype=cfg.wire_dtype, device=device)
-        indices = torch.empty(self.wire.num_sparse, dtype=torch.int64, device=device)
+        indices = torch.empty(self.wire.num_sparse, dtype=torch.int32, device=device)
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
+            lr = group["lr"]
             for p in group["params"]:
                 plan = self.plans[self._index[id(p)]]
-                local = local_tensor(p)
                 delta = self.state[p]["delta"]
-                if wd:
-                    local.mul_(1 - lr * wd)
-                if p.grad is not None:
-                    delta.mul_(cfg.beta).add_(local_tensor(p.grad).float(), alpha=lr)
-                else:
-                    delta.mul_(cfg.beta)
+                grad = local_tensor(p.grad) if p.grad is not None else None
                 if plan.layout is not None:
-                    d2 = delta.view(plan.layout.rows, plan.layout.cols)
-                    idx, vals = codec.encode(d2, plan.layout, cfg.topk, cfg.wire_dtype)
+                    lay = plan.layout
                     sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
-                    indices[sl] = idx.reshape(-1)
-                    values[sl] = vals.reshape(-1)
+                    g2 = grad.reshape(lay.rows, lay.cols) if grad is not None else None
+                    ops.encode_chunks(self.kernels, g2, delta.view(lay.rows, lay.cols), lay, cfg.beta, lr, cfg.topk,
+                               values[sl], indices[sl])
                 elif plan.num_dense:
+                    delta.mul_(cfg.beta)
+                    if grad is not None:
+                        delta.add_(grad.float(), alpha=lr)
                     sent = delta.reshape(-1).to(cfg.wire_dtype)
                     values[plan.dense_offset : plan.dense_offset + plan.num_dense] = sent
                     delta.sub_(sent.float().view_as(delta))  # residual: only what rounding lost
@@ -137,29 +136,29 @@ class FlexDeMo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def decode_apply(self, gathered: torch.Tensor) -> None:
-        """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, and step the parameters."""
-        rows = [self.wire.unpack(gathered[r]) for r in range(gathered.shape[0])]
+        """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
+        unpacked = [self.wire.unpack(gathered[r]) for r in range(gathered.shape[0])]
+        indices = torch.stack([i for i, _ in unpacked]).to(torch.int32)
+        values = torch.stack([v for _, v in unpacked])
         for group in self.param_groups:
-            lr = group["lr"]
+            lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
             for p in group["params"]:
                 plan = self.plans[self._index[id(p)]]
                 local = local_tensor(p)
                 if plan.layout is not None:
+                    lay = plan.layout
                     sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
-                    k = self.cfg.topk
-                    update = codec.decode([i[sl].view(-1, k) for i, _ in rows], [v[sl].view(-1, k) for _, v in rows],
-                                          plan.layout)
+                    ops.decode_apply_chunks(self.kernels, local.view(lay.rows, lay.cols), indices[:, sl], values[:, sl], lay,
+                                     self.cfg.topk, lr, decay, self.cfg.sign)
                 elif plan.num_dense:
                     sl = slice(plan.dense_offset, plan.dense_offset + plan.num_dense)
-                    update = rows[0][1][sl].float().clone()
-                    for _, v in rows[1:]:
-                        update += v[sl].float()
-                    update /= len(rows)
-                else:
-                    continue
-                if self.cfg.sign:
-                    update = update.sign()
-                local.add_(update.view_as(local).to(local.dtype), alpha=-lr)
+                    update = values[0, sl].float().clone()
+                    for r in range(1, values.shape[0]):
+                        update += values[r, sl].float()
+                    update /= values.shape[0]
+                    if self.cfg.sign:
+                        update = update.sign()
+                    local.copy_((local.float() * decay - lr * update.view_as(local)).to(local.dtype))
 
     @torch.no_grad()
     def step(self, closure=None):

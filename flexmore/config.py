@@ -67,6 +67,7 @@ class OptimConfig:
     sign: bool = True
     value_dtype: str = "bf16"
     index_bits: int = 0
+    kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
 
     def __post_init__(self) -> None:
         _need(self.name in ("adamw", "demo", "flexdemo"), f"optim.name={self.name!r}; allowed: adamw, demo, flexdemo")
@@ -85,7 +86,8 @@ class OptimConfig:
         from flexdemo import DeMoConfig
 
         return DeMoConfig(beta=self.beta, topk=self.topk, chunk=self.chunk, sign=self.sign,
-                          weight_decay=self.weight_decay, value_dtype=self.value_dtype, index_bits=self.index_bits)
+                          weight_decay=self.weight_decay, value_dtype=self.value_dtype, index_bits=self.index_bits,
+                          kernels=self.kernels)
 
 
 @dataclass

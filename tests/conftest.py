@@ -9,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Without a GPU the Triton kernels run in the interpreter; it must be chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

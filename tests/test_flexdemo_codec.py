@@ -6,10 +6,24 @@ import pytest
 import torch
 
 from flexdemo import ChunkLayout, DeMoConfig
-from flexdemo.codec import decode, encode
+from flexdemo.ops.decode_reference import decode_mean
+from flexdemo.ops.encode_reference import encode_reference
 from flexdemo.dct import dct2, dct_matrix, idct2
 from flexdemo.optimizer import plan_params
 from flexdemo.wire import WireLayout, index_bits_for, pack_indices, unpack_indices
+
+
+def encode(delta, lay, k, wire_dtype):
+    """The reference encode with no momentum update (beta 1, no gradient): (indices, values), one row per chunk."""
+    vals = torch.empty(lay.num_chunks * k, dtype=wire_dtype)
+    idx = torch.empty(lay.num_chunks * k, dtype=torch.int64)
+    encode_reference(None, delta, lay, 1.0, 0.0, k, vals, idx)
+    return idx.view(-1, k), vals.view(-1, k)
+
+
+def decode(indices, values, lay):
+    k = indices[0].shape[-1]
+    return decode_mean(torch.stack([i.reshape(-1) for i in indices]), torch.stack([v.reshape(-1) for v in values]), lay, k)
 
 
 @pytest.mark.parametrize("n", [1, 4, 7, 64])

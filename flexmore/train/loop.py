@@ -121,7 +121,8 @@ def train(cfg: Config) -> TrainResult:
         print0(f"resumed from {resume_path} at step {start}")
     print0(f"model {model_cfg.name}: {counts.describe()} | device {device}")
     print0(f"parallel: {ctx.world} rank(s) = replicate {ctx.replicate} x shard {ctx.shard}, strategy {strategy}"
-           + (", bf16 params / fp32 reduce" if mp and ctx.distributed else ""))
+           + (", bf16 params / fp32 reduce" if mp and ctx.distributed else "")
+           + (f", FlexDeMo kernels: {optimizer.kernels}" if hasattr(optimizer, "kernels") else ""))
     print0(f"data: {train_stream.num_tokens:,} train tokens, global batch {loader.global_batch} x {tc.seq_len} "
            f"= {loader.global_batch * tc.seq_len:,} tokens/step, {loader.epoch_steps:.0f} steps/epoch")
     flops_tok = flops_per_token(model, tc.seq_len)

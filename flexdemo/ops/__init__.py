@@ -1,0 +1,58 @@
+"""Encode and decode + apply: Triton kernels with a torch twin beside each, and the dispatch between them.
+
+``kernels``: ``torch`` (the references, any device), ``triton`` (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), ``auto`` (triton on CUDA where the chunk size suits it, torch otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+KERNELS = ("auto", "torch", "triton")
+TRITON_CHUNKS = (16, 32, 64, 128)  # tl.arange wants powers of two; tl.dot wants >= 16
+
+
+def triton_unavailable(device: torch.device, chunk: int) -> str | None:
+    """Why the Triton kernels cannot run here, or None."""
+    if chunk not in TRITON_CHUNKS:
+        return f"chunk={chunk} is not one of {TRITON_CHUNKS}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors are on {device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+    return None
+
+
+def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
+    if requested not in KERNELS:
+        raise ValueError(f"kernels={requested!r}; allowed: {', '.join(KERNELS)}")
+    why = triton_unavailable(device, chunk)
+    if requested == "triton" and why:
+        raise ValueError(f"kernels=triton cannot run: {why}; use kernels=torch or auto")
+    if requested == "auto":
+        return "triton" if why is None and device.type == "cuda" else "torch"
+    return requested
+
+
+def encode_chunks(kernels: str, *args, **kw) -> None:
+    if kernels == "triton":
+        from flexdemo.ops.encode import encode_triton
+
+        return encode_triton(*args, **kw)
+    from flexdemo.ops.encode_reference import encode_reference
+
+    return encode_reference(*args, **kw)
+
+
+def decode_apply_chunks(kernels: str, *args, **kw) -> None:
+    if kernels == "triton":
+        from flexdemo.ops.decode import decode_apply_triton
+
+        return decode_apply_triton(*args, **kw)
+    from flexdemo.ops.decode_reference import decode_apply_reference
+
+    return decode_apply_reference(*args, **kw)

@@ -1,0 +1,65 @@
+"""Fused encode as one Triton kernel: one program per s x s chunk, one pass over the gradient and the momentum.
+
+momentum update -> 2-D DCT (two small matmuls) -> top-k of |C| by k rounds of max-and-mask (ties: lowest index) ->
+payload (values in the wire dtype, int32 chunk-local indices) -> residual (sent coefficients zeroed but for their
+rounding error) -> inverse DCT -> momentum written back. Bytes moved per element: read grad, read + write momentum.
+The torch twin is ``encode_reference.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flexdemo.chunks import ChunkLayout
+from flexdemo.dct import dct_matrix
+from flexdemo.ops.rounding import cast_like
+
+
+@triton.jit
+def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, rows, cols, stride_g, stride_m, grid_cols, beta, lr,
+                   HAS_GRAD: tl.constexpr, S: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr):
+    c = tl.program_id(0)
+    gi = c // grid_cols
+    gj = c % grid_cols
+    si = tl.arange(0, S)
+    r = gi * S + si[:, None]
+    q = gj * S + si[None, :]
+    mask = (r < rows) & (q < cols)
+    m = tl.load(m_ptr + r * stride_m + q, mask=mask, other=0.0)
+    if HAS_GRAD:
+        g = tl.load(g_ptr + r * stride_g + q, mask=mask, other=0.0).to(tl.float32)
+        m = beta * m + lr * g
+    else:
+        m = beta * m
+    d = tl.load(d_ptr + si[:, None] * S + si[None, :])
+    coef = tl.dot(tl.dot(d, m, input_precision=PRECISION), tl.trans(d), input_precision=PRECISION)
+    offs = si[:, None] * S + si[None, :]
+    mag = tl.abs(coef)
+    for j in range(K):
+        top = tl.max(tl.max(mag, axis=1), axis=0)
+        pos = tl.min(tl.min(tl.where(mag == top, offs, S * S), axis=1), axis=0)
+        hit = offs == pos
+        v = tl.sum(tl.sum(tl.where(hit, coef, 0.0), axis=1), axis=0)
+        sent = cast_like(v, vals_ptr)
+        tl.store(vals_ptr + c * K + j, sent)
+        tl.store(idx_ptr + c * K + j, pos)
+        coef = tl.where(hit, v - sent.to(tl.float32), coef)
+        mag = tl.where(hit, -1.0, mag)
+    m_new = tl.dot(tl.dot(tl.trans(d), coef, input_precision=PRECISION), d, input_precision=PRECISION)
+    tl.store(m_ptr + r * stride_m + q, m_new, mask=mask)
+
+
+def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
+                  k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, precision: str = "ieee") -> None:
+    """Same contract as ``encode_reference``; ``out_idx`` is int32."""
+    if layout.num_chunks == 0:
+        return
+    s = layout.s
+    d = dct_matrix(s, delta.device, torch.float32)
+    g = grad if grad is not None else delta
+    _encode_kernel[(layout.num_chunks,)](
+        g, delta, d, out_vals, out_idx, layout.rows, layout.cols, g.stride(0), delta.stride(0), layout.grid[1],
+        float(beta), float(lr), HAS_GRAD=grad is not None, S=s, K=k, PRECISION=precision,
+    )

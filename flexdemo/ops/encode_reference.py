@@ -1,0 +1,39 @@
+"""Fused encode, in plain torch: the reference the Triton kernel is checked against, and the CPU path.
+
+For each s x s chunk of a 2-D momentum shard: delta = beta * delta + lr * grad; 2-D DCT; the k largest |coefficients|
+go to the payload (values rounded to the wire dtype, chunk-local indices); the residual keeps everything not sent,
+rounding error included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexdemo.chunks import ChunkLayout
+from flexdemo.dct import dct2, idct2
+
+
+def topk_chunks(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_chunks, s*s) -> (indices (num_chunks, k) int64, values): the k largest |c| of each chunk.
+
+    Exact ties are broken however torch.topk breaks them (deterministically for one input); the Triton kernel takes
+    the lowest index, and the two are compared only where magnitudes are distinct.
+    """
+    flat = coeffs.reshape(coeffs.shape[0], -1)
+    idx = flat.abs().topk(k, dim=1, sorted=False).indices
+    return idx, torch.gather(flat, 1, idx)
+
+
+def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
+                     k: int, out_vals: torch.Tensor, out_idx: torch.Tensor) -> None:
+    """Update ``delta`` (rows, cols) fp32 in place to the residual; write (num_chunks * k) values and indices."""
+    delta.mul_(beta)
+    if grad is not None:
+        delta.add_(grad.float(), alpha=lr)
+    coeffs = dct2(layout.to_chunks(delta)).reshape(layout.num_chunks, -1)
+    idx, vals = topk_chunks(coeffs, k)
+    sent = vals.to(out_vals.dtype)
+    coeffs.scatter_(1, idx, vals - sent.float())
+    delta.copy_(layout.from_chunks(idct2(coeffs.view(-1, layout.s, layout.s))))
+    out_vals.copy_(sent.reshape(-1))
+    out_idx.copy_(idx.reshape(-1))

@@ -1,0 +1,154 @@
+"""The Triton kernels against their torch twins, on small odd shapes (the interpreter on CPU, the GPU through the
+device tool: the same tests run on CUDA tensors when a GPU is present).
+
+Tolerances: both sides compute the DCT in fp32 (the kernel with ieee-precision tl.dot), so coefficients and residuals
+agree to fp32 rounding of 2 x s-term sums: rtol 1e-5, atol 1e-6 (times the data's scale). Selected index sets are
+compared where the k-th and (k+1)-th magnitudes are more than 1e-5 apart; decoded updates before sign to 1e-5 relative,
+after sign exactly except where the update is within 1e-6 of zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexdemo import FlexDeMo
+from flexdemo.chunks import ChunkLayout
+from flexdemo.dct import dct2
+from flexdemo.ops import resolve_kernels
+from flexdemo.ops.decode_reference import decode_apply_reference, decode_mean
+from flexdemo.ops.encode_reference import encode_reference
+
+triton = pytest.importorskip("triton")
+from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
+from flexdemo.ops.encode import encode_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
+
+
+def run_encode(fn, grad, delta, lay, beta, lr, k, wire):
+    vals = torch.full((lay.num_chunks * k,), float("nan"), dtype=wire, device=DEVICE)
+    idx = torch.full((lay.num_chunks * k,), -7, dtype=torch.int32, device=DEVICE)
+    d = delta.clone()
+    fn(grad, d, lay, beta, lr, k, vals, idx)
+    return d, vals.view(-1, k), idx.view(-1, k)
+
+
+@pytest.mark.parametrize("rows,cols,s", SHAPES)
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.999])
+def test_encode_matches_reference(rows, cols, s, k, beta):
+    torch.manual_seed(rows * 100 + k)
+    lay = ChunkLayout(rows, cols, s)
+    delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
+    wire = torch.bfloat16
+    d_ref, v_ref, i_ref = run_encode(encode_reference, grad, delta, lay, beta, 0.1, k, wire)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, beta, 0.1, k, wire)
+    assert (i_tri >= 0).all() and not v_tri.float().isnan().any()  # every slot written
+    coeffs = dct2(lay.to_chunks(beta * delta + 0.1 * grad)).reshape(lay.num_chunks, -1).abs()
+    top = coeffs.sort(dim=1, descending=True).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-5
+    assert clear.sum() >= lay.num_chunks // 2
+    for c in torch.nonzero(clear).flatten().tolist():
+        assert set(i_tri[c].tolist()) == set(i_ref[c].tolist()), c
+        order = i_ref[c].argsort()
+        torch.testing.assert_close(v_tri[c][i_tri[c].argsort()].float(), v_ref[c][order].float(), rtol=1e-2, atol=1e-6)
+        # the residual of that chunk (where the choices differ, so do the residuals, legitimately)
+        torch.testing.assert_close(lay.to_chunks(d_tri)[c], lay.to_chunks(d_ref)[c], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_full_k_and_no_grad():
+    s, k = 16, 256
+    lay = ChunkLayout(20, 18, s)
+    delta = torch.randn(20, 18, device=DEVICE)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, None, delta, lay, 0.5, 0.1, k, torch.float32)
+    assert d_tri.abs().max() < 1e-5  # everything sent: nothing left
+    for c in range(lay.num_chunks):
+        assert sorted(i_tri[c].tolist()) == list(range(s * s))
+    back = decode_mean(i_tri.reshape(1, -1), v_tri.reshape(1, -1), lay, k)
+    torch.testing.assert_close(back, 0.5 * delta, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_tie_rule_is_lowest_index_first():
+    """All-zero chunks (e.g. a shard's padding) tie everywhere: the kernel takes positions 0, 1, 2, ... in order."""
+    lay = ChunkLayout(16, 40, 16)
+    delta = torch.zeros(16, 40, device=DEVICE)
+    delta[:, :16] = torch.randn(16, 16, device=DEVICE)  # chunk 0 live, chunks 1 and 2 all zero
+    _, vals, idx = run_encode(encode_triton, None, delta, lay, 1.0, 0.0, 4, torch.float32)
+    assert idx[1].tolist() == [0, 1, 2, 3] and idx[2].tolist() == [0, 1, 2, 3]
+    assert (vals[1:] == 0).all() and (vals[0] != 0).all()
+
+
+def random_payload(lay, k, replicas, wire):
+    n = lay.num_chunks
+    idx = torch.stack([torch.stack([torch.randperm(lay.s * lay.s)[:k] for _ in range(n)]).reshape(-1)
+                       for _ in range(replicas)]).to(torch.int32).to(DEVICE)
+    vals = (torch.randn(replicas, n * k) * 0.1).to(wire).to(DEVICE)
+    return idx, vals
+
+
+@pytest.mark.parametrize("rows,cols,s", SHAPES)
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 7])
+def test_decode_matches_reference_before_sign(rows, cols, s, replicas, k):
+    torch.manual_seed(replicas * 10 + k)
+    lay = ChunkLayout(rows, cols, s)
+    idx, vals = random_payload(lay, k, replicas, torch.bfloat16)
+    p0 = torch.randn(rows, cols, device=DEVICE)
+    a, b = p0.clone(), p0.clone()
+    decode_apply_reference(a, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False)
+    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas):
+    torch.manual_seed(5)
+    lay = ChunkLayout(37, 21, 16)
+    idx, vals = random_payload(lay, 5, replicas, torch.bfloat16)
+    p0 = torch.randn(37, 21, device=DEVICE).to(dtype)
+    a, b = p0.clone(), p0.clone()
+    decode_apply_reference(a, idx, vals, lay, 5, lr=0.01, decay=0.999, sign=True)
+    decode_apply_triton(b, idx, vals, lay, 5, lr=0.01, decay=0.999, sign=True)
+    near_zero = decode_mean(idx, vals, lay, 5).abs() < 1e-6
+    assert b.dtype == dtype
+    assert torch.equal(a[~near_zero], b[~near_zero])
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas):
+    torch.manual_seed(0)
+    shapes = [(37, 21), (32, 48), (9,)]
+    init = [torch.randn(s, device=DEVICE) * 0.1 for s in shapes]
+    opts = {}
+    for kernels in ("torch", "triton"):
+        reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(replicas)]
+        opts[kernels] = (reps, [FlexDeMo(ps, lr=0.01, chunk=16, topk=6, beta=0.9, weight_decay=0.1, sign=False,
+                                         kernels=kernels) for ps in reps])
+    for step in range(3):
+        grads = [[torch.randn(s, device=DEVICE) for s in shapes] for _ in range(replicas)]
+        for reps, os_ in opts.values():
+            for ps, gs in zip(reps, grads):
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+            gathered = torch.stack([o.encode() for o in os_])
+            for o in os_:
+                o.decode_apply(gathered)
+    (t_reps, t_opts), (k_reps, k_opts) = opts["torch"], opts["triton"]
+    assert k_opts[0].kernels == "triton" and t_opts[0].kernels == "torch"
+    for r in range(replicas):
+        for p, q in zip(t_reps[r], k_reps[r]):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+        for p, q in zip(k_reps[0], k_reps[r]):
+            assert torch.equal(p, q)
+
+
+def test_kernel_choice():
+    assert resolve_kernels("torch", torch.device("cpu"), 64) == "torch"
+    assert resolve_kernels("auto", torch.device("cpu"), 64) == "torch"
+    with pytest.raises(ValueError, match="chunk=24 is not one of"):
+        resolve_kernels("triton", torch.device(DEVICE), 24)
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        resolve_kernels("cuda", torch.device("cpu"), 64)
