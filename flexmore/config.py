@@ -153,6 +153,28 @@ class ParallelConfig:
 
 
 @dataclass
+class ExpertConfig:
+    """Train one FlexMoRE expert against a frozen base (set ``base``); empty ``base``: an ordinary run."""
+
+    base: Optional[str] = None  # the public dense base: a checkpoint, a run folder (its latest), or a model folder
+    required: bool = False  # experiment=expert sets it, so a missing base is an error rather than an ordinary run
+    name: str = "expert"
+    kind: str = "full"  # full: a copy of the public FFN | lowrank: W_public + B A, only A and B train
+    ranks: list[int] = field(default_factory=lambda: [64])  # lowrank: one rank, or three (gate, up, down)
+    router_init_batches: int = 8  # batches of domain / public data whose mean FFN input starts the router rows
+    public_paths: list[str] = field(default_factory=list)  # data=shards: public data for the public router row
+
+    def __post_init__(self) -> None:
+        _need(not self.required or self.base is not None,
+              "expert.base is required for an expert run: the public base (a checkpoint, run folder or model folder), "
+              "e.g. expert.base=outputs/small_public/<run>")
+        _need(self.kind in ("full", "lowrank"), f"expert.kind={self.kind!r}; allowed: full, lowrank")
+        _need(len(self.ranks) in (1, 3), f"expert.ranks={list(self.ranks)}: one rank, or three (gate, up, down)")
+        _need(all(r >= 1 for r in self.ranks), f"expert.ranks={list(self.ranks)}: ranks must be >= 1")
+        _need(self.router_init_batches >= 1, f"expert.router_init_batches={self.router_init_batches} must be >= 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +182,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
     run_name: str = "default"
     run_dir: str = "outputs/default"  # the entry point sets it to hydra's run dir
 

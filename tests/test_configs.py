@@ -32,7 +32,8 @@ def test_default_is_the_embedded_tiny_run():
     assert (cfg.model.name, cfg.data.source, cfg.data.domains, cfg.logging.mode) == ("tiny", "embedded", ["public"], "offline")
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if (g, o) != ("data", "shards")])
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts
+                                          if (g, o) not in (("data", "shards"), ("experiment", "expert"))])
 def test_every_option_composes(group, option):
     cfg = composed(f"{group}={option}")
     if group == "model":
@@ -87,3 +88,15 @@ def test_cli_runs_in_a_rank_shared_run_dir_and_rejects_bad_input_before_work(tmp
                   env={"TORCHELASTIC_RUN_ID": "job43"})
     assert bad.returncode != 0 and "top_k=5 is larger than num_experts=2" in bad.stderr
     assert not (tmp_path / "outputs" / "smoke" / "job43" / "checkpoints").exists()
+
+
+def test_expert_experiment_requires_a_base():
+    with pytest.raises(ValueError, match="expert.base is required for an expert run"):
+        composed("experiment=expert")
+    cfg = composed("experiment=expert", "expert.base=/some/base", "expert.kind=lowrank", "expert.ranks=[8,16,8]")
+    assert cfg.expert.ranks == [8, 16, 8] and cfg.data.domains == ["math"]
+
+
+def test_values_left_missing_are_named():
+    with pytest.raises(ValueError, match="required config values are not set: data.cache_dir"):
+        composed("data.cache_dir=???")

@@ -14,7 +14,11 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 def to_config(dcfg: DictConfig) -> Config:
-    """Structured-config object with every dataclass's __post_init__ checks run."""
+    """Structured-config object with every dataclass's __post_init__ checks run; ``???`` values must be given."""
+    missing = sorted(OmegaConf.missing_keys(dcfg))
+    if missing:
+        raise ValueError(f"required config values are not set: {', '.join(missing)}; "
+                         f"give them on the command line, e.g. {missing[0]}=...")
     return OmegaConf.to_object(dcfg)
 
 

@@ -30,6 +30,10 @@ class ModelConfig:
     router_z_loss_weight: float = 0.0
     lb_loss_weight: float = 0.0
     expert_names: list[str] = field(default_factory=list)  # optional, one per expert; "public" first
+    # Per expert (empty: all "full"): "full" (own FFN) or "lowrank" (W_public + B A inside the SwiGLU); expert 0,
+    # the public FFN, is always full. expert_ranks[e] = [gate, up, down] ranks of a lowrank expert ([] for full).
+    expert_kinds: list[str] = field(default_factory=list)
+    expert_ranks: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -52,6 +56,20 @@ class ModelConfig:
             f"expert_names has {len(self.expert_names)} names for num_experts={self.num_experts}",
         )
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
+        if self.expert_kinds:
+            need(len(self.expert_kinds) == self.num_experts,
+                 f"expert_kinds has {len(self.expert_kinds)} entries for num_experts={self.num_experts}")
+            need(self.expert_kinds[0] == "full", f"expert 0 (the public FFN) must be 'full', got {self.expert_kinds[0]!r}")
+            for e, kind in enumerate(self.expert_kinds):
+                need(kind in ("full", "lowrank"), f"expert_kinds[{e}]={kind!r}; allowed: 'full', 'lowrank'")
+            need(len(self.expert_ranks) == self.num_experts,
+                 f"expert_ranks has {len(self.expert_ranks)} entries for num_experts={self.num_experts}")
+            for e, (kind, ranks) in enumerate(zip(self.expert_kinds, self.expert_ranks)):
+                if kind == "lowrank":
+                    need(len(ranks) == 3, f"expert_ranks[{e}]={list(ranks)}: give three ranks (gate, up, down)")
+                    need(all(r >= 1 for r in ranks), f"expert_ranks[{e}]={list(ranks)}: ranks must be >= 1")
+        else:
+            need(not self.expert_ranks, "expert_ranks given without expert_kinds")
 
     @property
     def kv_heads(self) -> int:
@@ -60,6 +78,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def expert_kind(self, e: int) -> str:
+        return self.expert_kinds[e] if self.expert_kinds else "full"
+
+    def expert_rank(self, e: int) -> list[int]:
+        return list(self.expert_ranks[e]) if self.expert_kinds else []
 
     @property
     def is_moe(self) -> bool:

@@ -1,10 +1,20 @@
-"""Expert FFNs. One interface so the MoE layer, merging and compression never care which kind an expert is."""
+"""Expert FFNs. One interface so the MoE layer, merging and compression never care which kind an expert is.
+
+- ``DenseSwiGLU`` ("full"): the public FFN and every full-size expert.
+- ``LowRankSwiGLU`` ("lowrank"): the public FFN's weights plus a rank-r delta B A per projection, inside the SwiGLU:
+  down((W_g + B_g A_g) x ...). It stores only A and B and reads W_public from the public expert it is built on.
+  A projection whose rank reaches the break-even d f / (d + f) costs less as a dense matrix: it is stored as one.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class Expert(nn.Module):
@@ -20,7 +30,7 @@ class Expert(nn.Module):
 
 
 class DenseSwiGLU(Expert):
-    """down(silu(gate(x)) * up(x)): the public FFN and every full-size expert."""
+    """down(silu(gate(x)) * up(x))."""
 
     kind = "full"
 
@@ -38,8 +48,84 @@ class DenseSwiGLU(Expert):
             nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
 
 
-def build_expert(kind: str, d_model: int, d_ffn: int, device=None) -> Expert:
-    """The one place that maps an expert kind to its class (low-rank experts register here later)."""
+def break_even_rank(out_features: int, in_features: int) -> float:
+    """Above this rank, factors (r (in + out) numbers) cost more than the dense matrix (in x out)."""
+    return out_features * in_features / (out_features + in_features)
+
+
+def stored_dense(rank: int, out_features: int, in_features: int) -> bool:
+    return rank >= break_even_rank(out_features, in_features)
+
+
+class LowRankDelta(nn.Module):
+    """y = W_public x + B (A x). B starts at zero, so a fresh expert equals the public FFN exactly."""
+
+    def __init__(self, public: nn.Linear, rank: int, device=None):
+        super().__init__()
+        out_f, in_f = public.weight.shape
+        object.__setattr__(self, "public", public)  # shared and frozen: not a submodule, not in this state dict
+        self.A = nn.Parameter(torch.empty(rank, in_f, device=device))
+        self.B = nn.Parameter(torch.zeros(out_f, rank, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.public(x) + F.linear(F.linear(x, self.A), self.B)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+
+class LowRankSwiGLU(Expert):
+    """The public SwiGLU with a per-projection delta: rank r factors, or a dense matrix at or past break-even."""
+
+    kind = "lowrank"
+
+    def __init__(self, public: DenseSwiGLU, ranks: list[int], device=None):
+        super().__init__()
+        if len(ranks) != 3 or any(r < 1 for r in ranks):
+            raise ValueError(f"ranks={list(ranks)}: give three ranks >= 1 (gate, up, down)")
+        self.ranks = list(ranks)
+        for name, r in zip(PROJECTIONS, ranks):
+            pub: nn.Linear = getattr(public, name)
+            out_f, in_f = pub.weight.shape
+            if stored_dense(r, out_f, in_f):
+                setattr(self, name, nn.Linear(in_f, out_f, bias=False, device=device))
+            else:
+                setattr(self, name, LowRankDelta(pub, r, device=device))
+        object.__setattr__(self, "public", public)
+
+    def dense_projections(self) -> list[str]:
+        return [n for n in PROJECTIONS if isinstance(getattr(self, n), nn.Linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def reset_parameters(self, std: float) -> None:
+        """A fresh low-rank expert is the public FFN: B = 0 (and dense projections copy the public weight)."""
+        for name in PROJECTIONS:
+            mod = getattr(self, name)
+            if isinstance(mod, LowRankDelta):
+                mod.reset_parameters()
+            else:
+                with torch.no_grad():
+                    mod.weight.copy_(getattr(self.public, name).weight)
+
+    @torch.no_grad()
+    def delta(self, name: str) -> torch.Tensor:
+        """W_expert - W_public of one projection."""
+        mod = getattr(self, name)
+        if isinstance(mod, LowRankDelta):
+            return mod.B @ mod.A
+        return mod.weight - getattr(self.public, name).weight
+
+
+def build_expert(kind: str, d_model: int, d_ffn: int, device=None, public: DenseSwiGLU | None = None,
+                 ranks: list[int] | None = None) -> Expert:
+    """The one place that maps an expert kind to its class."""
     if kind == "full":
         return DenseSwiGLU(d_model, d_ffn, device=device)
-    raise ValueError(f"unknown expert kind {kind!r}; allowed: 'full'")
+    if kind == "lowrank":
+        if public is None:
+            raise ValueError("a lowrank expert needs the public expert it adds its delta to")
+        return LowRankSwiGLU(public, ranks or [], device=device)
+    raise ValueError(f"unknown expert kind {kind!r}; allowed: 'full', 'lowrank'")

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flexmore.model.config import ModelConfig
 from flexmore.model.experts import Expert, build_expert
+
+
+class Router(nn.Module):
+    """A bias-free linear router with one row per expert, kept as two tensors so the public row can stay frozen
+    while a contributor trains its own row (``requires_grad`` is per tensor)."""
+
+    def __init__(self, d_model: int, num_experts: int, device=None):
+        super().__init__()
+        self.public = nn.Parameter(torch.empty(1, d_model, device=device))
+        self.experts = nn.Parameter(torch.empty(num_experts - 1, d_model, device=device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.public, self.experts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class MoEFFN(nn.Module):
@@ -19,8 +37,12 @@ class MoEFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.top_k, cfg.norm_topk_prob
-        self.experts = nn.ModuleList(build_expert("full", cfg.d_model, cfg.d_ffn, device) for _ in range(cfg.num_experts))
-        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False, device=device) if cfg.is_moe else None
+        experts = [build_expert("full", cfg.d_model, cfg.d_ffn, device)]
+        for e in range(1, cfg.num_experts):
+            experts.append(build_expert(cfg.expert_kind(e), cfg.d_model, cfg.d_ffn, device, public=experts[0],
+                                        ranks=cfg.expert_rank(e)))
+        self.experts = nn.ModuleList(experts)
+        self.router = Router(cfg.d_model, cfg.num_experts, device=device) if cfg.is_moe else None
         # b <= 0 for experts 1..E-1 only: the public expert's logit is never biased.
         self.expert_bias = (
             nn.Parameter(torch.zeros(cfg.num_experts - 1, device=device)) if cfg.is_moe and cfg.expert_bias else None
@@ -30,7 +52,8 @@ class MoEFFN(nn.Module):
         for e in self.experts:
             e.reset_parameters(std)
         if self.router is not None:
-            nn.init.trunc_normal_(self.router.weight, std=std, a=-3 * std, b=3 * std)
+            for w in (self.router.public, self.router.experts):
+                nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
         if self.expert_bias is not None:
             nn.init.zeros_(self.expert_bias)
 

@@ -34,15 +34,27 @@ def apply_fsdp(model: FlexOlmo, ctx: ParallelContext, strategy: str, mixed_preci
 
 
 def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, seed: int,
-                         mixed_precision: bool = False) -> FlexOlmo:
-    """Meta build -> shard -> allocate -> weights from one seeded full model on rank 0, so every layout (and a
-    single process) starts from the same numbers."""
+                         mixed_precision: bool = False, init_state: dict | None = None,
+                         trainable=None) -> FlexOlmo:
+    """Meta build -> freeze -> shard -> allocate -> weights from one full state dict on rank 0 (``init_state``, or a
+    seeded fresh model), so every layout (and a single process) starts from the same numbers. ``trainable(name)``:
+    parameters it rejects get requires_grad=False (no gradient, no optimizer state)."""
     if not ctx.distributed:
-        return build_model(cfg, device=ctx.device, seed=seed)
-    model = build_model(cfg, device="meta")
+        model = build_model(cfg, device=ctx.device, seed=seed)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+    else:
+        model = build_model(cfg, device="meta")
+    if trainable is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable(name))
+    if not ctx.distributed:
+        return model
     apply_fsdp(model, ctx, strategy, mixed_precision)
     model.to_empty(device=ctx.device)
-    full = build_model(cfg, device="cpu", seed=seed).state_dict() if ctx.rank == 0 else {}
+    full = {}
+    if ctx.rank == 0:
+        full = init_state if init_state is not None else build_model(cfg, device="cpu", seed=seed).state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.init_rope()
     dist.barrier()

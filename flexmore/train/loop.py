@@ -42,6 +42,7 @@ class TrainResult:
     checkpoint: Path | None = None
     model: torch.nn.Module | None = None  # the trained model, for callers that inspect it (tests, notebooks)
     optimizer: torch.optim.Optimizer | None = None
+    artifact: Path | None = None  # expert runs: the expert's artifact folder
 
 
 def autocast_ctx(mode: str, device: torch.device):
@@ -96,7 +97,13 @@ def train(cfg: Config) -> TrainResult:
     device = ctx.device
     torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
+    expert = cfg.expert.base is not None
+    if expert:  # a FlexMoRE expert: the shape is the base's, upcycled to [public, new]
+        from flexmore.experts import training as expert_run
+
+        model_cfg, base_path = expert_run.expert_model_config(cfg, tokenizer)
+    else:
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
     ckpt = CheckpointManager(tc.save_dir or run_dir / "checkpoints", tc.keep_last)
     resume_path = ckpt.latest() if tc.resume == "auto" else None
     if resume_path is not None:
@@ -108,7 +115,14 @@ def train(cfg: Config) -> TrainResult:
 
     # --- model, optimizer, state ---
     mp = cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto" and device.type == "cuda")
-    model = build_parallel_model(model_cfg, ctx, strategy, seed=tc.seed, mixed_precision=mp)
+    init_state, trainable = None, None
+    if expert:
+        from flexmore.experts.upcycle import is_trainable as trainable
+
+        if resume_path is None:
+            init_state = expert_run.expert_init_state(cfg, model_cfg, base_path, tokenizer, train_stream, device)
+    model = build_parallel_model(model_cfg, ctx, strategy, seed=tc.seed, mixed_precision=mp, init_state=init_state,
+                                 trainable=trainable)
     counts = count_params(model)
     optimizer = build_optimizer(model, cfg.optim, device, ctx.replicate_group)
     schedule = LRSchedule(cfg.optim, tc.steps)
@@ -207,6 +221,9 @@ def train(cfg: Config) -> TrainResult:
     if bar is not None:
         bar.close()
     result.final_step = max(start, end)
+    if expert and result.final_step == tc.steps:
+        result.artifact = expert_run.write_expert_artifact(cfg, model, model_cfg, tc.steps, ctx.rank, run_dir / "expert")
+        print0(f"expert artifact: {run_dir / 'expert'}")
     if result.losses:
         first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
         print0(f"train loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}")

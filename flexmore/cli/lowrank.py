@@ -1,0 +1,74 @@
+"""`flexmore-lowrank`: low-rank versions of a trained full expert at a list of ranks (truncated SVD of its delta)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
+from flexmore.experts.extract import extract_lowrank
+from flexmore.experts.modeldir import latest_checkpoint, load_model
+from flexmore.model.experts import PROJECTIONS, break_even_rank
+
+
+def parse_rank(text: str) -> list[int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (1, 3) or any(r < 1 for r in parts):
+        raise argparse.ArgumentTypeError(f"rank {text!r}: one rank >= 1, or three as gate,up,down")
+    return parts * 3 if len(parts) == 1 else parts
+
+
+def public_ffn(model, n_layers: int) -> dict:
+    sd = model.state_dict()
+    return {f"layers.{i}.{p}.weight": sd[f"blocks.{i}.ffn.experts.0.{p}.weight"] for i in range(n_layers) for p in PROJECTIONS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flexmore-lowrank", description=__doc__)
+    ap.add_argument("--base", required=True, help="the public base: checkpoint, run folder or model folder")
+    ap.add_argument("--expert", required=True, help="a full expert's artifact folder")
+    ap.add_argument("--ranks", required=True, nargs="+", type=parse_rank, help="ranks: 8 16 64, or gate,up,down")
+    ap.add_argument("--out", required=True, help="folder for <name>-r<rank> artifacts and report.json")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        base = load_model(latest_checkpoint(args.base))
+        tensors, man = load_artifact(args.expert)
+        if man["kind"] != "full":
+            raise ValueError(f"{args.expert} is a {man['kind']} expert; extraction needs a full expert")
+        if man["base_hash"] != base_hash(base.state_dict()):
+            raise ValueError(f"{args.expert} was trained against another base than {args.base}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flexmore-lowrank: error: {e}", file=sys.stderr)
+        return 2
+    cfg, L = base.cfg, base.cfg.n_layers
+    public = public_ffn(base, L)
+    out = Path(args.out)
+    report = []
+    be = {"gate_proj": break_even_rank(cfg.d_ffn, cfg.d_model), "up_proj": break_even_rank(cfg.d_ffn, cfg.d_model),
+          "down_proj": break_even_rank(cfg.d_model, cfg.d_ffn)}
+    print(f"{'ranks':>14} {'projection':<10}{'energy':>9}{'rel err':>10}  storage (break-even {be['gate_proj']:.0f})")
+    for ranks in args.ranks:
+        low, dense, rows = extract_lowrank(public, tensors, L, ranks)
+        tag = "-".join(map(str, sorted(set(ranks)))) if len(set(ranks)) == 1 else "-".join(map(str, ranks))
+        params = sum(v.numel() for k, v in low.items() if not k.endswith("router_public"))
+        path = save_artifact(out / f"{man['name']}-r{tag}", low, {
+            **{k: man[k] for k in ("domain", "base_hash", "model", "training", "steps", "base") if k in man},
+            "name": f"{man['name']}-r{tag}", "kind": "lowrank", "ranks": ranks, "dense_projections": dense,
+            "params": params, "extracted_from": man["name"]}, overwrite=args.overwrite)
+        for proj, r in zip(PROJECTIONS, ranks):
+            sel = [x for x in rows if x.projection == proj]
+            energy = sum(x.energy for x in sel) / len(sel)
+            err = max(x.rel_error for x in sel)
+            storage = "dense (past break-even)" if sel[0].dense else "factors A, B"
+            print(f"{str(ranks):>14} {proj:<10}{energy:>9.4f}{err:>10.2e}  {storage}")
+            report.append({"ranks": ranks, "projection": proj, "rank": r, "energy": energy, "max_rel_error": err,
+                           "dense": sel[0].dense, "artifact": str(path), "params": params})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""`flexmore-merge`: a public base + expert artifacts -> one FlexMoRE model folder (or opt experts out of one)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flexmore.experts.merge import merge, opt_out
+from flexmore.experts.modeldir import latest_checkpoint, load_model, save_model_dir
+from flexmore.model import count_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flexmore-merge", description=__doc__)
+    ap.add_argument("--base", help="the public base: checkpoint, run folder or model folder")
+    ap.add_argument("--experts", nargs="*", default=[], help="expert artifact folders (full or low-rank, any ranks)")
+    ap.add_argument("--merged", help="instead of --base/--experts: an already merged model folder")
+    ap.add_argument("--drop", nargs="*", default=[], help="names of experts to opt out")
+    ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
+    ap.add_argument("--out", required=True, help="output model folder")
+    ap.add_argument("--hf", action="store_true", help="write transformers' FlexOlmo format instead")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.top_k is not None and args.top_k < 1:
+            raise ValueError(f"--top-k={args.top_k} must be >= 1")
+        if args.merged:
+            model = load_model(args.merged)
+        elif args.base and args.experts:
+            model = merge(latest_checkpoint(args.base), args.experts, top_k=args.top_k)
+        else:
+            raise ValueError("give --base and --experts, or --merged")
+        if args.drop:
+            model = opt_out(model, args.drop)
+        if args.hf:
+            from flexmore.experts.hf import export_hf
+
+            out = export_hf(model, args.out, overwrite=args.overwrite)
+        else:
+            out = save_model_dir(model, args.out, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"flexmore-merge: error: {e}", file=sys.stderr)
+        return 2
+    c = count_params(model)
+    print(f"wrote {out}: experts {model.cfg.expert_names or ['public']}, top-k {model.cfg.top_k}; {c.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Expert artifacts: one folder per expert holding only the expert's own tensors (safetensors) and a JSON manifest.
+
+Tensors, per layer i: the expert FFN's parameters under ``layers.{i}.`` (``gate_proj.weight`` ... for full experts,
+``gate_proj.A`` / ``gate_proj.B`` for low-rank projections, ``gate_proj.weight`` for a low-rank expert's projections
+stored dense past break-even), ``layers.{i}.router`` (its router row), ``layers.{i}.bias`` (its logit bias) and
+``layers.{i}.router_public`` (the frozen public row it was trained against). The manifest names the expert, its kind
+and ranks, and the content hash of the frozen base every contributor must share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexmore.experts.modeldir import atomic_dir
+
+MANIFEST, TENSORS = "manifest.json", "expert.safetensors"
+FORMAT = "flexmore-expert"
+REQUIRED = ("format", "version", "name", "domain", "kind", "ranks", "base_hash", "model", "params")
+
+
+def base_hash(base_state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and fp32 bytes of the base (dense) model's tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(base_state):
+        h.update(name.encode())
+        h.update(base_state[name].detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def expert_tensors(state: dict[str, torch.Tensor], n_layers: int, e: int) -> dict[str, torch.Tensor]:
+    """Expert e's own tensors from a full model state dict (any number of experts)."""
+    out = {}
+    for i in range(n_layers):
+        pre = f"blocks.{i}.ffn."
+        for k, v in state.items():
+            if k.startswith(f"{pre}experts.{e}."):
+                out[f"layers.{i}.{k[len(pre) + len(f'experts.{e}.'):]}"] = v
+        out[f"layers.{i}.router"] = state[f"{pre}router.experts"][e - 1]
+        out[f"layers.{i}.router_public"] = state[f"{pre}router.public"][0]
+        out[f"layers.{i}.bias"] = state[f"{pre}expert_bias"][e - 1] if f"{pre}expert_bias" in state else torch.zeros(())
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], manifest: dict, overwrite: bool = False) -> Path:
+    manifest = {"format": FORMAT, "version": 1, **manifest}
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"expert manifest lacks {missing}")
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / TENSORS)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    return atomic_dir(Path(out), write, overwrite)
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
+        raise FileNotFoundError(f"{path} is not an expert artifact (needs {MANIFEST} and {TENSORS})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"expert artifact {path}: corrupt {MANIFEST} ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"expert artifact {path}: {MANIFEST} is not a {FORMAT} manifest")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"expert artifact {path}: corrupt {MANIFEST}, missing {missing}")
+    if manifest["kind"] not in ("full", "lowrank"):
+        raise ValueError(f"expert artifact {path}: kind={manifest['kind']!r}; allowed: full, lowrank")
+    return load_file(path / TENSORS), manifest

@@ -1,0 +1,70 @@
+"""Low-rank experts from a trained full expert: truncated SVD of each projection's delta to the public FFN.
+
+Delta = W_expert - W_public = U S V^T;  B = U[:, :r] sqrt(S[:r]),  A = sqrt(S[:r]) V^T[:r]   (the symmetric split).
+A rank at or past the break-even d f / (d + f) is stored as the dense matrix W_public + B A, since the factors
+would cost more; at r >= min(d, f) that is the exact expert (the delta itself, no SVD rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexmore.model.experts import PROJECTIONS, stored_dense
+
+
+@dataclass
+class RankReport:
+    layer: int
+    projection: str
+    rank: int
+    energy: float  # sum of the kept S^2 over the total
+    rel_error: float  # ||Delta - B A||_F / ||Delta||_F
+    dense: bool  # stored as a dense matrix (rank at or past break-even)
+
+
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in), S) of the best rank-r approximation, computed in float64."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float(), s
+
+
+def extract_lowrank(public: dict[str, torch.Tensor], expert: dict[str, torch.Tensor], n_layers: int,
+                    ranks: list[int]) -> tuple[dict[str, torch.Tensor], list[str], list[RankReport]]:
+    """Artifact tensors of a rank-[g, u, d] low-rank expert from a full expert's tensors.
+
+    ``public`` maps ``layers.{i}.{proj}.weight`` to the public FFN's weights; ``expert`` holds the full expert's
+    artifact tensors. Returns (tensors, projections stored dense, report rows).
+    """
+    if len(ranks) != 3 or any(r < 1 for r in ranks):
+        raise ValueError(f"ranks={list(ranks)}: three ranks (gate, up, down), each >= 1")
+    out, report, dense_names = {}, [], set()
+    for i in range(n_layers):
+        for name, r in zip(PROJECTIONS, ranks):
+            key = f"layers.{i}.{name}.weight"
+            w_pub, w_exp = public[key].float(), expert[key].float()
+            delta = w_exp - w_pub
+            out_f, in_f = delta.shape
+            total = float((delta.double() ** 2).sum())
+            if r >= min(out_f, in_f):
+                out[key] = w_exp.clone()  # exact: no SVD
+                report.append(RankReport(i, name, r, 1.0, 0.0, True))
+                dense_names.add(name)
+                continue
+            b, a, s = svd_factors(delta, r)
+            energy = float((s[:r] ** 2).sum() / total) if total > 0 else 1.0
+            err = float(torch.linalg.norm(delta.double() - b.double() @ a.double()) / max(total, 1e-300) ** 0.5) if total > 0 else 0.0
+            dense = stored_dense(r, out_f, in_f)
+            if dense:
+                out[key] = w_pub + b @ a
+                dense_names.add(name)
+            else:
+                out[f"layers.{i}.{name}.A"], out[f"layers.{i}.{name}.B"] = a.contiguous(), b.contiguous()
+            report.append(RankReport(i, name, r, energy, err, dense))
+    for k, v in expert.items():  # router row, bias, public row: unchanged
+        if not any(f".{p}." in k for p in PROJECTIONS):
+            out[k] = v.clone()
+    return out, sorted(dense_names, key=PROJECTIONS.index), report

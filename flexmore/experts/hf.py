@@ -1,0 +1,163 @@
+"""transformers' FlexOlmo format: import (per-expert 4.57 keys or the fused 5.x layout), split into a public base and
+one artifact per expert, and export a merged model (low-rank experts materialised dense: the HF class has none).
+
+Needs no transformers: the format is config.json + safetensors, read and written here directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
+from flexmore.experts.modeldir import atomic_dir, save_model_dir
+from flexmore.model import FlexOlmo, ModelConfig, build_model
+from flexmore.model.experts import PROJECTIONS
+
+SHARED = {  # ours <- theirs, per layer
+    "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffn_norm.weight": "post_feedforward_layernorm.weight",
+}
+
+
+def _read_hf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    hf_cfg = json.loads((path / "config.json").read_text())
+    if hf_cfg.get("model_type") != "flex_olmo":
+        raise ValueError(f"{path}: model_type={hf_cfg.get('model_type')!r}; expected 'flex_olmo'")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return hf_cfg, state
+
+
+def config_from_hf(hf: dict, name: str = "flexolmo") -> ModelConfig:
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 500_000.0)
+    E = hf.get("num_experts", 1)
+    return ModelConfig(
+        name=name, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"), d_ffn=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        num_experts=E, top_k=hf.get("num_experts_per_tok", E), norm_topk_prob=hf.get("norm_topk_prob", False),
+    )
+
+
+def import_hf(path: str | Path) -> FlexOlmo:
+    """Our model with the weights of an HF FlexOlmo folder (either expert key layout)."""
+    path = Path(path)
+    hf_cfg, st = _read_hf(path)
+    cfg = config_from_hf(hf_cfg)
+    model = build_model(cfg, device="cpu")
+    sd = {"embed.weight": st["model.embed_tokens.weight"], "norm.weight": st["model.norm.weight"],
+          "lm_head.weight": st.get("lm_head.weight", st["model.embed_tokens.weight"])}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for ours, theirs in SHARED.items():
+            sd[f"blocks.{i}.{ours}"] = st[p + theirs]
+        fused = p + "mlp.experts.gate_up_proj"
+        for e in range(cfg.num_experts):
+            q = f"blocks.{i}.ffn.experts.{e}."
+            if fused in st:
+                gate, up = st[fused][e].chunk(2, dim=0)
+                sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"] = gate, up
+                sd[q + "down_proj.weight"] = st[p + "mlp.experts.down_proj"][e]
+            else:
+                for proj in PROJECTIONS:
+                    sd[q + f"{proj}.weight"] = st[p + f"mlp.experts.{e}.{proj}.weight"]
+        if cfg.num_experts > 1:
+            gate = st[p + "mlp.gate.weight"]
+            sd[f"blocks.{i}.ffn.router.public"], sd[f"blocks.{i}.ffn.router.experts"] = gate[:1], gate[1:]
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if "expert_bias" not in k]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def split_hf(path: str | Path, out: str | Path, names: list[str] | None = None) -> tuple[Path, list[Path]]:
+    """An HF FlexOlmo -> ``out/base`` (the dense public model) + ``out/experts/<name>`` (one full artifact each)."""
+    model = import_hf(path)
+    cfg = model.cfg
+    names = names or [f"expert{e}" for e in range(1, cfg.num_experts)]
+    if len(names) != cfg.num_experts - 1:
+        raise ValueError(f"{len(names)} names for {cfg.num_experts - 1} non-public experts")
+    from flexmore.experts.merge import opt_out
+
+    model.cfg = dataclasses.replace(cfg, expert_names=["public", *names])
+    dense = opt_out(model, names)  # every non-public expert dropped: the base
+    base_dir = save_model_dir(dense, Path(out) / "base")
+    bhash = base_hash(dense.state_dict())
+    state = model.state_dict()
+    state.update({f"blocks.{i}.ffn.expert_bias": torch.zeros(cfg.num_experts - 1) for i in range(cfg.n_layers)})
+    arts = []
+    for e, name in enumerate(names, start=1):
+        tensors = expert_tensors(state, cfg.n_layers, e)
+        arts.append(save_artifact(Path(out) / "experts" / name, tensors, {
+            "name": name, "domain": name, "kind": "full", "ranks": None, "base_hash": bhash, "base": str(base_dir),
+            "model": {k: getattr(cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
+            "params": sum(v.numel() for k, v in tensors.items() if not k.endswith("router_public")),
+            "imported_from": str(path)}))
+    return base_dir, arts
+
+
+def export_hf(model: FlexOlmo, out: str | Path, layout: str = "fused", overwrite: bool = False) -> Path:
+    """Write transformers' FlexOlmo folder. Low-rank experts are materialised (W_public + B A). A learned expert bias
+    cannot be expressed there; a nonzero one is an error rather than a silently different model."""
+    if layout not in ("fused", "per_expert"):
+        raise ValueError(f"layout={layout!r}; allowed: fused (transformers 5.x), per_expert (4.57)")
+    cfg = model.cfg
+    sd = model.state_dict()
+    for i in range(cfg.n_layers):
+        b = sd.get(f"blocks.{i}.ffn.expert_bias")
+        if b is not None and (b.clamp(max=0) != 0).any():
+            raise ValueError(f"layer {i} has a nonzero expert bias ({b.tolist()}); transformers' FlexOlmo has none")
+    st = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        for ours, theirs in SHARED.items():
+            st[p + theirs] = sd[f"blocks.{i}.{ours}"]
+        weights = []
+        with torch.no_grad():
+            for e, ex in enumerate(block.ffn.experts):
+                pub = block.ffn.experts[0]
+                w = {}
+                for proj in PROJECTIONS:
+                    w[proj] = getattr(ex, proj).weight if ex.kind == "full" else getattr(pub, proj).weight + ex.delta(proj)
+                weights.append(w)
+        if layout == "fused":
+            st[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w["gate_proj"], w["up_proj"]]) for w in weights])
+            st[p + "mlp.experts.down_proj"] = torch.stack([w["down_proj"] for w in weights])
+        else:
+            for e, w in enumerate(weights):
+                for proj in PROJECTIONS:
+                    st[p + f"mlp.experts.{e}.{proj}.weight"] = w[proj]
+        st[p + "mlp.gate.weight"] = block.ffn.router.weight if block.ffn.router is not None else torch.zeros(1, cfg.d_model)
+    hf_cfg = {
+        "architectures": ["FlexOlmoForCausalLM"], "model_type": "flex_olmo", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ffn, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "attention_bias": False,
+        "attention_dropout": 0.0, "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
+        "norm_topk_prob": cfg.norm_topk_prob, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in st.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+
+    return atomic_dir(Path(out), write, overwrite)

@@ -1,0 +1,84 @@
+"""Model folders: config.json (our ModelConfig) + model.safetensors, written atomically; and reading a dense or MoE
+model from either such a folder or a training checkpoint (DCP) folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexmore.model import FlexOlmo, ModelConfig, build_model
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def atomic_dir(out: Path, write, overwrite: bool = False) -> Path:
+    """Run ``write(tmp_dir)`` then rename tmp_dir to ``out``: a crash never leaves a half-written folder at ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def save_model_dir(model: FlexOlmo, out: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
+    def write(tmp: Path) -> None:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg), **(extra or {})}, indent=1))
+
+    return atomic_dir(Path(out), write, overwrite)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return ModelConfig(**json.loads((path / CONFIG).read_text())["model"])
+    if (path / "meta.json").is_file():  # a training checkpoint
+        meta = json.loads((path / "meta.json").read_text())
+        return ModelConfig(name=meta.get("model_name", "checkpoint"), **meta["model"])
+    raise FileNotFoundError(f"{path} is neither a model folder ({CONFIG} + {WEIGHTS}) nor a training checkpoint "
+                            "(meta.json); for a run folder, name one of its checkpoints/step_* folders")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> FlexOlmo:
+    """A model from a model folder or a training checkpoint folder (weights only; never pickles)."""
+    path = Path(path)
+    cfg = read_config(path)
+    model = build_model(cfg, device=device)
+    if (path / WEIGHTS).is_file():
+        model.load_state_dict(load_file(path / WEIGHTS, device=str(device)))
+    else:
+        from flexmore.train.checkpoint import CheckpointManager
+
+        CheckpointManager.load(path, model, None)
+    return model
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the latest one in a run folder / checkpoints folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file() or (path / CONFIG).is_file():
+        return path
+    from flexmore.train.checkpoint import CheckpointManager
+
+    for d in (path / "checkpoints", path):
+        latest = CheckpointManager(d).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"no model or checkpoint found at {path}")

@@ -1,0 +1,76 @@
+"""What `flexmore-train` does differently for an expert run: the model comes from the base, upcycled and frozen, and
+the run ends by writing the expert's artifact (``<run dir>/expert``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from flexmore.config import Config
+from flexmore.data.embedded import embedded_path
+from flexmore.data.loader import eval_batches
+from flexmore.data.shards import TokenStream
+from flexmore.data.tokenizer import Tokenizer
+from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
+from flexmore.experts.modeldir import latest_checkpoint, load_model, read_config
+from flexmore.experts.upcycle import expert_config, is_trainable, mean_ffn_inputs, upcycle
+from flexmore.model import ModelConfig
+
+
+def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig, Path]:
+    """The 2-expert shape from the base's own config; checked before any work."""
+    ec = cfg.expert
+    base_path = latest_checkpoint(ec.base)
+    base_cfg = read_config(base_path)
+    if cfg.train.seq_len > base_cfg.max_seq_len:
+        raise ValueError(f"train.seq_len={cfg.train.seq_len} is larger than the base's max_seq_len={base_cfg.max_seq_len}")
+    if tokenizer.vocab_size > base_cfg.vocab_size:
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids; the base {base_path} embeds {base_cfg.vocab_size}")
+    return expert_config(base_cfg, ec.name, ec.kind, ec.ranks), base_path
+
+
+def public_stream(cfg: Config, tokenizer: Tokenizer) -> TokenStream:
+    if cfg.expert.public_paths:
+        return TokenStream(cfg.expert.public_paths)
+    if cfg.data.source != "embedded":
+        raise ValueError("expert.public_paths is needed with data=shards: public data for the public router row")
+    chars = cfg.train.seq_len * cfg.train.micro_batch * cfg.expert.router_init_batches * 2 + 10_000
+    return TokenStream([embedded_path("public", "train", tokenizer, chars, cfg.data.seed, cfg.data.cache_dir)])
+
+
+def expert_init_state(cfg: Config, model_cfg: ModelConfig, base_path: Path, tokenizer: Tokenizer,
+                      train_stream: TokenStream, device: torch.device) -> dict[str, torch.Tensor]:
+    tc, n = cfg.train, cfg.expert.router_init_batches
+    base = load_model(base_path, device=device)
+    pub = mean_ffn_inputs(base, eval_batches(public_stream(cfg, tokenizer), tc.seq_len, tc.micro_batch, n), device)
+    dom = mean_ffn_inputs(base, eval_batches(train_stream, tc.seq_len, tc.micro_batch, n), device)
+    return upcycle(base.cpu(), model_cfg, pub.cpu(), dom.cpu(), seed=tc.seed)
+
+
+def frozen_hash(state: dict[str, torch.Tensor]) -> str:
+    """The base hash of an expert model: its frozen tensors are exactly the base's."""
+    return base_hash({k: v for k, v in state.items() if not is_trainable(k) and ".router." not in k})
+
+
+def write_expert_artifact(cfg: Config, model: torch.nn.Module, model_cfg: ModelConfig, steps: int, rank: int,
+                          out: Path) -> Path | None:
+    """Gather the full state (every rank takes part), then rank 0 writes the artifact atomically."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    tensors = expert_tensors(state, model_cfg.n_layers, 1)
+    trainable = sum(v.numel() for k, v in state.items() if is_trainable(k))
+    ec = cfg.expert
+    manifest = {
+        "name": ec.name, "domain": ",".join(cfg.data.domains) if cfg.data.source == "embedded" else ",".join(cfg.data.paths),
+        "kind": ec.kind, "ranks": model_cfg.expert_rank(1) or None,
+        "dense_projections": model.blocks[0].ffn.experts[1].dense_projections() if ec.kind == "lowrank" else [],
+        "base_hash": frozen_hash(state), "base": str(ec.base),
+        "model": {k: getattr(model_cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
+        "params": trainable, "steps": steps,
+        "training": {"optim": cfg.optim.name, "lr": cfg.optim.lr, "seq_len": cfg.train.seq_len,
+                     "global_batch": cfg.train.micro_batch * cfg.train.grad_accum},
+    }
+    return save_artifact(out, tensors, manifest, overwrite=True)

@@ -1,0 +1,260 @@
+"""FlexMoRE: upcycle and train experts against a frozen base, extract low-rank experts, merge, opt out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
+from flexmore.experts.extract import extract_lowrank
+from flexmore.experts.merge import merge, opt_out
+from flexmore.experts.modeldir import load_model, read_config
+from flexmore.experts.training import frozen_hash
+from flexmore.experts.upcycle import expert_config, upcycle
+from flexmore.model.experts import LowRankSwiGLU, break_even_rank
+from flexmore.train.loop import train
+
+
+def expert_cfg(tmp, base, name, kind, domain, ranks=(4,), steps=8, **train_kw):
+    cfg = tiny_config(tmp / name, data={"domains": [domain]}, train={"steps": steps, **train_kw}, optim={"lr": 1e-2})
+    cfg.expert.base, cfg.expert.name, cfg.expert.kind, cfg.expert.ranks = str(base), name, kind, list(ranks)
+    cfg.expert.router_init_batches = 2
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny public base, and two experts trained against it in separate processes (as two data owners would)."""
+    tmp = tmp_path_factory.mktemp("experts")
+    train(tiny_config(tmp / "base", train={"steps": 20}))
+    base = tmp / "base" / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for name, kind, domain in (("math", "full", "math"), ("facts", "lowrank", "facts")):
+        args = [sys.executable, "-m", "flexmore.cli.train", "experiment=smoke", "train.steps=6", f"expert.base={base}",
+                f"expert.name={name}", f"expert.kind={kind}", "expert.ranks=[4]", f"data.domains=[{domain}]",
+                "data.val_domains=[public]", "expert.router_init_batches=2", f"hydra.run.dir={tmp / name}"]
+        done = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return tmp, base
+
+
+def test_lowrank_expert_at_b_zero_equals_the_base(world):
+    _, base_dir = world
+    base = load_model(read_config_path(base_dir))
+    cfg = expert_config(base.cfg, "x", "lowrank", [3])
+    rows = torch.randn(base.cfg.n_layers, base.cfg.d_model)
+    model = load_state(cfg, upcycle(base, cfg, rows, -rows))
+    x = torch.randint(0, 256, (2, 17))
+    torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.blocks[0].ffn.experts[1], LowRankSwiGLU)
+
+
+def read_config_path(base_dir):
+    from flexmore.experts.modeldir import latest_checkpoint
+
+    return latest_checkpoint(base_dir)
+
+
+def load_state(cfg, sd):
+    from flexmore.model import build_model
+
+    m = build_model(cfg)
+    m.load_state_dict(sd)
+    return m
+
+
+def test_training_freezes_everything_but_the_expert(world, tmp_path):
+    tmp, base_dir = world
+    res = train(expert_cfg(tmp_path, base_dir, "m2", "lowrank", "math", steps=3))
+    trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
+    assert trainable and all((".experts.1." in n or "router.experts" in n or "expert_bias" in n) for n in trainable)
+    # AdamW holds state for the trainable tensors only
+    assert len(res.optimizer.state) == len(trainable)
+    # every frozen tensor is bit-identical to the base: the hash of the frozen part is the base's hash
+    base = load_model(read_config_path(base_dir))
+    assert frozen_hash(res.model.state_dict()) == base_hash(base.state_dict())
+    tensors, man = load_artifact(res.artifact)
+    assert man["base_hash"] == base_hash(base.state_dict()) and man["kind"] == "lowrank" and man["ranks"] == [4, 4, 4]
+    assert not any(k.startswith("blocks.") for k in tensors)  # only the expert's own tensors
+    assert man["params"] == sum(p.numel() for n, p in res.model.named_parameters() if n in trainable)
+
+
+def mixture_reference(base, artifacts, x, layer=0):
+    """sum_e softmax(logits)_e FFN_e(x) for one layer, from the base and the artifacts' raw tensors."""
+    sd = base.state_dict()
+    pre = f"blocks.{layer}.ffn.experts.0."
+    W = {p: sd[pre + f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
+
+    def ffn(w):
+        return torch.nn.functional.silu(x @ w["gate_proj"].T) * (x @ w["up_proj"].T) @ w["down_proj"].T
+
+    outs, logits = [ffn(W)], [x @ artifacts[0][0][f"layers.{layer}.router_public"]]
+    for t, man in artifacts:
+        w = {}
+        for p in W:
+            if f"layers.{layer}.{p}.weight" in t:
+                w[p] = t[f"layers.{layer}.{p}.weight"]
+            else:
+                w[p] = W[p] + t[f"layers.{layer}.{p}.B"] @ t[f"layers.{layer}.{p}.A"]
+        outs.append(ffn(w))
+        logits.append(x @ t[f"layers.{layer}.router"] + t[f"layers.{layer}.bias"].clamp(max=0))
+    probs = torch.stack(logits, -1).softmax(-1)
+    return sum(probs[..., e : e + 1] * o for e, o in enumerate(outs))
+
+
+def test_merge_of_separately_trained_experts_is_the_documented_mixture(world):
+    tmp, base_dir = world
+    arts = [tmp / "math" / "expert", tmp / "facts" / "expert"]
+    merged = merge(read_config_path(base_dir), arts)
+    assert merged.cfg.expert_names == ["public", "math", "facts"] and merged.cfg.top_k == 3
+    assert merged.cfg.expert_kinds == ["full", "full", "lowrank"]
+    base = load_model(read_config_path(base_dir))
+    x = torch.randn(5, base.cfg.d_model)
+    with torch.no_grad():
+        got, _ = merged.blocks[0].ffn(x)
+        want = mixture_reference(base, [load_artifact(a) for a in arts], x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_opt_out_drops_exactly_that_expert(world):
+    tmp, base_dir = world
+    both = merge(read_config_path(base_dir), [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    only_facts = merge(read_config_path(base_dir), [tmp / "facts" / "expert"])
+    dropped = opt_out(both, ["math"])
+    assert dropped.cfg.expert_names == ["public", "facts"] and dropped.cfg.num_experts == 2
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x).logits, only_facts(x).logits, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(dropped(x).logits, both(x).logits)
+    with pytest.raises(ValueError, match=r"cannot opt out \['poetry'\]: no such expert; experts are \['public', 'math', 'facts'\]"):
+        opt_out(both, ["poetry"])
+    with pytest.raises(ValueError, match="public expert 'public' cannot be opted out"):
+        opt_out(both, ["public"])
+
+
+def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):
+    tmp, base_dir = world
+    from flexmore.cli.lowrank import public_ffn
+
+    base = load_model(read_config_path(base_dir))
+    tensors, man = load_artifact(tmp / "math" / "expert")
+    d, f, L = base.cfg.d_model, base.cfg.d_ffn, base.cfg.n_layers
+    errors = []
+    for r in (1, 2, 4, 8, 16, 32):
+        _, _, rows = extract_lowrank(public_ffn(base, L), tensors, L, [r, r, r])
+        errors.append(max(x.rel_error for x in rows if x.projection == "gate_proj"))
+        assert all(x.dense == (r >= break_even_rank(f, d)) for x in rows if x.projection == "gate_proj")
+    assert all(a > b for a, b in zip(errors, errors[1:])) and 0 < errors[-1] < 0.5 * errors[0]
+    full, dense, rows = extract_lowrank(public_ffn(base, L), tensors, L, [d, d, d])  # >= min(d, f): exact
+    assert dense == ["gate_proj", "up_proj", "down_proj"] and all(x.rel_error == 0 for x in rows)
+    out = save_artifact(tmp_path / "exact", full, {**man, "name": "exact", "kind": "lowrank", "ranks": [d, d, d]})
+    a = merge(read_config_path(base_dir), [tmp / "math" / "expert"])
+    b = merge(read_config_path(base_dir), [out])
+    x = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(b(x).logits, a(x).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, capsys):
+    tmp, base_dir = world
+    from flexmore.cli.lowrank import main as lowrank
+    from flexmore.cli.merge import main as merge_cli
+
+    assert lowrank(["--base", str(base_dir), "--expert", str(tmp / "math" / "expert"), "--ranks", "2", "8",
+                    "64", "--out", str(tmp_path / "low")]) == 0
+    out = capsys.readouterr().out
+    assert "dense (past break-even)" in out and "factors A, B" in out
+    report = json.loads((tmp_path / "low" / "report.json").read_text())
+    assert {r["rank"] for r in report} == {2, 8, 64}
+    assert merge_cli(["--base", str(base_dir), "--experts", str(tmp_path / "low" / "math-r2"),
+                      str(tmp / "facts" / "expert"), "--top-k", "2", "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(tmp_path / "merged")
+    assert merged.cfg.expert_ranks == [[], [2, 2, 2], [4, 4, 4]] and merged.cfg.top_k == 2
+    assert merge_cli(["--merged", str(tmp_path / "merged"), "--drop", "facts", "--out", str(tmp_path / "m2")]) == 0
+    assert load_model(tmp_path / "m2").cfg.expert_names == ["public", "math-r2"]
+    assert merge_cli(["--merged", str(tmp_path / "merged"), "--drop", "nobody", "--out", str(tmp_path / "m3")]) == 2
+    assert "no such expert" in capsys.readouterr().err and not (tmp_path / "m3").exists()
+
+
+def test_bad_artifacts_are_rejected_with_the_artifact_named(world, tmp_path):
+    tmp, base_dir = world
+    art = tmp / "facts" / "expert"
+    tensors, man = load_artifact(art)
+    # trained against another base
+    other = save_artifact(tmp_path / "other", tensors, {**man, "base_hash": "0" * 64})
+    with pytest.raises(ValueError, match=f"expert artifact {other} \\('facts'\\) was trained against another base"):
+        merge(read_config_path(base_dir), [tmp / "math" / "expert", other])
+    # ranks that do not match the stored factors
+    wrong = save_artifact(tmp_path / "wrong", tensors, {**man, "ranks": [5, 4, 4]})
+    with pytest.raises(ValueError, match="rank mismatch for gate_proj"):
+        merge(read_config_path(base_dir), [wrong])
+    bad = save_artifact(tmp_path / "neg", tensors, {**man, "ranks": [0, 4, 4]})
+    with pytest.raises(ValueError, match=r"ranks=\[0, 4, 4\]; need three ranks >= 1"):
+        merge(read_config_path(base_dir), [bad])
+    # corrupt manifests
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(art, broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt manifest.json"):
+        merge(read_config_path(base_dir), [broken])
+    (broken / "manifest.json").write_text(json.dumps({"format": "flexmore-expert", "name": "x"}))
+    with pytest.raises(ValueError, match="missing"):
+        load_artifact(broken)
+
+
+def test_bad_expert_settings_fail_at_config(tmp_path):
+    from flexmore.config import ExpertConfig
+
+    with pytest.raises(ValueError, match=r"expert.ranks=\[0\]: ranks must be >= 1"):
+        ExpertConfig(base="x", ranks=[0])
+    with pytest.raises(ValueError, match="expert.kind='huge'"):
+        ExpertConfig(base="x", kind="huge")
+    with pytest.raises(FileNotFoundError, match="no model or checkpoint found"):
+        train(expert_cfg(tmp_path, tmp_path / "nothing", "e", "full", "math"))
+
+
+def job_expert_under_hsdp(tmp: str, base: str) -> dict:
+    """An expert trained with FSDP inside the "node" (adamw, 1 x 2) and with FlexDeMo across "nodes" (2 x 1)."""
+    from flexmore.config import ParallelConfig
+
+    out = {}
+    for name, optim, mesh in (("fsdp", "adamw", ParallelConfig(replicate=1, shard=2)),
+                              ("flexdemo", "flexdemo", ParallelConfig(replicate=2, shard=1))):
+        cfg = expert_cfg(Path(tmp), base, name, "lowrank", "math", steps=4)
+        cfg.optim.name, cfg.optim.chunk, cfg.optim.topk, cfg.parallel = optim, 16, 8, mesh
+        res = train(cfg)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(res.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        from flexdemo import local_tensor
+
+        out[name] = {"frozen_hash": frozen_hash(full) if full else None, "artifact": str(res.artifact),
+                     "expert": {k: local_tensor(p).detach().clone() for k, p in res.model.named_parameters()
+                                if ".experts.1." in k}}
+    return out
+
+
+def test_expert_training_under_fsdp_and_flexdemo(world, tmp_path):
+    from distributed import run_distributed_test
+
+    tmp, base_dir = world
+    ranks = run_distributed_test(job_expert_under_hsdp, 2, str(tmp_path), str(base_dir), local_world_size=2)
+    base = load_model(read_config_path(base_dir))
+    for name in ("fsdp", "flexdemo"):
+        r0 = ranks[0][name]
+        assert r0["frozen_hash"] == base_hash(base.state_dict()), name  # frozen tensors untouched
+        tensors, man = load_artifact(r0["artifact"])
+        assert man["base_hash"] == r0["frozen_hash"]
+        assert any(v.abs().sum() > 0 for k, v in r0["expert"].items() if k.endswith(".B"))  # the expert trained
+    # FlexDeMo replicas agree on the expert bit for bit
+    for k, v in ranks[0]["flexdemo"]["expert"].items():
+        assert torch.equal(v, ranks[1]["flexdemo"]["expert"][k]), k
