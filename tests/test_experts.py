@@ -258,3 +258,20 @@ def test_expert_training_under_fsdp_and_flexdemo(world, tmp_path):
     # FlexDeMo replicas agree on the expert bit for bit
     for k, v in ranks[0]["flexdemo"]["expert"].items():
         assert torch.equal(v, ranks[1]["flexdemo"]["expert"][k]), k
+
+
+def test_peft_export_of_a_lowrank_expert(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from flexmore.experts.peft_export import export_peft
+
+    tmp, _ = world
+    out = export_peft(tmp / "facts" / "expert", tmp_path / "adapter")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"] == cfg["alpha_pattern"] == {
+        "gate_proj": 4, "up_proj": 4, "down_proj": 4}
+    w = load_file(out / "adapter_model.safetensors")
+    tensors, _ = load_artifact(tmp / "facts" / "expert")
+    assert torch.equal(w["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"], tensors["layers.1.up_proj.B"])
+    with pytest.raises(ValueError, match="only low-rank experts export"):
+        export_peft(tmp / "math" / "expert", tmp_path / "a2")

@@ -57,8 +57,9 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> FlexOlmo:
-    """A model from a model folder or a training checkpoint folder (weights only; never pickles)."""
-    path = Path(path)
+    """A model from a model folder, a training checkpoint, or a run folder (its latest checkpoint); weights only,
+    never unpickled."""
+    path = latest_checkpoint(path)
     cfg = read_config(path)
     model = build_model(cfg, device=device)
     if (path / WEIGHTS).is_file():

@@ -28,7 +28,16 @@ def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig,
         raise ValueError(f"train.seq_len={cfg.train.seq_len} is larger than the base's max_seq_len={base_cfg.max_seq_len}")
     if tokenizer.vocab_size > base_cfg.vocab_size:
         raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids; the base {base_path} embeds {base_cfg.vocab_size}")
-    return expert_config(base_cfg, ec.name, ec.kind, ec.ranks), base_path
+    cfg_e = expert_config(base_cfg, ec.name, ec.kind, ec.ranks)
+    if ec.kind == "lowrank":
+        from flexmore.distributed import print0
+        from flexmore.model.experts import break_even_rank
+
+        be = break_even_rank(base_cfg.d_ffn, base_cfg.d_model)
+        if max(cfg_e.expert_rank(1)) >= be:
+            print0(f"note: expert.ranks={cfg_e.expert_rank(1)} reach the break-even rank {be:.0f} of this base: such "
+                   "projections train and store a dense delta (no rank limit); use ranks below it for a low-rank expert")
+    return cfg_e, base_path
 
 
 def public_stream(cfg: Config, tokenizer: Tokenizer) -> TokenStream:
