@@ -1,0 +1,67 @@
+"""`flexmore-eval`: validation loss per domain and task scores of one model, as a tidy CSV/JSON table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from flexmore.data import TokenStream, embedded_path, eval_batches, load_tokenizer
+from flexmore.eval.evaluate import evaluate_model
+from flexmore.eval.table import write_table
+from flexmore.eval.tasks import embedded_tasks, parse_task_spec
+from flexmore.experts.modeldir import load_model
+from flexmore.model import count_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flexmore-eval", description=__doc__)
+    ap.add_argument("--model", required=True, help="model folder, checkpoint, or run folder")
+    ap.add_argument("--tasks", nargs="*", default=["embedded"],
+                    help="'embedded' (math_qa, facts_qa) and/or path.jsonl:name:category[:domain]")
+    ap.add_argument("--n", type=int, default=100, help="items per embedded task")
+    ap.add_argument("--val-domains", nargs="*", default=["public", "code", "math", "facts"])
+    ap.add_argument("--val-batches", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--tokenizer", default="byte")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True, help="table path (writes .csv and .json)")
+    ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
+    args = ap.parse_args(argv)
+    try:
+        if args.n < 1:
+            raise ValueError(f"--n={args.n} must be >= 1")
+        tasks = []
+        for spec in args.tasks:
+            tasks += embedded_tasks(args.n) if spec == "embedded" else [parse_task_spec(spec)]
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        model = load_model(args.model, device=device)
+        tok = load_tokenizer(args.tokenizer)
+        T = min(args.seq_len, model.cfg.max_seq_len)
+        val = {d: eval_batches(TokenStream([embedded_path(d, "val", tok, 400_000, 0)]), T, 8, args.val_batches)
+               for d in args.val_domains}
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flexmore-eval: error: {e}", file=sys.stderr)
+        return 2
+    c = count_params(model)
+    labels = {"model": str(args.model), "mixture": ",".join(model.cfg.expert_names or ["public"]),
+              "params": c.total, "active_params": c.active}
+    rows = evaluate_model(model, tok, tasks, val, device, labels)
+    csv_path, _ = write_table(rows, args.out)
+    if args.wandb != "disabled":
+        import wandb
+
+        run = wandb.init(project="flexmore", mode=args.wandb, job_type="eval", config=vars(args))
+        run.log({f"eval/{r['task']}/{r['metric']}": r["score"] for r in rows})
+        run.log({"eval/table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+        run.finish()
+    for r in rows:
+        print(f"{r['task']:<20}{r['metric']:<12}{r['score']:.4f}")
+    print(f"wrote {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`flexmore-sweep`: extract each full expert at ranks 2^0..2^k, evaluate single-expert, uniform-rank and best-rank
+mixtures (resumable), then write the report: tidy table, regression, best ranks, plots, summary, and optionally the
+best mixture under a parameter budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from flexmore.data import TokenStream, embedded_path, eval_batches, load_tokenizer
+from flexmore.eval.table import write_table
+from flexmore.eval.tasks import embedded_tasks, parse_task_spec
+from flexmore.study.allocate import allocate
+from flexmore.study.report import write_report
+from flexmore.study.results import ResultStore
+from flexmore.study.sweep import FULL, run_sweep, selection_score
+
+
+def energy_curves(out: Path) -> dict[str, dict[int, float]]:
+    curves: dict[str, dict[int, float]] = {}
+    for man in sorted((out / "lowrank").glob("*/manifest.json")):
+        m = json.loads(man.read_text())
+        if "energy" in m:
+            curves.setdefault(m["extracted_from"], {})[m["ranks"][0]] = m["energy"]
+    return curves
+
+
+def budget_choice(rows: list[dict], budget: int, params_of) -> tuple[dict, int, float]:
+    """Per expert, options rank -> (its own parameters, its selection score from design (a))."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("design") == "a":
+            cells.setdefault((r["mixture"], str(r["rank"])), []).append(r)
+    options: dict[str, dict] = {}
+    for (name, rank), rs in cells.items():
+        domain = next((x["domain"] for x in rs if x.get("domain") and x["metric"] != "loss"), name)
+        rank_key = rank if rank == FULL else int(rank)
+        options.setdefault(name, {})[rank_key] = (params_of(name, rank_key), selection_score(rs, domain))
+    return allocate(options, budget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flexmore-sweep", description=__doc__)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--experts", nargs="+", required=True, help="full expert artifact folders")
+    ap.add_argument("--max-rank-exp", type=int, default=8, help="ranks 2^0..2^k, capped by the shapes")
+    ap.add_argument("--tasks", nargs="*", default=["embedded"])
+    ap.add_argument("--n", type=int, default=50, help="items per embedded task")
+    ap.add_argument("--val-domains", nargs="*", default=["public", "code", "math", "facts"])
+    ap.add_argument("--val-batches", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=None, help="also pick the best mixture within this many expert params")
+    ap.add_argument("--tokenizer", default="byte")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tasks = []
+        for spec in args.tasks:
+            tasks += embedded_tasks(args.n) if spec == "embedded" else [parse_task_spec(spec)]
+        tok = load_tokenizer(args.tokenizer)
+        val = {d: eval_batches(TokenStream([embedded_path(d, "val", tok, 400_000, 0)]), args.seq_len, 8, args.val_batches)
+               for d in args.val_domains}
+        rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out)
+        if args.budget:
+            from flexmore.eval.evaluate import evaluate_model
+            from flexmore.experts.artifact import load_artifact
+            from flexmore.experts.merge import merge
+            from flexmore.model import count_params
+
+            full = {load_artifact(p)[1]["name"]: Path(p) for p in args.experts}
+
+            def artifact_of(name, rank) -> Path:
+                return full[name] if rank == FULL else out / "lowrank" / f"{name}-r{rank}"
+
+            choice, used, value = budget_choice(rows, args.budget,
+                                                lambda n, r: load_artifact(artifact_of(n, r))[1]["params"])
+            store = ResultStore(out / "results.jsonl")
+            key = "alloc:" + "+".join(f"{n}@{r}" for n, r in choice.items())
+            if key not in store.done:
+                model = merge(args.base, [artifact_of(n, r) for n, r in choice.items()]).to(device)
+                c = count_params(model)
+                store.add(key, evaluate_model(model, tok, tasks, val, device, {
+                    "model": key, "design": "alloc", "mixture": "+".join(choice), "ranks": choice, "rank": "mixed",
+                    "params": c.total, "active_params": c.active, "budget": args.budget, "expert_params": used}))
+            rows = store.rows
+            print(f"budget {args.budget:,}: ranks {choice} use {used:,} expert parameters")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flexmore-sweep: error: {e}", file=sys.stderr)
+        return 2
+    write_table(rows, out / "table")
+    analysis = write_report(rows, out, energy_curves(out))
+    if args.wandb != "disabled":
+        import wandb
+
+        run = wandb.init(project="flexmore", mode=args.wandb, job_type="sweep", config=vars(args))
+        run.log({p.stem: wandb.Image(str(p)) for p in out.glob("*.png")})
+        run.log({"sweep/table": wandb.Table(columns=sorted(rows[0]), data=[[str(r.get(k)) for k in sorted(rows[0])]
+                                                                           for r in rows])})
+        run.finish()
+    for cat, s in analysis["categories"].items():
+        fit = s.get("fit", {})
+        print(f"{cat:<12} best rank {s['best_rank']:>6}  slope {fit.get('slope', float('nan')):+.4f}")
+    print(f"report: {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

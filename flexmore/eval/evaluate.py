@@ -1,0 +1,52 @@
+"""Evaluate one model on validation domains and tasks; results as tidy rows (one per model x task x metric)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from flexmore.data.tokenizer import Tokenizer
+from flexmore.eval.generate import continuation_logprobs, greedy
+from flexmore.eval.scoring import exact_match
+from flexmore.eval.tasks import Task
+
+_MATH_DONE = re.compile(r"Answer:[^\n]*\n")
+
+
+def stop_rule(task: Task):
+    """Stop a generation once the answer line is complete."""
+    if task.name == "math_qa":
+        return lambda text: bool(_MATH_DONE.search(text))
+    return lambda text: "\n" in text
+
+
+def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 32) -> dict[str, float]:
+    if task.kind == "choice":
+        acc = acc_norm = 0.0
+        for it in task.items:
+            scores = continuation_logprobs(model, tokenizer, it["question"], [" " + c for c in it["choices"]], device)
+            acc += float(max(range(len(scores)), key=lambda i: scores[i][0]) == it["answer"])
+            acc_norm += float(max(range(len(scores)), key=lambda i: scores[i][0] / max(1, scores[i][1])) == it["answer"])
+        return {"acc": acc / len(task.items), "acc_norm": acc_norm / len(task.items)}
+    gens = greedy(model, tokenizer, [it["question"] for it in task.items], task.max_new_tokens, device,
+                  stop=stop_rule(task), batch_size=batch_size)
+    return {"exact_match": sum(exact_match(g, it["answer"]) for g, it in zip(gens, task.items)) / len(task.items)}
+
+
+def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dict, device: torch.device,
+                   labels: dict | None = None) -> list[dict]:
+    """Rows: {**labels, task, category, metric, score}; validation losses as task 'val/<domain>', metric 'loss'."""
+    from flexmore.train.loop import evaluate
+
+    labels = labels or {}
+    rows = []
+    if val_sets:
+        for domain, loss in evaluate(model, val_sets, device, "auto").items():
+            rows.append({**labels, "task": f"val/{domain}", "category": "loss", "domain": domain, "metric": "loss",
+                         "score": loss})
+    for task in tasks:
+        for metric, score in score_task(model, tokenizer, task, device).items():
+            rows.append({**labels, "task": task.name, "category": task.category, "domain": task.domain,
+                         "metric": metric, "score": score})
+    return rows

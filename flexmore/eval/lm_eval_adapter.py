@@ -1,0 +1,67 @@
+"""Our model as an lm-evaluation-harness ``LM`` (only when lm-eval is installed and its task data is local).
+
+    pip install lm-eval            # not a dependency of this package
+    python -c "import flexmore.eval.lm_eval_adapter"   # registers the model name 'flexmore'
+    lm_eval --model flexmore --model_args path=outputs/merged,tokenizer=byte --tasks <local tasks> \\
+        --include_path <your task yamls>
+
+Implements ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` with this package's own scoring code
+(no batching across requests; fine for the small models evaluated here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexmore.data.tokenizer import load_tokenizer
+from flexmore.eval.generate import continuation_logprobs, greedy
+from flexmore.experts.modeldir import load_model
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - optional
+    raise ImportError("flexmore.eval.lm_eval_adapter needs lm-eval: pip install lm-eval") from e
+
+
+@register_model("flexmore")
+class FlexmoreLM(LM):
+    def __init__(self, path: str, tokenizer: str = "byte", device: str = "auto", **_):
+        super().__init__()
+        self.dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                ("cpu" if device == "auto" else device))
+        self.model = load_model(path, device=self.dev).eval()
+        self.tok = load_tokenizer(tokenizer)
+
+    def loglikelihood(self, requests):
+        out = []
+        for req in requests:
+            context, continuation = req.args
+            (lp, _), = continuation_logprobs(self.model, self.tok, context, [continuation], self.dev)
+            ctx_ids = self.tok.encode(context)
+            ids = self.tok.encode(continuation)
+            with torch.no_grad():
+                x = torch.tensor([ctx_ids + ids], device=self.dev)
+                greedy_ids = self.model(x[:, :-1]).logits[0, -len(ids):].argmax(-1).tolist() if ids else []
+            out.append((lp, greedy_ids == ids))
+        return out
+
+    def loglikelihood_rolling(self, requests):
+        out = []
+        for req in requests:
+            (text,) = req.args
+            (lp, _), = continuation_logprobs(self.model, self.tok, "", [text], self.dev)
+            out.append(lp)
+        return out
+
+    def generate_until(self, requests):
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            until = kwargs.get("until", []) or []
+            text, = greedy(self.model, self.tok, [context], kwargs.get("max_gen_toks", 64), self.dev,
+                           stop=lambda t: any(u in t for u in until))
+            for u in until:
+                text = text.split(u)[0]
+            out.append(text)
+        return out

@@ -1,0 +1,122 @@
+"""The rank sweep: extract every full expert at ranks 2^0..2^k, then evaluate
+(a) each expert alone with the public expert, at every rank and full size,
+(b) the mixture of all experts at one uniform rank (each rank, and full size),
+(c) the mixture of every expert at its best rank from (a).
+Cells already in ``results.jsonl`` are not recomputed, and extracted experts are reused, so a crashed sweep resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexmore.data.tokenizer import Tokenizer
+from flexmore.eval.evaluate import evaluate_model
+from flexmore.eval.tasks import Task
+from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
+from flexmore.experts.extract import extract_lowrank
+from flexmore.experts.merge import merge
+from flexmore.experts.modeldir import latest_checkpoint, load_model
+from flexmore.model import count_params
+from flexmore.model.experts import PROJECTIONS
+from flexmore.study.results import ResultStore
+
+FULL = "full"
+
+
+def sweep_ranks(max_exp: int, d_model: int, d_ffn: int) -> list[int]:
+    """2^0 .. 2^max_exp, capped below min(d, f) (at which extraction is exact: the full expert)."""
+    if max_exp < 0:
+        raise ValueError(f"max rank exponent {max_exp} must be >= 0")
+    return [2**i for i in range(max_exp + 1) if 2**i < min(d_model, d_ffn)]
+
+
+@dataclass
+class Expert:
+    name: str
+    domain: str
+    path: Path
+
+
+def selection_score(rows: list[dict], domain: str) -> float:
+    """How well a cell serves a domain: the mean task score on that domain's tasks, else minus its val loss."""
+    tasks = [r["score"] for r in rows if r.get("domain") == domain and r["metric"] != "loss"]
+    if tasks:
+        return sum(tasks) / len(tasks)
+    losses = [r["score"] for r in rows if r["task"] == f"val/{domain}"]
+    if not losses:
+        raise ValueError(f"no task or validation loss measures domain {domain!r}; add one to choose its best rank")
+    return -sum(losses) / len(losses)
+
+
+def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
+              tokenizer: Tokenizer, device: torch.device, out: str | Path) -> list[dict]:
+    out = Path(out)
+    base_path = latest_checkpoint(base_path)
+    base = load_model(base_path)
+    cfg = base.cfg
+    bhash = base_hash(base.state_dict())
+    ranks = sweep_ranks(max_exp, cfg.d_model, cfg.d_ffn)
+    public = {f"layers.{i}.{p}.weight": base.state_dict()[f"blocks.{i}.ffn.experts.0.{p}.weight"]
+              for i in range(cfg.n_layers) for p in PROJECTIONS}
+    experts = []
+    for p in expert_paths:
+        _, man = load_artifact(p)
+        if man["kind"] != "full":
+            raise ValueError(f"the sweep extracts from full experts; {p} is {man['kind']}")
+        if man["base_hash"] != bhash:
+            raise ValueError(f"expert artifact {p} was trained against another base than {base_path}")
+        experts.append(Expert(man["name"], man["domain"].split(",")[0], Path(p)))
+    store = ResultStore(out / "results.jsonl")
+
+    def artifact(e: Expert, rank) -> Path:
+        if rank == FULL:
+            return e.path
+        path = out / "lowrank" / f"{e.name}-r{rank}"
+        if not (path / "manifest.json").is_file():
+            tensors, man = load_artifact(e.path)
+            low, dense, report = extract_lowrank(public, tensors, cfg.n_layers, [rank] * 3)
+            energy = sum(r.energy for r in report) / len(report)
+            save_artifact(path, low, {**{k: man[k] for k in ("domain", "base_hash", "model", "steps") if k in man},
+                                      "name": f"{e.name}-r{rank}", "kind": "lowrank", "ranks": [rank] * 3,
+                                      "dense_projections": dense, "energy": energy, "extracted_from": e.name,
+                                      "params": sum(v.numel() for k, v in low.items() if not k.endswith("router_public"))},
+                          overwrite=True)
+        return path
+
+    def cell(design: str, choice: dict[str, int | str]) -> None:
+        key = design + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
+        if key in store.done:
+            return
+        by_name = {e.name: e for e in experts}
+        model = merge(base_path, [artifact(by_name[n], r) for n, r in choice.items()]).to(device)
+        c = count_params(model)
+        labels = {"model": key, "design": design, "mixture": "+".join(choice), "expert": "+".join(choice),
+                  "rank": next(iter(set(choice.values()))) if len(set(choice.values())) == 1 else "mixed",
+                  "ranks": dict(choice), "params": c.total, "active_params": c.active}
+        store.add(key, evaluate_model(model, tokenizer, tasks, val_sets, device, labels))
+
+    for e in experts:  # (a)
+        for r in ranks + [FULL]:
+            cell("a", {e.name: r})
+    for r in ranks + [FULL]:  # (b)
+        cell("b", {e.name: r for e in experts})
+    best = best_ranks(store.rows, experts)  # (c)
+    cell("c", best)
+    return store.rows
+
+
+def best_ranks(rows: list[dict], experts: list[Expert]) -> dict[str, int | str]:
+    best = {}
+    for e in experts:
+        cells: dict[str, list[dict]] = {}
+        for r in rows:
+            if r.get("design") == "a" and r["mixture"] == e.name:
+                cells.setdefault(str(r["rank"]), []).append(r)
+        if not cells:
+            raise ValueError(f"no design (a) results for expert {e.name!r}")
+        choice = max(cells, key=lambda k: selection_score(cells[k], e.domain))
+        best[e.name] = int(choice) if choice != FULL else FULL
+    return best

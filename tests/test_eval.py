@@ -1,0 +1,101 @@
+"""Tasks score known answers correctly: a model that emits the gold answer scores 1, a wrong one 0."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flexmore.data.tokenizer import ByteTokenizer
+from flexmore.eval.evaluate import score_task
+from flexmore.eval.scoring import exact_match, extract_answer
+from flexmore.eval.tasks import Task, embedded_tasks, load_jsonl_task, parse_task_spec
+from flexmore.model import ModelConfig
+
+
+class Scripted(torch.nn.Module):
+    """Continues each known prompt with a scripted text: next token = script[position - len(prompt)]."""
+
+    def __init__(self, scripts: dict[str, str]):
+        super().__init__()
+        tok = ByteTokenizer()
+        self.scripts = {tuple(tok.encode(p)): tok.encode(s) + [tok.eos_id] for p, s in scripts.items()}
+        self.cfg = ModelConfig(vocab_size=320, max_seq_len=512)
+
+    def forward(self, x):
+        B, T = x.shape
+        logits = torch.zeros(B, T, 320)
+        for b in range(B):
+            row = tuple(x[b].tolist())
+            for prompt, script in self.scripts.items():
+                if row[: len(prompt)] == prompt:
+                    for t in range(len(prompt) - 1, T):
+                        k = t + 1 - len(prompt)
+                        if k < len(script):
+                            logits[b, t, script[k]] = 20.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_exact_match_rules():
+    assert exact_match(" 3 + 4 = 7. 7 * 2 = 14.\nAnswer: 14\n", "14") == 1.0
+    assert exact_match(" Lisbor\nQuestion: ...", "lisbor") == 1.0
+    assert exact_match(" Lisbor.", "Lisbor") == 1.0
+    assert exact_match(" Answer: 15", "14") == 0.0
+    assert extract_answer("Answer: 1\nAnswer: 2\n") == "2"
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_generative_task_scores_gold_1_and_wrong_0(right):
+    task = embedded_tasks(n=4)[0]  # math_qa
+    scripts = {it["question"]: f" worked.\nAnswer: {it['answer'] if right else int(it['answer']) + 1}\nmore"
+               for it in task.items}
+    assert score_task(Scripted(scripts), ByteTokenizer(), task, torch.device("cpu")) == {"exact_match": float(right)}
+
+
+def test_facts_task_stops_at_the_line_end():
+    task = embedded_tasks(n=3)[1]  # facts_qa
+    scripts = {it["question"]: f" {it['answer']}\nQuestion: something else" for it in task.items}
+    assert score_task(Scripted(scripts), ByteTokenizer(), task, torch.device("cpu"))["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_multiple_choice_by_loglikelihood(tmp_path, right):
+    items = [{"question": "Q: sky colour?", "choices": ["green", "blue", "red"], "answer": 1},
+             {"question": "Q: two plus two?", "choices": ["four", "five"], "answer": 0}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(i) for i in items))
+    task = parse_task_spec(f"{path}:toy:knowledge:facts")
+    assert task.kind == "choice" and task.domain == "facts"
+    scripts = {it["question"]: " " + it["choices"][it["answer"] if right else (it["answer"] + 1) % len(it["choices"])]
+               for it in items}
+    scores = score_task(Scripted(scripts), ByteTokenizer(), task, torch.device("cpu"))
+    assert scores["acc"] == float(right)
+
+
+def test_bad_task_files(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match="needs 'question' and 'answer'"):
+        load_jsonl_task(p, "t", "knowledge")
+    p.write_text('{"question": "q", "choices": ["a"], "answer": 3}\n')
+    with pytest.raises(ValueError, match="'answer' must index 'choices'"):
+        load_jsonl_task(p, "t", "knowledge")
+    with pytest.raises(ValueError, match="expected path.jsonl:name:category"):
+        parse_task_spec(str(p))
+    with pytest.raises(FileNotFoundError):
+        load_jsonl_task(tmp_path / "none.jsonl", "t", "x")
+
+
+def test_eval_cli_writes_a_tidy_table(tmp_path, capsys):
+    from conftest import tiny_config
+    from flexmore.cli.eval import main
+    from flexmore.train.loop import train
+
+    train(tiny_config(tmp_path, train={"steps": 2}))
+    assert main(["--model", str(tmp_path / "run"), "--n", "2", "--val-domains", "math", "--val-batches", "1",
+                 "--seq-len", "32", "--out", str(tmp_path / "res")]) == 0
+    rows = json.loads((tmp_path / "res.json").read_text())
+    assert {(r["task"], r["metric"]) for r in rows} == {("val/math", "loss"), ("math_qa", "exact_match"),
+                                                       ("facts_qa", "exact_match")}
+    assert all(r["params"] > 0 for r in rows) and (tmp_path / "res.csv").read_text().startswith("model,mixture")

@@ -1,0 +1,110 @@
+"""The study: regression, allocation, a resumable sweep, and the whole recipe at toy scale."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexmore.study.allocate import allocate
+from flexmore.study.regression import fit_log2, t_quantile
+from flexmore.study.results import ResultStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_regression_recovers_a_planted_slope():
+    rng = random.Random(0)
+    ranks = [2**i for i in range(10)] * 8
+    scores = [0.3 + 0.05 * i + rng.gauss(0, 0.02) for i in [r.bit_length() - 1 for r in ranks]]
+    fit = fit_log2(ranks, scores)
+    assert fit.slope_lo < 0.05 < fit.slope_hi and abs(fit.slope - 0.05) < 0.005
+    assert abs(fit.intercept - 0.3) < 0.02 and fit.r2 > 0.9
+    flat = fit_log2(ranks, [0.5 + rng.gauss(0, 0.02) for _ in ranks])
+    assert flat.slope_lo < 0 < flat.slope_hi
+    assert abs(t_quantile(0.975, 10) - 2.228) < 2e-3 and abs(t_quantile(0.975, 3) - 3.182) < 3e-2
+
+
+def test_allocator_respects_the_budget_and_is_optimal():
+    rng = random.Random(1)
+    options = {f"e{i}": {r: (r * 100 + rng.randint(0, 50), rng.random() + 0.1 * r.bit_length()) for r in (1, 2, 4, 8, 16)}
+               for i in range(4)}
+    for budget in (500, 2000, 4000, 10_000):
+        choice, used, value = allocate(options, budget)
+        assert used <= budget and used == sum(options[e][r][0] for e, r in choice.items())
+        best = max((sum(options[e][r][1] for e, r in zip(options, combo)), combo)
+                   for combo in itertools.product(*[list(o) for o in options.values()])
+                   if sum(options[e][r][0] for e, r in zip(options, combo)) <= budget)
+        assert value == pytest.approx(best[0])
+    with pytest.raises(ValueError, match="below the cheapest allocation"):
+        allocate(options, 10)
+
+
+def test_result_store_keeps_finished_cells_and_drops_a_torn_one(tmp_path):
+    s = ResultStore(tmp_path / "r.jsonl")
+    s.add("a:x@1", [{"score": 1.0}, {"score": 2.0}])
+    with (tmp_path / "r.jsonl").open("a") as f:
+        f.write(json.dumps({"_cell": "a:x@2", "score": 3.0}) + "\n" + '{"_cell": "a:x@2", "sco')  # crash mid-cell
+    again = ResultStore(tmp_path / "r.jsonl")
+    assert again.done == {"a:x@1"} and [r["score"] for r in again.rows] == [1.0, 2.0]
+
+
+def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
+    """Base + 2 tiny experts; the sweep runs; a second run evaluates nothing; a lost cell is recomputed alone."""
+    from conftest import tiny_config
+    from flexmore.data import ByteTokenizer, TokenStream, embedded_path, eval_batches
+    from flexmore.eval.tasks import embedded_tasks
+    from flexmore.study import sweep as sweep_mod
+    from flexmore.train.loop import train
+
+    train(tiny_config(tmp_path / "base", train={"steps": 10}))
+    arts = []
+    for name in ("math", "facts"):
+        cfg = tiny_config(tmp_path / name, data={"domains": [name]}, train={"steps": 4})
+        cfg.expert.base, cfg.expert.name, cfg.expert.router_init_batches = str(tmp_path / "base" / "run"), name, 1
+        arts.append(train(cfg).artifact)
+    tok = ByteTokenizer()
+    val = {"math": eval_batches(TokenStream([embedded_path("math", "val", tok, 20_000, 0)]), 32, 4, 1)}
+    tasks = [t for t in embedded_tasks(2)]
+    for t in tasks:
+        t.max_new_tokens = 4
+    calls = []
+    real = sweep_mod.evaluate_model
+    monkeypatch.setattr(sweep_mod, "evaluate_model", lambda *a, **k: calls.append(a[-1]["model"]) or real(*a, **k))
+    args = (tmp_path / "base" / "run", arts, 2, tasks, val, tok, __import__("torch").device("cpu"), tmp_path / "sweep")
+    rows = sweep_mod.run_sweep(*args)
+    ranks = sweep_mod.sweep_ranks(2, 64, 192)
+    assert ranks == [1, 2, 4]
+    assert len(calls) == 2 * 4 + 4 + 1  # (a) 2 experts x (3 ranks + full), (b) 4, (c) 1
+    assert {r["design"] for r in rows} == {"a", "b", "c"}
+    calls.clear()
+    assert sweep_mod.run_sweep(*args) == rows and calls == []
+    # lose the last finished cell (as if the process died while writing it): only that cell runs again
+    lines = (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()
+    last_cell = json.loads(lines[-1])["_cell"]
+    (tmp_path / "sweep" / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    sweep_mod.run_sweep(*args)
+    assert calls == [last_cell]
+
+
+def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
+    env = {**os.environ, "SIZE": "tiny", "OUT": str(tmp_path / "study"), "BASE_STEPS": "20", "EXPERT_STEPS": "6",
+           "SEQ": "32", "MB": "4", "CHARS": "100000", "N": "2", "MAXEXP": "2", "VALB": "1", "BUDGET": "20000",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(REPO / "launch" / "study.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    sweep = tmp_path / "study" / "sweep"
+    for f in ("summary.md", "score_vs_rank.png", "params_vs_score.png", "energy.png", "table.csv", "analysis.json"):
+        assert (sweep / f).is_file(), f
+    rows = json.loads((sweep / "table.json").read_text())
+    assert {r["design"] for r in rows} == {"a", "b", "c", "alloc"}
+    assert set(json.loads((sweep / "analysis.json").read_text())["categories"]) >= {"reasoning", "knowledge", "loss"}
+    alloc = [r for r in rows if r["design"] == "alloc"][0]
+    assert alloc["expert_params"] <= 20000
