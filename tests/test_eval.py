@@ -99,3 +99,13 @@ def test_eval_cli_writes_a_tidy_table(tmp_path, capsys):
     assert {(r["task"], r["metric"]) for r in rows} == {("val/math", "loss"), ("math_qa", "exact_match"),
                                                        ("facts_qa", "exact_match")}
     assert all(r["params"] > 0 for r in rows) and (tmp_path / "res.csv").read_text().startswith("model,mixture")
+
+
+def test_eval_cli_bad_input(tmp_path, capsys):
+    from flexmore.cli.eval import main
+
+    assert main(["--model", str(tmp_path / "nothing"), "--n", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--n=0 must be >= 1" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    assert "no model or checkpoint found" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()

@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from flexmore.data import TokenStream, embedded_path, eval_batches, load_tokenizer
+from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
-from flexmore.eval.tasks import embedded_tasks, parse_task_spec
+from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.experts.modeldir import load_model
 from flexmore.model import count_params
 
@@ -30,18 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
     args = ap.parse_args(argv)
     try:
-        if args.n < 1:
-            raise ValueError(f"--n={args.n} must be >= 1")
-        tasks = []
-        for spec in args.tasks:
-            tasks += embedded_tasks(args.n) if spec == "embedded" else [parse_task_spec(spec)]
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
+        tasks = build_tasks(args.tasks, args.n)
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(args.device)
         model = load_model(args.model, device=device)
         tok = load_tokenizer(args.tokenizer)
-        T = min(args.seq_len, model.cfg.max_seq_len)
-        val = {d: eval_batches(TokenStream([embedded_path(d, "val", tok, 400_000, 0)]), T, 8, args.val_batches)
-               for d in args.val_domains}
+        val = embedded_val_sets(args.val_domains, tok, min(args.seq_len, model.cfg.max_seq_len), args.val_batches)
     except (FileNotFoundError, ValueError) as e:
         print(f"flexmore-eval: error: {e}", file=sys.stderr)
         return 2

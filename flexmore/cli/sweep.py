@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from flexmore.data import TokenStream, embedded_path, eval_batches, load_tokenizer
+from flexmore.data import load_tokenizer
 from flexmore.eval.table import write_table
-from flexmore.eval.tasks import embedded_tasks, parse_task_spec
+from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.study.allocate import allocate
 from flexmore.study.report import write_report
 from flexmore.study.results import ResultStore
@@ -61,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tasks = []
-        for spec in args.tasks:
-            tasks += embedded_tasks(args.n) if spec == "embedded" else [parse_task_spec(spec)]
+        tasks = build_tasks(args.tasks, args.n)
         tok = load_tokenizer(args.tokenizer)
-        val = {d: eval_batches(TokenStream([embedded_path(d, "val", tok, 400_000, 0)]), args.seq_len, 8, args.val_batches)
-               for d in args.val_domains}
+        val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)
         rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out)
         if args.budget:
             from flexmore.eval.evaluate import evaluate_model

@@ -66,3 +66,21 @@ def parse_task_spec(spec: str) -> Task:
     if len(parts) not in (3, 4):
         raise ValueError(f"task {spec!r}: expected path.jsonl:name:category[:domain]")
     return load_jsonl_task(parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else None)
+
+
+def build_tasks(specs: list[str], n: int) -> list[Task]:
+    """Command-line task specs: ``embedded`` (math_qa, facts_qa with ``n`` items each) or ``path.jsonl:name:category``."""
+    if n < 1:
+        raise ValueError(f"--n={n} must be >= 1")
+    tasks: list[Task] = []
+    for spec in specs:
+        tasks += embedded_tasks(n) if spec == "embedded" else [parse_task_spec(spec)]
+    return tasks
+
+
+def embedded_val_sets(domains: list[str], tokenizer, seq_len: int, batches: int, batch_size: int = 8) -> dict:
+    """Fixed validation batches of the embedded domains (the first windows of each held-out split)."""
+    from flexmore.data import TokenStream, embedded_path, eval_batches
+
+    return {d: eval_batches(TokenStream([embedded_path(d, "val", tokenizer, 400_000, 0)]), seq_len, batch_size, batches)
+            for d in domains}
