@@ -130,9 +130,12 @@ class FlexDeMo(torch.optim.Optimizer):
         """(nbytes,) -> (replicas, nbytes): one all-gather over the replicate group."""
         if self.replicas == 1:
             return payload[None]
-        out = torch.empty(self.replicas * payload.numel(), dtype=payload.dtype, device=payload.device)
-        _all_gather_flat(out, payload, group=self.group)
-        return out.view(self.replicas, -1)
+        send = payload
+        if payload.is_cuda and dist.get_backend(self.group) == "gloo":  # a host-side (slow-link) group
+            send = payload.cpu()
+        out = torch.empty(self.replicas * send.numel(), dtype=send.dtype, device=send.device)
+        _all_gather_flat(out, send, group=self.group)
+        return out.view(self.replicas, -1).to(payload.device)
 
     @torch.no_grad()
     def decode_apply(self, gathered: torch.Tensor) -> None:

@@ -142,9 +142,14 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     mixed_precision: str = "auto"  # auto (bf16 params + fp32 reduce on GPU) | bf16 | off
     reshard_after_forward: bool = True
+    # gloo: the inter-node traffic (HSDP's gradient all-reduce, FlexDeMo's exchange) goes over gloo/TCP through host
+    # memory, emulating a slow link between nodes on one machine; auto: the main backend
+    replicate_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _need(self.backend in ("auto", "nccl", "gloo"), f"parallel.backend={self.backend!r}; allowed: auto, nccl, gloo")
+        _need(self.replicate_backend in ("auto", "gloo"),
+              f"parallel.replicate_backend={self.replicate_backend!r}; allowed: auto, gloo")
         _need(self.mixed_precision in ("auto", "bf16", "off"),
               f"parallel.mixed_precision={self.mixed_precision!r}; allowed: auto, bf16, off")
         for k in ("replicate", "shard"):

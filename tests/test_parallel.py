@@ -62,6 +62,14 @@ def job_four_ranks(tmp: str) -> dict:
     # C: the HSDP AdamW baseline on the same mesh, 2 sequences per rank
     c = train(tiny_config(tmp / "C", train={"steps": 6, "micro_batch": 2}, parallel=mesh22))
     out["C"] = {"losses": c.losses, "params": _full(c.model)}
+    # the same two runs with the inter-node traffic over a separate gloo group (the slow-link emulation)
+    slow = ParallelConfig(replicate=2, shard=2, replicate_backend="gloo")
+    a2 = train(tiny_config(tmp / "A2", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=slow))
+    out["A_slow"] = {"params": _local(a2.model)}
+    c2 = train(tiny_config(tmp / "C2", train={"steps": 6, "micro_batch": 2}, parallel=slow))
+    out["C_slow"] = {"losses": c2.losses, "params": _full(c2.model)}
+    a6 = train(tiny_config(tmp / "A6", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=mesh22))
+    out["A6"] = {"params": _local(a6.model)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
                           train={"steps": 6, "micro_batch": 2}, parallel=ParallelConfig(replicate=1, shard=4)))
@@ -122,6 +130,17 @@ def test_hsdp_adamw_matches_single_process_adamw(four, tmp_path):
         assert c["losses"][s] == pytest.approx(ref.losses[s], rel=1e-5, abs=1e-6), s
     for n, p in ref.model.named_parameters():
         torch.testing.assert_close(c["params"][n], p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_slow_link_emulation_changes_the_transport_not_the_result(four):
+    """Replicate traffic over a separate gloo group: FlexDeMo bit-identical, HSDP AdamW equal up to summation order."""
+    for r in four[1]:
+        for n, p in r["A6"]["params"].items():
+            assert torch.equal(r["A_slow"]["params"][n], p), n
+        for n, p in r["C"]["params"].items():
+            torch.testing.assert_close(r["C_slow"]["params"][n], p, rtol=1e-5, atol=1e-6)
+        for s, loss in r["C"]["losses"].items():
+            assert r["C_slow"]["losses"][s] == pytest.approx(loss, rel=1e-5)
 
 
 def test_flexdemo_with_one_replica_equals_single_worker_demo(four, tmp_path):

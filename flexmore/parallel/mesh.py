@@ -19,9 +19,12 @@ class ParallelContext:
     shard: int
     device: torch.device
     mesh: DeviceMesh | None  # (replicate, shard); None in a single process
+    slow_replicate: dist.ProcessGroup | None = None  # this rank's replicate group over gloo (slow-link emulation)
 
     @property
     def replicate_group(self) -> dist.ProcessGroup | None:
+        if self.slow_replicate is not None:
+            return self.slow_replicate
         return self.mesh["replicate"].get_group() if self.mesh is not None and self.replicate > 1 else None
 
     @property
@@ -58,7 +61,7 @@ def resolve_layout(world: int, local_world: int, replicate: int | None, shard: i
 
 
 def init_parallel(replicate: int | None, shard: int | None, backend: str, device_pref: str,
-                  every_rank_a_replica: bool = False) -> ParallelContext:
+                  every_rank_a_replica: bool = False, replicate_backend: str = "auto") -> ParallelContext:
     """Read torchrun's environment, validate the layout, start the process group and build the mesh."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -80,4 +83,13 @@ def init_parallel(replicate: int | None, shard: int | None, backend: str, device
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
     mesh = init_device_mesh(device.type, (R, S), mesh_dim_names=("replicate", "shard"))
-    return ParallelContext(world, rank, local_rank, R, S, device, mesh)
+    slow = None
+    if replicate_backend == "gloo" and R > 1:
+        # Every rank creates every replicate group (new_group is collective), keeps its own.
+        for j in range(S):
+            group = dist.new_group([r * S + j for r in range(R)], backend="gloo")
+            if rank % S == j:
+                slow = group
+    elif replicate_backend != "auto":
+        raise ValueError(f"parallel.replicate_backend={replicate_backend!r}; allowed: auto, gloo")
+    return ParallelContext(world, rank, local_rank, R, S, device, mesh, slow)

@@ -26,7 +26,9 @@ def apply_fsdp(model: FlexOlmo, ctx: ParallelContext, strategy: str, mixed_preci
         raise ValueError(f"unknown sync strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if not ctx.distributed or strategy == "demo":
         return
-    mesh = ctx.mesh if strategy == "adamw" else ctx.mesh["shard"]
+    # HSDP shards over both mesh dims, unless the inter-node all-reduce goes over the slow (gloo) group: then FSDP
+    # stays inside the node and ``allreduce_replicas`` does the replicate part, as FlexDeMo does its exchange.
+    mesh = ctx.mesh if strategy == "adamw" and ctx.slow_replicate is None else ctx.mesh["shard"]
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -59,3 +61,22 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, 
     model.init_rope()
     dist.barrier()
     return model
+
+
+@torch.no_grad()
+def allreduce_replicas(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Average each rank's gradient shard over its replicate group in one flat bucket (through host memory, as the
+    gloo group needs): HSDP's inter-node all-reduce, done explicitly over a slow link."""
+    from flexdemo import local_tensor
+
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).cpu()
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    flat = flat.to(grads[0].device)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

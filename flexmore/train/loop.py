@@ -25,6 +25,7 @@ from flexmore.data.tokenizer import load_tokenizer
 from flexmore.distributed import print0
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, init_parallel
+from flexmore.parallel.parallelize import allreduce_replicas
 from flexmore.parallel.comm import comm_per_step
 from flexmore.train.checkpoint import CheckpointManager
 from flexmore.train.logger import make_logger
@@ -93,7 +94,7 @@ def train(cfg: Config) -> TrainResult:
 
     # --- every check that can fail, before any data is generated or weight allocated ---
     ctx = init_parallel(cfg.parallel.replicate, cfg.parallel.shard, cfg.parallel.backend, tc.device,
-                        every_rank_a_replica=strategy == "demo")
+                        every_rank_a_replica=strategy == "demo", replicate_backend=cfg.parallel.replicate_backend)
     device = ctx.device
     torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -183,6 +184,8 @@ def train(cfg: Config) -> TrainResult:
                 if k in out.aux:
                     aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
             tokens_since += y.numel() * ctx.world
+        if strategy == "adamw" and ctx.slow_replicate is not None:
+            allreduce_replicas(params, ctx.slow_replicate)  # HSDP's inter-node part, over the slow link
         grad_norm = clip_gradients(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
