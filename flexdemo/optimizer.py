@@ -115,8 +115,8 @@ class FlexDeMo(torch.optim.Optimizer):
                     lay = plan.layout
                     sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
                     g2 = grad.reshape(lay.rows, lay.cols) if grad is not None else None
-                    ops.encode_chunks(self.kernels, g2, delta.view(lay.rows, lay.cols), lay, cfg.beta, lr, cfg.topk,
-                               values[sl], indices[sl])
+                    ops.encode_chunks(self.kernels, g2, delta.view(lay.rows, lay.cols), lay, cfg.beta, lr,
+                                      cfg.topk, values[sl], indices[sl])
                 elif plan.num_dense:
                     delta.mul_(cfg.beta)
                     if grad is not None:
