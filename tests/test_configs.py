@@ -45,8 +45,8 @@ def test_every_option_composes(group, option):
 def test_shards_option_needs_paths():
     with pytest.raises(ValueError, match="data.source=shards needs data.paths"):
         composed("data=shards")
-    cfg = composed("data=shards", "data.paths=[/some/shards]")
-    assert cfg.data.paths == ["/some/shards"]
+    cfg = composed("data=shards", "data.paths=[/some/shards]", "+data.val_paths.web=/some/val")  # as in the README
+    assert cfg.data.paths == ["/some/shards"] and cfg.data.val_paths == {"web": "/some/val"}
 
 
 def test_unknown_group_option_names_the_choices():
