@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 for strategy in adamw flexdemo; do
   for link in fast slow; do
     flag=""; [ "$link" = slow ] && flag="--slow-link"
-    torchrun --standalone --nproc_per_node="$NPROC" "$(dirname "$0")/../benchmarks/bench_hsdp.py" \
+    ${PYTHON:-python3} -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$(dirname "$0")/../benchmarks/bench_hsdp.py" \
       --strategy "$strategy" --model "$MODEL" --replicate "$REPLICATE" --shard "$SHARD" --steps "$STEPS" \
       --micro-batch "$MB" --seq-len "$SEQ" $flag --out "$OUT/${strategy}_${link}.json"
   done

@@ -152,3 +152,22 @@ def test_kernel_choice():
         resolve_kernels("triton", torch.device(DEVICE), 24)
     with pytest.raises(ValueError, match="kernels='cuda'"):
         resolve_kernels("cuda", torch.device("cpu"), 64)
+
+
+def test_default_settings_64x64_k32_bf16_gradients_and_parameters():
+    """The defaults (64 x 64 tiles, k = 32, bf16 wire) on a ragged 70 x 130 shard with bf16 gradient and parameter."""
+    torch.manual_seed(3)
+    lay, k = ChunkLayout(70, 130, 64), 32
+    grad = torch.randn(70, 130, device=DEVICE).bfloat16()
+    delta = torch.randn(70, 130, device=DEVICE)
+    d_ref, v_ref, i_ref = run_encode(encode_reference, grad, delta, lay, 0.999, 1e-4, k, torch.bfloat16)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, 0.999, 1e-4, k, torch.bfloat16)
+    same = [c for c in range(lay.num_chunks) if set(i_tri[c].tolist()) == set(i_ref[c].tolist())]
+    assert len(same) == lay.num_chunks  # random data: no near-ties at the cut
+    torch.testing.assert_close(d_tri, d_ref, rtol=1e-5, atol=1e-5)
+    p = torch.randn(70, 130, device=DEVICE).bfloat16()
+    a, b = p.clone(), p.clone()
+    idx, vals = i_tri.reshape(1, -1).repeat(2, 1), v_tri.reshape(1, -1).repeat(2, 1)
+    decode_apply_reference(a, idx, vals, lay, k, lr=1e-4, decay=1.0, sign=True)
+    decode_apply_triton(b, idx, vals, lay, k, lr=1e-4, decay=1.0, sign=True)
+    assert torch.equal(a, b)
