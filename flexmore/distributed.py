@@ -1,4 +1,4 @@
-"""Process-group facts every entry point needs (rank, world) and rank-0 printing."""
+"""Process-group facts every entry point needs (the rank), rank-0 printing and a barrier that is a no-op alone."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ import torch.distributed as dist
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def print0(*args, **kwargs) -> None:

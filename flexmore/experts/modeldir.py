@@ -36,11 +36,11 @@ def atomic_dir(out: Path, write, overwrite: bool = False) -> Path:
     return out
 
 
-def save_model_dir(model: FlexOlmo, out: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
+def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False) -> Path:
     def write(tmp: Path) -> None:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg), **(extra or {})}, indent=1))
+        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg)}, indent=1))
 
     return atomic_dir(Path(out), write, overwrite)
 

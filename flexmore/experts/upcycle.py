@@ -86,8 +86,3 @@ def upcycle(base: FlexOlmo, cfg: ModelConfig, public_rows: torch.Tensor, domain_
 
 def is_trainable(name: str) -> bool:
     return any(t in name for t in TRAINABLE)
-
-
-def freeze_all_but_expert(model: torch.nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable(name))
