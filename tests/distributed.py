@@ -39,7 +39,18 @@ def run_distributed_test(fn, world_size: int, *args, local_world_size: int | Non
     """Run ``fn(*args)`` on ``world_size`` ranks (``local_world_size`` per emulated node); return results by rank.
 
     ``fn`` initialises the process group itself (from the environment, as under torchrun) and must be importable.
+    The free port is picked before the ranks bind it, so another process can take it in between: only that failure
+    (address in use) is retried, once, on a fresh port.
     """
+    try:
+        return _run(fn, world_size, args, local_world_size, timeout)
+    except AssertionError as e:
+        if "address already in use" not in str(e).lower() and "eaddrinuse" not in str(e).lower():
+            raise
+        return _run(fn, world_size, args, local_world_size, timeout)
+
+
+def _run(fn, world_size: int, args: tuple, local_world_size: int | None, timeout: float):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
