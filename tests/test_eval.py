@@ -23,17 +23,18 @@ class Scripted(torch.nn.Module):
         self.scripts = {tuple(tok.encode(p)): tok.encode(s) + [tok.eos_id] for p, s in scripts.items()}
         self.cfg = ModelConfig(vocab_size=320, max_seq_len=512)
 
-    def forward(self, x):
+    def forward(self, x, attention_mask=None):
         B, T = x.shape
         logits = torch.zeros(B, T, 320)
         for b in range(B):
-            row = tuple(x[b].tolist())
+            off = 0 if attention_mask is None else int((~attention_mask[b].bool()).sum())  # left padding
+            row = tuple(x[b, off:].tolist())
             for prompt, script in self.scripts.items():
                 if row[: len(prompt)] == prompt:
-                    for t in range(len(prompt) - 1, T):
+                    for t in range(len(prompt) - 1, T - off):
                         k = t + 1 - len(prompt)
                         if k < len(script):
-                            logits[b, t, script[k]] = 20.0
+                            logits[b, off + t, script[k]] = 20.0
         return type("Out", (), {"logits": logits})()
 
 
@@ -109,3 +110,17 @@ def test_eval_cli_bad_input(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
     assert "no model or checkpoint found" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    from conftest import tiny_config  # noqa: F401  (the session cache fixture)
+    from flexmore.eval.generate import greedy
+    from flexmore.model import build_model, load_preset
+    import dataclasses
+
+    model = build_model(dataclasses.replace(load_preset("tiny"), vocab_size=320), seed=1)
+    tok = ByteTokenizer()
+    prompts = ["Q: a", "Question: longer prompt here?", "xyz", "Question: mid size"]
+    batched = greedy(model, tok, prompts, 12, torch.device("cpu"), batch_size=4)
+    alone = [greedy(model, tok, [p], 12, torch.device("cpu"))[0] for p in prompts]
+    assert batched == alone and any(batched)

@@ -146,3 +146,16 @@ def test_sequence_longer_than_max_fails():
     model = build_model(cfg_with(max_seq_len=16))
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_left_padded_rows_give_their_unpadded_logits():
+    """The attention mask hides pad keys and RoPE is relative: a left-padded row equals the same tokens alone."""
+    model = build_model(cfg_with(num_experts=2, top_k=2)).eval()
+    a, b = torch.randint(0, 96, (1, 9)), torch.randint(0, 96, (1, 5))
+    x = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :4] = False
+    with torch.no_grad():
+        both = model(x, attention_mask=valid).logits
+        torch.testing.assert_close(both[0], model(a).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[1, 4:], model(b).logits[0], rtol=1e-5, atol=1e-5)

@@ -1,11 +1,7 @@
-"""Greedy decoding and log-likelihoods with our model (no KV cache: the models evaluated here are small).
-
-Prompts are batched by token length, so no padding (and no attention mask) is ever needed.
-"""
+"""Greedy decoding and log-likelihoods with our model (no KV cache: the models evaluated here are small)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Sequence
 
 import torch
@@ -16,38 +12,45 @@ from flexmore.data.tokenizer import Tokenizer
 @torch.no_grad()
 def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, device: torch.device,
            stop: Callable[[str], bool] | None = None, batch_size: int = 32) -> list[str]:
-    """The greedy continuation of each prompt, cut at EOS, at ``stop(text)`` or after ``max_new_tokens``."""
+    """The greedy continuation of each prompt, cut at EOS, at ``stop(text)`` or after ``max_new_tokens``.
+
+    Prompts are left-padded into batches with an attention mask; RoPE is relative, so each row's logits are the
+    ones it would get alone (tested). Prompts are sorted by length first, so a batch wastes little on padding.
+    """
     model.eval()
     out: list[str | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = defaultdict(list)
     encoded = [tokenizer.encode(p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_len[len(ids)].append(i)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad = getattr(tokenizer, "pad_id", None)
+    pad = tokenizer.eos_id if pad is None else pad
     limit = model.cfg.max_seq_len
-    for length, idxs in sorted(by_len.items()):
-        for b0 in range(0, len(idxs), batch_size):
-            chunk = idxs[b0 : b0 + batch_size]
-            x = torch.tensor([encoded[i] for i in chunk], device=device)
-            gen = [[] for _ in chunk]
-            done = [False] * len(chunk)
-            for _ in range(max_new_tokens):
-                if x.shape[1] >= limit:
-                    break
-                nxt = model(x).logits[:, -1].argmax(-1)
-                x = torch.cat([x, nxt[:, None]], dim=1)
-                for j, t in enumerate(nxt.tolist()):
-                    if done[j]:
-                        continue
-                    if t == tokenizer.eos_id:
-                        done[j] = True
-                        continue
-                    gen[j].append(t)
-                    if stop is not None and stop(tokenizer.decode(gen[j])):
-                        done[j] = True
-                if all(done):
-                    break
-            for j, i in enumerate(chunk):
-                out[i] = tokenizer.decode(gen[j])
+    for b0 in range(0, len(order), batch_size):
+        chunk = order[b0 : b0 + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        x = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
+        valid = torch.tensor([[False] * (width - len(encoded[i])) + [True] * len(encoded[i]) for i in chunk],
+                             device=device)
+        gen: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        for _ in range(max_new_tokens):
+            if x.shape[1] >= limit:
+                break
+            nxt = model(x, attention_mask=valid).logits[:, -1].argmax(-1)
+            x = torch.cat([x, nxt[:, None]], dim=1)
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+            for j, t in enumerate(nxt.tolist()):
+                if done[j]:
+                    continue
+                if t == tokenizer.eos_id:
+                    done[j] = True
+                    continue
+                gen[j].append(t)
+                if stop is not None and stop(tokenizer.decode(gen[j])):
+                    done[j] = True
+            if all(done):
+                break
+        for j, i in enumerate(chunk):
+            out[i] = tokenizer.decode(gen[j])
     return out  # type: ignore[return-value]
 
 

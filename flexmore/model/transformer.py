@@ -23,8 +23,8 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg, device=device)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
 
-    def forward(self, x, cos, sin):
-        h = x + self.post_attention_norm(self.attn(x, cos, sin))
+    def forward(self, x, cos, sin, mask=None):
+        h = x + self.post_attention_norm(self.attn(x, cos, sin, mask))
         f, aux = self.ffn(h)
         return h + self.post_ffn_norm(f), aux
 
@@ -81,15 +81,23 @@ class FlexOlmo(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """``attention_mask`` (B, T), True on real tokens, for left-padded batches (generation): keys that are padding
+        are masked out. RoPE is relative, so a left-padded row gives the logits it would give unpadded."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(input_ids)
+        mask = None
+        if attention_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # pads still see themselves, so no row is fully masked (their outputs are never used)
+            mask = (causal & attention_mask[:, None, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
         aux_sum: dict[str, torch.Tensor] = {}
         for block in self.blocks:
-            x, aux = block(x, cos, sin)
+            x, aux = block(x, cos, sin, mask)
             for k, v in aux.items():
                 aux_sum[k] = aux_sum[k] + v if k in aux_sum else v
         logits = self.lm_head(self.norm(x))
