@@ -27,10 +27,6 @@ class ChunkLayout:
         gr, gc = self.grid
         return gr * gc
 
-    @property
-    def padded_numel(self) -> int:
-        return self.num_chunks * self.s * self.s
-
     def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, cols) -> (num_chunks, s, s), chunks in row-major grid order."""
         gr, gc = self.grid

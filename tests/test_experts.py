@@ -15,7 +15,7 @@ from conftest import tiny_config
 from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
 from flexmore.experts.extract import extract_lowrank
 from flexmore.experts.merge import merge, opt_out
-from flexmore.experts.modeldir import load_model, read_config
+from flexmore.experts.modeldir import load_model
 from flexmore.experts.training import frozen_hash
 from flexmore.experts.upcycle import expert_config, upcycle
 from flexmore.model.experts import LowRankSwiGLU, break_even_rank
@@ -47,19 +47,13 @@ def world(tmp_path_factory):
 
 def test_lowrank_expert_at_b_zero_equals_the_base(world):
     _, base_dir = world
-    base = load_model(read_config_path(base_dir))
+    base = load_model(base_dir)
     cfg = expert_config(base.cfg, "x", "lowrank", [3])
     rows = torch.randn(base.cfg.n_layers, base.cfg.d_model)
     model = load_state(cfg, upcycle(base, cfg, rows, -rows))
     x = torch.randint(0, 256, (2, 17))
     torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-5, atol=1e-5)
     assert isinstance(model.blocks[0].ffn.experts[1], LowRankSwiGLU)
-
-
-def read_config_path(base_dir):
-    from flexmore.experts.modeldir import latest_checkpoint
-
-    return latest_checkpoint(base_dir)
 
 
 def load_state(cfg, sd):
@@ -78,7 +72,7 @@ def test_training_freezes_everything_but_the_expert(world, tmp_path):
     # AdamW holds state for the trainable tensors only
     assert len(res.optimizer.state) == len(trainable)
     # every frozen tensor is bit-identical to the base: the hash of the frozen part is the base's hash
-    base = load_model(read_config_path(base_dir))
+    base = load_model(base_dir)
     assert frozen_hash(res.model.state_dict()) == base_hash(base.state_dict())
     tensors, man = load_artifact(res.artifact)
     assert man["base_hash"] == base_hash(base.state_dict()) and man["kind"] == "lowrank" and man["ranks"] == [4, 4, 4]
@@ -112,10 +106,10 @@ def mixture_reference(base, artifacts, x, layer=0):
 def test_merge_of_separately_trained_experts_is_the_documented_mixture(world):
     tmp, base_dir = world
     arts = [tmp / "math" / "expert", tmp / "facts" / "expert"]
-    merged = merge(read_config_path(base_dir), arts)
+    merged = merge(base_dir, arts)
     assert merged.cfg.expert_names == ["public", "math", "facts"] and merged.cfg.top_k == 3
     assert merged.cfg.expert_kinds == ["full", "full", "lowrank"]
-    base = load_model(read_config_path(base_dir))
+    base = load_model(base_dir)
     x = torch.randn(5, base.cfg.d_model)
     with torch.no_grad():
         got, _ = merged.blocks[0].ffn(x)
@@ -125,8 +119,8 @@ def test_merge_of_separately_trained_experts_is_the_documented_mixture(world):
 
 def test_opt_out_drops_exactly_that_expert(world):
     tmp, base_dir = world
-    both = merge(read_config_path(base_dir), [tmp / "math" / "expert", tmp / "facts" / "expert"])
-    only_facts = merge(read_config_path(base_dir), [tmp / "facts" / "expert"])
+    both = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    only_facts = merge(base_dir, [tmp / "facts" / "expert"])
     dropped = opt_out(both, ["math"])
     assert dropped.cfg.expert_names == ["public", "facts"] and dropped.cfg.num_experts == 2
     x = torch.randint(0, 256, (2, 11))
@@ -143,7 +137,7 @@ def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path
     tmp, base_dir = world
     from flexmore.cli.lowrank import public_ffn
 
-    base = load_model(read_config_path(base_dir))
+    base = load_model(base_dir)
     tensors, man = load_artifact(tmp / "math" / "expert")
     d, f, L = base.cfg.d_model, base.cfg.d_ffn, base.cfg.n_layers
     errors = []
@@ -155,8 +149,8 @@ def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path
     full, dense, rows = extract_lowrank(public_ffn(base, L), tensors, L, [d, d, d])  # >= min(d, f): exact
     assert dense == ["gate_proj", "up_proj", "down_proj"] and all(x.rel_error == 0 for x in rows)
     out = save_artifact(tmp_path / "exact", full, {**man, "name": "exact", "kind": "lowrank", "ranks": [d, d, d]})
-    a = merge(read_config_path(base_dir), [tmp / "math" / "expert"])
-    b = merge(read_config_path(base_dir), [out])
+    a = merge(base_dir, [tmp / "math" / "expert"])
+    b = merge(base_dir, [out])
     x = torch.randint(0, 256, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(b(x).logits, a(x).logits, rtol=1e-6, atol=1e-6)
@@ -190,14 +184,14 @@ def test_bad_artifacts_are_rejected_with_the_artifact_named(world, tmp_path):
     # trained against another base
     other = save_artifact(tmp_path / "other", tensors, {**man, "base_hash": "0" * 64})
     with pytest.raises(ValueError, match=f"expert artifact {other} \\('facts'\\) was trained against another base"):
-        merge(read_config_path(base_dir), [tmp / "math" / "expert", other])
+        merge(base_dir, [tmp / "math" / "expert", other])
     # ranks that do not match the stored factors
     wrong = save_artifact(tmp_path / "wrong", tensors, {**man, "ranks": [5, 4, 4]})
     with pytest.raises(ValueError, match="rank mismatch for gate_proj"):
-        merge(read_config_path(base_dir), [wrong])
+        merge(base_dir, [wrong])
     bad = save_artifact(tmp_path / "neg", tensors, {**man, "ranks": [0, 4, 4]})
     with pytest.raises(ValueError, match=r"ranks=\[0, 4, 4\]; need three ranks >= 1"):
-        merge(read_config_path(base_dir), [bad])
+        merge(base_dir, [bad])
     # corrupt manifests
     broken = tmp_path / "broken"
     import shutil
@@ -205,7 +199,7 @@ def test_bad_artifacts_are_rejected_with_the_artifact_named(world, tmp_path):
     shutil.copytree(art, broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt manifest.json"):
-        merge(read_config_path(base_dir), [broken])
+        merge(base_dir, [broken])
     (broken / "manifest.json").write_text(json.dumps({"format": "flexmore-expert", "name": "x"}))
     with pytest.raises(ValueError, match="missing"):
         load_artifact(broken)
@@ -248,7 +242,7 @@ def test_expert_training_under_fsdp_and_flexdemo(world, tmp_path):
 
     tmp, base_dir = world
     ranks = run_distributed_test(job_expert_under_hsdp, 2, str(tmp_path), str(base_dir), local_world_size=2)
-    base = load_model(read_config_path(base_dir))
+    base = load_model(base_dir)
     for name in ("fsdp", "flexdemo"):
         r0 = ranks[0][name]
         assert r0["frozen_hash"] == base_hash(base.state_dict()), name  # frozen tensors untouched

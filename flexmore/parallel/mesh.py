@@ -28,10 +28,6 @@ class ParallelContext:
         return self.mesh["replicate"].get_group() if self.mesh is not None and self.replicate > 1 else None
 
     @property
-    def replicate_index(self) -> int:
-        return self.rank // self.shard
-
-    @property
     def distributed(self) -> bool:
         return self.mesh is not None
 
