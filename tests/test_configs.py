@@ -100,3 +100,14 @@ def test_expert_experiment_requires_a_base():
 def test_values_left_missing_are_named():
     with pytest.raises(ValueError, match="required config values are not set: data.cache_dir"):
         composed("data.cache_dir=???")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("parallel.backend=mpi", "parallel.backend='mpi'; allowed: auto, nccl, gloo"),
+    ("parallel.mixed_precision=fp8", "parallel.mixed_precision='fp8'; allowed: auto, bf16, off"),
+    ("parallel.replicate_backend=tcp", "parallel.replicate_backend='tcp'; allowed: auto, gloo"),
+    ("parallel.shard=0", r"parallel.shard=0 must be >= 1 or null"),
+])
+def test_bad_parallel_settings_fail_at_start_up(override, match):
+    with pytest.raises(ValueError, match=match):
+        composed(override)
