@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--size", choices=list(SIZES), default="small")
     ap.add_argument("--work", default="/tmp/flexmore-bench-experts")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each run: faster steps, but ~1 minute of compiling per run outweighs it here")
     args = ap.parse_args()
     model, base_steps, exp_steps, T, B, chars, n_eval, rank = SIZES[args.size]
     work = Path(args.work)
@@ -49,7 +51,7 @@ def main() -> None:
     base_cfg = Config(model=load_preset(model), data=DataConfig(train_chars=chars, val_domains=["public"]),
                       optim=OptimConfig(lr=1e-3, warmup_steps=50),
                       train=TrainConfig(steps=base_steps, seq_len=T, micro_batch=B, eval_every=0, progress=False,
-                                        compile=device.type == "cuda"),
+                                        compile=args.compile),
                       logging=LoggingConfig(mode="disabled"), run_dir=str(work / "base"))
     t0 = time.perf_counter()
     base_res = train(base_cfg)
@@ -63,7 +65,7 @@ def main() -> None:
                                                                    val_domains=[domain]),
                          optim=OptimConfig(lr=9e-4, weight_decay=0.0, warmup_steps=20),
                          train=TrainConfig(steps=exp_steps, seq_len=T, micro_batch=B, eval_every=0, progress=False,
-                                           compile=device.type == "cuda"),
+                                           compile=args.compile),
                          logging=LoggingConfig(mode="disabled"), run_dir=str(work / name))
             cfg.expert.base, cfg.expert.name, cfg.expert.kind, cfg.expert.ranks = str(work / "base"), name, kind, [rank]
             t0 = time.perf_counter()
@@ -78,7 +80,7 @@ def main() -> None:
         rows.append({"model": "merged " + " + ".join(combo), "params_M": c.total / 1e6, **losses(m)})
     head = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "size": args.size, "base_steps": base_steps, "expert_steps": exp_steps,
-            "batch": f"{B}x{T}"}
+            "batch": f"{B}x{T}", "compile": args.compile}
     print(json.dumps(head))
     print(f"{'model':<40}{'trainable/params M':>20}{'public':>9}{'math':>9}{'facts':>9}")
     for r in rows:

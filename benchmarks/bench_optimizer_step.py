@@ -87,16 +87,30 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     floor_enc = 12 * n / bw * 1e3
     floor_dec = 8 * n / bw * 1e3 if dtype == torch.float32 else 4 * n / bw * 1e3
     tag = f"{shape[0]}x{shape[1]} {str(dtype).replace('torch.', '')}"
-    demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels="torch")
-    payload = demo.encode()
-    gathered = payload[None]
     adam = torch.optim.AdamW(params_with_grads([shape], dtype), lr=1e-4, fused=True)
-    enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
     ad = bench(adam.step)
-    return [{"what": f"{tag}: encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
-            {"what": f"{tag}: decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec, "x_floor": dec / floor_dec},
-            {"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": (28 if dtype == torch.float32 else 20) * n / bw * 1e3},
-            {"what": f"{tag}: (encode + decode) / AdamW", "ms": float("nan"), "ratio": (enc + dec) / ad}]
+    rows = [{"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": (28 if dtype == torch.float32 else 20) * n / bw * 1e3}]
+    for kernels in ("torch", "triton"):
+        demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels=kernels)
+        gathered = demo.encode()[None]
+        enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
+        rows += [{"what": f"{tag}: {kernels} encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
+                 {"what": f"{tag}: {kernels} decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec,
+                  "x_floor": dec / floor_dec},
+                 {"what": f"{tag}: {kernels} (encode + decode) / AdamW", "ms": float("nan"), "ratio": (enc + dec) / ad}]
+    return rows
+
+
+def use_kernel_choice(path: str) -> dict:
+    """Set the Triton kernels' module defaults to the variants bench_flexdemo_kernels.py found fastest."""
+    from flexdemo.ops import decode, encode
+
+    best = json.loads(Path(path).read_text())["best"]
+    _, topk, precision, warps = best["encode"].split()
+    encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, precision, int(warps[1:])
+    _, precision, warps = best["decode"].split()
+    decode.PRECISION, decode.NUM_WARPS = precision, int(warps[1:])
+    return best
 
 
 def main() -> None:
@@ -104,7 +118,9 @@ def main() -> None:
     ap.add_argument("--model", nargs="*", default=["base", "1b"])
     ap.add_argument("--tensor", type=int, nargs=2, default=[4096, 11008])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernel-choice", default=None, help="bench_flexdemo_kernels.py's JSON: use its fastest variants")
     args = ap.parse_args()
+    choice = use_kernel_choice(args.kernel_choice) if args.kernel_choice else None
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = []
@@ -112,7 +128,7 @@ def main() -> None:
         rows += model_rows(m)
     rows += tensor_rows(tuple(args.tensor), torch.float32, bw)
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "copy_bandwidth_GBps": bw / 1e9}
+            "copy_bandwidth_GBps": bw / 1e9, "triton_variants": choice}
     print(json.dumps(head))
     for r in rows:
         extra = f"  floor {r['floor_ms']:.3f} ms ({r.get('x_floor', float('nan')):.1f}x)" if "floor_ms" in r else ""

@@ -21,30 +21,35 @@ from flexdemo.ops.encode_reference import encode_reference
 
 triton = pytest.importorskip("triton")
 from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
-from flexdemo.ops.encode import encode_triton  # noqa: E402
+from flexdemo.ops.encode import TOPK_METHODS, encode_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
+# The interpreter computes every tl.dot in fp32 whatever the precision, so only a GPU has two to test.
+PRECISIONS = ["ieee", "tf32x3"] if DEVICE == "cuda" else ["ieee"]
 
 
-def run_encode(fn, grad, delta, lay, beta, lr, k, wire):
+def run_encode(fn, grad, delta, lay, beta, lr, k, wire, **kw):
     vals = torch.full((lay.num_chunks * k,), float("nan"), dtype=wire, device=DEVICE)
     idx = torch.full((lay.num_chunks * k,), -7, dtype=torch.int32, device=DEVICE)
     d = delta.clone()
-    fn(grad, d, lay, beta, lr, k, vals, idx)
+    fn(grad, d, lay, beta, lr, k, vals, idx, **kw)
     return d, vals.view(-1, k), idx.view(-1, k)
 
 
 @pytest.mark.parametrize("rows,cols,s", SHAPES)
 @pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("beta", [0.0, 0.9, 0.999])
-def test_encode_matches_reference(rows, cols, s, k, beta):
+@pytest.mark.parametrize("topk", TOPK_METHODS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_encode_matches_reference(rows, cols, s, k, beta, topk, precision):
     torch.manual_seed(rows * 100 + k)
     lay = ChunkLayout(rows, cols, s)
     delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
     wire = torch.bfloat16
     d_ref, v_ref, i_ref = run_encode(encode_reference, grad, delta, lay, beta, 0.1, k, wire)
-    d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, beta, 0.1, k, wire)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, beta, 0.1, k, wire, topk=topk,
+                                     precision=precision)
     assert (i_tri >= 0).all() and not v_tri.float().isnan().any()  # every slot written
     coeffs = dct2(lay.to_chunks(beta * delta + 0.1 * grad)).reshape(lay.num_chunks, -1).abs()
     top = coeffs.sort(dim=1, descending=True).values
@@ -58,11 +63,12 @@ def test_encode_matches_reference(rows, cols, s, k, beta):
         torch.testing.assert_close(lay.to_chunks(d_tri)[c], lay.to_chunks(d_ref)[c], rtol=1e-5, atol=1e-5)
 
 
-def test_encode_full_k_and_no_grad():
+@pytest.mark.parametrize("topk", TOPK_METHODS)
+def test_encode_full_k_and_no_grad(topk):
     s, k = 16, 256
     lay = ChunkLayout(20, 18, s)
     delta = torch.randn(20, 18, device=DEVICE)
-    d_tri, v_tri, i_tri = run_encode(encode_triton, None, delta, lay, 0.5, 0.1, k, torch.float32)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, None, delta, lay, 0.5, 0.1, k, torch.float32, topk=topk)
     assert d_tri.abs().max() < 1e-5  # everything sent: nothing left
     for c in range(lay.num_chunks):
         assert sorted(i_tri[c].tolist()) == list(range(s * s))
@@ -70,14 +76,33 @@ def test_encode_full_k_and_no_grad():
     torch.testing.assert_close(back, 0.5 * delta, rtol=1e-5, atol=1e-5)
 
 
-def test_encode_tie_rule_is_lowest_index_first():
-    """All-zero chunks (e.g. a shard's padding) tie everywhere: the kernel takes positions 0, 1, 2, ... in order."""
+@pytest.mark.parametrize("topk", TOPK_METHODS)
+def test_encode_tie_rule_is_lowest_index_first(topk):
+    """All-zero chunks (e.g. a shard's padding) tie everywhere: the kernel takes positions 0, 1, 2, ... in order.
+    """
     lay = ChunkLayout(16, 40, 16)
     delta = torch.zeros(16, 40, device=DEVICE)
     delta[:, :16] = torch.randn(16, 16, device=DEVICE)  # chunk 0 live, chunks 1 and 2 all zero
-    _, vals, idx = run_encode(encode_triton, None, delta, lay, 1.0, 0.0, 4, torch.float32)
+    _, vals, idx = run_encode(encode_triton, None, delta, lay, 1.0, 0.0, 4, torch.float32, topk=topk)
     assert idx[1].tolist() == [0, 1, 2, 3] and idx[2].tolist() == [0, 1, 2, 3]
     assert (vals[1:] == 0).all() and (vals[0] != 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_topk_methods_agree_bit_for_bit(k):
+    """Bisection and max-and-mask pick the same set (same tie rule) from the same coefficients: same residual bits,
+    same (index, value) pairs; only the payload order differs (index order vs magnitude order)."""
+    torch.manual_seed(k)
+    lay = ChunkLayout(37, 50, 16)
+    delta, grad = torch.randn(37, 50, device=DEVICE), torch.randn(37, 50, device=DEVICE).bfloat16()
+    delta[:, 32:] = 0.0  # whole zero chunks: ties at the cut
+    grad[:, 32:] = 0.0
+    out = {m: run_encode(encode_triton, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, topk=m) for m in TOPK_METHODS}
+    (d_a, v_a, i_a), (d_b, v_b, i_b) = out.values()
+    assert torch.equal(d_a, d_b)
+    o_a, o_b = i_a.argsort(dim=1), i_b.argsort(dim=1)
+    assert torch.equal(i_a.gather(1, o_a), i_b.gather(1, o_b))
+    assert torch.equal(v_a.gather(1, o_a), v_b.gather(1, o_b))
 
 
 def random_payload(lay, k, replicas, wire):
@@ -91,15 +116,29 @@ def random_payload(lay, k, replicas, wire):
 @pytest.mark.parametrize("rows,cols,s", SHAPES)
 @pytest.mark.parametrize("replicas", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 7])
-def test_decode_matches_reference_before_sign(rows, cols, s, replicas, k):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_decode_matches_reference_before_sign(rows, cols, s, replicas, k, precision):
     torch.manual_seed(replicas * 10 + k)
     lay = ChunkLayout(rows, cols, s)
     idx, vals = random_payload(lay, k, replicas, torch.bfloat16)
     p0 = torch.randn(rows, cols, device=DEVICE)
     a, b = p0.clone(), p0.clone()
     decode_apply_reference(a, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False)
-    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False)
+    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False, precision=precision)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16])
+def test_decode_exact_sum_for_fp32_and_fp16_values(wire):
+    """The one-hot products run in tf32 for 16-bit values and in ieee for fp32 values (random fp32 values use all 23
+    mantissa bits; tf32 would keep 10): both sum exactly."""
+    torch.manual_seed(11)
+    lay = ChunkLayout(37, 21, 16)
+    idx, vals = random_payload(lay, 7, 2, wire)
+    a, b = torch.zeros(37, 21, device=DEVICE), torch.zeros(37, 21, device=DEVICE)
+    decode_apply_reference(a, idx, vals, lay, 7, lr=1.0, decay=1.0, sign=False)
+    decode_apply_triton(b, idx, vals, lay, 7, lr=1.0, decay=1.0, sign=False)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,7 +1,7 @@
 """Fused decode + apply as one Triton kernel: one program per s x s chunk, one pass over the parameter.
 
 The replicas' sparse coefficients become a dense tile by one-hot matmuls, (A * v)^T B with A, B the one-hot rows and
-columns of the k indices, summed replica by replica in order 0..R-1 (the same bits on every replica), divided by the
+columns of the k indices (exact on tensor cores for bf16/fp16 values), summed replica by replica in order 0..R-1 (the same bits on every replica), divided by the
 per-position count, inverse DCT, optional sign, then p = p * decay - lr * update, stored in p's dtype (fp32 or bf16).
 The torch twin is ``decode_reference.py``.
 """
@@ -16,11 +16,14 @@ from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.rounding import cast_like
 
+PRECISION = "ieee"  # defaults, chosen on an H100 (benchmarks/README.md)
+NUM_WARPS = 4
+
 
 @triton.jit
 def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, rows, cols, stride_p, grid_cols, idx_rstride, val_rstride, lr,
                    decay, R: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SIGN: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, ONEHOT_PRECISION: tl.constexpr):
     c = tl.program_id(0)
     gi = c // grid_cols
     gj = c % grid_cols
@@ -36,8 +39,8 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, rows, cols, stride_p, grid_c
         col = tl.where(live, idx % S, -1)
         a = tl.where(row[:, None] == si[None, :], 1.0, 0.0)
         b = tl.where(col[:, None] == si[None, :], 1.0, 0.0)
-        total += tl.dot(tl.trans(a * val[:, None]), b, input_precision="ieee")
-        count += tl.dot(tl.trans(a), b, input_precision="ieee")
+        total += tl.dot(tl.trans(a * val[:, None]), b, input_precision=ONEHOT_PRECISION)
+        count += tl.dot(tl.trans(a), b, input_precision="tf32")  # 0/1 products, one term per position: exact
     mean = tl.where(count > 0, total / tl.maximum(count, 1.0), 0.0)
     d = tl.load(d_ptr + si[:, None] * S + si[None, :])
     upd = tl.dot(tl.dot(tl.trans(d), mean, input_precision=PRECISION), d, input_precision=PRECISION)
@@ -52,8 +55,14 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, rows, cols, stride_p, grid_c
 
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
-                        k: int, lr: float, decay: float, sign: bool, precision: str = "ieee") -> None:
-    """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided."""
+                        k: int, lr: float, decay: float, sign: bool, precision: str | None = None,
+                        num_warps: int | None = None) -> None:
+    """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided.
+    precision / num_warps: None = the module's defaults (read at call time, so a benchmark can set them)."""
+    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
+    # A one-hot product picks one value per position, so it is exact on tensor cores (tf32: 10-bit mantissa) whenever
+    # the values fit in tf32 (bf16, fp16); fp32 values need ieee.
+    onehot = "tf32" if values.dtype in (torch.bfloat16, torch.float16) else "ieee"
     if layout.num_chunks == 0:
         return
     s = layout.s
@@ -62,5 +71,5 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
     _decode_kernel[(layout.num_chunks,)](
         param, indices, values, d, layout.rows, layout.cols, param.stride(0), layout.grid[1], indices.stride(0),
         values.stride(0), float(lr), float(decay), R=indices.shape[0], S=s, K=k, KP=kp, SIGN=sign,
-        PRECISION=precision,
+        PRECISION=precision, ONEHOT_PRECISION=onehot, num_warps=num_warps,
     )
