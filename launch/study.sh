@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FlexMoRE study end to end on the embedded data, from nothing: a public base, full experts for math, facts and
 # code (each trained alone against the frozen base), the rank sweep and the report (table, plots, summary).
-#   SIZE=small launch/study.sh      # one GPU (~20 minutes on an H100), results in $OUT (default outputs/study)
+#   SIZE=small launch/study.sh      # one GPU (~15 minutes on an H100), results in $OUT (default outputs/study)
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
 # training runs and sweep cells are not recomputed.
@@ -13,13 +13,13 @@ if [ "$SIZE" = tiny ]; then
   : "${N:=8}" "${MAXEXP:=5}" "${VALB:=2}" "${COMPILE:=false}"
 else
   : "${MODEL:=small}" "${BASE_STEPS:=2000}" "${EXPERT_STEPS:=600}" "${SEQ:=512}" "${MB:=32}" "${CHARS:=32000000}"
-  : "${N:=100}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=true}"
+  : "${N:=100}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=false}"  # compiling 4 runs costs more than it saves
 fi
 COMMON="train.seq_len=$SEQ train.micro_batch=$MB train.compile=$COMPILE train.eval_every=0 train.progress=false \
 logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS"
 flexmore-train model="$MODEL" train.steps="$BASE_STEPS" optim.lr=1e-3 $COMMON hydra.run.dir="$OUT/base"
 for domain in math facts code; do
-  flexmore-train experiment=expert expert.base="$OUT/base" expert.name="$domain" "data.domains=[$domain]" \
+  flexmore-train model="$MODEL" experiment=expert expert.base="$OUT/base" expert.name="$domain" "data.domains=[$domain]" \
     "data.val_domains=[$domain]" train.steps="$EXPERT_STEPS" $COMMON hydra.run.dir="$OUT/$domain"
 done
 flexmore-sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \

@@ -1,8 +1,9 @@
 """The Triton kernels against their torch twins, on small odd shapes (the interpreter on CPU, the GPU through the
 device tool: the same tests run on CUDA tensors when a GPU is present).
 
-Tolerances: both sides compute the DCT in fp32 (the kernel with ieee-precision tl.dot), so coefficients and residuals
-agree to fp32 rounding of 2 x s-term sums: rtol 1e-5, atol 1e-6 (times the data's scale). Selected index sets are
+Tolerances: both sides compute the DCT to about fp32 accuracy (the kernel's tl.dot in ieee, or tf32x3: three tf32
+products, ~2^-21 relative, the GPU default), so coefficients and residuals agree to the rounding of 2 x s-term sums:
+rtol 1e-5, atol 1e-6 (times the data's scale). Selected index sets are
 compared where the k-th and (k+1)-th magnitudes are more than 1e-5 apart; decoded updates before sign to 1e-5 relative,
 after sign exactly except where the update is within 1e-6 of zero.
 """
@@ -153,7 +154,14 @@ def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas):
     decode_apply_triton(b, idx, vals, lay, 5, lr=0.01, decay=0.999, sign=True)
     near_zero = decode_mean(idx, vals, lay, 5).abs() < 1e-6
     assert b.dtype == dtype
-    assert torch.equal(a[~near_zero], b[~near_zero])
+    # A GPU contracts p * decay - lr * u into one FMA, one rounding fewer than torch's three ops, so the two may differ
+    # by the fp32 rounding of the operands (2 ulps of |p| + lr, whatever cancellation leaves) plus one ulp of the
+    # parameter's dtype. The interpreter does not contract: there they agree bit for bit.
+    bound = torch.finfo(dtype).eps * a.float().abs() + 2 * torch.finfo(torch.float32).eps * (p0.float().abs() + 0.01)
+    err = (b.float() - a.float()).abs()
+    assert (err <= bound)[~near_zero].all(), (err - bound).max()
+    if DEVICE == "cpu":
+        assert torch.equal(a[~near_zero], b[~near_zero])
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
@@ -209,4 +217,6 @@ def test_default_settings_64x64_k32_bf16_gradients_and_parameters():
     idx, vals = i_tri.reshape(1, -1).repeat(2, 1), v_tri.reshape(1, -1).repeat(2, 1)
     decode_apply_reference(a, idx, vals, lay, k, lr=1e-4, decay=1.0, sign=True)
     decode_apply_triton(b, idx, vals, lay, k, lr=1e-4, decay=1.0, sign=True)
-    assert torch.equal(a, b)
+    mean = decode_mean(idx, vals, lay, k).abs()
+    near_zero = mean < 1e-5 * mean.max()  # the sign of a near-zero update depends on the DCT's last rounding
+    assert torch.equal(a[~near_zero], b[~near_zero])

@@ -16,8 +16,8 @@ from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.rounding import cast_like
 
-PRECISION = "ieee"  # defaults, chosen on an H100 (benchmarks/README.md)
-NUM_WARPS = 4
+PRECISION = "tf32x3"  # defaults, the fastest on an H100 (benchmarks/README.md); ~fp32 accuracy on tensor cores
+NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
 
 
 @triton.jit

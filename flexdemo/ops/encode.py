@@ -18,9 +18,9 @@ from flexdemo.dct import dct_matrix
 from flexdemo.ops.rounding import cast_like
 
 TOPK_METHODS = ("bisect", "maxmask")
-TOPK = "bisect"  # defaults, chosen on an H100 (benchmarks/README.md)
-PRECISION = "ieee"
-NUM_WARPS = 4
+TOPK = "bisect"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
+PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; ieee (CUDA-core fp32) is 2.5-5x slower
+NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
 
 
 @triton.jit
