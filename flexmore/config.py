@@ -193,7 +193,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _need(
-            self.train.seq_len <= self.model.max_seq_len,
+            self.expert.base is not None or self.train.seq_len <= self.model.max_seq_len,  # experts: the base's model
             f"train.seq_len={self.train.seq_len} is larger than the model's max_seq_len={self.model.max_seq_len} "
             f"(model={self.model.name}); use train.seq_len<={self.model.max_seq_len} or raise model.max_seq_len",
         )

@@ -19,7 +19,7 @@ COMMON="train.seq_len=$SEQ train.micro_batch=$MB train.compile=$COMPILE train.ev
 logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS"
 flexmore-train model="$MODEL" train.steps="$BASE_STEPS" optim.lr=1e-3 $COMMON hydra.run.dir="$OUT/base"
 for domain in math facts code; do
-  flexmore-train model="$MODEL" experiment=expert expert.base="$OUT/base" expert.name="$domain" "data.domains=[$domain]" \
+  flexmore-train experiment=expert expert.base="$OUT/base" expert.name="$domain" "data.domains=[$domain]" \
     "data.val_domains=[$domain]" train.steps="$EXPERT_STEPS" $COMMON hydra.run.dir="$OUT/$domain"
 done
 flexmore-sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \

@@ -216,6 +216,20 @@ def test_bad_expert_settings_fail_at_config(tmp_path):
         train(expert_cfg(tmp_path, tmp_path / "nothing", "e", "full", "math"))
 
 
+def test_expert_run_takes_seq_len_limit_from_the_base(world, tmp_path):
+    """The model of an expert run is the base's: the default model's max_seq_len does not apply, the base's does."""
+    from flexmore.config import Config, ExpertConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="larger than the model's max_seq_len=256"):
+        Config(train=TrainConfig(seq_len=512))
+    Config(train=TrainConfig(seq_len=512), expert=ExpertConfig(base="somewhere"))  # judged against the base, later
+    _, base = world
+    cfg = expert_cfg(tmp_path, base, "e", "full", "math")
+    cfg.train.seq_len = 512
+    with pytest.raises(ValueError, match="train.seq_len=512 is larger than the base's max_seq_len=256"):
+        train(cfg)
+
+
 def job_expert_under_hsdp(tmp: str, base: str) -> dict:
     """An expert trained with FSDP inside the "node" (adamw, 1 x 2) and with FlexDeMo across "nodes" (2 x 1)."""
     from flexmore.config import ParallelConfig
