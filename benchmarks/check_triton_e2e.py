@@ -1,8 +1,8 @@
 """FlexDeMo with the Triton kernels against the torch path, end to end on one GPU (a check, not a timing):
 
 1. the same short training run (embedded data, same seed) with ``optim.kernels=torch`` twice and ``triton`` once:
-   the loss curves, and how far triton's is from torch's next to how far torch's is from itself (GPU training is not
-   bit-reproducible, so the second torch run is the noise floor);
+   the loss curves, and how far triton's is from torch's next to how far torch's is from itself (the run-to-run
+   noise; zero on the H100 of benchmarks/README.md);
 2. two simulated replicas (separate optimizers, different gradients, one exchange per step) on real-sized tensors for
    many steps: their parameters must stay bit-identical.
 
