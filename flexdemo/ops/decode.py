@@ -2,8 +2,8 @@
 
 The replicas' sparse coefficients become a dense tile by one-hot matmuls, (A * v)^T B with A, B the one-hot rows and
 columns of the k indices (exact on tensor cores for bf16/fp16 values), summed replica by replica in order 0..R-1
-(the same bits on every replica), divided by the per-position count, inverse DCT, optional sign, then p = p * decay - lr * update, stored in p's dtype (fp32 or bf16).
-The torch twin is ``decode_reference.py``.
+(the same bits on every replica), divided by the per-position count, inverse DCT, optional sign, then
+p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). The torch twin is ``decode_reference.py``.
 """
 
 from __future__ import annotations
