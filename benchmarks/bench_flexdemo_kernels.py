@@ -25,20 +25,9 @@ from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
 from flexdemo.ops.decode_reference import decode_apply_reference  # noqa: E402
 from flexdemo.ops.encode import encode_triton  # noqa: E402
 from flexdemo.ops.encode_reference import encode_reference  # noqa: E402
+from timing import copy_bandwidth, ms  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
-
-
-def ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(1 << 28, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / (ms(lambda: y.copy_(x)) / 1e3)
 
 
 ENCODE_VARIANTS = [(t, p, w) for t in ("bisect", "maxmask") for p in ("ieee", "tf32x3") for w in (4, 8)]

@@ -25,34 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexdemo import FlexDeMo  # noqa: E402
 from flexmore.model import build_model, load_preset  # noqa: E402
+from timing import copy_bandwidth, ms  # noqa: E402
 
 
-def bench(fn, reps: int = 30, warmup: int = 5) -> float:
-    """Median milliseconds over ``reps`` timed calls (CUDA events)."""
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median"))
-    except ImportError:  # pragma: no cover - triton ships with CUDA torch
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy (read + write counted)."""
-    x = torch.empty(1 << 28, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() * 4 / (ms / 1e3)
+def bench(fn) -> float:
+    return ms(fn, warmup=50, rep=300)
 
 
 def params_with_grads(shapes, dtype=torch.float32):

@@ -192,6 +192,13 @@ def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(r
             assert torch.equal(p, q)
 
 
+def test_unknown_topk_method_is_rejected_before_launch():
+    lay = ChunkLayout(16, 16, 16)
+    delta = torch.randn(16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="topk='sort'; allowed: bisect, maxmask"):
+        run_encode(encode_triton, None, delta, lay, 0.9, 0.1, 4, torch.float32, topk="sort")
+
+
 def test_kernel_choice():
     assert resolve_kernels("torch", torch.device("cpu"), 64) == "torch"
     assert resolve_kernels("auto", torch.device("cpu"), 64) == "torch"
