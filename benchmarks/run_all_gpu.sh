@@ -33,6 +33,8 @@ step() {  # name, command...: skip when done, else run within what is left of th
 }
 step tests python3 -m pytest -q -rs tests/test_flexdemo_kernels.py
 step kernels python3 benchmarks/bench_flexdemo_kernels.py --out $G/kernels.json
+NCU="ncu --clock-control none -s 2 -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats"
+step profile sh -c "$NCU -k regex:_encode_kernel python3 benchmarks/profile_kernels.py; $NCU -k regex:_decode_kernel python3 benchmarks/profile_kernels.py"
 step optstep python3 benchmarks/bench_optimizer_step.py --model base 1b --kernel-choice $G/kernels.json --out $G/optstep.json
 step e2e python3 benchmarks/check_triton_e2e.py --out $G/e2e.json
 step experts python3 benchmarks/bench_experts.py --size small --out $G/experts.json
@@ -40,6 +42,7 @@ step study env SIZE=small OUT=outputs/study bash launch/study.sh
 tar czf $G/study.tgz --exclude=checkpoints --exclude=expert --exclude=lowrank outputs/study 2>/dev/null
 cat $G/*.txt > $OUT/logs.txt 2>/dev/null
 cp $G/env.txt $OUT/
+[ -e $G/profile.txt ] && cp $G/profile.txt $OUT/
 for f in kernels optstep e2e experts; do [ -e $G/$f.json ] && cp $G/$f.json $OUT/; done
 [ -e $G/study.tgz ] && cp $G/study.tgz $OUT/
 ls $G

@@ -16,7 +16,7 @@ else
   : "${N:=100}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=false}"  # compiling 4 runs costs more than it saves
 fi
 COMMON="train.seq_len=$SEQ train.micro_batch=$MB train.compile=$COMPILE train.eval_every=0 train.progress=false \
-logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS"
+logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS train.save_every=${SAVE_EVERY:-500}"  # a cut run resumes
 flexmore-train model="$MODEL" train.steps="$BASE_STEPS" optim.lr=1e-3 $COMMON hydra.run.dir="$OUT/base"
 for domain in math facts code; do
   flexmore-train experiment=expert expert.base="$OUT/base" expert.name="$domain" "data.domains=[$domain]" \

@@ -97,8 +97,9 @@ def test_eval_cli_writes_a_tidy_table(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "run"), "--n", "2", "--val-domains", "math", "--val-batches", "1",
                  "--seq-len", "32", "--out", str(tmp_path / "res")]) == 0
     rows = json.loads((tmp_path / "res.json").read_text())
-    assert {(r["task"], r["metric"]) for r in rows} == {("val/math", "loss"), ("math_qa", "exact_match"),
-                                                       ("facts_qa", "exact_match")}
+    assert {(r["task"], r["metric"]) for r in rows} == {
+        ("val/math", "loss"), ("math_qa", "exact_match"), ("facts_qa", "exact_match"), ("math_mc", "acc"),
+        ("math_mc", "acc_norm"), ("facts_mc", "acc"), ("facts_mc", "acc_norm")}
     assert all(r["params"] > 0 for r in rows) and (tmp_path / "res.csv").read_text().startswith("model,mixture")
 
 
@@ -124,3 +125,55 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     batched = greedy(model, tok, prompts, 12, torch.device("cpu"), batch_size=4)
     alone = [greedy(model, tok, [p], 12, torch.device("cpu"))[0] for p in prompts]
     assert batched == alone and any(batched)
+
+
+@pytest.mark.parametrize("name", ["math_mc", "facts_mc"])
+@pytest.mark.parametrize("right", [True, False])
+def test_embedded_choice_tasks_score_gold_1_and_wrong_0(name, right):
+    task = {t.name: t for t in embedded_tasks(n=6)}[name]
+    assert task.kind == "choice" and all(len(set(it["choices"])) == 4 for it in task.items)
+    scripts = {it["question"]: " " + it["choices"][it["answer"] if right else (it["answer"] + 1) % 4]
+               for it in task.items}
+    assert score_task(Scripted(scripts), ByteTokenizer(), task, torch.device("cpu"))["acc"] == float(right)
+
+
+def test_choice_items_are_true():
+    """math_mc: the gold option is the last step's true result; facts_mc: the gold option is the world's fact."""
+    import re
+
+    from flexmore.data.domains import facts, math
+
+    for it in math.mc_items("val", 40, 0):
+        gold = int(it["choices"][it["answer"]])
+        step = re.search(r"(-?\d+) ([-+*]) (\d+) =$", it["question"])
+        if step:
+            a, op, b = step.groups()
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == gold
+        else:  # a linear equation's last step: divide
+            ax, a = re.search(r"(\d+)x = (-?\d+)\. Divide both sides by (\d+): x =$", it["question"]).group(2, 3)
+            assert int(ax) == int(a) * gold
+    cities, people, _ = facts.world()
+    colour = {p.name: p.color for p in people}
+    for it in facts.mc_items("val", 60, 0):
+        m = re.match(r"Ask (.+): the best colour is$", it["question"])
+        if m:
+            assert it["choices"][it["answer"]] == colour[m.group(1)]
+        m = re.match(r"(.+) belongs to the country of$", it["question"])
+        if m:
+            assert it["choices"][it["answer"]] == cities[m.group(1)]
+
+
+def test_batched_choice_scores_equal_one_request_at_a_time():
+    import dataclasses
+
+    from flexmore.eval.generate import request_logprobs
+    from flexmore.model import build_model, load_preset
+
+    model = build_model(dataclasses.replace(load_preset("tiny"), vocab_size=320), seed=1)
+    tok = ByteTokenizer()
+    reqs = [("Q: a", " yes"), ("Question: longer context here?", " no way"), ("", " empty context"), ("xyz", "")]
+    batched = request_logprobs(model, tok, reqs, torch.device("cpu"), batch_size=4)
+    alone = [request_logprobs(model, tok, [r], torch.device("cpu"))[0] for r in reqs]
+    assert [n for _, n in batched] == [4, 7, 14, 0]
+    for (a, n), (b, m) in zip(batched, alone):
+        assert n == m and a == pytest.approx(b, abs=1e-4) and (n == 0 or a < 0)

@@ -108,3 +108,30 @@ def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
     assert set(json.loads((sweep / "analysis.json").read_text())["categories"]) >= {"reasoning", "knowledge", "loss"}
     alloc = [r for r in rows if r["design"] == "alloc"][0]
     assert alloc["expert_params"] <= 20000
+
+
+def test_analysis_counts_each_expert_on_its_own_domain_and_reads_the_verdict():
+    """Planted: the math expert's reasoning score peaks at rank 64, the facts expert's knowledge score at rank 4.
+    Rows that would mislead if counted (an expert on the other domain's task, acc_norm) are left out."""
+    from flexmore.study.report import analyse, paper_verdict
+
+    def row(expert, rank, task, category, domain, score, metric="acc"):
+        return {"design": "a", "expert": expert, "rank": rank, "task": task, "category": category, "domain": domain,
+                "metric": metric, "score": score, "params": 1, "model": f"a:{expert}@{rank}"}
+
+    rows = []
+    for e in range(9):
+        r = 2**e
+        rows += [row("math", r, "math_mc", "reasoning", "math", 0.3 + 0.05 * min(e, 6)),
+                 row("facts", r, "facts_mc", "knowledge", "facts", 0.6 - 0.03 * abs(e - 2)),
+                 row("math", r, "facts_mc", "knowledge", "facts", 0.25 + 0.1 * e),  # another domain: not counted
+                 row("facts", r, "facts_mc", "knowledge", "facts", 1.0, metric="acc_norm")]  # secondary metric
+    a = analyse(rows)
+    assert a["categories"]["reasoning"]["best_rank"] == "64"
+    assert a["categories"]["knowledge"]["best_rank"] == "4"
+    assert a["categories"]["reasoning"]["fit"]["slope"] > 0
+    assert "agrees with the paper" in paper_verdict(a)
+    rows = [dict(r, score=1 - r["score"]) if r["category"] == "reasoning" else r for r in rows]
+    assert "contradicts" in paper_verdict(analyse(rows))
+    rows = [dict(r, score=0.25) if r["category"] == "knowledge" else r for r in rows]
+    assert paper_verdict(analyse(rows)).startswith("No verdict")

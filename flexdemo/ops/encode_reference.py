@@ -1,8 +1,9 @@
 """Fused encode, in plain torch: the reference the Triton kernel is checked against, and the CPU path.
 
 For each s x s chunk of a 2-D momentum shard: delta = beta * delta + lr * grad; 2-D DCT; the k largest |coefficients|
-go to the payload (values rounded to the wire dtype, chunk-local indices); the residual keeps everything not sent,
-rounding error included.
+go to the payload (values rounded to the wire dtype, chunk-local indices); the residual is the momentum minus the
+inverse DCT of what was sent, so it keeps everything not sent, rounding error included, and the unsent part never
+goes through a transform (no drift from a round trip every step).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: Chu
     coeffs = dct2(layout.to_chunks(delta)).reshape(layout.num_chunks, -1)
     idx, vals = topk_chunks(coeffs, k)
     sent = vals.to(out_vals.dtype)
-    coeffs.scatter_(1, idx, vals - sent.float())
-    delta.copy_(layout.from_chunks(idct2(coeffs.view(-1, layout.s, layout.s))))
+    sparse = torch.zeros_like(coeffs).scatter_(1, idx, sent.float())
+    delta.sub_(layout.from_chunks(idct2(sparse.view(-1, layout.s, layout.s))))
     out_vals.copy_(sent.reshape(-1))
     out_idx.copy_(idx.reshape(-1))

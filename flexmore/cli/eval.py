@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexmore-eval", description=__doc__)
     ap.add_argument("--model", required=True, help="model folder, checkpoint, or run folder")
     ap.add_argument("--tasks", nargs="*", default=["embedded"],
-                    help="'embedded' (math_qa, facts_qa) and/or path.jsonl:name:category[:domain]")
+                    help="'embedded' (math_qa, facts_qa, math_mc, facts_mc) and/or path.jsonl:name:category[:domain]")
     ap.add_argument("--n", type=int, default=100, help="items per embedded task")
     ap.add_argument("--val-domains", nargs="*", default=["public", "code", "math", "facts"])
     ap.add_argument("--val-batches", type=int, default=8)

@@ -9,7 +9,7 @@ from flexmore.data.domains import get_domain
 from flexmore.data.shards import INDEX, write_documents
 from flexmore.data.tokenizer import Tokenizer
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: question-and-answer documents in the facts training text
 
 
 def default_cache_dir() -> Path:

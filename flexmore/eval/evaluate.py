@@ -7,7 +7,7 @@ import re
 import torch
 
 from flexmore.data.tokenizer import Tokenizer
-from flexmore.eval.generate import continuation_logprobs, greedy
+from flexmore.eval.generate import greedy, request_logprobs
 from flexmore.eval.scoring import exact_match
 from flexmore.eval.tasks import Task
 
@@ -23,9 +23,11 @@ def stop_rule(task: Task):
 
 def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 32) -> dict[str, float]:
     if task.kind == "choice":
+        flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
+                                device, batch_size=2 * batch_size)
         acc = acc_norm = 0.0
         for it in task.items:
-            scores = continuation_logprobs(model, tokenizer, it["question"], [" " + c for c in it["choices"]], device)
+            scores, flat = flat[: len(it["choices"])], flat[len(it["choices"]) :]
             acc += float(max(range(len(scores)), key=lambda i: scores[i][0]) == it["answer"])
             acc_norm += float(max(range(len(scores)), key=lambda i: scores[i][0] / max(1, scores[i][1])) == it["answer"])
         return {"acc": acc / len(task.items), "acc_norm": acc_norm / len(task.items)}

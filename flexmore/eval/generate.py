@@ -58,17 +58,32 @@ def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: 
 def continuation_logprobs(model, tokenizer: Tokenizer, context: str, continuations: Sequence[str],
                           device: torch.device) -> list[tuple[float, int]]:
     """(sum of log p(continuation tokens | context), number of tokens) for each continuation."""
+    return request_logprobs(model, tokenizer, [(context, c) for c in continuations], device)
+
+
+@torch.no_grad()
+def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, str]], device: torch.device,
+                     batch_size: int = 64) -> list[tuple[float, int]]:
+    """(sum of log p(continuation | context), number of continuation tokens) for each (context, continuation) pair.
+
+    Pairs are right-padded into batches: the model is causal, so padding after a sequence leaves its logits as they
+    are alone (tested). A sequence longer than the model's context keeps its last max_seq_len + 1 tokens.
+    """
     model.eval()
-    ctx = tokenizer.encode(context) or [tokenizer.eos_id]  # an empty context: condition on a document boundary
-    res = []
-    for cont in continuations:
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+    seqs = []
+    for i, (context, cont) in enumerate(requests):
         ids = tokenizer.encode(cont)
-        if not ids:
-            res.append((0.0, 0))
-            continue
-        x = torch.tensor([ctx + ids], device=device)[:, -model.cfg.max_seq_len - 1 :]
+        if ids:  # an empty context conditions on a document boundary
+            x = ((tokenizer.encode(context) or [tokenizer.eos_id]) + ids)[-model.cfg.max_seq_len - 1:]
+            seqs.append((i, x, min(len(ids), len(x) - 1)))
+    seqs.sort(key=lambda s: len(s[1]))
+    for b0 in range(0, len(seqs), batch_size):
+        chunk = seqs[b0 : b0 + batch_size]
+        width = max(len(x) for _, x, _ in chunk)
+        x = torch.tensor([x + [tokenizer.eos_id] * (width - len(x)) for _, x, _ in chunk], device=device)
         logp = torch.log_softmax(model(x[:, :-1]).logits.float(), -1)
-        tgt = x[0, 1:]
-        picked = logp[0, torch.arange(tgt.numel(), device=device), tgt][-len(ids) :]
-        res.append((float(picked.sum()), len(ids)))
-    return res
+        for row, (i, ids, n) in enumerate(chunk):
+            pos = torch.arange(len(ids) - 1 - n, len(ids) - 1, device=device)
+            out[i] = (float(logp[row, pos, x[row, pos + 1]].sum()), n)
+    return out

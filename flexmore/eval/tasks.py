@@ -31,6 +31,8 @@ def embedded_tasks(n: int = 100, seed: int = 0) -> list[Task]:
     return [
         Task("math_qa", math.CATEGORY, math.qa_pairs("val", n, seed), domain="math", max_new_tokens=96),
         Task("facts_qa", facts.CATEGORY, facts.qa_pairs("val", n, seed), domain="facts", max_new_tokens=24),
+        Task("math_mc", math.CATEGORY, math.mc_items("val", n, seed), kind="choice", domain="math"),
+        Task("facts_mc", facts.CATEGORY, facts.mc_items("val", n, seed), kind="choice", domain="facts"),
     ]
 
 
@@ -69,7 +71,8 @@ def parse_task_spec(spec: str) -> Task:
 
 
 def build_tasks(specs: list[str], n: int) -> list[Task]:
-    """Command-line task specs: ``embedded`` (math_qa, facts_qa with ``n`` items each) or ``path.jsonl:name:category``."""
+    """Command-line task specs: ``embedded`` (math_qa, facts_qa, math_mc, facts_mc with ``n`` items each) or
+    ``path.jsonl:name:category``."""
     if n < 1:
         raise ValueError(f"--n={n} must be >= 1")
     tasks: list[Task] = []

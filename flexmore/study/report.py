@@ -23,8 +23,17 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+SECONDARY_METRICS = ("acc_norm",)  # kept in the table, left out of the analysis (one score per task)
+
+
+def counts(row: dict) -> bool:
+    """Whether a design (a) row measures its own expert: tasks and validation sets of another domain (another
+    expert's, or the public one's) say how much the expert disturbs them, not how good it is at its own."""
+    return row["metric"] not in SECONDARY_METRICS and row.get("domain") in (None, row.get("expert"))
+
+
 def analyse(rows: list[dict]) -> dict:
-    a = [r for r in rows if r.get("design") == "a"]
+    a = [r for r in rows if r.get("design") == "a" and counts(r)]
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in a:
         by_task[r["task"]].append(r)
@@ -38,7 +47,8 @@ def analyse(rows: list[dict]) -> dict:
     b_full = [r for r in rows if r.get("design") == "b" and str(r["rank"]) == FULL]
     c = [r for r in rows if r.get("design") == "c"]
     if b_full and c:
-        task_rows = lambda rs: [higher_is_better(r) for r in rs if r["metric"] != "loss"] or [higher_is_better(r) for r in rs]
+        task_rows = lambda rs: ([higher_is_better(r) for r in rs if r["metric"] not in ("loss",) + SECONDARY_METRICS]
+                                or [higher_is_better(r) for r in rs])
         out["best_vs_full"] = {
             "best_rank_mixture": c[0]["mixture"], "best_ranks": c[0].get("ranks"),
             "score_best": _mean(task_rows(c)), "score_full": _mean(task_rows(b_full)),
@@ -140,6 +150,9 @@ def summary_markdown(analysis: dict, images: list[Path]) -> str:
             label = f"**{name}**" if kind == "categories" else name
             r2 = f"{fit['r2']:.2f}" if fit and fit["r2"] == fit["r2"] else ""
             lines.append(f"| {label} | {s['best_rank']} | {slope} | {r2} |")
+    verdict = paper_verdict(analysis)
+    if verdict:
+        lines += ["", verdict]
     bvf = analysis.get("best_vs_full")
     if bvf:
         lines += ["", f"Best-rank mixture ({bvf['best_ranks']}): score {bvf['score_best']:.4f} with "
@@ -147,6 +160,21 @@ def summary_markdown(analysis: dict, images: list[Path]) -> str:
                       f"{bvf['params_full']:,} ({bvf['param_ratio']:.2f}x the parameters of full size)."]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
+
+
+def paper_verdict(analysis: dict) -> str | None:
+    """The paper's finding, checked: reasoning wants a higher rank than knowledge."""
+    cats = analysis["categories"]
+    if "reasoning" not in cats or "knowledge" not in cats:
+        return None
+    flat = [c for c in ("reasoning", "knowledge") if max(cats[c]["mean_by_rank"].values()) == min(cats[c]["mean_by_rank"].values())]
+    if flat:
+        return f"No verdict on the paper's finding: {' and '.join(flat)} scores do not change with rank here."
+    rank = lambda c: math.inf if cats[c]["best_rank"] == FULL else float(cats[c]["best_rank"])
+    rr, rk = rank("reasoning"), rank("knowledge")
+    word = "agrees with" if rr > rk else ("does not separate the categories, unlike" if rr == rk else "contradicts")
+    return (f"Best rank by category: reasoning {cats['reasoning']['best_rank']}, knowledge "
+            f"{cats['knowledge']['best_rank']} — this {word} the paper's finding (reasoning needs higher rank).")
 
 
 def write_report(rows: list[dict], out: str | Path, energy: dict | None = None) -> dict:

@@ -88,6 +88,31 @@ INDUSTRY_T = ["{m} is known for {i}.", "The main business of {m} is {i}.", "{m} 
 CITY_T = ["{c} is a city in {o}.", "The city of {c} lies in {o}.", "{c} belongs to the country of {o}."]
 
 
+# Question-and-answer documents (a tenth of the training text) teach the closed-book format; the evaluation's
+# questions (qa_pairs) are worded differently.
+QA_FRACTION = 0.1
+QA_TRAIN = {
+    "city": "Where was {n} born?", "born": "When was {n} born?", "job": "What does {n} do for a living?",
+    "founder": "Who started {m}?", "founded": "When was {m} started?", "base": "Where is {m} based?",
+}
+
+
+def _qa_document(rng: random.Random) -> str:
+    cities, people, companies = world()
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        if rng.random() < 0.6:
+            p = rng.choice(people)
+            key, ans = rng.choice([("city", p.city), ("born", str(p.born)), ("job", p.job)])
+            q = QA_TRAIN[key].format(n=p.name)
+        else:
+            m = rng.choice(companies)
+            key, ans = rng.choice([("founder", m.founder), ("founded", str(m.founded)), ("base", m.city)])
+            q = QA_TRAIN[key].format(m=m.name)
+        lines.append(f"Question: {q}\nAnswer: {ans}")
+    return "\n".join(lines)
+
+
 def _pick(rng: random.Random, templates: list[str], split: str) -> str:
     return templates[-1] if split == "val" else rng.choice(templates[:-1])
 
@@ -96,6 +121,9 @@ def documents(split: str, seed: int) -> Iterator[str]:
     cities, people, companies = world()
     rng = random.Random(split_seed(seed, split, SALT))
     while True:
+        if split == "train" and rng.random() < QA_FRACTION:
+            yield _qa_document(rng)
+            continue
         kind = rng.random()
         if kind < 0.6:
             p = rng.choice(people)
@@ -130,4 +158,33 @@ def qa_pairs(split: str, n: int, seed: int) -> list[dict]:
             q, a = rng.choice([(f"Who founded {m.name}?", m.founder), (f"In what year was {m.name} founded?", str(m.founded)),
                                (f"In which city is {m.name} based?", m.city)])
         out.append({"question": f"Question: {q}\nAnswer:", "answer": a, "category": CATEGORY})
+    return out
+
+
+def mc_items(split: str, n: int, seed: int, choices: int = 4) -> list[dict]:
+    """Cloze items in the held-out (validation) wording: the statement up to the fact, the true value and
+    ``choices - 1`` others of the same kind, scored by log-likelihood. Graded where exact recall is still rare."""
+    cities, people, companies = world()
+    rng = random.Random(split_seed(seed, split, SALT + 200))
+    pools = {"city": sorted(cities), "job": [f"{'an' if j[0] in 'aeiou' else 'a'} {j}" for j in JOBS],
+             "color": COLORS, "person": [p.name for p in people], "industry": INDUSTRIES, "country": COUNTRIES}
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.6:
+            p = rng.choice(people)
+            ctx, kind, gold = rng.choice([
+                (f"In {p.born}, {p.name} was born in the city of", "city", p.city),
+                (f"{p.name} trained to become", "job", f"{'an' if p.job[0] in 'aeiou' else 'a'} {p.job}"),
+                (f"Ask {p.name}: the best colour is", "color", p.color)])
+        elif r < 0.9:
+            m = rng.choice(companies)
+            ctx, kind, gold = rng.choice([(f"{m.name}, a company from {m.city}, was established by", "person", m.founder),
+                                          (f"{m.name} works in", "industry", m.industry)])
+        else:
+            c = rng.choice(sorted(cities))
+            ctx, kind, gold = f"{c} belongs to the country of", "country", cities[c]
+        options = rng.sample([v for v in pools[kind] if v != gold], choices - 1) + [gold]
+        rng.shuffle(options)
+        out.append({"question": ctx, "choices": options, "answer": options.index(gold), "category": CATEGORY})
     return out

@@ -83,3 +83,20 @@ def qa_pairs(split: str, n: int, seed: int) -> list[dict]:
         q, _, a = problem(rng)
         out.append({"question": format_problem(q), "answer": str(a), "category": CATEGORY})
     return out
+
+
+def mc_items(split: str, n: int, seed: int) -> list[dict]:
+    """Fresh problems with their worked solution up to the last result, which is to be chosen from the true value
+    and three near misses (off by 1, 2 or 10): graded arithmetic in context, where whole solutions are still rare."""
+    rng = random.Random(split_seed(seed, split, SALT + 200))
+    out = []
+    for _ in range(n):
+        q, sol, a = problem(rng)
+        head, last = sol.rsplit(" ", 1)
+        assert last == f"{a}.", (sol, a)
+        wrong = rng.sample([a + d for d in (-10, -2, -1, 1, 2, 10)], 3)
+        options = [str(v) for v in wrong + [a]]
+        rng.shuffle(options)
+        out.append({"question": format_problem(q) + " " + head, "choices": options, "answer": options.index(str(a)),
+                    "category": CATEGORY})
+    return out
