@@ -32,7 +32,8 @@ SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 # The defaults and their nearest neighbours (the full grid of 2026-11-23's first run is in benchmarks/README.md:
 # ieee dots and maxmask selection were 2-5x slower there, 8 warps slower with tf32x3).
-ENCODE_VARIANTS = [("bisect", "tf32x3", 4), ("bisect", "tf32x3", 8), ("bisect", "ieee", 4), ("maxmask", "tf32x3", 4)]
+ENCODE_VARIANTS = [("bisect", "tf32x3", 4), ("bisect", "tf32x3", 8), ("bisect", "ieee", 4), ("maxmask", "tf32x3", 4),
+                   ("bisect", "tf32x3+fwd-tf32", 4)]  # forward DCT in one tf32 pass, subtraction in tf32x3
 DECODE_VARIANTS = [("tf32x3", 4), ("tf32x3", 8), ("ieee", 4)]
 
 
@@ -59,7 +60,8 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
     ]
     for t, p, w in ENCODE_VARIANTS:
         impls.append(("encode", f"triton {t} {p} w{w}", lambda t=t, p=p, w=w: encode_triton(
-            grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p, topk=t, num_warps=w)))
+            grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p.split("+")[0], topk=t, num_warps=w,
+            forward_precision="tf32" if p.endswith("fwd-tf32") else None)))
     for p, w in DECODE_VARIANTS:
         impls.append(("decode", f"triton {p} w{w}", lambda p=p, w=w: decode_apply_triton(
             param, gi, gv, lay, k, 1e-4, 1.0, True, precision=p, num_warps=w)))

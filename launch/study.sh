@@ -23,5 +23,5 @@ for domain in math facts code; do
     "data.val_domains=[$domain]" train.steps="$EXPERT_STEPS" $COMMON hydra.run.dir="$OUT/$domain"
 done
 flexmore-sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
-  --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" ${BUDGET:+--budget $BUDGET} \
+  --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" ${PARAM_BUDGET:+--budget $PARAM_BUDGET} \
   --val-domains public code math facts --out "$OUT/sweep"

@@ -95,7 +95,7 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
 
 def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
     env = {**os.environ, "SIZE": "tiny", "OUT": str(tmp_path / "study"), "BASE_STEPS": "20", "EXPERT_STEPS": "6",
-           "SEQ": "32", "MB": "4", "CHARS": "100000", "N": "2", "MAXEXP": "2", "VALB": "1", "BUDGET": "20000",
+           "SEQ": "32", "MB": "4", "CHARS": "100000", "N": "2", "MAXEXP": "2", "VALB": "1", "PARAM_BUDGET": "20000",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(REPO / "launch" / "study.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)

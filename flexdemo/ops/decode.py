@@ -19,8 +19,8 @@ from flexdemo.dct import dct_matrix
 from flexdemo.ops.encode import payload_block
 from flexdemo.ops.rounding import cast_like
 
-PRECISION = "tf32x3"  # defaults, the fastest on an H100 (benchmarks/README.md); ~fp32 accuracy on tensor cores
-NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
+PRECISION = "ieee"  # defaults, the fastest on an H100 (benchmarks/README.md): fp32 products of k-deep sums
+NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
 
 
 @triton.jit

@@ -61,7 +61,7 @@ def _kth_largest_bound(bits, K: tl.constexpr):
 @triton.jit
 def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, rows, cols, stride_g, stride_m, grid_cols, beta, lr,
                    HAS_GRAD: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
-                   PRECISION: tl.constexpr, BISECT: tl.constexpr):
+                   PRECISION: tl.constexpr, FWD_PRECISION: tl.constexpr, BISECT: tl.constexpr):
     c = tl.program_id(0)
     gi = c // grid_cols
     gj = c % grid_cols
@@ -76,7 +76,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, rows, cols, stride_g,
     else:
         m = beta * m
     d = tl.load(d_ptr + si[:, None] * S + si[None, :])
-    coef = tl.dot(tl.dot(d, m, input_precision=PRECISION), tl.trans(d), input_precision=PRECISION)
+    coef = tl.dot(tl.dot(d, m, input_precision=FWD_PRECISION), tl.trans(d), input_precision=FWD_PRECISION)
     offs = si[:, None] * S + si[None, :]
     mag = tl.abs(coef)
     if BISECT:
@@ -120,10 +120,13 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, rows, cols, stride_g,
 
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
                   k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, precision: str | None = None,
-                  topk: str | None = None, num_warps: int | None = None) -> None:
+                  topk: str | None = None, num_warps: int | None = None, forward_precision: str | None = None) -> None:
     """Same contract as ``encode_reference``; ``out_idx`` is int32. ``topk``: one of TOPK_METHODS; None = the module's
-    defaults (read at call time, so a benchmark can set them)."""
+    defaults (read at call time, so a benchmark can set them). ``forward_precision`` (default: ``precision``) is the
+    forward DCT's alone: it decides only which coefficients are chosen and their values, never the momentum's
+    consistency, since the momentum loses exactly what was sent (the subtraction runs in ``precision``)."""
     precision, topk, num_warps = precision or PRECISION, topk or TOPK, num_warps or NUM_WARPS
+    forward_precision = forward_precision or precision
     if topk not in TOPK_METHODS:
         raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
     if layout.num_chunks == 0:
@@ -134,7 +137,7 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
     _encode_kernel[(layout.num_chunks,)](
         g, delta, d, out_vals, out_idx, layout.rows, layout.cols, g.stride(0), delta.stride(0), layout.grid[1],
         float(beta), float(lr), HAS_GRAD=grad is not None, S=s, K=k, KB=payload_block(k, s), PRECISION=precision,
-        BISECT=topk == "bisect", num_warps=num_warps,
+        FWD_PRECISION=forward_precision, BISECT=topk == "bisect", num_warps=num_warps,
     )
 
 
