@@ -38,7 +38,6 @@ def _kth_largest_bound(bits, K: tl.constexpr):
     """A bit pattern t with count(bits >= t) >= K and count(bits > t) < K: the k-th largest, or any t that splits
     off exactly K. Two bits per round: the counts at the three candidates are packed into one int64 sum (16 bits
     each, enough for s <= 128), so 16 rounds at most, one reduction each, and fewer once a count is exactly K."""
-    t = tl.zeros((), dtype=tl.int32)
     cnt = tl.sum((bits >= (1 << 30)).to(tl.int32))  # bit 30 alone (bit 31, the sign, is 0 for |c|)
     t = tl.where(cnt >= K, 1 << 30, 0)
     n_t = tl.where(cnt >= K, cnt, 1 << 30)  # count at t; unknown (but >= K) when t = 0: never == K by accident

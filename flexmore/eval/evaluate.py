@@ -26,8 +26,10 @@ def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, ba
         flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
                                 device, batch_size=2 * batch_size)
         acc = acc_norm = 0.0
+        start = 0
         for it in task.items:
-            scores, flat = flat[: len(it["choices"])], flat[len(it["choices"]) :]
+            scores = flat[start : start + len(it["choices"])]
+            start += len(it["choices"])
             acc += float(max(range(len(scores)), key=lambda i: scores[i][0]) == it["answer"])
             acc_norm += float(max(range(len(scores)), key=lambda i: scores[i][0] / max(1, scores[i][1])) == it["answer"])
         return {"acc": acc / len(task.items), "acc_norm": acc_norm / len(task.items)}

@@ -113,6 +113,10 @@ def _qa_document(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _pick(rng: random.Random, templates: list[str], split: str) -> str:
     return templates[-1] if split == "val" else rng.choice(templates[:-1])
 
@@ -128,7 +132,7 @@ def documents(split: str, seed: int) -> Iterator[str]:
         if kind < 0.6:
             p = rng.choice(people)
             parts = [_pick(rng, PERSON_T, split).format(n=p.name, c=p.city, y=p.born),
-                     _pick(rng, JOB_T, split).format(n=p.name, j=p.job, a="an" if p.job[0] in "aeiou" else "a"),
+                     _pick(rng, JOB_T, split).format(n=p.name, j=p.job, a=_article(p.job)),
                      _pick(rng, COLOR_T, split).format(n=p.name, k=p.color),
                      _pick(rng, CITY_T, split).format(c=p.city, o=cities[p.city])]
         elif kind < 0.9:
@@ -166,7 +170,7 @@ def mc_items(split: str, n: int, seed: int, choices: int = 4) -> list[dict]:
     ``choices - 1`` others of the same kind, scored by log-likelihood. Graded where exact recall is still rare."""
     cities, people, companies = world()
     rng = random.Random(split_seed(seed, split, SALT + 200))
-    pools = {"city": sorted(cities), "job": [f"{'an' if j[0] in 'aeiou' else 'a'} {j}" for j in JOBS],
+    pools = {"city": sorted(cities), "job": [f"{_article(j)} {j}" for j in JOBS],
              "color": COLORS, "person": [p.name for p in people], "industry": INDUSTRIES, "country": COUNTRIES}
     out = []
     for _ in range(n):
@@ -175,7 +179,7 @@ def mc_items(split: str, n: int, seed: int, choices: int = 4) -> list[dict]:
             p = rng.choice(people)
             ctx, kind, gold = rng.choice([
                 (f"In {p.born}, {p.name} was born in the city of", "city", p.city),
-                (f"{p.name} trained to become", "job", f"{'an' if p.job[0] in 'aeiou' else 'a'} {p.job}"),
+                (f"{p.name} trained to become", "job", f"{_article(p.job)} {p.job}"),
                 (f"Ask {p.name}: the best colour is", "color", p.color)])
         elif r < 0.9:
             m = rng.choice(companies)
