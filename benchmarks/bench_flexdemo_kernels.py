@@ -30,11 +30,11 @@ from timing import copy_bandwidth, ms  # noqa: E402
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 
-# The defaults and their nearest neighbours (the full grid of 2026-11-23's first run is in benchmarks/README.md:
-# ieee dots and maxmask selection were 2-5x slower there, 8 warps slower with tf32x3).
-ENCODE_VARIANTS = [("bisect", "tf32x3", 4), ("bisect", "tf32x3", 8), ("bisect", "ieee", 4), ("maxmask", "tf32x3", 4),
-                   ("bisect", "tf32x3+fwd-tf32", 4)]  # forward DCT in one tf32 pass, subtraction in tf32x3
-DECODE_VARIANTS = [("tf32x3", 4), ("tf32x3", 8), ("ieee", 4)]
+# The defaults and their nearest neighbours (earlier runs, in benchmarks/README.md: ieee dots and maxmask selection
+# 2-5x slower, decode with 8 warps slower).
+ENCODE_VARIANTS = [("rank", "tf32x3", 4), ("rank", "tf32x3", 8), ("bisect", "tf32x3", 4), ("bisect", "tf32x3", 8),
+                   ("rank", "tf32x3+fwd-tf32", 4)]  # forward DCT in one tf32 pass, subtraction in tf32x3
+DECODE_VARIANTS = [("tf32x3", 4), ("ieee", 4)]
 
 
 def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int, bw: float) -> list[dict]:

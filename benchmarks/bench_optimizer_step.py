@@ -84,7 +84,8 @@ def use_kernel_choice(path: str) -> dict:
 
     best = json.loads(Path(path).read_text())["best"]
     _, topk, precision, warps = best["encode"].split()
-    encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, precision, int(warps[1:])
+    # "+fwd-tf32" (the opt-in one-pass forward DCT) has no module default: its neighbour, the full-precision one
+    encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, precision.split("+")[0], int(warps[1:])
     _, precision, warps = best["decode"].split()
     decode.PRECISION, decode.NUM_WARPS = precision, int(warps[1:])
     return best

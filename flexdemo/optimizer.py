@@ -8,7 +8,8 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     one all-gather of every replica's packed payload    (one collective per step, all parameters)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
 
-Encode and decode + apply run as Triton kernels on CUDA (``kernels``), with torch twins for the CPU.
+Encode and decode + apply run as Triton kernels on CUDA (``kernels``), one launch per param group and dtype for all
+compressed tensors, with torch twins for the CPU.
 
 Every replica decodes the same gathered bytes in the same order with the same arithmetic, so replicas stay
 bit-identical. With no replicate group (or one of size 1) this is single-worker DeMo; with the whole world as the
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
+from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.config import DeMoConfig
 from flexdemo.wire import WireLayout, index_nbytes
 
@@ -47,6 +49,22 @@ class ParamPlan:
     num_sparse: int
     dense_offset: int
     num_dense: int
+
+
+@dataclass
+class _GroupPlan:
+    tables: list  # (ChunkTable, params) per parameter dtype
+    dense: list  # params sent densely
+    dense_slice: slice  # their values in the buffer
+
+
+def _grad_2d(p: torch.Tensor, lay: ChunkLayout) -> torch.Tensor | None:
+    return local_tensor(p.grad).reshape(lay.rows, lay.cols) if p.grad is not None else None
+
+
+def _views_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat tensor into views shaped like ``like``, in order."""
+    return [v.view_as(x) for v, x in zip(flat.split([x.numel() for x in like]), like)]
 
 
 def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPlan], WireLayout]:
@@ -94,8 +112,30 @@ class FlexDeMo(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         for p in self.params:
             self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
-        self.kernels = ops.resolve_kernels(cfg.kernels, local_tensor(self.params[0]).device, cfg.chunk)
+        device = local_tensor(self.params[0]).device
+        self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
+        self._groups = [self._split_group(g["params"], device) for g in self.param_groups]
         self.last_comm: dict[str, float] = {}
+
+    def _split_group(self, params: list, device: torch.device) -> "_GroupPlan":
+        """A param group's compressed tensors as one ChunkTable per parameter dtype (one launch each), and its
+        dense tensors, which sit next to each other in the buffer."""
+        by_dtype: dict[torch.dtype, list] = {}
+        dense = []
+        for p in params:
+            plan = self.plans[self._index[id(p)]]
+            if plan.layout is not None:
+                by_dtype.setdefault(local_tensor(p).dtype, []).append(p)
+            elif plan.num_dense:
+                dense.append(p)
+        tables = []
+        for ps in by_dtype.values():
+            plans = [self.plans[self._index[id(p)]] for p in ps]
+            table = ChunkTable.build([pl.layout for pl in plans], [pl.sparse_offset // self.cfg.topk for pl in plans],
+                                     device)
+            tables.append((table, ps))
+        start = self.plans[self._index[id(dense[0])]].dense_offset if dense else 0
+        return _GroupPlan(tables, dense, slice(start, start + sum(local_tensor(p).numel() for p in dense)))
 
     # --- the three phases of a step, public so tests can simulate replicas without process groups ---
     @torch.no_grad()
@@ -105,25 +145,24 @@ class FlexDeMo(torch.optim.Optimizer):
         device = local_tensor(self.params[0]).device
         values = torch.empty(self.wire.num_sparse + self.wire.num_dense, dtype=cfg.wire_dtype, device=device)
         indices = torch.empty(self.wire.num_sparse, dtype=torch.int32, device=device)
-        for group in self.param_groups:
+        for group, plan in zip(self.param_groups, self._groups):
             lr = group["lr"]
-            for p in group["params"]:
-                plan = self.plans[self._index[id(p)]]
-                delta = self.state[p]["delta"]
-                grad = local_tensor(p.grad) if p.grad is not None else None
-                if plan.layout is not None:
-                    lay = plan.layout
-                    sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
-                    g2 = grad.reshape(lay.rows, lay.cols) if grad is not None else None
-                    ops.encode_chunks(self.kernels, g2, delta.view(lay.rows, lay.cols), lay, cfg.beta, lr,
-                                      cfg.topk, values[sl], indices[sl])
-                elif plan.num_dense:
-                    delta.mul_(cfg.beta)
-                    if grad is not None:
-                        delta.add_(grad.float(), alpha=lr)
-                    sent = delta.reshape(-1).to(cfg.wire_dtype)
-                    values[plan.dense_offset : plan.dense_offset + plan.num_dense] = sent
-                    delta.sub_(sent.float().view_as(delta))  # residual: only what rounding lost
+            for table, ps in plan.tables:
+                grads = [_grad_2d(p, lay) for p, lay in zip(ps, table.layouts)]
+                present = {g.dtype for g in grads if g is not None}
+                if len(present) > 1:  # one gradient dtype per launch: the kernel reads them as fp32 anyway
+                    grads = [g.float() if g is not None else None for g in grads]
+                deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
+                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, cfg.topk, values, indices)
+            if plan.dense:
+                deltas = [self.state[p]["delta"] for p in plan.dense]
+                torch._foreach_mul_(deltas, cfg.beta)
+                with_grad = [(d, local_tensor(p.grad).float()) for d, p in zip(deltas, plan.dense) if p.grad is not None]
+                if with_grad:
+                    torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad], alpha=lr)
+                sent = torch.cat([d.reshape(-1) for d in deltas]).to(cfg.wire_dtype)
+                values[plan.dense_slice] = sent
+                torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
         return self.wire.pack(indices, values, torch.empty(self.wire.nbytes, dtype=torch.uint8, device=device))
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
@@ -143,25 +182,22 @@ class FlexDeMo(torch.optim.Optimizer):
         unpacked = [self.wire.unpack(gathered[r]) for r in range(gathered.shape[0])]
         indices = torch.stack([i for i, _ in unpacked]).to(torch.int32)
         values = torch.stack([v for _, v in unpacked])
-        for group in self.param_groups:
+        for group, plan in zip(self.param_groups, self._groups):
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-            for p in group["params"]:
-                plan = self.plans[self._index[id(p)]]
-                local = local_tensor(p)
-                if plan.layout is not None:
-                    lay = plan.layout
-                    sl = slice(plan.sparse_offset, plan.sparse_offset + plan.num_sparse)
-                    ops.decode_apply_chunks(self.kernels, local.view(lay.rows, lay.cols), indices[:, sl], values[:, sl], lay,
-                                     self.cfg.topk, lr, decay, self.cfg.sign)
-                elif plan.num_dense:
-                    sl = slice(plan.dense_offset, plan.dense_offset + plan.num_dense)
-                    update = values[0, sl].float().clone()
-                    for r in range(1, values.shape[0]):
-                        update += values[r, sl].float()
-                    update /= values.shape[0]
-                    if self.cfg.sign:
-                        update = update.sign()
-                    local.copy_((local.float() * decay - lr * update.view_as(local)).to(local.dtype))
+            for table, ps in plan.tables:
+                params = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
+                ops.decode_apply_table(self.kernels, table, params, indices, values, self.cfg.topk, lr, decay,
+                                       self.cfg.sign)
+            if plan.dense:
+                update = values[0, plan.dense_slice].float().clone()
+                for r in range(1, values.shape[0]):
+                    update += values[r, plan.dense_slice].float()
+                update /= values.shape[0]
+                if self.cfg.sign:
+                    update = update.sign()
+                locals_ = [local_tensor(p) for p in plan.dense]
+                flat = torch.cat([x.reshape(-1).float() for x in locals_])
+                torch._foreach_copy_(locals_, _views_like(flat * decay - lr * update, locals_))
 
     @torch.no_grad()
     def step(self, closure=None):

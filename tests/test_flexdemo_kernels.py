@@ -15,14 +15,15 @@ import torch
 
 from flexdemo import FlexDeMo
 from flexdemo.chunks import ChunkLayout
+from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.dct import dct2, idct2
 from flexdemo.ops import resolve_kernels
 from flexdemo.ops.decode_reference import decode_apply_reference, decode_mean
 from flexdemo.ops.encode_reference import encode_reference
 
 triton = pytest.importorskip("triton")
-from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
-from flexdemo.ops.encode import TOPK_METHODS, encode_triton  # noqa: E402
+from flexdemo.ops.decode import decode_apply_triton, decode_apply_triton_table  # noqa: E402
+from flexdemo.ops.encode import TOPK_METHODS, encode_triton, encode_triton_table  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
@@ -89,23 +90,38 @@ def test_encode_tie_rule_is_lowest_index_first(topk):
     assert (vals[1:] == 0).all() and (vals[0] != 0).all()
 
 
-@pytest.mark.parametrize("k,s", [(1, 16), (3, 16), (40, 16), (40, 128)])
-def test_topk_methods_agree_bit_for_bit(k, s):
-    """Bisection and max-and-mask pick the same set (same tie rule) from the same coefficients: the same (index, value)
-    pairs bit for bit; only the payload order differs (index order vs magnitude order), and with it the order in
-    which the sent part is subtracted, so the residuals agree to fp32 rounding."""
+@pytest.mark.parametrize("k,s", [(1, 16), (3, 16), (8, 16), (40, 16), (40, 128)])
+@pytest.mark.parametrize("spectrum", ["flat", "few-rows"])
+def test_topk_methods_agree_bit_for_bit(k, s, spectrum):
+    """All selection methods pick the same set (same tie rule) from the same coefficients: the same (index, value)
+    pairs bit for bit. Rank selection (2k <= s) and max-and-mask both write in descending magnitude, so their
+    payloads and residuals are identical; bisection writes in index order, so its residual agrees to rounding.
+    "few-rows": the energy sits in three rows of coefficients, so the k-th largest row maximum is a loose bound and
+    rank selection must narrow it before ranking."""
     torch.manual_seed(k)
     lay = ChunkLayout(37 * s // 16, 50 * s // 16, s)  # s = 128: counts up to 16384 in the packed 16-bit fields
     delta = torch.randn(lay.rows, lay.cols, device=DEVICE)
+    if spectrum == "few-rows":
+        coef = torch.randn(lay.num_chunks, s, s, device=DEVICE) * 1e-3
+        coef[:, :3] *= 1e4
+        delta = lay.from_chunks(idct2(coef)).contiguous()
     grad = torch.randn(lay.rows, lay.cols, device=DEVICE).bfloat16()
     delta[:, 2 * s:] = 0.0  # whole zero chunks: ties at the cut
     grad[:, 2 * s:] = 0.0
-    out = {m: run_encode(encode_triton, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, topk=m) for m in TOPK_METHODS}
-    (d_a, v_a, i_a), (d_b, v_b, i_b) = out.values()
-    torch.testing.assert_close(d_a, d_b, rtol=1e-6, atol=1e-6)
-    o_a, o_b = i_a.argsort(dim=1), i_b.argsort(dim=1)
-    assert torch.equal(i_a.gather(1, o_a), i_b.gather(1, o_b))
-    assert torch.equal(v_a.gather(1, o_a), v_b.gather(1, o_b))
+    beta, lr = (1.0, 0.0) if spectrum == "few-rows" else (0.9, 0.1)
+    out = {m: run_encode(encode_triton, grad, delta, lay, beta, lr, k, torch.bfloat16, topk=m) for m in TOPK_METHODS}
+    d_a, v_a, i_a = out["maxmask"]
+    for m in ("rank", "bisect"):
+        d_b, v_b, i_b = out[m]
+        torch.testing.assert_close(d_a, d_b, rtol=1e-6, atol=1e-6 * max(1.0, delta.abs().max().item()))
+        o_a, o_b = i_a.argsort(dim=1), i_b.argsort(dim=1)
+        assert torch.equal(i_a.gather(1, o_a), i_b.gather(1, o_b))
+        assert torch.equal(v_a.gather(1, o_a), v_b.gather(1, o_b))
+    if 2 * k <= s:
+        d_b, v_b, i_b = out["rank"]
+        live = slice(0, 2)  # chunks with data (the rest are all-zero: index order, as ties)
+        assert torch.equal(i_a[live], i_b[live]) and torch.equal(v_a[live], v_b[live])
+        assert torch.equal(lay.to_chunks(d_a)[live], lay.to_chunks(d_b)[live])
 
 
 def random_payload(lay, k, replicas, wire):
@@ -194,10 +210,63 @@ def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(r
             assert torch.equal(p, q)
 
 
+def test_one_table_launch_equals_one_launch_per_tensor():
+    """Encode and decode + apply over a ChunkTable of odd shapes (chunk counts 1..12, a tensor without gradient, a
+    strided row view, payload places out of order with gaps) give the same bits as one launch per tensor."""
+    torch.manual_seed(21)
+    s, k = 16, 5
+    shapes = [(37, 21), (16, 16), (5, 70), (50, 33)]
+    lays = [ChunkLayout(r, c, s) for r, c in shapes]
+    firsts = [9, 0, 4, 20]  # 6, 1, 5 and 12 chunks: tensor 1 first, gaps at 1..3 and 15..19; 32 payload chunks
+    table = ChunkTable.build(lays, firsts, torch.device(DEVICE))
+    assert table.num_chunks == sum(lay.num_chunks for lay in lays) == 24
+    wide = torch.randn(50, 40, device=DEVICE)
+    grads = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    grads[1], grads[3] = None, wide[:, :33]  # no gradient; rows of stride 40
+    deltas = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    n = 32 * k
+    one = ([d.clone() for d in deltas], torch.zeros(n, dtype=torch.bfloat16, device=DEVICE),
+           torch.full((n,), -1, dtype=torch.int32, device=DEVICE))
+    each = ([d.clone() for d in deltas], one[1].clone(), one[2].clone())
+    encode_triton_table(table, grads, one[0], 0.9, 0.1, k, one[1], one[2])
+    for lay, f, g, d in zip(lays, firsts, grads, each[0]):
+        sl = slice(f * k, (f + lay.num_chunks) * k)
+        encode_triton(g, d, lay, 0.9, 0.1, k, each[1][sl], each[2][sl])
+    for a, b in zip(one[0], each[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(one[1], each[1]) and torch.equal(one[2], each[2])
+    assert (one[2][k : 4 * k] == -1).all() and (one[2][15 * k : 20 * k] == -1).all()  # the gaps are left alone
+    assert (one[2][: k] >= 0).all() and (one[2][4 * k : 15 * k] >= 0).all() and (one[2][20 * k :] >= 0).all()
+    idx, vals = random_payload(ChunkLayout(32 * s, s, s), k, 2, torch.bfloat16)  # 32 chunks of payload, 2 replicas
+    params = [torch.randn(r, c, device=DEVICE).to(dt) for (r, c), dt in zip(shapes, [torch.float32] * 4)]
+    p_one, p_each = [p.clone() for p in params], [p.clone() for p in params]
+    decode_apply_triton_table(table, p_one, idx, vals, k, lr=0.01, decay=0.99, sign=True)
+    for lay, f, p in zip(lays, firsts, p_each):
+        sl = slice(f * k, (f + lay.num_chunks) * k)
+        decode_apply_triton(p, idx[:, sl], vals[:, sl], lay, k, lr=0.01, decay=0.99, sign=True)
+    for a, b in zip(p_one, p_each):
+        assert torch.equal(a, b)
+
+
+def test_chunk_table_rejects_bad_input_before_launch():
+    lays = [ChunkLayout(20, 20, 16), ChunkLayout(8, 8, 16)]
+    with pytest.raises(ValueError, match="2 layouts but 1 payload offsets"):
+        ChunkTable.build(lays, [0], torch.device(DEVICE))
+    with pytest.raises(ValueError, match=r"one chunk size per table; got \[16, 32\]"):
+        ChunkTable.build([lays[0], ChunkLayout(8, 8, 32)], [0, 4], torch.device(DEVICE))
+    table = ChunkTable.build(lays, [0, 4], torch.device(DEVICE))
+    with pytest.raises(ValueError, match=r"tensor 1: shape \(8, 9\).*wants \(8, 8\)"):
+        table.addresses([torch.zeros(20, 20), torch.zeros(8, 9)])
+    with pytest.raises(ValueError, match="one parameter dtype per launch"):
+        decode_apply_triton_table(table, [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE).bfloat16()],
+                                  torch.zeros(1, 5 * 16, dtype=torch.int32, device=DEVICE),
+                                  torch.zeros(1, 5 * 16, device=DEVICE), 16, 0.1, 1.0, True)
+
+
 def test_unknown_topk_method_is_rejected_before_launch():
     lay = ChunkLayout(16, 16, 16)
     delta = torch.randn(16, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="topk='sort'; allowed: bisect, maxmask"):
+    with pytest.raises(ValueError, match="topk='sort'; allowed: rank, bisect, maxmask"):
         run_encode(encode_triton, None, delta, lay, 0.9, 0.1, 4, torch.float32, topk="sort")
 
 

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from flexdemo.ops.chunk_table import ChunkTable
+
 KERNELS = ("auto", "torch", "triton")
 TRITON_CHUNKS = (16, 32, 64, 128)  # tl.arange wants powers of two; tl.dot wants >= 16
 
@@ -36,6 +38,30 @@ def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
     if requested == "auto":
         return "triton" if why is None and device.type == "cuda" else "torch"
     return requested
+
+
+def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr: float, k: int,
+                 out_vals: torch.Tensor, out_idx: torch.Tensor) -> None:
+    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch)."""
+    if kernels == "triton":
+        from flexdemo.ops.encode import encode_triton_table
+
+        return encode_triton_table(table, grads, deltas, beta, lr, k, out_vals, out_idx)
+    for lay, first, g, m in zip(table.layouts, table.payload_first, grads, deltas):
+        sl = slice(first * k, (first + lay.num_chunks) * k)
+        encode_chunks(kernels, g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl])
+
+
+def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,
+                       k: int, lr: float, decay: float, sign: bool) -> None:
+    """Decode + apply every tensor of ``table``: one launch (triton) or the reference per tensor (torch)."""
+    if kernels == "triton":
+        from flexdemo.ops.decode import decode_apply_triton_table
+
+        return decode_apply_triton_table(table, params, indices, values, k, lr, decay, sign)
+    for lay, first, p in zip(table.layouts, table.payload_first, params):
+        sl = slice(first * k, (first + lay.num_chunks) * k)
+        decode_apply_chunks(kernels, p, indices[:, sl], values[:, sl], lay, k, lr, decay, sign)
 
 
 def encode_chunks(kernels: str, *args, **kw) -> None:

@@ -5,7 +5,8 @@ at most R * k nonzeros, so it is built as a sum of rank-one products, (w * D[row
 payload entries, replica by replica in order 0..R-1 (the same bits on every replica). w = value / (number of
 replicas that sent that position), counted by comparing the index lists. At k = 32 of 64 x 64 and R = 2 that is a
 quarter of the work of a dense inverse, and no dense coefficient tile is ever built. Then optional sign,
-p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). The torch twin is ``decode_reference.py``.
+p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). One tensor per launch, or every tensor of a
+``ChunkTable``. The torch twin is ``decode_reference.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import triton.language as tl
 
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
+from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.encode import payload_block
 from flexdemo.ops.rounding import cast_like
 
@@ -24,13 +26,23 @@ NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
 
 
 @triton.jit
-def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, rows, cols, stride_p, grid_cols, idx_rstride, val_rstride, lr,
-                   decay, R: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    c = tl.program_id(0)
-    gi = c // grid_cols
-    gj = c % grid_cols
+def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p, grid_cols,
+                   idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+                   K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr):
+    c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
+    if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
+        t = tl.load(owner_ptr + c)
+        meta = table_ptr + t * 5
+        pp = tl.load(addr_ptr + t * 2).to(p_ptr.dtype)
+        sp = tl.load(addr_ptr + t * 2 + 1).to(tl.int32)
+        n_rows = tl.load(meta).to(tl.int32)
+        n_cols = tl.load(meta + 1).to(tl.int32)
+        gc = tl.load(meta + 2).to(tl.int32)
+        local = (c - tl.load(meta + 3)).to(tl.int32)
+        c = tl.load(meta + 4) + local
+    else:
+        pp, sp, n_rows, n_cols, gc, local = p_ptr, stride_p, rows, cols, grid_cols, c
     kk = tl.arange(0, KB)
     upd = tl.zeros((S, S), dtype=tl.float32)
     for rep in tl.static_range(R):
@@ -50,12 +62,12 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, rows, cols, stride_p, grid_c
             upd = tl.dot(tl.trans(a), b, acc=upd, input_precision=PRECISION)
     if SIGN:
         upd = tl.where(upd > 0, 1.0, tl.where(upd < 0, -1.0, 0.0))
-    r = gi * S + si[:, None]
-    q = gj * S + si[None, :]
-    mask = (r < rows) & (q < cols)
-    p = tl.load(p_ptr + r * stride_p + q, mask=mask, other=0.0).to(tl.float32)
+    r = (local // gc) * S + si[:, None]
+    q = (local % gc) * S + si[None, :]
+    mask = (r < n_rows) & (q < n_cols)
+    p = tl.load(pp + r * sp + q, mask=mask, other=0.0).to(tl.float32)
     p = p * decay - lr * upd
-    tl.store(p_ptr + r * stride_p + q, cast_like(p, p_ptr), mask=mask)
+    tl.store(pp + r * sp + q, cast_like(p, p_ptr), mask=mask)
 
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
@@ -69,7 +81,26 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
     s = layout.s
     d = dct_matrix(s, param.device, torch.float32)
     _decode_kernel[(layout.num_chunks,)](
-        param, indices, values, d, layout.rows, layout.cols, param.stride(0), layout.grid[1], indices.stride(0),
-        values.stride(0), float(lr), float(decay), R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign,
-        PRECISION=precision, num_warps=num_warps,
+        param, indices, values, d, d, d, d, layout.rows, layout.cols, param.stride(0), layout.grid[1],
+        indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=False, R=indices.shape[0], S=s, K=k,
+        KB=payload_block(k, s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
+    )
+
+
+def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], indices: torch.Tensor,
+                              values: torch.Tensor, k: int, lr: float, decay: float, sign: bool,
+                              precision: str | None = None, num_warps: int | None = None) -> None:
+    """``decode_apply_triton`` for every tensor of ``table`` in one launch. params[t]: (rows, cols) views with unit
+    column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor reading at its
+    ``payload_first`` chunk."""
+    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
+    if table.num_chunks == 0:
+        return
+    if len({p.dtype for p in params}) > 1:
+        raise ValueError(f"one parameter dtype per launch; got {sorted({str(p.dtype) for p in params})}")
+    d = dct_matrix(table.s, params[0].device, torch.float32)
+    _decode_kernel[(table.num_chunks,)](
+        params[0], indices, values, d, table.meta, table.addresses(params), table.tensor_of_chunk, 0, 0, 0, 0,
+        indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=True, R=indices.shape[0], S=table.s,
+        K=k, KB=payload_block(k, table.s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
     )

@@ -1,11 +1,13 @@
 """Fused encode as one Triton kernel: one program per s x s chunk, one pass over the gradient and the momentum.
 
-momentum update -> 2-D DCT (two small matmuls) -> top-k of |C| (ties: lowest index), either by searching the k-th
-largest magnitude's fp32 bits two at a time (stopping as soon as exactly k are above the bound) or by k rounds of
-max-and-mask -> payload (values in the wire dtype, int32 chunk-local indices) -> momentum minus the inverse DCT of
-what was sent (rank-k products of gathered basis rows, read back from the payload: a quarter of a dense inverse at
-k = 32 of 64 x 64, and the rest of the momentum never goes through a transform) -> momentum written back.
-Bytes moved per element: read grad, read + write momentum. The torch twin is ``encode_reference.py``.
+momentum update -> 2-D DCT (two small matmuls) -> top-k of |C| (ties: lowest index) -> payload (values in the wire
+dtype, int32 chunk-local indices) -> momentum minus the inverse DCT of what was sent (rank-k products of gathered
+basis rows, read back from the payload: a quarter of a dense inverse at k = 32 of 64 x 64, and the rest of the
+momentum never goes through a transform) -> momentum written back. Top-k (``topk``): ``rank`` (default) brackets the
+k-th largest by the k-th largest row maximum, narrows until at most s candidates remain and ranks those against each
+other; ``bisect`` searches the k-th largest magnitude's fp32 bits two at a time; ``maxmask`` takes k rounds of
+max-and-mask (the naive twin the others are tested against). One tensor per launch, or every tensor of a
+``ChunkTable``. Bytes moved per element: read grad, read + write momentum. The torch twin is ``encode_reference.py``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import triton.language as tl
 
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
+from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.rounding import cast_like
 
-TOPK_METHODS = ("bisect", "maxmask")
-TOPK = "bisect"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
+TOPK_METHODS = ("rank", "bisect", "maxmask")
+TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
 PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; ieee (CUDA-core fp32) is 2.5-5x slower
 NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
 
@@ -58,43 +61,126 @@ def _kth_largest_bound(bits, K: tl.constexpr):
 
 
 @triton.jit
-def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, rows, cols, stride_g, stride_m, grid_cols, beta, lr,
-                   HAS_GRAD: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
-                   PRECISION: tl.constexpr, FWD_PRECISION: tl.constexpr, BISECT: tl.constexpr):
-    c = tl.program_id(0)
-    gi = c // grid_cols
-    gj = c % grid_cols
+def _store_above_and_ties(coef, bits, t, offs, vals_ptr, idx_ptr, c, K: tl.constexpr):
+    """Given t, the k-th largest of bits: payload = every entry above t, then the lowest-index ties at t, in index
+    order."""
+    above = bits > t
+    tie = bits == t
+    need = K - tl.sum(above.to(tl.int32))
+    if tl.sum(tie.to(tl.int32)) > need:  # more ties than room: the lowest indices first
+        take = above | (tie & (_exclusive_rank(tie.to(tl.int32)) < need))
+    else:
+        take = above | tie
+    slot = _exclusive_rank(take.to(tl.int32))
+    tl.store(vals_ptr + c * K + slot, cast_like(coef, vals_ptr), mask=take)
+    tl.store(idx_ptr + c * K + slot, offs, mask=take)
+
+
+@triton.jit
+def _rank_desc(keys, pos):
+    """Per entry of (N,) keys with distinct positions: how many entries come before it in (key descending, position
+    ascending) order, i.e. its slot in a stable descending sort. One N x N comparison tile."""
+    before = (keys[None, :] > keys[:, None]) | ((keys[None, :] == keys[:, None]) & (pos[None, :] < pos[:, None]))
+    return tl.sum(before.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
+    """From count(bits >= lo) = n_lo >= K and count(bits >= hi) < K, move lo up and hi down (three quartile
+    candidates per round, their counts packed in one int64 reduction) until n_lo <= CAP or hi = lo + 1 (lo is then
+    the k-th largest). Returns lo, n_lo."""
+    while (n_lo > CAP) & (hi - lo > 1):
+        w = hi - lo
+        c1 = lo + (w >> 2)
+        c2 = lo + (w >> 1)
+        c3 = c2 + (w >> 2)
+        packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16) + ((bits >= c3).to(tl.int64) << 32))
+        n1 = (packed & 0xFFFF).to(tl.int32)
+        n2 = ((packed >> 16) & 0xFFFF).to(tl.int32)
+        n3 = (packed >> 32).to(tl.int32)
+        hi = tl.where(n1 < K, c1, tl.where(n2 < K, c2, tl.where(n3 < K, c3, hi)))
+        lo_new = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, lo)))
+        n_lo = tl.where(n3 >= K, n3, tl.where(n2 >= K, n2, tl.where(n1 >= K, n1, n_lo)))
+        lo = lo_new
+    return lo, n_lo
+
+
+@triton.jit
+def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_g,
+                   stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr, GROUPED: tl.constexpr, S: tl.constexpr,
+                   K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr, FWD_PRECISION: tl.constexpr,
+                   SELECT: tl.constexpr):
+    c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
-    r = gi * S + si[:, None]
-    q = gj * S + si[None, :]
-    mask = (r < rows) & (q < cols)
-    m = tl.load(m_ptr + r * stride_m + q, mask=mask, other=0.0)
+    if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
+        t = tl.load(owner_ptr + c)
+        meta = table_ptr + t * 5
+        addr = addr_ptr + t * 4
+        g_addr = tl.load(addr)
+        gp = g_addr.to(g_ptr.dtype)
+        sg = tl.load(addr + 1).to(tl.int32)
+        mp = tl.load(addr + 2).to(m_ptr.dtype)
+        sm = tl.load(addr + 3).to(tl.int32)
+        n_rows = tl.load(meta).to(tl.int32)
+        n_cols = tl.load(meta + 1).to(tl.int32)
+        gc = tl.load(meta + 2).to(tl.int32)
+        local = (c - tl.load(meta + 3)).to(tl.int32)
+        c = tl.load(meta + 4) + local
+        g_live = g_addr != 0  # a tensor without a gradient: its momentum only decays
+    else:
+        gp, sg, mp, sm, n_rows, n_cols, gc, local, g_live = g_ptr, stride_g, m_ptr, stride_m, rows, cols, grid_cols, c, 1
+    r = (local // gc) * S + si[:, None]
+    q = (local % gc) * S + si[None, :]
+    mask = (r < n_rows) & (q < n_cols)
+    g_mask = mask & (tl.zeros_like(r) + g_live != 0)
+    m = tl.load(mp + r * sm + q, mask=mask, other=0.0)
     if HAS_GRAD:
-        g = tl.load(g_ptr + r * stride_g + q, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gp + r * sg + q, mask=g_mask, other=0.0).to(tl.float32)
         m = beta * m + lr * g
     else:
         m = beta * m
     d = tl.load(d_ptr + si[:, None] * S + si[None, :])
     coef = tl.dot(tl.dot(d, m, input_precision=FWD_PRECISION), tl.trans(d), input_precision=FWD_PRECISION)
     offs = si[:, None] * S + si[None, :]
-    mag = tl.abs(coef)
-    if BISECT:
-        # |c| >= 0, so its fp32 bits order like the values: take everything above the bound and the lowest-index
-        # ties at it, compacted in index order.
-        bits = mag.to(tl.int32, bitcast=True)
-        t = _kth_largest_bound(bits, K)
-        above = bits > t
-        tie = bits == t
-        need = K - tl.sum(above.to(tl.int32))
-        if tl.sum(tie.to(tl.int32)) > need:  # more ties than room: the lowest indices first
-            take = above | (tie & (_exclusive_rank(tie.to(tl.int32)) < need))
+    if SELECT == "rank":
+        # Bracket the k-th largest |c| (as fp32 bits, which order like the values): k rows have their maximum at or
+        # above the k-th largest row maximum, so it is a lower bound, and the overall maximum + 1 an upper one.
+        # Narrow until at most CAP = S coefficients are at or above the lower bound, copy those few out (through a
+        # per-program scratch row; the barrier makes the copies visible to every thread) and rank them against each
+        # other: slot = rank, ties to the lowest index, payload in descending magnitude.
+        bits = tl.abs(coef).to(tl.int32, bitcast=True)
+        COMPACT: tl.constexpr = 2 * K <= S
+        if COMPACT:
+            rmax = tl.max(bits, axis=1)
+            lo = tl.sum(tl.where(_rank_desc(rmax, si) == K - 1, rmax, 0))
+            hi = tl.max(rmax) + 1
         else:
-            take = above | tie
-        slot = _exclusive_rank(take.to(tl.int32))
-        tl.store(vals_ptr + c * K + slot, cast_like(coef, vals_ptr), mask=take)
-        tl.store(idx_ptr + c * K + slot, offs, mask=take)
+            lo = tl.zeros((), tl.int32)
+            hi = tl.max(bits) + 1
+        n_lo = tl.sum((bits >= lo).to(tl.int32))
+        lo, n_lo = _narrow(bits, lo, n_lo, hi, K, S if COMPACT else K)
+        if COMPACT and n_lo <= S:
+            sel = bits >= lo
+            slot = _exclusive_rank(sel.to(tl.int32))
+            row = scratch_ptr + tl.program_id(0).to(tl.int64) * (2 * S)
+            tl.store(row + slot, coef.to(tl.int32, bitcast=True), mask=sel)
+            tl.store(row + S + slot, offs, mask=sel)
+            tl.debug_barrier()
+            live = si < n_lo
+            cv = tl.load(row + si, mask=live, other=0).to(tl.float32, bitcast=True)
+            ci = tl.load(row + S + si, mask=live, other=0) + tl.where(live, 0, S * S + si)  # empties: last
+            rank = _rank_desc(tl.where(live, tl.abs(cv).to(tl.int32, bitcast=True), -1), ci)
+            tl.store(vals_ptr + c * K + rank, cast_like(cv, vals_ptr), mask=rank < K)
+            tl.store(idx_ptr + c * K + rank, ci, mask=rank < K)
+        else:  # lo is the k-th largest (many exact ties, e.g. an all-zero chunk): all above, lowest-index ties
+            _store_above_and_ties(coef, bits, lo, offs, vals_ptr, idx_ptr, c, K)
+    elif SELECT == "bisect":
+        # the k-th largest |c| two bits at a time; all above it and the lowest-index ties, in index order
+        bits = tl.abs(coef).to(tl.int32, bitcast=True)
+        _store_above_and_ties(coef, bits, _kth_largest_bound(bits, K), offs, vals_ptr, idx_ptr, c, K)
     else:
         # k rounds of max-and-mask (ties: lowest index), payload in descending magnitude
+        mag = tl.abs(coef)
         for j in range(K):
             top = tl.max(mag)
             pos = tl.min(tl.where(mag == top, offs, S * S))
@@ -114,7 +200,12 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, rows, cols, stride_g,
         a = tl.load(d_ptr + (pi // S)[:, None] * S + si[None, :]) * pv[:, None]
         b = tl.load(d_ptr + (pi % S)[:, None] * S + si[None, :])
         m = tl.dot(tl.trans(-a), b, acc=m, input_precision=PRECISION)
-    tl.store(m_ptr + r * stride_m + q, m, mask=mask)
+    # The same addresses as the first load, computed again from ``zero`` (a runtime 0 the compiler cannot fold):
+    # otherwise the 64-bit address tile of the first load is kept live to here, and the kernel spills.
+    si = si + zero
+    r = (local // gc) * S + si[:, None]
+    q = (local % gc) * S + si[None, :]
+    tl.store(mp + r * sm + q, m, mask=(r < n_rows) & (q < n_cols))
 
 
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
@@ -134,10 +225,43 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
     d = dct_matrix(s, delta.device, torch.float32)
     g = grad if grad is not None else delta
     _encode_kernel[(layout.num_chunks,)](
-        g, delta, d, out_vals, out_idx, layout.rows, layout.cols, g.stride(0), delta.stride(0), layout.grid[1],
-        float(beta), float(lr), HAS_GRAD=grad is not None, S=s, K=k, KB=payload_block(k, s), PRECISION=precision,
-        FWD_PRECISION=forward_precision, BISECT=topk == "bisect", num_warps=num_warps,
+        g, delta, d, out_vals, out_idx, _scratch(layout.num_chunks, k, s, topk, delta.device), d, d, d, layout.rows,
+        layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), float(lr),
+        HAS_GRAD=grad is not None, GROUPED=False, S=s, K=k, KB=payload_block(k, s), PRECISION=precision,
+        FWD_PRECISION=forward_precision, SELECT=topk, num_warps=num_warps,
     )
+
+
+def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], deltas: list[torch.Tensor], beta: float,
+                        lr: float, k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
+                        precision: str | None = None, topk: str | None = None, num_warps: int | None = None,
+                        forward_precision: str | None = None) -> None:
+    """``encode_triton`` for every tensor of ``table`` in one launch. grads[t] / deltas[t]: (rows, cols) views with
+    unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the whole payload, each tensor
+    writing at its ``payload_first`` chunk. All gradients given must share one dtype."""
+    precision, topk, num_warps = precision or PRECISION, topk or TOPK, num_warps or NUM_WARPS
+    forward_precision = forward_precision or precision
+    if topk not in TOPK_METHODS:
+        raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
+    if table.num_chunks == 0:
+        return
+    present = [g for g in grads if g is not None]
+    if len({g.dtype for g in present}) > 1:
+        raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
+    d = dct_matrix(table.s, deltas[0].device, torch.float32)
+    g_like = present[0] if present else deltas[0]
+    addr = table.addresses(grads, deltas)
+    _encode_kernel[(table.num_chunks,)](
+        g_like, deltas[0], d, out_vals, out_idx, _scratch(table.num_chunks, k, table.s, topk, d.device), table.meta,
+        addr, table.tensor_of_chunk, 0, 0, 0, 0, 0, 0, float(beta), float(lr), HAS_GRAD=bool(present), GROUPED=True, S=table.s, K=k, KB=payload_block(k, table.s),
+        PRECISION=precision, FWD_PRECISION=forward_precision, SELECT=topk, num_warps=num_warps,
+    )
+
+
+def _scratch(programs: int, k: int, s: int, topk: str, device: torch.device) -> torch.Tensor:
+    """The rank selection's per-program row: up to s candidate values and their indices."""
+    n = programs * 2 * s if topk == "rank" and 2 * k <= s else 1
+    return torch.empty(n, dtype=torch.int32, device=device)
 
 
 def payload_block(k: int, s: int) -> int:

@@ -1,0 +1,76 @@
+"""Many tensors' chunks as one kernel launch: which tensor each chunk belongs to and where its payload goes.
+
+A model has dozens to hundreds of 2-D tensors, most of them only a few hundred chunks: one launch per tensor is a
+partial wave over the GPU and a Python launch each, so the optimizer step becomes launch-bound (benchmarks/README.md).
+One launch over a table of every tensor's chunks fills the GPU and costs one launch. The table's shapes and offsets
+are fixed when it is built; the tensors' addresses and row strides are passed per call (gradients are new tensors
+every step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexdemo.chunks import ChunkLayout
+
+# columns of ChunkTable.meta
+ROWS, COLS, GRID_COLS, LAUNCH_FIRST, PAYLOAD_FIRST = range(5)
+
+
+@dataclass
+class ChunkTable:
+    """Tensors t = 0..T-1 with their layouts; launch chunk c belongs to tensor ``tensor_of_chunk[c]``, is its chunk
+    ``c - meta[t, LAUNCH_FIRST]`` (row-major over its chunk grid) and writes / reads payload chunk
+    ``meta[t, PAYLOAD_FIRST] + that``."""
+
+    layouts: list[ChunkLayout]
+    payload_first: list[int]
+    tensor_of_chunk: torch.Tensor  # (num_chunks,) int32
+    meta: torch.Tensor  # (T, 5) int64
+
+    @classmethod
+    def build(cls, layouts: list[ChunkLayout], payload_first: list[int], device: torch.device) -> "ChunkTable":
+        if len(layouts) != len(payload_first):
+            raise ValueError(f"{len(layouts)} layouts but {len(payload_first)} payload offsets")
+        if len({lay.s for lay in layouts}) > 1:
+            raise ValueError(f"one chunk size per table; got {sorted({lay.s for lay in layouts})}")
+        rows, owner, first = [], [], 0
+        for t, (lay, pf) in enumerate(zip(layouts, payload_first)):
+            rows.append([lay.rows, lay.cols, lay.grid[1], first, pf])
+            owner.append(torch.full((lay.num_chunks,), t, dtype=torch.int32))
+            first += lay.num_chunks
+        meta = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
+        tensor_of_chunk = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.int32)
+        return cls(list(layouts), list(payload_first), tensor_of_chunk.to(device), meta.to(device))
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.tensor_of_chunk.numel())
+
+    @property
+    def s(self) -> int:
+        return self.layouts[0].s
+
+    def addresses(self, *tensor_lists: list[torch.Tensor | None]) -> torch.Tensor:
+        """(T, 2 * len(tensor_lists)) int64 on the table's device: each list's [address, row stride] per tensor
+        (0, 0 for None). Each tensor must be a (rows, cols) view with unit column stride, as the kernels index it."""
+        out = []
+        for t, lay in enumerate(self.layouts):
+            row = []
+            for tensors in tensor_lists:
+                x = tensors[t]
+                if x is None:
+                    row += [0, 0]
+                    continue
+                if tuple(x.shape) != (lay.rows, lay.cols) or (lay.cols > 1 and x.stride(1) != 1):
+                    raise ValueError(f"tensor {t}: shape {tuple(x.shape)} stride {x.stride()}; the table wants "
+                                     f"({lay.rows}, {lay.cols}) with unit column stride")
+                row += [x.data_ptr(), x.stride(0)]
+            out.append(row)
+        host = torch.tensor(out, dtype=torch.int64)
+        device = self.meta.device
+        if device.type == "cuda":  # pinned and asynchronous: no wait for the queued backward pass
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
