@@ -258,7 +258,8 @@ def test_chunk_table_rejects_bad_input_before_launch():
     with pytest.raises(ValueError, match=r"tensor 1: shape \(8, 9\).*wants \(8, 8\)"):
         table.addresses([torch.zeros(20, 20), torch.zeros(8, 9)])
     with pytest.raises(ValueError, match="one parameter dtype per launch"):
-        decode_apply_triton_table(table, [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE).bfloat16()],
+        mixed = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE).bfloat16()]
+        decode_apply_triton_table(table, mixed,
                                   torch.zeros(1, 5 * 16, dtype=torch.int32, device=DEVICE),
                                   torch.zeros(1, 5 * 16, device=DEVICE), 16, 0.1, 1.0, True)
 

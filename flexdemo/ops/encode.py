@@ -37,6 +37,13 @@ def _exclusive_rank(x):
 
 
 @triton.jit
+def _count3(bits, c1, c2, c3):
+    """count(bits >= c) for three candidates in one reduction: packed 16 bits apart in an int64 (s <= 128)."""
+    packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16) + ((bits >= c3).to(tl.int64) << 32))
+    return (packed & 0xFFFF).to(tl.int32), ((packed >> 16) & 0xFFFF).to(tl.int32), (packed >> 32).to(tl.int32)
+
+
+@triton.jit
 def _kth_largest_bound(bits, K: tl.constexpr):
     """A bit pattern t with count(bits >= t) >= K and count(bits > t) < K: the k-th largest, or any t that splits
     off exactly K. Two bits per round: the counts at the three candidates are packed into one int64 sum (16 bits
@@ -49,10 +56,7 @@ def _kth_largest_bound(bits, K: tl.constexpr):
         c1 = t | (1 << sh)
         c2 = t | (2 << sh)
         c3 = t | (3 << sh)
-        packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16) + ((bits >= c3).to(tl.int64) << 32))
-        n1 = (packed & 0xFFFF).to(tl.int32)
-        n2 = ((packed >> 16) & 0xFFFF).to(tl.int32)
-        n3 = (packed >> 32).to(tl.int32)
+        n1, n2, n3 = _count3(bits, c1, c2, c3)
         t_new = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, t)))
         n_t = tl.where(n3 >= K, n3, tl.where(n2 >= K, n2, tl.where(n1 >= K, n1, n_t)))
         t = t_new
@@ -94,10 +98,7 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
         c1 = lo + (w >> 2)
         c2 = lo + (w >> 1)
         c3 = c2 + (w >> 2)
-        packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16) + ((bits >= c3).to(tl.int64) << 32))
-        n1 = (packed & 0xFFFF).to(tl.int32)
-        n2 = ((packed >> 16) & 0xFFFF).to(tl.int32)
-        n3 = (packed >> 32).to(tl.int32)
+        n1, n2, n3 = _count3(bits, c1, c2, c3)
         hi = tl.where(n1 < K, c1, tl.where(n2 < K, c2, tl.where(n3 < K, c3, hi)))
         lo_new = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, lo)))
         n_lo = tl.where(n3 >= K, n3, tl.where(n2 >= K, n2, tl.where(n1 >= K, n1, n_lo)))
@@ -106,9 +107,9 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
-def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_g,
-                   stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr, GROUPED: tl.constexpr, S: tl.constexpr,
-                   K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr, FWD_PRECISION: tl.constexpr,
+def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols,
+                   stride_g, stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr, GROUPED: tl.constexpr,
+                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr, FWD_PRECISION: tl.constexpr,
                    SELECT: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
@@ -128,7 +129,8 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
         c = tl.load(meta + 4) + local
         g_live = g_addr != 0  # a tensor without a gradient: its momentum only decays
     else:
-        gp, sg, mp, sm, n_rows, n_cols, gc, local, g_live = g_ptr, stride_g, m_ptr, stride_m, rows, cols, grid_cols, c, 1
+        gp, sg, mp, sm, g_live = g_ptr, stride_g, m_ptr, stride_m, 1
+        n_rows, n_cols, gc, local = rows, cols, grid_cols, c
     r = (local // gc) * S + si[:, None]
     q = (local % gc) * S + si[None, :]
     mask = (r < n_rows) & (q < n_cols)
@@ -215,20 +217,15 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
     defaults (read at call time, so a benchmark can set them). ``forward_precision`` (default: ``precision``) is the
     forward DCT's alone: it decides only which coefficients are chosen and their values, never the momentum's
     consistency, since the momentum loses exactly what was sent (the subtraction runs in ``precision``)."""
-    precision, topk, num_warps = precision or PRECISION, topk or TOPK, num_warps or NUM_WARPS
-    forward_precision = forward_precision or precision
-    if topk not in TOPK_METHODS:
-        raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
+    opts = _options(k, layout.s, precision, topk, num_warps, forward_precision)
     if layout.num_chunks == 0:
         return
-    s = layout.s
-    d = dct_matrix(s, delta.device, torch.float32)
+    d = dct_matrix(layout.s, delta.device, torch.float32)
     g = grad if grad is not None else delta
     _encode_kernel[(layout.num_chunks,)](
-        g, delta, d, out_vals, out_idx, _scratch(layout.num_chunks, k, s, topk, delta.device), d, d, d, layout.rows,
+        g, delta, d, out_vals, out_idx, _scratch(layout.num_chunks, opts, delta.device), d, d, d, layout.rows,
         layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), float(lr),
-        HAS_GRAD=grad is not None, GROUPED=False, S=s, K=k, KB=payload_block(k, s), PRECISION=precision,
-        FWD_PRECISION=forward_precision, SELECT=topk, num_warps=num_warps,
+        HAS_GRAD=grad is not None, GROUPED=False, **opts,
     )
 
 
@@ -239,28 +236,35 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
     """``encode_triton`` for every tensor of ``table`` in one launch. grads[t] / deltas[t]: (rows, cols) views with
     unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the whole payload, each tensor
     writing at its ``payload_first`` chunk. All gradients given must share one dtype."""
-    precision, topk, num_warps = precision or PRECISION, topk or TOPK, num_warps or NUM_WARPS
-    forward_precision = forward_precision or precision
-    if topk not in TOPK_METHODS:
-        raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
     if table.num_chunks == 0:
         return
+    opts = _options(k, table.s, precision, topk, num_warps, forward_precision)
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
         raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
     d = dct_matrix(table.s, deltas[0].device, torch.float32)
-    g_like = present[0] if present else deltas[0]
-    addr = table.addresses(grads, deltas)
     _encode_kernel[(table.num_chunks,)](
-        g_like, deltas[0], d, out_vals, out_idx, _scratch(table.num_chunks, k, table.s, topk, d.device), table.meta,
-        addr, table.tensor_of_chunk, 0, 0, 0, 0, 0, 0, float(beta), float(lr), HAS_GRAD=bool(present), GROUPED=True, S=table.s, K=k, KB=payload_block(k, table.s),
-        PRECISION=precision, FWD_PRECISION=forward_precision, SELECT=topk, num_warps=num_warps,
+        present[0] if present else deltas[0], deltas[0], d, out_vals, out_idx,
+        _scratch(table.num_chunks, opts, d.device), table.meta, table.addresses(grads, deltas), table.tensor_of_chunk,
+        0, 0, 0, 0, 0, 0, float(beta), float(lr),
+        HAS_GRAD=bool(present), GROUPED=True, **opts,
     )
 
 
-def _scratch(programs: int, k: int, s: int, topk: str, device: torch.device) -> torch.Tensor:
+def _options(k: int, s: int, precision: str | None, topk: str | None, num_warps: int | None,
+             forward_precision: str | None) -> dict:
+    """The launch's compile-time options; None: the module's defaults, read at call time (a benchmark sets them)."""
+    precision, topk = precision or PRECISION, topk or TOPK
+    if topk not in TOPK_METHODS:
+        raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
+    return dict(S=s, K=k, KB=payload_block(k, s), PRECISION=precision, FWD_PRECISION=forward_precision or precision,
+                SELECT=topk, num_warps=num_warps or NUM_WARPS)
+
+
+def _scratch(programs: int, opts: dict, device: torch.device) -> torch.Tensor:
     """The rank selection's per-program row: up to s candidate values and their indices."""
-    n = programs * 2 * s if topk == "rank" and 2 * k <= s else 1
+    s = opts["S"]
+    n = programs * 2 * s if opts["SELECT"] == "rank" and 2 * opts["K"] <= s else 1
     return torch.empty(n, dtype=torch.int32, device=device)
 
 
