@@ -316,3 +316,26 @@ def test_forward_dct_in_tf32_still_keeps_the_momentum_consistent():
     kth = coeffs.abs().sort(dim=1, descending=True).values[:, k - 1 : k]
     assert (coeffs.abs().gather(1, idx.long()) >= kth * (1 - 1e-2)).all()
     torch.testing.assert_close(vals.float(), coeffs.gather(1, idx.long()), rtol=1e-2, atol=1e-2 * kth.min().item())
+
+
+def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient():
+    """Gradients of two dtypes in one table (read as fp32 in one launch) and one parameter without a gradient give
+    the torch path's result."""
+    torch.manual_seed(4)
+    shapes = [(37, 21), (32, 48), (20, 20)]
+    init = [torch.randn(s, device=DEVICE) * 0.1 for s in shapes]
+    grads = [torch.randn(shapes[0], device=DEVICE).bfloat16(), torch.randn(shapes[1], device=DEVICE), None]
+    out = {}
+    for kernels in ("torch", "triton"):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        if hasattr(ps[0], "grad_dtype"):  # torch >= 2.10 checks a gradient's dtype unless told not to
+            ps[0].grad_dtype = None
+        opt = FlexDeMo(ps, lr=0.01, chunk=16, topk=6, beta=0.9, weight_decay=0.1, sign=False, kernels=kernels)
+        for _ in range(2):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+        out[kernels] = ps
+    for p, q in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(out["triton"][2], init[2])  # no gradient: still decays and moves with its momentum
