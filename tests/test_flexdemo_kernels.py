@@ -250,6 +250,8 @@ def test_one_table_launch_equals_one_launch_per_tensor():
 
 def test_chunk_table_rejects_bad_input_before_launch():
     lays = [ChunkLayout(20, 20, 16), ChunkLayout(8, 8, 16)]
+    with pytest.raises(ValueError, match="a ChunkTable needs at least one tensor"):
+        ChunkTable.build([], [], torch.device(DEVICE))
     with pytest.raises(ValueError, match="2 layouts but 1 payload offsets"):
         ChunkTable.build(lays, [0], torch.device(DEVICE))
     with pytest.raises(ValueError, match=r"one chunk size per table; got \[16, 32\]"):
@@ -257,6 +259,14 @@ def test_chunk_table_rejects_bad_input_before_launch():
     table = ChunkTable.build(lays, [0, 4], torch.device(DEVICE))
     with pytest.raises(ValueError, match=r"tensor 1: shape \(8, 9\).*wants \(8, 8\)"):
         table.addresses([torch.zeros(20, 20), torch.zeros(8, 9)])
+    with pytest.raises(ValueError, match=r"tensor 0: shape \(20, 20\) stride \(1, 20\)"):  # column-major
+        table.addresses([torch.zeros(20, 20).t(), torch.zeros(8, 8)])
+    zeros = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE)]
+    out = torch.zeros(5 * 16, device=DEVICE), torch.zeros(5 * 16, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"one gradient dtype per launch; got \['torch.bfloat16', 'torch.float32'\]"):
+        encode_triton_table(table, [zeros[0], zeros[1].bfloat16()], zeros, 0.9, 0.1, 16, *out)
+    with pytest.raises(ValueError, match="topk='sort'; allowed"):
+        encode_triton_table(table, zeros, zeros, 0.9, 0.1, 16, *out, topk="sort")
     with pytest.raises(ValueError, match="one parameter dtype per launch"):
         mixed = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE).bfloat16()]
         decode_apply_triton_table(table, mixed,

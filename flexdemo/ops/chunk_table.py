@@ -32,6 +32,8 @@ class ChunkTable:
 
     @classmethod
     def build(cls, layouts: list[ChunkLayout], payload_first: list[int], device: torch.device) -> "ChunkTable":
+        if not layouts:
+            raise ValueError("a ChunkTable needs at least one tensor")
         if len(layouts) != len(payload_first):
             raise ValueError(f"{len(layouts)} layouts but {len(payload_first)} payload offsets")
         if len({lay.s for lay in layouts}) > 1:
@@ -42,7 +44,7 @@ class ChunkTable:
             owner.append(torch.full((lay.num_chunks,), t, dtype=torch.int32))
             first += lay.num_chunks
         meta = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
-        tensor_of_chunk = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.int32)
+        tensor_of_chunk = torch.cat(owner)
         return cls(list(layouts), list(payload_first), tensor_of_chunk.to(device), meta.to(device))
 
     @property

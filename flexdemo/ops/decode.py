@@ -94,8 +94,6 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
     column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor reading at its
     ``payload_first`` chunk."""
     precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
-    if table.num_chunks == 0:
-        return
     if len({p.dtype for p in params}) > 1:
         raise ValueError(f"one parameter dtype per launch; got {sorted({str(p.dtype) for p in params})}")
     d = dct_matrix(table.s, params[0].device, torch.float32)

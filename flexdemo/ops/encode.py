@@ -109,8 +109,8 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 @triton.jit
 def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols,
                    stride_g, stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr, GROUPED: tl.constexpr,
-                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr, FWD_PRECISION: tl.constexpr,
-                   SELECT: tl.constexpr):
+                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
+                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
@@ -236,8 +236,6 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
     """``encode_triton`` for every tensor of ``table`` in one launch. grads[t] / deltas[t]: (rows, cols) views with
     unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the whole payload, each tensor
     writing at its ``payload_first`` chunk. All gradients given must share one dtype."""
-    if table.num_chunks == 0:
-        return
     opts = _options(k, table.s, precision, topk, num_warps, forward_precision)
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
