@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexdemo.chunks import ChunkLayout  # noqa: E402
 from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
 from flexdemo.ops.decode_reference import decode_apply_reference  # noqa: E402
-from flexdemo.ops.encode import encode_triton  # noqa: E402
+from flexdemo.ops import encode as encode_module  # noqa: E402
+from flexdemo.ops.encode import MAXNREG, encode_triton  # noqa: E402
 from flexdemo.ops.encode_reference import encode_reference  # noqa: E402
 from timing import copy_bandwidth, ms  # noqa: E402
 
@@ -31,9 +32,9 @@ SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 
 # The defaults and their nearest neighbours (earlier runs, in benchmarks/README.md: ieee dots and maxmask selection
-# 2-5x slower, decode with 8 warps slower).
-ENCODE_VARIANTS = [("rank", "tf32x3", 4), ("rank", "tf32x3", 8), ("bisect", "tf32x3", 4), ("bisect", "tf32x3", 8),
-                   ("rank", "tf32x3+fwd-tf32", 4)]  # forward DCT in one tf32 pass, subtraction in tf32x3
+# 2-5x slower, 8 warps slower for both kernels). "nocap": without the register cap (encode.MAXNREG).
+ENCODE_VARIANTS = [("rank", "tf32x3", 4, True), ("rank", "tf32x3+fwd-tf32", 4, True),  # fwd-tf32: dct_forward=tf32
+                   ("rank", "tf32x3", 4, False), ("bisect", "tf32x3", 4, True)]
 DECODE_VARIANTS = [("tf32x3", 4), ("ieee", 4)]
 
 
@@ -58,10 +59,11 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
         ("decode", "torch", lambda: decode_apply_reference(param, gi, gv, lay, k, 1e-4, 1.0, True)),
         ("decode", "torch.compile", lambda: compiled_dec(param, gi, gv, lay, k, 1e-4, 1.0, True)),
     ]
-    for t, p, w in ENCODE_VARIANTS:
-        impls.append(("encode", f"triton {t} {p} w{w}", lambda t=t, p=p, w=w: encode_triton(
-            grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p.split("+")[0], topk=t, num_warps=w,
-            forward_precision="tf32" if p.endswith("fwd-tf32") else None)))
+    for t, p, w, cap in ENCODE_VARIANTS:
+        impls.append(("encode", f"triton {t} {p} w{w}" + ("" if cap else " nocap"), lambda t=t, p=p, w=w, cap=cap: (
+            setattr(encode_module, "MAXNREG", MAXNREG if cap else None), encode_triton(
+                grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p.split("+")[0], topk=t, num_warps=w,
+                forward_precision="tf32" if p.endswith("fwd-tf32") else None))))
     for p, w in DECODE_VARIANTS:
         impls.append(("decode", f"triton {p} w{w}", lambda p=p, w=w: decode_apply_triton(
             param, gi, gv, lay, k, 1e-4, 1.0, True, precision=p, num_warps=w)))

@@ -49,10 +49,11 @@ def model_rows(model_name: str) -> list[dict]:
     rows.append({"what": f"{model_name}: fused AdamW step", "ms": bench(adam.step)})
     adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
     rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
-    for kernels in ("torch", "triton"):
-        demo = FlexDeMo(params_with_grads(shapes), lr=1e-4, kernels=kernels)
-        rows.append({"what": f"{model_name}: FlexDeMo {kernels}, 1 replica", "ms": bench(demo.step)})
-        rows.append({"what": f"{model_name}: FlexDeMo {kernels}, 2 replicas (decode twice)",
+    for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
+        demo = FlexDeMo(params_with_grads(shapes), lr=1e-4, kernels=kernels, dct_forward=fwd)
+        name = f"{model_name}: FlexDeMo {kernels}" + (", dct_forward=tf32" if fwd == "tf32" else "")
+        rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
+        rows.append({"what": f"{name}, 2 replicas (decode twice)",
                      "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
     for r in rows:
         r["params"] = numel
@@ -67,10 +68,11 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     adam = torch.optim.AdamW(params_with_grads([shape], dtype), lr=1e-4, fused=True)
     ad = bench(adam.step)
     rows = [{"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": (28 if dtype == torch.float32 else 20) * n / bw * 1e3}]
-    for kernels in ("torch", "triton"):
-        demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels=kernels)
+    for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
+        demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels=kernels, dct_forward=fwd)
         gathered = demo.encode()[None]
         enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
+        kernels += ", dct_forward=tf32" if fwd == "tf32" else ""
         rows += [{"what": f"{tag}: {kernels} encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
                  {"what": f"{tag}: {kernels} decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec,
                   "x_floor": dec / floor_dec},
@@ -83,9 +85,10 @@ def use_kernel_choice(path: str) -> dict:
     from flexdemo.ops import decode, encode
 
     best = json.loads(Path(path).read_text())["best"]
-    _, topk, precision, warps = best["encode"].split()
-    # "+fwd-tf32" (the opt-in one-pass forward DCT) has no module default: its neighbour, the full-precision one
+    _, topk, precision, warps, *cap = best["encode"].split()
+    # "+fwd-tf32" is the dct_forward=tf32 setting, measured in its own rows: here its full-precision neighbour
     encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, precision.split("+")[0], int(warps[1:])
+    encode.MAXNREG = None if cap == ["nocap"] else encode.MAXNREG
     _, precision, warps = best["decode"].split()
     decode.PRECISION, decode.NUM_WARPS = precision, int(warps[1:])
     return best

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.ops.chunk_table import ChunkTable
-from flexdemo.config import DeMoConfig
+from flexdemo.config import DCT_FORWARD, DeMoConfig
 from flexdemo.wire import WireLayout, index_nbytes
 
 
@@ -153,7 +153,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 if len(present) > 1:  # one gradient dtype per launch: the kernel reads them as fp32 anyway
                     grads = [g.float() if g is not None else None for g in grads]
                 deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
-                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, cfg.topk, values, indices)
+                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, cfg.topk, values, indices,
+                                 DCT_FORWARD[cfg.dct_forward])
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)

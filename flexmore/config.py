@@ -68,6 +68,7 @@ class OptimConfig:
     value_dtype: str = "bf16"
     index_bits: int = 0
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
+    dct_forward: str = "fp32"  # fp32 | tf32: the Triton encode's forward DCT (tf32: faster, near-ties may swap)
 
     def __post_init__(self) -> None:
         _need(self.name in ("adamw", "demo", "flexdemo"), f"optim.name={self.name!r}; allowed: adamw, demo, flexdemo")
@@ -87,7 +88,7 @@ class OptimConfig:
 
         return DeMoConfig(beta=self.beta, topk=self.topk, chunk=self.chunk, sign=self.sign,
                           weight_decay=self.weight_decay, value_dtype=self.value_dtype, index_bits=self.index_bits,
-                          kernels=self.kernels)
+                          kernels=self.kernels, dct_forward=self.dct_forward)
 
 
 @dataclass

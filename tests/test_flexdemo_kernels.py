@@ -23,7 +23,9 @@ from flexdemo.ops.encode_reference import encode_reference
 
 triton = pytest.importorskip("triton")
 from flexdemo.ops.decode import decode_apply_triton, decode_apply_triton_table  # noqa: E402
-from flexdemo.ops.encode import TOPK_METHODS, encode_triton, encode_triton_table  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flexdemo.ops.encode import TOPK_METHODS, _extract_candidates, encode_triton, encode_triton_table  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
@@ -94,8 +96,9 @@ def test_encode_tie_rule_is_lowest_index_first(topk):
 @pytest.mark.parametrize("spectrum", ["flat", "few-rows"])
 def test_topk_methods_agree_bit_for_bit(k, s, spectrum):
     """All selection methods pick the same set (same tie rule) from the same coefficients: the same (index, value)
-    pairs bit for bit. Rank selection (2k <= s) and max-and-mask both write in descending magnitude, so their
-    payloads and residuals are identical; bisection writes in index order, so its residual agrees to rounding.
+    pairs bit for bit. Rank selection (2k <= s) and max-and-mask both write in descending magnitude (ties: lowest
+    index first), so their payloads and residuals are identical, all-zero chunks included; bisection writes in index
+    order, so its residual agrees to rounding.
     "few-rows": the energy sits in three rows of coefficients, so the k-th largest row maximum is a loose bound and
     rank selection must narrow it before ranking."""
     torch.manual_seed(k)
@@ -117,11 +120,61 @@ def test_topk_methods_agree_bit_for_bit(k, s, spectrum):
         o_a, o_b = i_a.argsort(dim=1), i_b.argsort(dim=1)
         assert torch.equal(i_a.gather(1, o_a), i_b.gather(1, o_b))
         assert torch.equal(v_a.gather(1, o_a), v_b.gather(1, o_b))
-    if 2 * k <= s:
+    if 2 * k <= s:  # every chunk, the all-zero ones (the tie fallback) included
         d_b, v_b, i_b = out["rank"]
-        live = slice(0, 2)  # chunks with data (the rest are all-zero: index order, as ties)
-        assert torch.equal(i_a[live], i_b[live]) and torch.equal(v_a[live], v_b[live])
-        assert torch.equal(lay.to_chunks(d_a)[live], lay.to_chunks(d_b)[live])
+        assert torch.equal(i_a, i_b) and torch.equal(v_a, v_b)
+        assert torch.equal(d_a, d_b)
+
+
+@triton.jit
+def _extract_probe(cb_ptr, lo, n_lo, row_ptr, n_ptr, S: tl.constexpr, K: tl.constexpr):
+    si = tl.arange(0, S)
+    tl.store(n_ptr, _extract_candidates(tl.load(cb_ptr + si[:, None] * S + si[None, :]), lo, n_lo, row_ptr, S, K))
+
+
+def _naive_candidates(tile: torch.Tensor, k: int, s: int, bound: int):
+    """What the rank selection hands to its ranking step, in row-major order: every coefficient at or above lo (the
+    bound-th largest, bound >= k) when at most s are, else (lo is then the k-th largest) all above lo and the
+    lowest-index ties, k in all."""
+    bits = tile.flatten().view(torch.int32)
+    mag = (bits & 0x7FFFFFFF).tolist()
+    lo = sorted(mag, reverse=True)[bound - 1]
+    n_lo = sum(m >= lo for m in mag)
+    if n_lo <= s:
+        keep = [i for i, m in enumerate(mag) if m >= lo]
+    else:
+        need = k - sum(m > lo for m in mag)
+        ties = [i for i, m in enumerate(mag) if m == lo][:need]
+        keep = sorted([i for i, m in enumerate(mag) if m > lo] + ties)
+    return lo, n_lo, keep, bits
+
+
+@pytest.mark.parametrize("case", ["distinct", "ties-beyond-s", "all-zero", "signed-ties", "one-row"])
+def test_candidate_extraction_takes_the_right_set_in_row_major_order(case):
+    """Rank selection's candidate step on crafted tiles, against a naive list: the many-ties case (more than s at or
+    above the k-th largest, only some of them may go, spread over rows) cannot be made through a DCT."""
+    s, k = 16, 5
+    g = torch.Generator().manual_seed(len(case))
+    tile = torch.randn(s, s, generator=g)
+    if case == "ties-beyond-s":
+        tile = torch.full((s, s), 0.5)
+        tile.view(-1)[torch.randperm(s * s, generator=g)[:200]] = 0.25  # below
+        tile.view(-1)[[7, 40, 41, 200]] = 3.0  # above; the rest (52) tie at 0.5: one of them goes
+    elif case == "all-zero":
+        tile = torch.zeros(s, s)
+    elif case == "signed-ties":
+        tile = torch.full((s, s), 0.1) * torch.sign(torch.randn(s, s, generator=g))
+        tile[3, 5] = -2.0
+    elif case == "one-row":  # every candidate in one row: as many rounds as candidates
+        tile = torch.randn(s, s, generator=g) * 1e-3
+        tile[9] = torch.arange(1, s + 1) * torch.sign(torch.randn(s, generator=g))
+    lo, n_lo, keep, bits = _naive_candidates(tile, k, s, 12 if case == "distinct" else k)  # 12: a loose bound
+    row = torch.full((2 * s,), -1, dtype=torch.int32, device=DEVICE)
+    n = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _extract_probe[(1,)](bits.to(DEVICE), lo, n_lo, row, n, S=s, K=k)
+    assert n.item() == len(keep)
+    assert row[s:s + len(keep)].tolist() == keep
+    assert row[:len(keep)].tolist() == bits[keep].tolist()  # the values' bits, sign included
 
 
 def random_payload(lay, k, replicas, wire):
@@ -349,3 +402,21 @@ def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient(
     for p, q in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
     assert not torch.equal(out["triton"][2], init[2])  # no gradient: still decays and moves with its momentum
+
+
+def test_dct_forward_setting_reaches_the_encode_launch_and_bad_values_are_rejected(monkeypatch):
+    """``dct_forward=tf32`` asks the Triton encode for a one-pass tf32 forward DCT (fp32: tf32x3); the setting is
+    checked when the config is built."""
+    import flexdemo.ops.encode as enc
+    from flexdemo import DeMoConfig
+
+    with pytest.raises(ValueError, match="dct_forward='bf16'; allowed: fp32, tf32"):
+        DeMoConfig(dct_forward="bf16")
+    seen, launch = [], enc.encode_triton_table
+    monkeypatch.setattr(enc, "encode_triton_table", lambda *a, **kw: (seen.append(kw["forward_precision"]),
+                                                                      launch(*a, **kw))[1])
+    for fwd in ("fp32", "tf32"):
+        p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
+        p.grad = torch.randn(20, 24, device=DEVICE)
+        FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", dct_forward=fwd).encode()
+    assert seen == ["tf32x3", "tf32"]

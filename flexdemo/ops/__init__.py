@@ -41,12 +41,13 @@ def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
 
 
 def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr: float, k: int,
-                 out_vals: torch.Tensor, out_idx: torch.Tensor) -> None:
-    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch)."""
+                 out_vals: torch.Tensor, out_idx: torch.Tensor, forward_precision: str | None = None) -> None:
+    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32)."""
     if kernels == "triton":
         from flexdemo.ops.encode import encode_triton_table
 
-        return encode_triton_table(table, grads, deltas, beta, lr, k, out_vals, out_idx)
+        return encode_triton_table(table, grads, deltas, beta, lr, k, out_vals, out_idx,
+                                   forward_precision=forward_precision)
     for lay, first, g, m in zip(table.layouts, table.payload_first, grads, deltas):
         sl = slice(first * k, (first + lay.num_chunks) * k)
         encode_chunks(kernels, g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl])

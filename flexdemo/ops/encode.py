@@ -25,6 +25,7 @@ TOPK_METHODS = ("rank", "bisect", "maxmask")
 TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
 PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; ieee (CUDA-core fp32) is 2.5-5x slower
 NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
+MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (203 registers uncapped: 2), 0-10 bytes spilled
 
 
 @triton.jit
@@ -89,6 +90,35 @@ def _rank_desc(keys, pos):
 
 
 @triton.jit
+def _extract_candidates(cbits, lo, n_lo, row, S: tl.constexpr, K: tl.constexpr):
+    """Copy the candidates to ``row`` (values' bits at row[0:n], chunk indices at row[S:S + n]) and return n <= S:
+    every coefficient at or above lo when n_lo <= S, else (lo is the k-th largest, with many ties) everything above
+    lo and the lowest-index ties, k in all. Row by row, lowest column first, one candidate per row per round: the
+    rounds are as many as the most candidates in one row (row reductions only, no scan of the whole tile, so few
+    registers), and each row's candidates land at its exclusive prefix count: row-major order."""
+    si = tl.arange(0, S)
+    mag = cbits & 0x7FFFFFFF
+    acnt = tl.sum((mag > lo).to(tl.int32), axis=1)
+    tcnt = tl.sum((mag == lo).to(tl.int32), axis=1)
+    quota = tl.minimum(tl.maximum(K - tl.sum(acnt) - (tl.cumsum(tcnt, axis=0) - tcnt), 0), tcnt)
+    quota = tl.where(n_lo <= S, tcnt, quota)  # ties each row may send
+    cnt = acnt + quota
+    start = tl.cumsum(cnt, axis=0) - cnt
+    col = tl.zeros_like(cbits) + si[None, :]
+    key = tl.where((mag > lo) | ((mag == lo) & (quota[:, None] > 0)), col, S)  # the column, or S: not (or no more)
+    ties = tl.zeros_like(quota)
+    for j in range(tl.max(cnt)):
+        first = tl.min(key, axis=1)
+        ok = first < S
+        v = tl.sum(tl.where(col == first[:, None], cbits, 0), axis=1)  # exact bits: one nonzero term
+        tl.store(row + start + j, v, mask=ok)
+        tl.store(row + S + start + j, si * S + first, mask=ok)
+        ties += (ok & ((v & 0x7FFFFFFF) == lo)).to(tl.int32)
+        key = tl.where((key == first[:, None]) | ((mag == lo) & (ties >= quota)[:, None]), S, key)
+    return tl.sum(cnt)
+
+
+@triton.jit
 def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
     """From count(bits >= lo) = n_lo >= K and count(bits >= hi) < K, move lo up and hi down (three quartile
     candidates per round, their counts packed in one int64 reduction) until n_lo <= CAP or hi = lo + 1 (lo is then
@@ -147,9 +177,10 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     if SELECT == "rank":
         # Bracket the k-th largest |c| (as fp32 bits, which order like the values): k rows have their maximum at or
         # above the k-th largest row maximum, so it is a lower bound, and the overall maximum + 1 an upper one.
-        # Narrow until at most CAP = S coefficients are at or above the lower bound, copy those few out (through a
-        # per-program scratch row; the barrier makes the copies visible to every thread) and rank them against each
-        # other: slot = rank, ties to the lowest index, payload in descending magnitude.
+        # Narrow until at most CAP = S coefficients are at or above the lower bound (or it is the k-th largest, with
+        # many exact ties), copy those few out row by row (through a per-program scratch row; the barrier makes the
+        # copies visible to every thread) and rank them against each other: slot = rank, ties to the lowest index,
+        # payload in descending magnitude, as max-and-mask.
         bits = tl.abs(coef).to(tl.int32, bitcast=True)
         COMPACT: tl.constexpr = 2 * K <= S
         if COMPACT:
@@ -161,20 +192,17 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
             hi = tl.max(bits) + 1
         n_lo = tl.sum((bits >= lo).to(tl.int32))
         lo, n_lo = _narrow(bits, lo, n_lo, hi, K, S if COMPACT else K)
-        if COMPACT and n_lo <= S:
-            sel = bits >= lo
-            slot = _exclusive_rank(sel.to(tl.int32))
+        if COMPACT:
             row = scratch_ptr + tl.program_id(0).to(tl.int64) * (2 * S)
-            tl.store(row + slot, coef.to(tl.int32, bitcast=True), mask=sel)
-            tl.store(row + S + slot, offs, mask=sel)
+            n = _extract_candidates(coef.to(tl.int32, bitcast=True), lo, n_lo, row, S, K)
             tl.debug_barrier()
-            live = si < n_lo
-            cv = tl.load(row + si, mask=live, other=0).to(tl.float32, bitcast=True)
-            ci = tl.load(row + S + si, mask=live, other=0) + tl.where(live, 0, S * S + si)  # empties: last
-            rank = _rank_desc(tl.where(live, tl.abs(cv).to(tl.int32, bitcast=True), -1), ci)
+            filled = si < n
+            cv = tl.load(row + si, mask=filled, other=0).to(tl.float32, bitcast=True)
+            ci = tl.load(row + S + si, mask=filled, other=0) + tl.where(filled, 0, S * S + si)  # empties: last
+            rank = _rank_desc(tl.where(filled, tl.abs(cv).to(tl.int32, bitcast=True), -1), ci)
             tl.store(vals_ptr + c * K + rank, cast_like(cv, vals_ptr), mask=rank < K)
             tl.store(idx_ptr + c * K + rank, ci, mask=rank < K)
-        else:  # lo is the k-th largest (many exact ties, e.g. an all-zero chunk): all above, lowest-index ties
+        else:  # 2k > s: narrowed to the k-th largest itself; all above it, lowest-index ties, in index order
             _store_above_and_ties(coef, bits, lo, offs, vals_ptr, idx_ptr, c, K)
     elif SELECT == "bisect":
         # the k-th largest |c| two bits at a time; all above it and the lowest-index ties, in index order
@@ -255,8 +283,11 @@ def _options(k: int, s: int, precision: str | None, topk: str | None, num_warps:
     precision, topk = precision or PRECISION, topk or TOPK
     if topk not in TOPK_METHODS:
         raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
-    return dict(S=s, K=k, KB=payload_block(k, s), PRECISION=precision, FWD_PRECISION=forward_precision or precision,
+    opts = dict(S=s, K=k, KB=payload_block(k, s), PRECISION=precision, FWD_PRECISION=forward_precision or precision,
                 SELECT=topk, num_warps=num_warps or NUM_WARPS)
+    if s == 64 and MAXNREG:  # measured for 64 x 64 only; the interpreter ignores it
+        opts["maxnreg"] = MAXNREG
+    return opts
 
 
 def _scratch(programs: int, opts: dict, device: torch.device) -> torch.Tensor:
