@@ -21,9 +21,9 @@ class DeMoConfig:
     value_dtype: str = "bf16"  # bf16 | fp32 | fp16: dtype of the sent coefficients
     index_bits: int = 0  # 0 = smallest that holds chunk*chunk (12 for 64x64), or 12 / 16
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
-    # Triton encode's forward DCT: fp32 (tf32x3, picks what the fp32 reference picks) or tf32 (one pass, ~20% faster
-    # encode; its ~5e-4 relative error is below the bf16 wire's rounding and may swap near-ties at the cut; the
-    # momentum still loses exactly what was sent). The torch path is always fp32.
+    # Triton encode's forward DCT: fp32 (tf32x3, picks what the fp32 reference picks) or tf32 (one pass, a quarter
+    # less encode time; its ~5e-4 relative error is below the bf16 wire's rounding and may swap near-ties at the
+    # cut; the momentum still loses exactly what was sent). The torch path is always fp32.
     dct_forward: str = "fp32"
 
     def __post_init__(self) -> None:
