@@ -25,7 +25,7 @@ TOPK_METHODS = ("rank", "bisect", "maxmask")
 TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
 PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; ieee (CUDA-core fp32) is 2.5-5x slower
 NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
-MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (203 registers uncapped: 2), 0-10 bytes spilled
+MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (234 registers uncapped: 2), 0-22 bytes spilled
 
 
 @triton.jit
@@ -98,14 +98,18 @@ def _extract_candidates(cbits, lo, n_lo, row, S: tl.constexpr, K: tl.constexpr):
     registers), and each row's candidates land at its exclusive prefix count: row-major order."""
     si = tl.arange(0, S)
     mag = cbits & 0x7FFFFFFF
-    acnt = tl.sum((mag > lo).to(tl.int32), axis=1)
-    tcnt = tl.sum((mag == lo).to(tl.int32), axis=1)
-    quota = tl.minimum(tl.maximum(K - tl.sum(acnt) - (tl.cumsum(tcnt, axis=0) - tcnt), 0), tcnt)
-    quota = tl.where(n_lo <= S, tcnt, quota)  # ties each row may send
-    cnt = acnt + quota
-    start = tl.cumsum(cnt, axis=0) - cnt
     col = tl.zeros_like(cbits) + si[None, :]
-    key = tl.where((mag > lo) | ((mag == lo) & (quota[:, None] > 0)), col, S)  # the column, or S: not (or no more)
+    if n_lo <= S:  # the common case: all at or above lo
+        cnt = tl.sum((mag >= lo).to(tl.int32), axis=1)
+        quota = tl.full((S,), S * S, tl.int32)  # never reached: no tie is dropped
+        key = tl.where(mag >= lo, col, S)  # the column, or S: not (or no more)
+    else:  # the ties each row may send: lowest index first, k in all
+        acnt = tl.sum((mag > lo).to(tl.int32), axis=1)
+        tcnt = tl.sum((mag == lo).to(tl.int32), axis=1)
+        quota = tl.minimum(tl.maximum(K - tl.sum(acnt) - (tl.cumsum(tcnt, axis=0) - tcnt), 0), tcnt)
+        cnt = acnt + quota
+        key = tl.where((mag > lo) | ((mag == lo) & (quota[:, None] > 0)), col, S)
+    start = tl.cumsum(cnt, axis=0) - cnt
     ties = tl.zeros_like(quota)
     for j in range(tl.max(cnt)):
         first = tl.min(key, axis=1)
