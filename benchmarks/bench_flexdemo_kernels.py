@@ -35,7 +35,7 @@ SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 # 2-5x slower, 8 warps slower for both kernels). "nocap": without the register cap (encode.MAXNREG).
 ENCODE_VARIANTS = [("rank", "tf32x3", 4, True), ("rank", "tf32x3+fwd-tf32", 4, True),  # fwd-tf32: dct_forward=tf32
                    ("rank", "tf32x3", 4, False), ("bisect", "tf32x3", 4, True)]
-DECODE_VARIANTS = [("tf32x3", 4), ("ieee", 4)]
+DECODE_VARIANTS = [("tf32x3", 4), ("ieee", 4), ("tf32", 4)]  # ieee: dct_inverse=fp32 (default); tf32: =tf32
 
 
 def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int, bw: float) -> list[dict]:
@@ -79,6 +79,9 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
             out.append({"case": tag, "op": op, "impl": name, "error": repr(err)[:300]})
             continue
         out.append({"case": tag, "op": op, "impl": name, "ms": t_ms, "x_floor": t_ms / floors[op], "floor_ms": floors[op]})
+        launch = fn()
+        if isinstance(launch, tuple) and hasattr(launch[-1], "n_regs"):  # a Triton encode: its registers and spills
+            out[-1].update(registers=launch[-1].n_regs, spill_bytes=launch[-1].n_spills)
     return out
 
 
@@ -114,13 +117,13 @@ def main() -> None:
             "payload_bytes_per_coef": 2 + 1.5, "ratio_vs_dense_bf16": 2 / (args.k * 3.5 / args.chunk ** 2)}
     print(json.dumps(head))
     adam = {r["case"]: r["ms"] for r in rows if r["op"] == "adamw"}
-    print(f"{'case':<20}{'op':<8}{'impl':<28}{'ms':>8}{'x floor':>9}{'x AdamW':>9}")
+    print(f"{'case':<20}{'op':<8}{'impl':<28}{'ms':>8}{'x floor':>9}{'x AdamW':>9} regs/spill bytes")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<20}{r['op']:<8}{r['impl']:<28} error: {r['error']}")
             continue
         print(f"{r['case']:<20}{r['op']:<8}{r['impl']:<28}{r['ms']:>8.3f}{r.get('x_floor', float('nan')):>9.2f}"
-              f"{r['ms'] / adam[r['case']]:>9.2f}")
+              f"{r['ms'] / adam[r['case']]:>9.2f} {r.get('registers', '')}/{r.get('spill_bytes', '')}")
     for case_ in adam:  # the chosen pair: encode + decode + apply over one AdamW step
         pick = {op: next((r for r in rows if r["case"] == case_ and r["impl"] == best[op] and "ms" in r), None)
                 for op in ("encode", "decode")}

@@ -28,6 +28,8 @@ from flexmore.model import build_model, load_preset  # noqa: E402
 from timing import copy_bandwidth, ms  # noqa: E402
 
 
+TF32 = ", dct_forward=tf32, dct_inverse=tf32"  # the tf32 rows: both settings
+
 def bench(fn) -> float:
     return ms(fn, warmup=50, rep=300)
 
@@ -50,8 +52,8 @@ def model_rows(model_name: str) -> list[dict]:
     adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
     rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
-        demo = FlexDeMo(params_with_grads(shapes), lr=1e-4, kernels=kernels, dct_forward=fwd)
-        name = f"{model_name}: FlexDeMo {kernels}" + (", dct_forward=tf32" if fwd == "tf32" else "")
+        demo = FlexDeMo(params_with_grads(shapes), lr=1e-4, kernels=kernels, dct_forward=fwd, dct_inverse=fwd)
+        name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
         rows.append({"what": f"{name}, 2 replicas (decode twice)",
                      "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
@@ -69,10 +71,10 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     ad = bench(adam.step)
     rows = [{"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": (28 if dtype == torch.float32 else 20) * n / bw * 1e3}]
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
-        demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels=kernels, dct_forward=fwd)
+        demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels=kernels, dct_forward=fwd, dct_inverse=fwd)
         gathered = demo.encode()[None]
         enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
-        kernels += ", dct_forward=tf32" if fwd == "tf32" else ""
+        kernels += TF32 if fwd == "tf32" else ""
         rows += [{"what": f"{tag}: {kernels} encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
                  {"what": f"{tag}: {kernels} decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec,
                   "x_floor": dec / floor_dec},
@@ -90,7 +92,9 @@ def use_kernel_choice(path: str) -> dict:
     encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, precision.split("+")[0], int(warps[1:])
     encode.MAXNREG = None if cap == ["nocap"] else encode.MAXNREG
     _, precision, warps = best["decode"].split()
-    decode.PRECISION, decode.NUM_WARPS = precision, int(warps[1:])
+    # tf32 is the dct_inverse=tf32 setting, measured in its own rows: keep the module's full-precision default
+    decode.PRECISION = decode.PRECISION if precision == "tf32" else precision
+    decode.NUM_WARPS = int(warps[1:])
     return best
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
 
 DCT_FORWARD = {"fp32": "tf32x3", "tf32": "tf32"}  # -> the Triton encode's forward_precision
+DCT_INVERSE = {"fp32": "ieee", "tf32": "tf32"}  # -> the Triton decode's precision
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class DeMoConfig:
     # less encode time; its ~5e-4 relative error is below the bf16 wire's rounding and may swap near-ties at the
     # cut; the momentum still loses exactly what was sent). The torch path is always fp32.
     dct_forward: str = "fp32"
+    # Triton decode's inverse DCT: fp32 (CUDA-core fp32 products) or tf32 (one tensor-core pass, ~20% less decode
+    # time: the basis rounds to tf32, 2^-11 relative, below the bf16 wire's 2^-9, and bf16 wire values are exact in
+    # tf32; a sign may flip where the update is within ~1e-3 of zero). Replicas stay bit-identical either way.
+    dct_inverse: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -44,6 +49,8 @@ class DeMoConfig:
             raise ValueError(f"kernels={self.kernels!r}; allowed: {', '.join(KERNELS)}")
         if self.dct_forward not in DCT_FORWARD:
             raise ValueError(f"dct_forward={self.dct_forward!r}; allowed: {', '.join(DCT_FORWARD)}")
+        if self.dct_inverse not in DCT_INVERSE:
+            raise ValueError(f"dct_inverse={self.dct_inverse!r}; allowed: {', '.join(DCT_INVERSE)}")
 
     @property
     def wire_dtype(self):

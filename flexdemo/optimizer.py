@@ -27,7 +27,7 @@ import torch.distributed as dist
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.ops.chunk_table import ChunkTable
-from flexdemo.config import DCT_FORWARD, DeMoConfig
+from flexdemo.config import DCT_FORWARD, DCT_INVERSE, DeMoConfig
 from flexdemo.wire import WireLayout, index_nbytes
 
 
@@ -188,7 +188,7 @@ class FlexDeMo(torch.optim.Optimizer):
             for table, ps in plan.tables:
                 params = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                 ops.decode_apply_table(self.kernels, table, params, indices, values, self.cfg.topk, lr, decay,
-                                       self.cfg.sign)
+                                       self.cfg.sign, DCT_INVERSE[self.cfg.dct_inverse])
             if plan.dense:
                 update = values[0, plan.dense_slice].float().clone()
                 for r in range(1, values.shape[0]):

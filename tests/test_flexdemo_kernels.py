@@ -16,7 +16,7 @@ import torch
 from flexdemo import FlexDeMo
 from flexdemo.chunks import ChunkLayout
 from flexdemo.ops.chunk_table import ChunkTable
-from flexdemo.dct import dct2, idct2
+from flexdemo.dct import dct2, dct_matrix, idct2
 from flexdemo.ops import resolve_kernels
 from flexdemo.ops.decode_reference import decode_apply_reference, decode_mean
 from flexdemo.ops.encode_reference import encode_reference
@@ -213,6 +213,29 @@ def test_decode_fp32_accuracy_for_fp32_and_fp16_values(wire):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("sign", [False, True])
+def test_decode_in_tf32_is_within_its_stated_tolerance(sign):
+    """``dct_inverse=tf32``: one tf32 pass rounds each basis factor to 11 significant bits (bf16 wire values are exact
+    in tf32; value / count too for counts 1 and 2), so each term w D[u, x] D[v, y] is off by <= ~2^-10 of its
+    magnitude and the update by <= 2^-9 x T, T the same sum with every factor's magnitude (checked per element).
+    After sign, elements may differ only where the update is within that bound of zero."""
+    torch.manual_seed(12)
+    lay, k = ChunkLayout(128, 192, 64), 32  # whole chunks: dct2 of a decoded update gives its coefficients back
+    idx, vals = random_payload(lay, k, 2, torch.bfloat16)
+    a, b = torch.zeros(128, 192, device=DEVICE), torch.zeros(128, 192, device=DEVICE)
+    decode_apply_reference(a, idx, vals, lay, k, lr=1.0, decay=1.0, sign=sign)
+    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=1.0, sign=sign, precision="tf32")
+    mean = decode_mean(idx, vals, lay, k)
+    d = dct_matrix(64, DEVICE).abs()
+    w = dct2(lay.to_chunks(decode_mean(idx, vals.abs(), lay, k))).abs()  # per position: the sum of |w| sent there
+    terms = lay.from_chunks(d.T @ w @ d)
+    bound = 2.0 ** -9 * terms
+    if sign:
+        assert torch.equal(a[mean.abs() > bound], b[mean.abs() > bound])
+    else:
+        assert ((a - b).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("replicas", [1, 3])
 def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas):
@@ -402,6 +425,28 @@ def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient(
     for p, q in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
     assert not torch.equal(out["triton"][2], init[2])  # no gradient: still decays and moves with its momentum
+
+
+def test_dct_inverse_setting_reaches_the_decode_launch_and_bad_values_are_rejected(monkeypatch):
+    """``dct_inverse=tf32`` asks the Triton decode for one tf32 pass (fp32: CUDA-core fp32 products); checked when the
+    config is built, and by flexmore's optim config."""
+    import flexdemo.ops.decode as dec
+    from flexdemo import DeMoConfig
+    from flexmore.config import OptimConfig
+
+    with pytest.raises(ValueError, match="dct_inverse='bf16'; allowed: fp32, tf32"):
+        DeMoConfig(dct_inverse="bf16")
+    with pytest.raises(ValueError, match="optim: dct_inverse='tf16'"):
+        OptimConfig(name="flexdemo", dct_inverse="tf16")
+    assert OptimConfig(name="flexdemo", dct_inverse="tf32").demo_config().dct_inverse == "tf32"
+    seen, launch = [], dec.decode_apply_triton_table
+    monkeypatch.setattr(dec, "decode_apply_triton_table", lambda *a, **kw: (seen.append(kw["precision"]),
+                                                                            launch(*a, **kw))[1])
+    for inv in ("fp32", "tf32"):
+        p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
+        p.grad = torch.randn(20, 24, device=DEVICE)
+        FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", dct_inverse=inv).step()
+    assert seen == ["ieee", "tf32"]
 
 
 def test_dct_forward_setting_reaches_the_encode_launch_and_bad_values_are_rejected(monkeypatch):

@@ -54,12 +54,13 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
 
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,
-                       k: int, lr: float, decay: float, sign: bool) -> None:
-    """Decode + apply every tensor of ``table``: one launch (triton) or the reference per tensor (torch)."""
+                       k: int, lr: float, decay: float, sign: bool, precision: str | None = None) -> None:
+    """Decode + apply every tensor of ``table``: one launch (triton, its products in ``precision``) or the reference
+    per tensor (torch, always fp32)."""
     if kernels == "triton":
         from flexdemo.ops.decode import decode_apply_triton_table
 
-        return decode_apply_triton_table(table, params, indices, values, k, lr, decay, sign)
+        return decode_apply_triton_table(table, params, indices, values, k, lr, decay, sign, precision=precision)
     for lay, first, p in zip(table.layouts, table.payload_first, params):
         sl = slice(first * k, (first + lay.num_chunks) * k)
         decode_apply_chunks(kernels, p, indices[:, sl], values[:, sl], lay, k, lr, decay, sign)

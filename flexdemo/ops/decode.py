@@ -21,7 +21,8 @@ from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.encode import payload_block
 from flexdemo.ops.rounding import cast_like
 
-PRECISION = "ieee"  # defaults, the fastest on an H100 (benchmarks/README.md): fp32 products of k-deep sums
+PRECISION = "ieee"  # fp32 products (faster than tf32x3 on an H100); "tf32" (dct_inverse=tf32): ~20% faster, 2^-11
+# relative basis rounding (benchmarks/README.md)
 NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
 
 

@@ -254,7 +254,7 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
         return
     d = dct_matrix(layout.s, delta.device, torch.float32)
     g = grad if grad is not None else delta
-    _encode_kernel[(layout.num_chunks,)](
+    return _encode_kernel[(layout.num_chunks,)](
         g, delta, d, out_vals, out_idx, _scratch(layout.num_chunks, opts, delta.device), d, d, d, layout.rows,
         layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), float(lr),
         HAS_GRAD=grad is not None, GROUPED=False, **opts,
