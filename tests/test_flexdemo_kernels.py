@@ -427,41 +427,30 @@ def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient(
     assert not torch.equal(out["triton"][2], init[2])  # no gradient: still decays and moves with its momentum
 
 
-def test_dct_inverse_setting_reaches_the_decode_launch_and_bad_values_are_rejected(monkeypatch):
-    """``dct_inverse=tf32`` asks the Triton decode for one tf32 pass (fp32: CUDA-core fp32 products); checked when the
-    config is built, and by flexmore's optim config."""
-    import flexdemo.ops.decode as dec
+@pytest.mark.parametrize("setting,module,launch_fn,kwarg,expected", [
+    ("dct_forward", "encode", "encode_triton_table", "forward_precision", ["tf32x3", "tf32"]),
+    ("dct_inverse", "decode", "decode_apply_triton_table", "precision", ["ieee", "tf32"]),
+])
+def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(monkeypatch, setting, module, launch_fn,
+                                                                              kwarg, expected):
+    """``dct_forward=tf32`` asks the Triton encode for a one-pass tf32 forward DCT (fp32: tf32x3), ``dct_inverse=tf32``
+    the decode for one tf32 pass (fp32: CUDA-core fp32 products); both are checked when the config is built, also
+    through flexmore's optim config."""
+    import importlib
+
     from flexdemo import DeMoConfig
     from flexmore.config import OptimConfig
 
-    with pytest.raises(ValueError, match="dct_inverse='bf16'; allowed: fp32, tf32"):
-        DeMoConfig(dct_inverse="bf16")
-    with pytest.raises(ValueError, match="optim: dct_inverse='tf16'"):
-        OptimConfig(name="flexdemo", dct_inverse="tf16")
-    assert OptimConfig(name="flexdemo", dct_inverse="tf32").demo_config().dct_inverse == "tf32"
-    seen, launch = [], dec.decode_apply_triton_table
-    monkeypatch.setattr(dec, "decode_apply_triton_table", lambda *a, **kw: (seen.append(kw["precision"]),
-                                                                            launch(*a, **kw))[1])
-    for inv in ("fp32", "tf32"):
+    with pytest.raises(ValueError, match=f"{setting}='bf16'; allowed: fp32, tf32"):
+        DeMoConfig(**{setting: "bf16"})
+    with pytest.raises(ValueError, match=f"optim: {setting}='tf16'"):
+        OptimConfig(name="flexdemo", **{setting: "tf16"})
+    assert getattr(OptimConfig(name="flexdemo", **{setting: "tf32"}).demo_config(), setting) == "tf32"
+    mod = importlib.import_module(f"flexdemo.ops.{module}")
+    seen, launch = [], getattr(mod, launch_fn)
+    monkeypatch.setattr(mod, launch_fn, lambda *a, **kw: (seen.append(kw[kwarg]), launch(*a, **kw))[1])
+    for value in ("fp32", "tf32"):
         p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
         p.grad = torch.randn(20, 24, device=DEVICE)
-        FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", dct_inverse=inv).step()
-    assert seen == ["ieee", "tf32"]
-
-
-def test_dct_forward_setting_reaches_the_encode_launch_and_bad_values_are_rejected(monkeypatch):
-    """``dct_forward=tf32`` asks the Triton encode for a one-pass tf32 forward DCT (fp32: tf32x3); the setting is
-    checked when the config is built."""
-    import flexdemo.ops.encode as enc
-    from flexdemo import DeMoConfig
-
-    with pytest.raises(ValueError, match="dct_forward='bf16'; allowed: fp32, tf32"):
-        DeMoConfig(dct_forward="bf16")
-    seen, launch = [], enc.encode_triton_table
-    monkeypatch.setattr(enc, "encode_triton_table", lambda *a, **kw: (seen.append(kw["forward_precision"]),
-                                                                      launch(*a, **kw))[1])
-    for fwd in ("fp32", "tf32"):
-        p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
-        p.grad = torch.randn(20, 24, device=DEVICE)
-        FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", dct_forward=fwd).encode()
-    assert seen == ["tf32x3", "tf32"]
+        FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", **{setting: value}).step()
+    assert seen == expected
