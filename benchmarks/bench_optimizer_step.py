@@ -27,8 +27,8 @@ from flexdemo import FlexDeMo  # noqa: E402
 from flexmore.model import build_model, load_preset  # noqa: E402
 from timing import copy_bandwidth, ms  # noqa: E402
 
-
 TF32 = ", dct_forward=tf32, dct_inverse=tf32"  # the tf32 rows: both settings
+
 
 def bench(fn) -> float:
     return ms(fn, warmup=50, rep=300)
