@@ -33,9 +33,12 @@ SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 # The defaults and their nearest neighbours (earlier runs, in benchmarks/README.md: ieee dots and maxmask selection
 # 2-5x slower, 8 warps slower for both kernels). "nocap": without the register cap (encode.MAXNREG).
-ENCODE_VARIANTS = [("rank", "tf32x3", 4, True), ("rank", "tf32x3+fwd-tf32", 4, True),  # fwd-tf32: dct_forward=tf32
-                   ("rank", "tf32x3", 4, False), ("bisect", "tf32x3", 4, True)]
-DECODE_VARIANTS = [("tf32x3", 4), ("ieee", 4), ("tf32", 4)]  # ieee: dct_inverse=fp32 (default); tf32: =tf32
+# Encode: (selection, forward DCT's precision, subtraction's precision, warps, register cap); fwd-tf32 is the
+# dct_forward=tf32 setting, sub-tf32x3 the subtraction of the fifth session.
+ENCODE_VARIANTS = [("rank", "tf32x3", "bf16x3", 4, True), ("rank", "tf32", "bf16x3", 4, True),
+                   ("rank", "tf32x3", "tf32x3", 4, True), ("rank", "tf32x3", "bf16x3", 4, False),
+                   ("bisect", "tf32x3", "bf16x3", 4, True)]
+DECODE_VARIANTS = [("bf16x3", 4), ("ieee", 4), ("tf32", 4)]  # bf16x3: dct_inverse=fp32 (default); tf32: =tf32
 
 
 def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int, bw: float) -> list[dict]:
@@ -59,11 +62,12 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
         ("decode", "torch", lambda: decode_apply_reference(param, gi, gv, lay, k, 1e-4, 1.0, True)),
         ("decode", "torch.compile", lambda: compiled_dec(param, gi, gv, lay, k, 1e-4, 1.0, True)),
     ]
-    for t, p, w, cap in ENCODE_VARIANTS:
-        impls.append(("encode", f"triton {t} {p} w{w}" + ("" if cap else " nocap"), lambda t=t, p=p, w=w, cap=cap: (
+    for t, f, p, w, cap in ENCODE_VARIANTS:
+        name = f"triton {t} fwd-{f} sub-{p} w{w}" + ("" if cap else " nocap")
+        impls.append(("encode", name, lambda t=t, f=f, p=p, w=w, cap=cap: (
             setattr(encode_module, "MAXNREG", MAXNREG if cap else None), encode_triton(
-                grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p.split("+")[0], topk=t, num_warps=w,
-                forward_precision="tf32" if p.endswith("fwd-tf32") else None))))
+                grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p, topk=t, num_warps=w,
+                forward_precision=f))))
     for p, w in DECODE_VARIANTS:
         impls.append(("decode", f"triton {p} w{w}", lambda p=p, w=w: decode_apply_triton(
             param, gi, gv, lay, k, 1e-4, 1.0, True, precision=p, num_warps=w)))

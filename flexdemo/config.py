@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
 
 DCT_FORWARD = {"fp32": "tf32x3", "tf32": "tf32"}  # -> the Triton encode's forward_precision
-DCT_INVERSE = {"fp32": "ieee", "tf32": "tf32"}  # -> the Triton decode's precision
+DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,10 @@ class DeMoConfig:
     # less encode time; its ~5e-4 relative error is below the bf16 wire's rounding and may swap near-ties at the
     # cut; the momentum still loses exactly what was sent). The torch path is always fp32.
     dct_forward: str = "fp32"
-    # Triton decode's inverse DCT: fp32 (CUDA-core fp32 products) or tf32 (one tensor-core pass, ~20% less decode
-    # time: the basis rounds to tf32, 2^-11 relative, below the bf16 wire's 2^-9, and bf16 wire values are exact in
-    # tf32; a sign may flip where the update is within ~1e-3 of zero). Replicas stay bit-identical either way.
+    # Triton decode's inverse DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: within
+    # ~6e-6 of the largest update, and the fastest) or tf32 (one tensor-core pass: the basis rounds to 2^-11 relative;
+    # a sign may flip where the update is within ~1e-3 of zero; slower than fp32 since the sixth session, kept for
+    # comparison). Replicas stay bit-identical either way.
     dct_inverse: str = "fp32"
 
     def __post_init__(self) -> None:

@@ -19,10 +19,13 @@ from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.encode import payload_block
+from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import cast_like
 
-PRECISION = "ieee"  # fp32 products (faster than tf32x3 on an H100); "tf32" (dct_inverse=tf32): ~20% faster, 2^-11
-# relative basis rounding (benchmarks/README.md)
+# Three bf16 products (each factor to 16 significant bits): max error 5.6e-6 of the largest update on the H100, 28%
+# faster than ieee (CUDA-core fp32, 4.5e-7) and 10% faster than one tf32 pass (dct_inverse=tf32, 7.9e-4): tf32 wants
+# both operands K-major, so the gathered basis rows go to shared memory transposed, bf16 takes them as they lie.
+PRECISION = "bf16x3"
 NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
 
 
@@ -76,7 +79,7 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
                         num_warps: int | None = None) -> None:
     """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided.
     precision / num_warps: None = the module's defaults (read at call time, so a benchmark can set them)."""
-    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
+    precision, num_warps = runnable(precision or PRECISION), num_warps or NUM_WARPS
     if layout.num_chunks == 0:
         return
     s = layout.s
@@ -94,7 +97,7 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
     """``decode_apply_triton`` for every tensor of ``table`` in one launch. params[t]: (rows, cols) views with unit
     column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor reading at its
     ``payload_first`` chunk."""
-    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
+    precision, num_warps = runnable(precision or PRECISION), num_warps or NUM_WARPS
     if len({p.dtype for p in params}) > 1:
         raise ValueError(f"one parameter dtype per launch; got {sorted({str(p.dtype) for p in params})}")
     d = dct_matrix(table.s, params[0].device, torch.float32)

@@ -19,13 +19,19 @@ import triton.language as tl
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import cast_like
 
 TOPK_METHODS = ("rank", "bisect", "maxmask")
 TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
-PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; ieee (CUDA-core fp32) is 2.5-5x slower
+# The forward DCT's products (dct_forward): tf32x3, ~fp32 on tensor cores (ieee, on CUDA cores, is 2.5-5x slower).
+FORWARD_PRECISION = "tf32x3"
+# The subtraction of what was sent: three bf16 products, ~2^-16 each (the momentum within 1.5e-6 of the ieee result,
+# relative to its largest entry, on the H100). tf32 wants both operands K-major, so the gathered basis rows would go
+# to shared memory transposed, with 8-way bank conflicts; bf16 takes them as they lie: 8% faster than tf32x3.
+PRECISION = "bf16x3"
 NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
-MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (234 registers uncapped: 2), 0-22 bytes spilled
+MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (245 registers uncapped: 2), 0-6 bytes spilled
 
 
 @triton.jit
@@ -91,34 +97,39 @@ def _rank_desc(keys, pos):
 
 @triton.jit
 def _extract_candidates(cbits, lo, n_lo, row, S: tl.constexpr, K: tl.constexpr):
-    """Copy the candidates to ``row`` (values' bits at row[0:n], chunk indices at row[S:S + n]) and return n <= S:
-    every coefficient at or above lo when n_lo <= S, else (lo is the k-th largest, with many ties) everything above
-    lo and the lowest-index ties, k in all. Row by row, lowest column first, one candidate per row per round: the
-    rounds are as many as the most candidates in one row (row reductions only, no scan of the whole tile, so few
-    registers), and each row's candidates land at its exclusive prefix count: row-major order."""
+    """Copy the candidates of the transposed coefficient tile ``cbits`` (element (i, j) is C's index j * S + i) to
+    ``row`` (int64: value bits | chunk index << 32) and return their number n <= S: every coefficient at or above lo
+    when n_lo <= S, else (lo is the k-th largest, with many ties) everything above lo and the lowest-index ties, k in
+    all (the index bound of the ties found by bisection). Row by row, lowest column first, one candidate per row per
+    round: as many rounds as the most candidates in one row, each two row reductions and one store (no scan of the
+    whole tile, so few registers); each row's candidates land at its exclusive prefix count (the order does not
+    matter: the ranking that follows sorts them). Rows with nothing left store to a spare slot, row[S:2S]."""
     si = tl.arange(0, S)
     mag = cbits & 0x7FFFFFFF
     col = tl.zeros_like(cbits) + si[None, :]
     if n_lo <= S:  # the common case: all at or above lo
-        cnt = tl.sum((mag >= lo).to(tl.int32), axis=1)
-        quota = tl.full((S,), S * S, tl.int32)  # never reached: no tie is dropped
-        key = tl.where(mag >= lo, col, S)  # the column, or S: not (or no more)
-    else:  # the ties each row may send: lowest index first, k in all
-        acnt = tl.sum((mag > lo).to(tl.int32), axis=1)
-        tcnt = tl.sum((mag == lo).to(tl.int32), axis=1)
-        quota = tl.minimum(tl.maximum(K - tl.sum(acnt) - (tl.cumsum(tcnt, axis=0) - tcnt), 0), tcnt)
-        cnt = acnt + quota
-        key = tl.where((mag > lo) | ((mag == lo) & (quota[:, None] > 0)), col, S)
+        take = mag >= lo
+    else:
+        real = col * S + si[:, None]
+        tie = mag == lo
+        need = K - tl.sum((mag > lo).to(tl.int32))
+        p_lo = tl.full((), 0, tl.int32)  # count(tie & real < p_lo) < need <= count(tie & real < p_hi)
+        p_hi = tl.full((), S * S, tl.int32)
+        while p_hi - p_lo > 1:
+            mid = (p_lo + p_hi) // 2
+            enough = tl.sum((tie & (real < mid)).to(tl.int32)) >= need
+            p_hi = tl.where(enough, mid, p_hi)
+            p_lo = tl.where(enough, p_lo, mid)
+        take = (mag > lo) | (tie & (real < p_hi))
+    key = tl.where(take, col, S)  # the column, or S: not (or no more)
+    cnt = tl.sum(take.to(tl.int32), axis=1)
     start = tl.cumsum(cnt, axis=0) - cnt
-    ties = tl.zeros_like(quota)
     for j in range(tl.max(cnt)):
         first = tl.min(key, axis=1)
-        ok = first < S
         v = tl.sum(tl.where(col == first[:, None], cbits, 0), axis=1)  # exact bits: one nonzero term
-        tl.store(row + start + j, v, mask=ok)
-        tl.store(row + S + start + j, si * S + first, mask=ok)
-        ties += (ok & ((v & 0x7FFFFFFF) == lo)).to(tl.int32)
-        key = tl.where((key == first[:, None]) | ((mag == lo) & (ties >= quota)[:, None]), S, key)
+        packed = (v.to(tl.int64) & 0xFFFFFFFF) | ((first * S + si).to(tl.int64) << 32)
+        tl.store(row + tl.where(first < S, start + j, S + si), packed)
+        key = tl.where(key == first[:, None], S, key)
     return tl.sum(cnt)
 
 
@@ -176,7 +187,15 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     else:
         m = beta * m
     d = tl.load(d_ptr + si[:, None] * S + si[None, :])
-    coef = tl.dot(tl.dot(d, m, input_precision=FWD_PRECISION), tl.trans(d), input_precision=FWD_PRECISION)
+    COMPACT: tl.constexpr = SELECT == "rank" and 2 * K <= S  # rank selection of at most s candidates
+    if COMPACT:
+        # The tile is C^T (its rows are C's columns, which the selection below may use as well as C's rows):
+        # C^T = D m^T D^T: the first product's B operand is then m^T, which tf32 wants K-major, i.e. m as it lies in
+        # registers; B = m (C = D m D^T) would be stored transposed to shared memory, 8-way bank conflicts.
+        coef = tl.dot(tl.dot(d, tl.trans(m), input_precision=FWD_PRECISION), tl.trans(d),
+                      input_precision=FWD_PRECISION)
+    else:
+        coef = tl.dot(tl.dot(d, m, input_precision=FWD_PRECISION), tl.trans(d), input_precision=FWD_PRECISION)
     offs = si[:, None] * S + si[None, :]
     if SELECT == "rank":
         # Bracket the k-th largest |c| (as fp32 bits, which order like the values): k rows have their maximum at or
@@ -186,7 +205,6 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
         # copies visible to every thread) and rank them against each other: slot = rank, ties to the lowest index,
         # payload in descending magnitude, as max-and-mask.
         bits = tl.abs(coef).to(tl.int32, bitcast=True)
-        COMPACT: tl.constexpr = 2 * K <= S
         if COMPACT:
             rmax = tl.max(bits, axis=1)
             lo = tl.sum(tl.where(_rank_desc(rmax, si) == K - 1, rmax, 0))
@@ -201,8 +219,9 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
             n = _extract_candidates(coef.to(tl.int32, bitcast=True), lo, n_lo, row, S, K)
             tl.debug_barrier()
             filled = si < n
-            cv = tl.load(row + si, mask=filled, other=0).to(tl.float32, bitcast=True)
-            ci = tl.load(row + S + si, mask=filled, other=0) + tl.where(filled, 0, S * S + si)  # empties: last
+            packed = tl.load(row + si, mask=filled, other=0)
+            cv = (packed & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            ci = (packed >> 32).to(tl.int32) + tl.where(filled, 0, S * S + si)  # empties: last
             rank = _rank_desc(tl.where(filled, tl.abs(cv).to(tl.int32, bitcast=True), -1), ci)
             tl.store(vals_ptr + c * K + rank, cast_like(cv, vals_ptr), mask=rank < K)
             tl.store(idx_ptr + c * K + rank, ci, mask=rank < K)
@@ -246,9 +265,10 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
                   k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, precision: str | None = None,
                   topk: str | None = None, num_warps: int | None = None, forward_precision: str | None = None) -> None:
     """Same contract as ``encode_reference``; ``out_idx`` is int32. ``topk``: one of TOPK_METHODS; None = the module's
-    defaults (read at call time, so a benchmark can set them). ``forward_precision`` (default: ``precision``) is the
-    forward DCT's alone: it decides only which coefficients are chosen and their values, never the momentum's
-    consistency, since the momentum loses exactly what was sent (the subtraction runs in ``precision``)."""
+    defaults (read at call time, so a benchmark can set them). ``precision``: the subtraction's products (and the
+    forward DCT's when ``forward_precision`` is None and ``precision`` is given). ``forward_precision`` decides only
+    which coefficients are chosen and their values, never the momentum's consistency: the momentum loses what was
+    sent, as sent (the subtraction reads the payload back)."""
     opts = _options(k, layout.s, precision, topk, num_warps, forward_precision)
     if layout.num_chunks == 0:
         return
@@ -284,21 +304,22 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
 def _options(k: int, s: int, precision: str | None, topk: str | None, num_warps: int | None,
              forward_precision: str | None) -> dict:
     """The launch's compile-time options; None: the module's defaults, read at call time (a benchmark sets them)."""
+    forward_precision = forward_precision or precision or FORWARD_PRECISION
     precision, topk = precision or PRECISION, topk or TOPK
     if topk not in TOPK_METHODS:
         raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
-    opts = dict(S=s, K=k, KB=payload_block(k, s), PRECISION=precision, FWD_PRECISION=forward_precision or precision,
-                SELECT=topk, num_warps=num_warps or NUM_WARPS)
+    opts = dict(S=s, K=k, KB=payload_block(k, s), PRECISION=runnable(precision),
+                FWD_PRECISION=runnable(forward_precision), SELECT=topk, num_warps=num_warps or NUM_WARPS)
     if s == 64 and MAXNREG:  # measured for 64 x 64 only; the interpreter ignores it
         opts["maxnreg"] = MAXNREG
     return opts
 
 
 def _scratch(programs: int, opts: dict, device: torch.device) -> torch.Tensor:
-    """The rank selection's per-program row: up to s candidate values and their indices."""
+    """The rank selection's per-program row: up to s candidates (value bits | index << 32), then s spare slots."""
     s = opts["S"]
     n = programs * 2 * s if opts["SELECT"] == "rank" and 2 * opts["K"] <= s else 1
-    return torch.empty(n, dtype=torch.int32, device=device)
+    return torch.empty(n, dtype=torch.int64, device=device)
 
 
 def payload_block(k: int, s: int) -> int:
