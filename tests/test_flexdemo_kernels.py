@@ -31,8 +31,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
 # The interpreter computes every tl.dot in fp32 whatever the precision, so only a GPU has two to test.
 PRECISIONS = ["ieee", "tf32x3"] if DEVICE == "cuda" else ["ieee"]
-# encode: None = the defaults (tf32x3 forward DCT, bf16x3 subtraction; on CPU both run as ieee)
-ENCODE_PRECISIONS = PRECISIONS + [None]
+# None: the kernels' defaults (encode: tf32x3 forward DCT, bf16x3 subtraction; decode: bf16x3), ieee on CPU
+PRECISIONS_AND_DEFAULT = PRECISIONS + [None]
 
 
 def run_encode(fn, grad, delta, lay, beta, lr, k, wire, **kw):
@@ -47,7 +47,7 @@ def run_encode(fn, grad, delta, lay, beta, lr, k, wire, **kw):
 @pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("beta", [0.0, 0.9, 0.999])
 @pytest.mark.parametrize("topk", TOPK_METHODS)
-@pytest.mark.parametrize("precision", ENCODE_PRECISIONS)
+@pytest.mark.parametrize("precision", PRECISIONS_AND_DEFAULT)
 def test_encode_matches_reference(rows, cols, s, k, beta, topk, precision):
     torch.manual_seed(rows * 100 + k)
     lay = ChunkLayout(rows, cols, s)
@@ -195,7 +195,7 @@ def random_payload(lay, k, replicas, wire):
 @pytest.mark.parametrize("rows,cols,s", SHAPES)
 @pytest.mark.parametrize("replicas", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 7])
-@pytest.mark.parametrize("precision", PRECISIONS + [None])  # None: the default, bf16x3 (ieee on CPU)
+@pytest.mark.parametrize("precision", PRECISIONS_AND_DEFAULT)
 def test_decode_matches_reference_before_sign(rows, cols, s, replicas, k, precision):
     torch.manual_seed(replicas * 10 + k)
     lay = ChunkLayout(rows, cols, s)
