@@ -91,10 +91,8 @@ def use_kernel_choice(path: str) -> dict:
     # the forward DCT's precision is the dct_forward setting, which the optimizer passes itself (measured in its rows)
     encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, sub.removeprefix("sub-"), int(warps[1:])
     encode.MAXNREG = None if cap == ["nocap"] else encode.MAXNREG
-    _, precision, warps = best["decode"].split()
-    # tf32 is the dct_inverse=tf32 setting, measured in its own rows: keep the module's full-precision default
-    decode.PRECISION = decode.PRECISION if precision == "tf32" else precision
-    decode.NUM_WARPS = int(warps[1:])
+    # decode's precision is the dct_inverse setting, which the optimizer passes itself: only the warps carry over
+    decode.NUM_WARPS = int(best["decode"].split()[2][1:])
     return best
 
 
