@@ -72,7 +72,7 @@ def main() -> None:
     vals = torch.empty(lay.num_chunks * k, device="cuda", dtype=torch.bfloat16)
     idx = torch.empty(lay.num_chunks * k, device="cuda", dtype=torch.int32)
     out = []
-    for fwd in ("tf32x3", "tf32"):
+    for fwd in (getattr(mod, "FORWARD_PRECISION", "tf32x3"), "tf32"):  # the source's default, and dct_forward=tf32
         for stage in [0, 1, 10, 11, 12, 2, 9]:
             opts = mod._options(k, s, None, "rank", 4, fwd)  # the subtraction: the source's default
             scratch = mod._scratch(lay.num_chunks, opts, "cuda")

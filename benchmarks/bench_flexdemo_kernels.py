@@ -33,11 +33,11 @@ SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 # The defaults and their nearest neighbours (earlier runs, in benchmarks/README.md: ieee dots and maxmask selection
 # 2-5x slower, 8 warps slower for both kernels). "nocap": without the register cap (encode.MAXNREG).
-# Encode: (selection, forward DCT's precision, subtraction's precision, warps, register cap); fwd-tf32 is the
-# dct_forward=tf32 setting, sub-tf32x3 the subtraction of the fifth session.
-ENCODE_VARIANTS = [("rank", "tf32x3", "bf16x3", 4, True), ("rank", "tf32", "bf16x3", 4, True),
-                   ("rank", "tf32x3", "tf32x3", 4, True), ("rank", "tf32x3", "bf16x3", 4, False),
-                   ("bisect", "tf32x3", "bf16x3", 4, True)]
+# Encode: (selection, forward DCT's precision, subtraction's precision, warps, register cap); fwd-bf16x3 is the
+# default (dct_forward=fp32), fwd-tf32 the dct_forward=tf32 setting, fwd-tf32x3 the sixth session's default.
+ENCODE_VARIANTS = [("rank", "bf16x3", "bf16x3", 4, True), ("rank", "tf32", "bf16x3", 4, True),
+                   ("rank", "tf32x3", "bf16x3", 4, True), ("rank", "bf16x3", "bf16x3", 4, False),
+                   ("bisect", "bf16x3", "bf16x3", 4, True)]
 DECODE_VARIANTS = [("bf16x3", 4), ("ieee", 4), ("tf32", 4)]  # bf16x3: dct_inverse=fp32 (default); tf32: =tf32
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
 
-DCT_FORWARD = {"fp32": "tf32x3", "tf32": "tf32"}  # -> the Triton encode's forward_precision
+# -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
+DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 
 
@@ -22,9 +23,11 @@ class DeMoConfig:
     value_dtype: str = "bf16"  # bf16 | fp32 | fp16: dtype of the sent coefficients
     index_bits: int = 0  # 0 = smallest that holds chunk*chunk (12 for 64x64), or 12 / 16
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
-    # Triton encode's forward DCT: fp32 (tf32x3, picks what the fp32 reference picks) or tf32 (one pass, a quarter
-    # less encode time; its ~5e-4 relative error is below the bf16 wire's rounding and may swap near-ties at the
-    # cut; the momentum still loses exactly what was sent). The torch path is always fp32.
+    # Triton encode's forward DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: the
+    # fp32 reference's set but for near-ties within ~2^-15, 1 chunk in 2000 on random data; tf32x3, ~2^-21, for
+    # value_dtype=fp32) or tf32 (one pass, 11% less encode time; ~5e-4 relative error: 3% of chunks swap a near-tie,
+    # a quarter of the sent values move one bf16 step). Either way the momentum loses exactly what was sent. The
+    # torch path is always fp32.
     dct_forward: str = "fp32"
     # Triton decode's inverse DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: within
     # ~6e-6 of the largest update, and the fastest) or tf32 (one tensor-core pass: the basis rounds to 2^-11 relative;

@@ -2,10 +2,13 @@
 device tool: the same tests run on CUDA tensors when a GPU is present).
 
 Tolerances: both sides compute the DCT to about fp32 accuracy (the kernel's tl.dot in ieee, or tf32x3: three tf32
-products, ~2^-21 relative, the GPU default), so coefficients agree to the rounding of 2 x s-term sums and residuals
-(the momentum minus a k-term sum) to that of the k-term sum: rtol 1e-5, atol 1e-6 (times the data's scale). Selected index sets are
-compared where the k-th and (k+1)-th magnitudes are more than 1e-5 apart; decoded updates before sign to 1e-5 relative,
-after sign exactly except where the update is within 1e-6 of zero.
+products, ~2^-21 relative), so coefficients agree to the rounding of 2 x s-term sums and residuals (the momentum minus
+a k-term sum) to that of the k-term sum: rtol 1e-5, atol 1e-6 (times the data's scale). Selected index sets are
+compared where the k-th and (k+1)-th magnitudes are more than 1e-5 apart. The GPU's default forward DCT (bf16x3:
+each factor to 16 significant bits) moves coefficients by up to ~2^-15 of the sum of its terms' magnitudes, so there
+the sets are compared where the gap is above 1e-3 (s <= 32, unit data), the values to the wire's rounding, and the
+residual against the momentum less what was sent. Decoded updates before sign to 1e-5 relative, after sign exactly
+except where the update is within 1e-6 of zero.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
 # The interpreter computes every tl.dot in fp32 whatever the precision, so only a GPU has two to test.
 PRECISIONS = ["ieee", "tf32x3"] if DEVICE == "cuda" else ["ieee"]
-# None: the kernels' defaults (encode: tf32x3 forward DCT, bf16x3 subtraction; decode: bf16x3), ieee on CPU
+# None: the kernels' defaults (encode: bf16x3 forward DCT and subtraction; decode: bf16x3), ieee on CPU
 PRECISIONS_AND_DEFAULT = PRECISIONS + [None]
 
 
@@ -59,14 +62,20 @@ def test_encode_matches_reference(rows, cols, s, k, beta, topk, precision):
     assert (i_tri >= 0).all() and not v_tri.float().isnan().any()  # every slot written
     coeffs = dct2(lay.to_chunks(beta * delta + 0.1 * grad)).reshape(lay.num_chunks, -1).abs()
     top = coeffs.sort(dim=1, descending=True).values
-    clear = (top[:, k - 1] - top[:, k]) > 1e-5
+    bf16x3 = precision is None and DEVICE == "cuda"  # the default forward DCT: ~2^-15 of its terms' magnitudes
+    clear = (top[:, k - 1] - top[:, k]) > (1e-3 if bf16x3 else 1e-5)
     assert clear.sum() >= lay.num_chunks // 2
+    m = beta * delta + 0.1 * grad
+    sent = torch.zeros(lay.num_chunks, s * s, device=DEVICE).scatter_(1, i_tri.long(), v_tri.float())
+    kept = lay.to_chunks(lay.from_chunks(lay.to_chunks(m) - idct2(sent.view(-1, s, s))))  # m less what was sent
     for c in torch.nonzero(clear).flatten().tolist():
         assert set(i_tri[c].tolist()) == set(i_ref[c].tolist()), c
         order = i_ref[c].argsort()
         torch.testing.assert_close(v_tri[c][i_tri[c].argsort()].float(), v_ref[c][order].float(), rtol=1e-2, atol=1e-6)
-        # the residual of that chunk (where the choices differ, so do the residuals, legitimately)
-        torch.testing.assert_close(lay.to_chunks(d_tri)[c], lay.to_chunks(d_ref)[c], rtol=1e-5, atol=1e-5)
+        # the residual of that chunk (where the choices differ, so do the residuals, legitimately); a bf16x3
+        # coefficient may round to the next bf16 value, so that residual is checked against what was sent
+        torch.testing.assert_close(lay.to_chunks(d_tri)[c], kept[c] if bf16x3 else lay.to_chunks(d_ref)[c],
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("topk", TOPK_METHODS)
@@ -114,7 +123,10 @@ def test_topk_methods_agree_bit_for_bit(k, s, spectrum):
     delta[:, 2 * s:] = 0.0  # whole zero chunks: ties at the cut
     grad[:, 2 * s:] = 0.0
     beta, lr = (1.0, 0.0) if spectrum == "few-rows" else (0.9, 0.1)
-    out = {m: run_encode(encode_triton, grad, delta, lay, beta, lr, k, torch.bfloat16, topk=m) for m in TOPK_METHODS}
+    # the forward DCT pinned to tf32x3: every method must see the same coefficients (with the bf16x3 default, one
+    # near-tie of s = 128 fell differently between the methods' kernels on the H100)
+    out = {m: run_encode(encode_triton, grad, delta, lay, beta, lr, k, torch.bfloat16, topk=m,
+                         forward_precision="tf32x3") for m in TOPK_METHODS}
     d_a, v_a, i_a = out["maxmask"]
     for m in ("rank", "bisect"):
         d_b, v_b, i_b = out[m]
@@ -180,7 +192,8 @@ def test_candidate_extraction_takes_the_right_set(case):
     n = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     _extract_probe[(1,)](tile.t().contiguous().view(torch.int32).to(DEVICE), lo, n_lo, row, n, S=s, K=k)
     assert n.item() == len(keep)
-    got = sorted((int(p) >> 32, int(p) & 0xFFFFFFFF) for p in row[:len(keep)].tolist())
+    # each key (``_candidate_key``): |value| bits << 17 | (s*s - 1 - index) << 1 | sign
+    got = sorted((s * s - 1 - ((p >> 1) & 0xFFFF), (p >> 17) | (p & 1) << 31) for p in row[:len(keep)].tolist())
     assert got == [(i, b & 0xFFFFFFFF) for i, b in zip(keep, bits[keep].tolist())]  # the values' bits, sign included
 
 
@@ -437,15 +450,26 @@ def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient(
     assert not torch.equal(out["triton"][2], init[2])  # no gradient: still decays and moves with its momentum
 
 
+def test_default_forward_dct_follows_the_wire():
+    """dct_forward=fp32 means products finer than the wire: bf16x3 (~2^-16) for a 16-bit wire, tf32x3 (~2^-21) for an
+    fp32 wire, whose values keep 24 bits (``test_encode_full_k_and_no_grad`` sends everything in fp32 and needs it)."""
+    from flexdemo.ops.encode import _options
+    from flexdemo.ops.precision import runnable
+
+    for wire, expected in [(torch.bfloat16, "bf16x3"), (torch.float16, "bf16x3"), (torch.float32, "tf32x3")]:
+        assert _options(32, 64, None, None, None, None, wire)["FWD_PRECISION"] == runnable(expected)
+    assert _options(32, 64, None, None, None, "tf32", torch.float32)["FWD_PRECISION"] == "tf32"
+
+
 @pytest.mark.parametrize("setting,module,launch_fn,kwarg,expected", [
-    ("dct_forward", "encode", "encode_triton_table", "forward_precision", ["tf32x3", "tf32"]),
+    ("dct_forward", "encode", "encode_triton_table", "forward_precision", [None, "tf32"]),
     ("dct_inverse", "decode", "decode_apply_triton_table", "precision", ["bf16x3", "tf32"]),
 ])
 def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(monkeypatch, setting, module, launch_fn,
                                                                               kwarg, expected):
-    """``dct_forward=tf32`` asks the Triton encode for a one-pass tf32 forward DCT (fp32: tf32x3), ``dct_inverse=tf32``
-    the decode for one tf32 pass (fp32: three bf16 products); both are checked when the config is built, also
-    through flexmore's optim config."""
+    """``dct_forward=tf32`` asks the Triton encode for a one-pass tf32 forward DCT (fp32: None, its default for the
+    wire), ``dct_inverse=tf32`` the decode for one tf32 pass (fp32: three bf16 products); both are checked when the
+    config is built, also through flexmore's optim config."""
     import importlib
 
     from flexdemo import DeMoConfig

@@ -24,13 +24,17 @@ from flexdemo.ops.rounding import cast_like
 
 TOPK_METHODS = ("rank", "bisect", "maxmask")
 TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
-# The forward DCT's products (dct_forward): tf32x3, ~fp32 on tensor cores (ieee, on CUDA cores, is 2.5-5x slower).
-FORWARD_PRECISION = "tf32x3"
+# The forward DCT's products (dct_forward=fp32) for a 16-bit wire: three bf16 products, each factor to 16 significant
+# bits, 128x finer than the bf16 wire's rounding: on 4096 x 11008 (H100) the ieee set in all but 5 of 11008 chunks
+# (near-ties) and 0.04% of the sent values one bf16 step away; 14% faster than tf32x3, and ieee is 2.5-5x slower.
+FORWARD_PRECISION = "bf16x3"
+# ... and for an fp32 wire, whose values keep 24 bits: tf32x3 (~2^-21), the ieee sets and values.
+FORWARD_PRECISION_FP32_WIRE = "tf32x3"
 # The subtraction of what was sent: three bf16 products, ~2^-16 each (the momentum within 1.5e-6 of the ieee result,
 # relative to its largest entry, on the H100). tf32 wants both operands K-major, so the gathered basis rows would go
 # to shared memory transposed, with 8-way bank conflicts; bf16 takes them as they lie: 8% faster than tf32x3.
 PRECISION = "bf16x3"
-NUM_WARPS = 4  # 8 is slower with tf32x3 (benchmarks/README.md)
+NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
 MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (245 registers uncapped: 2), 0-6 bytes spilled
 
 
@@ -88,17 +92,32 @@ def _store_above_and_ties(coef, bits, t, offs, vals_ptr, idx_ptr, c, K: tl.const
 
 
 @triton.jit
-def _rank_desc(keys, pos):
-    """Per entry of (N,) keys with distinct positions: how many entries come before it in (key descending, position
-    ascending) order, i.e. its slot in a stable descending sort. One N x N comparison tile."""
-    before = (keys[None, :] > keys[:, None]) | ((keys[None, :] == keys[:, None]) & (pos[None, :] < pos[:, None]))
-    return tl.sum(before.to(tl.int32), axis=1)
+def _rank_desc(keys):
+    """Per entry of (N,) distinct keys: how many are larger, i.e. its slot in a descending sort. One N x N comparison
+    tile; the keys carry their tie rule (a position in their low bits), so one compare per pair."""
+    return tl.sum((keys[None, :] > keys[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _candidate_key(vbits, index, S: tl.constexpr):
+    """A candidate's ranking key, int64, distinct and ordered like (|value| descending, index ascending): |value|'s
+    bits << 17 | (s*s - 1 - index) << 1 | sign (s <= 128: the index field is 16 bits). The ranking compares keys
+    only, and the value and index come back from the key (``_candidate_of``)."""
+    return (((vbits & 0x7FFFFFFF).to(tl.int64) << 17) | ((S * S - 1 - index).to(tl.int64) << 1)
+            | ((vbits >> 31) & 1).to(tl.int64))
+
+
+@triton.jit
+def _candidate_of(key, S: tl.constexpr):
+    """(value, index) of a ``_candidate_key``."""
+    vbits = (key >> 17).to(tl.int32) | ((key & 1).to(tl.int32) << 31)
+    return vbits.to(tl.float32, bitcast=True), S * S - 1 - ((key >> 1) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit
 def _extract_candidates(cbits, lo, n_lo, row, S: tl.constexpr, K: tl.constexpr):
     """Copy the candidates of the transposed coefficient tile ``cbits`` (element (i, j) is C's index j * S + i) to
-    ``row`` (int64: value bits | chunk index << 32) and return their number n <= S: every coefficient at or above lo
+    ``row`` (as ``_candidate_key``s) and return their number n <= S: every coefficient at or above lo
     when n_lo <= S, else (lo is the k-th largest, with many ties) everything above lo and the lowest-index ties, k in
     all (the index bound of the ties found by bisection). Row by row, lowest column first, one candidate per row per
     round: as many rounds as the most candidates in one row, each two row reductions and one store (no scan of the
@@ -127,8 +146,7 @@ def _extract_candidates(cbits, lo, n_lo, row, S: tl.constexpr, K: tl.constexpr):
     for j in range(tl.max(cnt)):
         first = tl.min(key, axis=1)
         v = tl.sum(tl.where(col == first[:, None], cbits, 0), axis=1)  # exact bits: one nonzero term
-        packed = (v.to(tl.int64) & 0xFFFFFFFF) | ((first * S + si).to(tl.int64) << 32)
-        tl.store(row + tl.where(first < S, start + j, S + si), packed)
+        tl.store(row + tl.where(first < S, start + j, S + si), _candidate_key(v, first * S + si, S))
         key = tl.where(key == first[:, None], S, key)
     return tl.sum(cnt)
 
@@ -207,7 +225,9 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
         bits = tl.abs(coef).to(tl.int32, bitcast=True)
         if COMPACT:
             rmax = tl.max(bits, axis=1)
-            lo = tl.sum(tl.where(_rank_desc(rmax, si) == K - 1, rmax, 0))
+            # distinct keys: each line's maximum less its low bits, the line in them (still a lower bound)
+            rkey = (rmax & ~(S - 1)) | (S - 1 - si)
+            lo = tl.sum(tl.where(_rank_desc(rkey) == K - 1, rkey & ~(S - 1), 0))
             hi = tl.max(rmax) + 1
         else:
             lo = tl.zeros((), tl.int32)
@@ -218,11 +238,9 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
             row = scratch_ptr + tl.program_id(0).to(tl.int64) * (2 * S)
             n = _extract_candidates(coef.to(tl.int32, bitcast=True), lo, n_lo, row, S, K)
             tl.debug_barrier()
-            filled = si < n
-            packed = tl.load(row + si, mask=filled, other=0)
-            cv = (packed & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            ci = (packed >> 32).to(tl.int32) + tl.where(filled, 0, S * S + si)  # empties: last
-            rank = _rank_desc(tl.where(filled, tl.abs(cv).to(tl.int32, bitcast=True), -1), ci)
+            key = tl.load(row + si, mask=si < n, other=-1)  # empties: -1, below every candidate
+            rank = _rank_desc(key)
+            cv, ci = _candidate_of(key, S)
             tl.store(vals_ptr + c * K + rank, cast_like(cv, vals_ptr), mask=rank < K)
             tl.store(idx_ptr + c * K + rank, ci, mask=rank < K)
         else:  # 2k > s: narrowed to the k-th largest itself; all above it, lowest-index ties, in index order
@@ -269,7 +287,7 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
     forward DCT's when ``forward_precision`` is None and ``precision`` is given). ``forward_precision`` decides only
     which coefficients are chosen and their values, never the momentum's consistency: the momentum loses what was
     sent, as sent (the subtraction reads the payload back)."""
-    opts = _options(k, layout.s, precision, topk, num_warps, forward_precision)
+    opts = _options(k, layout.s, precision, topk, num_warps, forward_precision, out_vals.dtype)
     if layout.num_chunks == 0:
         return
     d = dct_matrix(layout.s, delta.device, torch.float32)
@@ -288,7 +306,7 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
     """``encode_triton`` for every tensor of ``table`` in one launch. grads[t] / deltas[t]: (rows, cols) views with
     unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the whole payload, each tensor
     writing at its ``payload_first`` chunk. All gradients given must share one dtype."""
-    opts = _options(k, table.s, precision, topk, num_warps, forward_precision)
+    opts = _options(k, table.s, precision, topk, num_warps, forward_precision, out_vals.dtype)
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
         raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
@@ -302,9 +320,10 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
 
 
 def _options(k: int, s: int, precision: str | None, topk: str | None, num_warps: int | None,
-             forward_precision: str | None) -> dict:
+             forward_precision: str | None, wire: torch.dtype = torch.bfloat16) -> dict:
     """The launch's compile-time options; None: the module's defaults, read at call time (a benchmark sets them)."""
-    forward_precision = forward_precision or precision or FORWARD_PRECISION
+    default_forward = FORWARD_PRECISION_FP32_WIRE if wire == torch.float32 else FORWARD_PRECISION
+    forward_precision = forward_precision or precision or default_forward
     precision, topk = precision or PRECISION, topk or TOPK
     if topk not in TOPK_METHODS:
         raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
@@ -316,7 +335,7 @@ def _options(k: int, s: int, precision: str | None, topk: str | None, num_warps:
 
 
 def _scratch(programs: int, opts: dict, device: torch.device) -> torch.Tensor:
-    """The rank selection's per-program row: up to s candidates (value bits | index << 32), then s spare slots."""
+    """The rank selection's per-program row: up to s candidates (``_candidate_key``), then s spare slots."""
     s = opts["S"]
     n = programs * 2 * s if opts["SELECT"] == "rank" and 2 * opts["K"] <= s else 1
     return torch.empty(n, dtype=torch.int64, device=device)
