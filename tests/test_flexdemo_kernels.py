@@ -60,12 +60,12 @@ def test_encode_matches_reference(rows, cols, s, k, beta, topk, precision):
     d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, beta, 0.1, k, wire, topk=topk,
                                      precision=precision)
     assert (i_tri >= 0).all() and not v_tri.float().isnan().any()  # every slot written
-    coeffs = dct2(lay.to_chunks(beta * delta + 0.1 * grad)).reshape(lay.num_chunks, -1).abs()
+    m = beta * delta + 0.1 * grad
+    coeffs = dct2(lay.to_chunks(m)).reshape(lay.num_chunks, -1).abs()
     top = coeffs.sort(dim=1, descending=True).values
     bf16x3 = precision is None and DEVICE == "cuda"  # the default forward DCT: ~2^-15 of its terms' magnitudes
     clear = (top[:, k - 1] - top[:, k]) > (1e-3 if bf16x3 else 1e-5)
     assert clear.sum() >= lay.num_chunks // 2
-    m = beta * delta + 0.1 * grad
     sent = torch.zeros(lay.num_chunks, s * s, device=DEVICE).scatter_(1, i_tri.long(), v_tri.float())
     kept = lay.to_chunks(lay.from_chunks(lay.to_chunks(m) - idct2(sent.view(-1, s, s))))  # m less what was sent
     for c in torch.nonzero(clear).flatten().tolist():
