@@ -28,6 +28,17 @@ def dct_matrix(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = 
     return _DEVICE_CACHE[key]
 
 
+def dct_matrix_halves(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(2, n, n) bf16: D rounded to bf16 (hi) and the rest of D rounded to bf16 (lo), hi + lo within 2^-17 of D: the
+    kernels' bf16x3 products read the basis already split instead of splitting it on every launch; cached."""
+    key = (n, str(device), "halves")
+    if key not in _DEVICE_CACHE:
+        d = dct_matrix(n, device, torch.float32)
+        hi = d.to(torch.bfloat16)
+        _DEVICE_CACHE[key] = torch.stack([hi, (d - hi.float()).to(torch.bfloat16)]).contiguous()
+    return _DEVICE_CACHE[key]
+
+
 def dct2(x: torch.Tensor) -> torch.Tensor:
     """2-D DCT of each (s, s) chunk in a (..., s, s) batch."""
     d = dct_matrix(x.shape[-1], x.device, x.dtype)

@@ -19,7 +19,7 @@ import torch
 from flexdemo import FlexDeMo
 from flexdemo.chunks import ChunkLayout
 from flexdemo.ops.chunk_table import ChunkTable
-from flexdemo.dct import dct2, dct_matrix, idct2
+from flexdemo.dct import dct2, dct_matrix, dct_matrix_halves, idct2
 from flexdemo.ops import resolve_kernels
 from flexdemo.ops.decode_reference import decode_apply_reference, decode_mean
 from flexdemo.ops.encode_reference import encode_reference
@@ -34,7 +34,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
 # The interpreter computes every tl.dot in fp32 whatever the precision, so only a GPU has two to test.
 PRECISIONS = ["ieee", "tf32x3"] if DEVICE == "cuda" else ["ieee"]
-# None: the kernels' defaults (encode: bf16x3 forward DCT and subtraction; decode: bf16x3), ieee on CPU
+# None: the kernels' defaults (encode: bf16x3 forward DCT and subtraction, ieee on CPU; decode: bf16x3 on both)
 PRECISIONS_AND_DEFAULT = PRECISIONS + [None]
 
 
@@ -224,7 +224,7 @@ def test_decode_matches_reference_before_sign(rows, cols, s, replicas, k, precis
 @pytest.mark.parametrize("wire", [torch.float32, torch.float16])
 def test_decode_accuracy_for_fp32_and_fp16_values(wire):
     """Wire values of any precision decode to ~2^-16 by default: the products value x basis run as three bf16
-    products (each factor kept to 16 significant bits; CPU: ieee), not in one tf32 pass, which would keep 11."""
+    products (each factor kept to 16 significant bits), not in one tf32 pass, which would keep 11."""
     torch.manual_seed(11)
     lay = ChunkLayout(37, 21, 16)
     idx, vals = random_payload(lay, 7, 2, wire)
@@ -257,6 +257,45 @@ def test_decode_is_within_its_stated_tolerance(sign, precision, bits):
         assert torch.equal(a[mean.abs() > bound], b[mean.abs() > bound])
     else:
         assert ((a - b).abs() <= bound).all()
+
+
+def test_dct_matrix_halves_split_the_basis_to_16_bits():
+    d = dct_matrix(64, DEVICE)
+    hi, lo = dct_matrix_halves(64, DEVICE)
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi, d.to(torch.bfloat16))  # nearest, then the rest of D nearest again
+    assert ((hi.double() + lo.double() - d.double()).abs() <= 2.0 ** -17 * d.double().abs()).all()
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_decode_default_is_the_bf16x3_decomposition_everywhere(replicas):
+    """The default decode multiplies D's bf16 halves by w * D[row] split to nearest even (hi, lo): D_hi b_lo + D_lo
+    b_hi + D_hi b_hi, lo x lo left out, on the GPU and in the interpreter alike (so the CPU tests run the GPU's
+    arithmetic). Its update equals that decomposition computed here in float64 up to fp32 accumulation and the fast
+    division (< 2e-6 of the largest entry), and differs from the exact update by more (the left-out terms)."""
+    torch.manual_seed(21 + replicas)
+    lay, k, s = ChunkLayout(64, 128, 64), 32, 64
+    idx, vals = random_payload(lay, k, replicas, torch.bfloat16)
+    out = torch.zeros(64, 128, device=DEVICE)
+    decode_apply_triton(out, idx, vals, lay, k, lr=1.0, decay=0.0, sign=False)
+    d = dct_matrix(s, DEVICE)
+    hi, lo = (h.double() for h in dct_matrix_halves(s, DEVICE))
+    emulated = torch.zeros(lay.num_chunks, s, s, dtype=torch.float64, device=DEVICE)
+    for c in range(lay.num_chunks):
+        chunk_idx = idx[:, c * k:(c + 1) * k].long()
+        for r in range(replicas):
+            count = (chunk_idx[r][:, None, None] == chunk_idx[None, :, :]).sum((1, 2)).float()
+            w = vals[r, c * k:(c + 1) * k].float() / count
+            b = w[:, None] * d[chunk_idx[r] // s]  # fp32, as the kernel forms it
+            b_hi = b.to(torch.bfloat16).double()
+            b_lo = (b - b_hi.float()).to(torch.bfloat16).double()
+            rows = chunk_idx[r] % s
+            emulated[c] += hi[rows].T @ b_lo + lo[rows].T @ b_hi + hi[rows].T @ b_hi  # transposed tile
+    emulated = lay.from_chunks(emulated.transpose(1, 2))
+    exact = decode_mean(idx, vals, lay, k).double()
+    scale = exact.abs().max()
+    assert (-out.double() - emulated).abs().max() < 2e-6 * scale
+    assert (exact - emulated).abs().max() > 3e-6 * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,12 +1,14 @@
 """Fused decode + apply as one Triton kernel: one program per s x s chunk, one pass over the parameter.
 
 The update is D^T M D for M the per-position mean of the replicas' coefficients; with k entries per replica M has
-at most R * k nonzeros, so it is built as a sum of rank-one products, (w * D[row])^T D[col], one tl.dot per block of
-payload entries, replica by replica in order 0..R-1 (the same bits on every replica). w = value / (number of
-replicas that sent that position), counted by comparing the index lists. At k = 32 of 64 x 64 and R = 2 that is a
-quarter of the work of a dense inverse, and no dense coefficient tile is ever built. Then optional sign,
-p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). One tensor per launch, or every tensor of a
-``ChunkTable``. The torch twin is ``decode_reference.py``.
+at most R * k nonzeros, so it is built as a sum of rank-one products, one tl.dot per block of payload entries,
+replica by replica in order 0..R-1 (the same bits on every replica). In bf16x3 (the default) the tile is built
+transposed, D[col]^T (w * D[row]), so that every operand reaches the tensor cores from shared memory as loaded (the
+parameter tile is read and written transposed to match); other precisions build (w * D[row])^T D[col].
+w = value / (number of replicas that sent that position), counted by comparing the index list with the other
+replicas' lists. At k = 32 of 64 x 64 and R = 2 that is a quarter of the work of a dense inverse, and no dense
+coefficient tile is ever built. Then optional sign, p = p * decay - lr * update, stored in p's dtype (fp32 or bf16).
+One tensor per launch, or every tensor of a ``ChunkTable``. The torch twin is ``decode_reference.py``.
 """
 
 from __future__ import annotations
@@ -16,23 +18,23 @@ import triton
 import triton.language as tl
 
 from flexdemo.chunks import ChunkLayout
-from flexdemo.dct import dct_matrix
+from flexdemo.dct import dct_matrix, dct_matrix_halves
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.encode import payload_block
-from flexdemo.ops.precision import runnable
+from flexdemo.ops.precision import INTERPRETING, dot_basis_rows_bf16x3
 from flexdemo.ops.rounding import cast_like
 
-# Three bf16 products (each factor to 16 significant bits): max error 5.6e-6 of the largest update on the H100, 28%
-# faster than ieee (CUDA-core fp32, 4.5e-7) and 10% faster than one tf32 pass (dct_inverse=tf32, 7.9e-4): tf32 wants
-# both operands K-major, so the gathered basis rows go to shared memory transposed, bf16 takes them as they lie.
+# Three bf16 products (each factor to 16 significant bits; the basis read already split): max error 5.5e-6 of the
+# largest update on the H100, faster than ieee (CUDA-core fp32, 4.5e-7) and than one tf32 pass (dct_inverse=tf32,
+# 7.9e-4), which wants both operands K-major (the gathered rows would go to shared memory transposed).
 PRECISION = "bf16x3"
 NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
 
 
 @triton.jit
-def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p, grid_cols,
-                   idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-                   K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr):
+def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p,
+                   grid_cols, idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr,
+                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
@@ -48,30 +50,44 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, table_ptr, addr_ptr, owner_p
     else:
         pp, sp, n_rows, n_cols, gc, local = p_ptr, stride_p, rows, cols, grid_cols, c
     kk = tl.arange(0, KB)
+    TRANSPOSED: tl.constexpr = PRECISION == "bf16x3"
     upd = tl.zeros((S, S), dtype=tl.float32)
     for rep in tl.static_range(R):
         for j in range(0, K, KB):
             live = (j + kk) < K
             idx = tl.load(idx_ptr + rep * idx_rstride + c * K + j + kk, mask=live, other=-1)
             val = tl.load(vals_ptr + rep * val_rstride + c * K + j + kk, mask=live, other=0.0).to(tl.float32)
-            count = tl.zeros((KB,), dtype=tl.float32)
-            for other in tl.static_range(R):  # indices within one replica's chunk are distinct: 0 or 1 hit each
-                for j2 in range(0, K, KB):
-                    o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K, other=-2)
-                    count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
-            w = val / tl.maximum(count, 1.0)
+            count = tl.full((KB,), 1.0, dtype=tl.float32)  # this replica sent it; indices within a chunk are distinct
+            for other in tl.static_range(R):
+                if other != rep:
+                    for j2 in range(0, K, KB):
+                        o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K, other=-2)
+                        count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
+            w = tl.fdiv(val, count, ieee_rounding=False)  # the fast division: within 2 ulps of value / count
             safe = tl.where(live, idx, 0)
             a = tl.load(d_ptr + (safe // S)[:, None] * S + si[None, :]) * w[:, None]
-            b = tl.load(d_ptr + (safe % S)[:, None] * S + si[None, :])
-            upd = tl.dot(tl.trans(a), b, acc=upd, input_precision=PRECISION)
-    if SIGN:
-        upd = tl.where(upd > 0, 1.0, tl.where(upd < 0, -1.0, 0.0))
-    r = (local // gc) * S + si[:, None]
-    q = (local % gc) * S + si[None, :]
+            if TRANSPOSED:
+                upd = dot_basis_rows_bf16x3(upd, safe % S, a, halves_ptr, si, S)
+            else:  # tf32 and fp32 want a^T from registers: the tile as it lies
+                b = tl.load(d_ptr + (safe % S)[:, None] * S + si[None, :])
+                upd = tl.dot(tl.trans(a), b, acc=upd, input_precision=PRECISION)
+    if TRANSPOSED:  # upd[y, x] is the update of p[x, y]
+        r = (local // gc) * S + si[None, :]
+        q = (local % gc) * S + si[:, None]
+    else:
+        r = (local // gc) * S + si[:, None]
+        q = (local % gc) * S + si[None, :]
     mask = (r < n_rows) & (q < n_cols)
     p = tl.load(pp + r * sp + q, mask=mask, other=0.0).to(tl.float32)
-    p = p * decay - lr * upd
-    tl.store(pp + r * sp + q, cast_like(p, p_ptr), mask=mask)
+    if SIGN:  # lr * sign(update): lr with the update's sign bit, 0 where the update is 0
+        lr_bits = (tl.zeros((), tl.float32) + lr).to(tl.int32, bitcast=True)
+        step = ((upd.to(tl.int32, bitcast=True) & -2147483648) | lr_bits).to(tl.float32, bitcast=True)
+        p = p * decay - tl.where(upd == 0, 0.0, step)
+    else:
+        p = p * decay - lr * upd
+    if INTERPRETING:  # the interpreter truncates to bf16: round by hand there
+        p = cast_like(p, p_ptr)
+    tl.store(pp + r * sp + q, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
@@ -79,15 +95,15 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
                         num_warps: int | None = None) -> None:
     """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided.
     precision / num_warps: None = the module's defaults (read at call time, so a benchmark can set them)."""
-    precision, num_warps = runnable(precision or PRECISION), num_warps or NUM_WARPS
+    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
     if layout.num_chunks == 0:
         return
     s = layout.s
     d = dct_matrix(s, param.device, torch.float32)
     _decode_kernel[(layout.num_chunks,)](
-        param, indices, values, d, d, d, d, layout.rows, layout.cols, param.stride(0), layout.grid[1],
-        indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=False, R=indices.shape[0], S=s, K=k,
-        KB=payload_block(k, s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
+        param, indices, values, d, dct_matrix_halves(s, param.device), d, d, d, layout.rows, layout.cols,
+        param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=False,
+        R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
     )
 
 
@@ -97,12 +113,13 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
     """``decode_apply_triton`` for every tensor of ``table`` in one launch. params[t]: (rows, cols) views with unit
     column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor reading at its
     ``payload_first`` chunk."""
-    precision, num_warps = runnable(precision or PRECISION), num_warps or NUM_WARPS
+    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
     if len({p.dtype for p in params}) > 1:
         raise ValueError(f"one parameter dtype per launch; got {sorted({str(p.dtype) for p in params})}")
     d = dct_matrix(table.s, params[0].device, torch.float32)
     _decode_kernel[(table.num_chunks,)](
-        params[0], indices, values, d, table.meta, table.addresses(params), table.tensor_of_chunk, 0, 0, 0, 0,
+        params[0], indices, values, d, dct_matrix_halves(table.s, d.device), table.meta, table.addresses(params),
+        table.tensor_of_chunk, 0, 0, 0, 0,
         indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=True, R=indices.shape[0], S=table.s,
         K=k, KB=payload_block(k, table.s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
     )
