@@ -180,9 +180,7 @@ class FlexDeMo(torch.optim.Optimizer):
     @torch.no_grad()
     def decode_apply(self, gathered: torch.Tensor) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
-        unpacked = [self.wire.unpack(gathered[r]) for r in range(gathered.shape[0])]
-        indices = torch.stack([i for i, _ in unpacked]).to(torch.int32)
-        values = torch.stack([v for _, v in unpacked])
+        indices, values = self.wire.unpack(gathered)  # (replicas, n) each, values a view of the gathered bytes
         for group, plan in zip(self.param_groups, self._groups):
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
             for table, ps in plan.tables:

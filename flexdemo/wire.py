@@ -26,25 +26,36 @@ def index_bits_for(chunk: int, requested: int = 0) -> int:
     return requested or (12 if need <= 12 else 16)
 
 
-def pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """(n,) integer indices -> uint8 bytes: 2 bytes each (16) or 3 bytes per pair (12)."""
-    v = idx.to(torch.int32)
+def pack_indices(idx: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) integer indices -> uint8 bytes: 2 bytes each (16) or 3 bytes per pair (12), written into ``out`` (a
+    (index_nbytes(n, bits),) uint8 view, e.g. of the payload buffer) when given."""
+    n = idx.numel()
+    if out is None:
+        out = torch.empty(index_nbytes(n, bits), dtype=torch.uint8, device=idx.device)
     if bits == 16:
-        return (v & 0xFFFF).to(torch.int16).view(torch.uint8)
-    if v.numel() % 2:
+        out.copy_((idx.to(torch.int32) & 0xFFFF).to(torch.int16).view(torch.uint8))
+        return out
+    v = idx.to(torch.int32)
+    if n % 2:
         v = torch.cat([v, v.new_zeros(1)])
     a, b = v[0::2], v[1::2]
-    out = torch.stack([a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4], dim=1)
-    return out.to(torch.uint8).reshape(-1)
+    triples = out.view(-1, 3)  # int32 results are cast to uint8 (their low byte) on assignment
+    triples[:, 0] = a & 0xFF
+    triples[:, 1] = (a >> 8) | ((b & 0xF) << 4)
+    triples[:, 2] = b >> 4
+    return out
 
 
 def unpack_indices(raw: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """uint8 (..., index_nbytes(n, bits)) -> int32 (..., n): one replica's row, or all replicas' rows at once."""
+    lead = raw.shape[:-1]
     if bits == 16:
-        return raw.view(torch.int16).to(torch.int64) & 0xFFFF
-    t = raw.view(-1, 3).to(torch.int64)
-    a = t[:, 0] | ((t[:, 1] & 0xF) << 8)
-    b = (t[:, 1] >> 4) | (t[:, 2] << 4)
-    return torch.stack([a, b], dim=1).reshape(-1)[:n]
+        return raw.view(torch.int16).to(torch.int32) & 0xFFFF
+    t = raw.reshape(*lead, -1, 3).to(torch.int32)
+    out = torch.empty(*lead, t.shape[-2], 2, dtype=torch.int32, device=raw.device)
+    out[..., 0] = t[..., 0] | ((t[..., 1] & 0xF) << 8)
+    out[..., 1] = (t[..., 1] >> 4) | (t[..., 2] << 4)
+    return out.reshape(*lead, -1)[..., :n]
 
 
 def index_nbytes(n: int, bits: int) -> int:
@@ -72,15 +83,17 @@ class WireLayout:
     def pack(self, sparse_idx: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """values: (num_sparse + num_dense,) in value_dtype; sparse_idx: (num_sparse,) -> out (nbytes,) uint8."""
         vb = self.value_nbytes
+        ib = index_nbytes(self.num_sparse, self.index_bits)
         out[:vb] = values.view(torch.uint8)
-        packed = pack_indices(sparse_idx, self.index_bits)
-        out[vb : vb + packed.numel()] = packed
-        out[vb + packed.numel() :] = 0
+        pack_indices(sparse_idx, self.index_bits, out[vb : vb + ib])
+        out[vb + ib :] = 0
         return out
 
-    def unpack(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nbytes,) or (replicas, nbytes) uint8 -> indices int32 and values (views into ``rows``), same leading
+        dims."""
         vb = self.value_nbytes
-        values = row[:vb].view(self.value_dtype)
-        idx = unpack_indices(row[vb : vb + index_nbytes(self.num_sparse, self.index_bits)], self.num_sparse,
+        values = rows[..., :vb].view(self.value_dtype)
+        idx = unpack_indices(rows[..., vb : vb + index_nbytes(self.num_sparse, self.index_bits)], self.num_sparse,
                              self.index_bits)
         return idx, values

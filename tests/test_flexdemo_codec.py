@@ -117,7 +117,8 @@ def test_index_packing_round_trip(bits, n):
         idx[0] = top - 1
     raw = pack_indices(idx, bits)
     assert raw.dtype == torch.uint8 and raw.numel() == (2 * n if bits == 16 else 3 * ((n + 1) // 2))
-    assert torch.equal(unpack_indices(raw, n, bits), idx)
+    back = unpack_indices(raw, n, bits)
+    assert back.dtype == torch.int32 and torch.equal(back.long(), idx)
 
 
 def test_wire_layout_round_trip_and_sizes():
@@ -127,6 +128,21 @@ def test_wire_layout_round_trip_and_sizes():
     assert wl.nbytes % 8 == 0 and wl.nbytes >= 16 + 9
     i2, v2 = wl.unpack(buf)
     assert torch.equal(i2, idx) and torch.equal(v2, vals)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_wire_unpacks_every_replica_at_once(bits):
+    """The optimizer unpacks the gathered (replicas, nbytes) rows in one call: int32 indices and values that view
+    the gathered bytes, each row equal to what that replica packed."""
+    wl = WireLayout(num_sparse=7, num_dense=2, value_dtype=torch.bfloat16, index_bits=bits)
+    top = 4096 if bits == 12 else 65536
+    sent = [(torch.randint(0, top, (7,)), torch.randn(9).bfloat16()) for _ in range(3)]
+    rows = torch.stack([wl.pack(i, v, torch.full((wl.nbytes,), 255, dtype=torch.uint8)) for i, v in sent])
+    idx, vals = wl.unpack(rows)
+    assert idx.dtype == torch.int32 and idx.shape == (3, 7) and vals.shape == (3, 9)
+    assert vals.data_ptr() == rows.data_ptr()  # no copy
+    for r, (i, v) in enumerate(sent):
+        assert torch.equal(idx[r].long(), i) and torch.equal(vals[r], v)
 
 
 def test_default_payload_is_3_5_bytes_per_coefficient_and_64x_below_dense_bf16():
