@@ -1,4 +1,4 @@
-"""The Triton dot precisions the kernels use, and the bf16x3 product of gathered basis rows both kernels share.
+"""The Triton dot precisions the kernels use, and the hand-split bf16x3 product of gathered basis rows (decode).
 
 The interpreter (CPU tests) has no built-in bf16x3 and computes every tl.dot in fp32, so a launch there asks for ieee
 instead (``runnable``). The basis-row product splits its operands by hand and runs everywhere, the same bf16 factors
