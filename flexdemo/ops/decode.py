@@ -21,7 +21,7 @@ from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix, dct_matrix_halves
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.encode import payload_block
-from flexdemo.ops.precision import INTERPRETING, dot_basis_rows_bf16x3
+from flexdemo.ops.precision import dot_basis_rows_bf16x3
 from flexdemo.ops.rounding import cast_like
 
 # Three bf16 products (each factor to 16 significant bits; the basis read already split): max error 5.5e-6 of the
@@ -85,9 +85,7 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
         p = p * decay - tl.where(upd == 0, 0.0, step)
     else:
         p = p * decay - lr * upd
-    if INTERPRETING:  # the interpreter truncates to bf16: round by hand there
-        p = cast_like(p, p_ptr)
-    tl.store(pp + r * sp + q, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(pp + r * sp + q, cast_like(p, p_ptr), mask=mask)
 
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,

@@ -7,20 +7,15 @@ on CPU and GPU.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from flexdemo.ops.rounding import round_to_bf16
-
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once: it must be set before triton is imported
-INTERPRETING = tl.constexpr(_INTERPRETING)
+from flexdemo.ops.rounding import INTERPRETING, round_to_bf16
 
 
 def runnable(precision: str) -> str:
     """``precision``, or ieee for bf16x3 under TRITON_INTERPRET=1."""
-    return "ieee" if precision == "bf16x3" and _INTERPRETING else precision
+    return "ieee" if precision == "bf16x3" and INTERPRETING.value else precision
 
 
 @triton.jit
