@@ -22,7 +22,8 @@ from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, Trai
 from flexmore.data import ByteTokenizer, TokenStream, embedded_path, eval_batches  # noqa: E402
 from flexmore.experts.merge import merge  # noqa: E402
 from flexmore.model import count_params, load_preset  # noqa: E402
-from flexmore.train.loop import evaluate, train  # noqa: E402
+from flexmore.eval.validation import evaluate  # noqa: E402
+from flexmore.train.loop import train  # noqa: E402
 
 SIZES = {  # model, base steps, expert steps, seq_len, micro_batch, train chars per domain, eval batches, rank
     "tiny": ("tiny", 60, 30, 64, 8, 400_000, 4, 8),  # tiny's break-even rank is 48: r = 64 would be a dense delta

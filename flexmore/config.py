@@ -159,6 +159,9 @@ class ParallelConfig:
             _need(v is None or v >= 1, f"parallel.{k}={v} must be >= 1 or null")
 
 
+PUBLIC_MODES = ("train", "router")
+
+
 @dataclass
 class ExpertConfig:
     """Train one FlexMoRE expert against a frozen base (set ``base``); empty ``base``: an ordinary run."""
@@ -169,7 +172,16 @@ class ExpertConfig:
     kind: str = "full"  # full: a copy of the public FFN | lowrank: W_public + B A, only A and B train
     ranks: list[int] = field(default_factory=lambda: [64])  # lowrank: one rank, or three (gate, up, down)
     router_init_batches: int = 8  # batches of domain / public data whose mean FFN input starts the router rows
-    public_paths: list[str] = field(default_factory=list)  # data=shards: public data for the public router row
+    public_paths: list[str] = field(default_factory=list)  # data=shards: public data (router row, negatives)
+    # What keeps a merged mixture working (benchmarks/README.md, "Merged mixtures"); FlexOlmo's recipe as first
+    # specified is bias=false public_fraction=0 route_loss=0.
+    bias: bool = True  # the learned expert bias b < 0 on this expert's logit
+    bias_init: float = -1.0  # b at step 0
+    # Public negatives: this fraction of every micro-batch is public data (expert.public_paths, or the embedded
+    # public domain). public_mode: train (the expert trains on those rows too) | router (held fixed there)
+    public_fraction: float = 0.25
+    public_mode: str = "train"
+    route_loss: float = 1.0  # > 0: x the router's cross-entropy against each row's source (public or own domain)
 
     def __post_init__(self) -> None:
         _need(not self.required or self.base is not None,
@@ -179,6 +191,21 @@ class ExpertConfig:
         _need(len(self.ranks) in (1, 3), f"expert.ranks={list(self.ranks)}: one rank, or three (gate, up, down)")
         _need(all(r >= 1 for r in self.ranks), f"expert.ranks={list(self.ranks)}: ranks must be >= 1")
         _need(self.router_init_batches >= 1, f"expert.router_init_batches={self.router_init_batches} must be >= 1")
+        _need(self.bias_init < 0, f"expert.bias_init={self.bias_init} must be < 0")
+        _need(0 <= self.public_fraction < 1, f"expert.public_fraction={self.public_fraction} must be in [0, 1)")
+        _need(self.public_mode in PUBLIC_MODES, f"expert.public_mode={self.public_mode!r}; allowed: {', '.join(PUBLIC_MODES)}")
+        _need(self.route_loss >= 0, f"expert.route_loss={self.route_loss} must be >= 0")
+        _need(self.route_loss == 0 or self.public_fraction > 0,
+              f"expert.route_loss={self.route_loss} needs public negatives (expert.public_fraction > 0) to tell apart")
+
+    def public_rows(self, micro_batch: int) -> int:
+        """Public sequences per micro-batch: public_fraction of it, rounded, at least 1 when the fraction is > 0."""
+        if self.public_fraction == 0:
+            return 0
+        n = max(1, round(self.public_fraction * micro_batch))
+        _need(n < micro_batch, f"expert.public_fraction={self.public_fraction} of train.micro_batch={micro_batch} "
+                               f"leaves no row for the expert's own domain; lower it or raise train.micro_batch")
+        return n
 
 
 @dataclass
@@ -199,3 +226,8 @@ class Config:
             f"train.seq_len={self.train.seq_len} is larger than the model's max_seq_len={self.model.max_seq_len} "
             f"(model={self.model.name}); use train.seq_len<={self.model.max_seq_len} or raise model.max_seq_len",
         )
+        if self.expert.base is not None:
+            self.expert.public_rows(self.train.micro_batch)
+            _need(self.data.source == "embedded" or self.expert.public_fraction == 0 or self.expert.public_paths,
+                  f"expert.public_fraction={self.expert.public_fraction} with data=shards needs expert.public_paths: "
+                  "shard folders of the public data (or expert.public_fraction=0)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The FlexMoRE study end to end on the embedded data, from nothing: a public base, full experts for math, facts and
-# code (each trained alone against the frozen base), the rank sweep and the report (table, plots, summary).
+# code (each trained alone against the frozen base, with public negatives and the routing loss), the rank sweep (every
+# mixture of several experts with its router tuned first) and the report (table, plots, summary).
 #   SIZE=small launch/study.sh      # one GPU (~15 minutes on an H100), results in $OUT (default outputs/study)
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
@@ -10,10 +11,11 @@ SIZE=${SIZE:-small}
 OUT=${OUT:-outputs/study}
 if [ "$SIZE" = tiny ]; then
   : "${MODEL:=tiny}" "${BASE_STEPS:=150}" "${EXPERT_STEPS:=60}" "${SEQ:=64}" "${MB:=8}" "${CHARS:=400000}"
-  : "${N:=8}" "${MAXEXP:=5}" "${VALB:=2}" "${COMPILE:=false}"
+  : "${N:=8}" "${MAXEXP:=5}" "${VALB:=2}" "${COMPILE:=false}" "${TUNE_STEPS:=100}"
 else
   : "${MODEL:=small}" "${BASE_STEPS:=2000}" "${EXPERT_STEPS:=600}" "${SEQ:=512}" "${MB:=32}" "${CHARS:=32000000}"
-  : "${N:=100}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=false}"  # compiling 4 runs costs more than it saves
+  : "${N:=500}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=false}"  # compiling 4 runs costs more than it saves
+  : "${TUNE_STEPS:=200}"
 fi
 COMMON="train.seq_len=$SEQ train.micro_batch=$MB train.compile=$COMPILE train.eval_every=0 train.progress=false \
 logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS train.save_every=${SAVE_EVERY:-500}"  # a cut run resumes
@@ -24,4 +26,5 @@ for domain in math facts code; do
 done
 flexmore-sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
   --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" ${PARAM_BUDGET:+--budget $PARAM_BUDGET} \
+  --tune-steps "$TUNE_STEPS" \
   --val-domains public code math facts --out "$OUT/sweep"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def test_training_freezes_everything_but_the_expert(world, tmp_path):
     tmp, base_dir = world
     res = train(expert_cfg(tmp_path, base_dir, "m2", "lowrank", "math", steps=3))
     trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
-    assert trainable and all((".experts.1." in n or "router.experts" in n or "expert_bias" in n) for n in trainable)
+    assert trainable and all((".experts.1." in n or "router.experts" in n or "bias_raw" in n) for n in trainable)
     # AdamW holds state for the trainable tensors only
     assert len(res.optimizer.state) == len(trainable)
     # every frozen tensor is bit-identical to the base: the hash of the frozen part is the base's hash
@@ -98,7 +99,7 @@ def mixture_reference(base, artifacts, x, layer=0):
             else:
                 w[p] = W[p] + t[f"layers.{layer}.{p}.B"] @ t[f"layers.{layer}.{p}.A"]
         outs.append(ffn(w))
-        logits.append(x @ t[f"layers.{layer}.router"] + t[f"layers.{layer}.bias"].clamp(max=0))
+        logits.append(x @ t[f"layers.{layer}.router"] + t[f"layers.{layer}.bias"])
     probs = torch.stack(logits, -1).softmax(-1)
     return sum(probs[..., e : e + 1] * o for e, o in enumerate(outs))
 
@@ -283,3 +284,56 @@ def test_peft_export_of_a_lowrank_expert(world, tmp_path):
     assert torch.equal(w["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"], tensors["layers.1.up_proj.B"])
     with pytest.raises(ValueError, match="only low-rank experts export"):
         export_peft(tmp / "math" / "expert", tmp_path / "a2")
+
+
+def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
+    tmp, base_dir = world
+    from flexmore.cli.eval import main as eval_cli
+    from flexmore.cli.merge import main as merge_cli
+    from flexmore.cli.tune_router import main as tune_cli
+    from flexmore.experts.router import frozen_part_hash, is_router
+
+    assert merge_cli(["--base", str(base_dir), "--experts", str(tmp / "math" / "expert"), str(tmp / "facts" / "expert"),
+                      "--out", str(tmp_path / "merged")]) == 0
+    args = ["--merged", str(tmp_path / "merged"), "--sample", "math=embedded:math", "facts=embedded:facts",
+            "--seq-len", "32", "--steps", "4", "--micro-batch", "6", "--max-seqs", "16"]
+    assert tune_cli(args + ["--out", str(tmp_path / "tuned")]) == 0
+    merged, tuned = load_model(tmp_path / "merged"), load_model(tmp_path / "tuned")
+    assert frozen_part_hash(merged) == frozen_part_hash(tuned)
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
+    assert changed and all(is_router(k) for k in changed)
+    meta = json.loads((tmp_path / "tuned" / "config.json").read_text())["router"]
+    assert meta["method"] == "tuned" and meta["samples"] == {"public": 16, "math": 16, "facts": 16}
+    assert tune_cli(args + ["--centroid", "--out", str(tmp_path / "centroid")]) == 0
+    assert frozen_part_hash(load_model(tmp_path / "centroid")) == frozen_part_hash(merged)
+    # bad input: named, nothing written
+    assert tune_cli(["--merged", str(tmp_path / "merged"), "--sample", "poetry=embedded:math", "--seq-len", "32",
+                     "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown: ['poetry']" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert tune_cli(args[:-2] + ["--max-seqs", "100000", "--out", str(tmp_path / "bad")]) == 2
+    assert "--max-seqs=100000 must be in [1, 4096]" in capsys.readouterr().err
+    assert tune_cli(args + ["--seq-len", "9999", "--out", str(tmp_path / "bad")]) == 2
+    assert "--seq-len=9999" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # flexmore-eval of a mixture writes the domain x expert routing table and heat-map
+    assert eval_cli(["--model", str(tmp_path / "tuned"), "--tasks", "--val-domains", "public", "math",
+                     "--val-batches", "1", "--seq-len", "32", "--out", str(tmp_path / "ev" / "res")]) == 0
+    rows = json.loads((tmp_path / "ev" / "res_routing.json").read_text())
+    assert {(r["domain"], r["expert"]) for r in rows} == {(d, e) for d in ("public", "math")
+                                                          for e in ("public", "math", "facts")}
+    for d in ("public", "math"):
+        for layer in range(tuned.cfg.n_layers):
+            assert abs(sum(r["prob"] for r in rows if r["domain"] == d and r["layer"] == layer) - 1) < 1e-5
+    assert (tmp_path / "ev" / "res_routing.png").stat().st_size > 1000
+    assert "router probability (mean over layers)" in capsys.readouterr().out
+
+
+def test_routing_metrics_name_every_expert_and_layer():
+    from flexmore.model import load_preset
+    from flexmore.train.loop import routing_metrics
+
+    cfg = dataclasses.replace(load_preset("tiny"), num_experts=2, top_k=2, expert_names=["public", "math"])
+    stats = {"layer_expert_prob": torch.tensor([[0.9, 0.1], [0.7, 0.3]]),
+             "layer_expert_topk": torch.tensor([[1.0, 1.0], [1.0, 1.0]])}
+    m = routing_metrics(stats, cfg)
+    assert m["moe/math/prob"] == pytest.approx(0.2) and m["moe/L1/public/prob"] == pytest.approx(0.7)
+    assert m["moe/public/topk"] == 1.0 and len(m) == 2 * 2 * 3

@@ -3,6 +3,7 @@ re-merged and exported; logits are compared with transformers' own at every step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ if not hasattr(transformers, "FlexOlmoForCausalLM"):
 
 from flexmore.experts.hf import export_hf, import_hf, split_hf  # noqa: E402
 from flexmore.experts.merge import merge  # noqa: E402
+from flexmore.model import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +112,22 @@ def test_export_refuses_a_model_with_a_learned_expert_bias(hf_dir, tmp_path):
     base, arts = split_hf(hf_dir[0], tmp_path / "s")
     merged = merge(base, arts)
     with torch.no_grad():
-        merged.blocks[0].ffn.expert_bias.fill_(-0.5)
-    with pytest.raises(ValueError, match="nonzero expert bias"):
+        merged.blocks[0].ffn.bias_raw.fill_(0.5)
+    with pytest.raises(ValueError, match="learned expert bias .* bias='drop'"):
         export_hf(merged, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    # bias='drop' writes the model without its bias: transformers' logits = ours with the bias switched off
+    export_hf(merged, tmp_path / "dropped", bias="drop")
+    hf = transformers.FlexOlmoForCausalLM.from_pretrained(tmp_path / "dropped").eval()
+    no_bias = dataclasses.replace(merged.cfg, expert_bias=False)
+    plain = build_model(no_bias)
+    plain.load_state_dict({k: v for k, v in merged.state_dict().items() if "bias_raw" not in k})
+    x = torch.randint(0, 96, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(hf, x), plain(x).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain(x).logits, merged(x).logits, atol=1e-4)  # the bias mattered
+    with pytest.raises(ValueError, match="bias='keep'; allowed: error, drop"):
+        export_hf(merged, tmp_path / "y", bias="keep")
     with pytest.raises(ValueError, match="model_type"):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -96,6 +96,7 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
 def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
     env = {**os.environ, "SIZE": "tiny", "OUT": str(tmp_path / "study"), "BASE_STEPS": "20", "EXPERT_STEPS": "6",
            "SEQ": "32", "MB": "4", "CHARS": "100000", "N": "2", "MAXEXP": "2", "VALB": "1", "PARAM_BUDGET": "20000",
+           "TUNE_STEPS": "10",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(REPO / "launch" / "study.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
@@ -105,6 +106,9 @@ def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
         assert (sweep / f).is_file(), f
     rows = json.loads((sweep / "table.json").read_text())
     assert {r["design"] for r in rows} == {"a", "b", "c", "alloc"}
+    # every mixture of several experts had its router tuned; single experts keep their own
+    assert {r["router"] for r in rows if r["design"] != "a"} == {"tuned"}
+    assert {r["router"] for r in rows if r["design"] == "a"} == {"merged"}
     assert set(json.loads((sweep / "analysis.json").read_text())["categories"]) >= {"reasoning", "knowledge", "loss"}
     alloc = [r for r in rows if r["design"] == "alloc"][0]
     assert alloc["expert_params"] <= 20000

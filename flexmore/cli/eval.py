@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
+from flexmore.eval.routing import plot_routing, routing_mass, routing_stats
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.experts.modeldir import load_model
@@ -45,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
               "params": c.total, "active_params": c.active}
     rows = evaluate_model(model, tok, tasks, val, device, labels)
     csv_path, _ = write_table(rows, args.out)
+    routing = routing_stats(model, val, device)
+    if routing:  # a mixture: where each domain's tokens go
+        out = Path(args.out)
+        write_table([{**labels, **r} for r in routing], out.with_name(out.stem + "_routing"))
+        print("router probability (mean over layers), domain x expert:")
+        for domain, mass in routing_mass(routing).items():
+            print(f"  {domain:<10}" + " ".join(f"{e}={p:.3f}" for e, p in mass.items()))
+        try:
+            print(f"wrote {plot_routing(routing, out.with_name(out.stem + '_routing.png'))}")
+        except ImportError:
+            print("(matplotlib not installed: no routing heat-map; pip install 'flexmore[report]')")
     if args.wandb != "disabled":
         import wandb
 

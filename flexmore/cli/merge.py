@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
     ap.add_argument("--out", required=True, help="output model folder")
     ap.add_argument("--hf", action="store_true", help="write transformers' FlexOlmo format instead")
+    ap.add_argument("--hf-bias", choices=["error", "drop"], default="error",
+                    help="transformers' FlexOlmo has no expert bias: refuse a model with one (error), or write it "
+                         "without it (drop: a different routing; evaluate it)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.hf:
             from flexmore.experts.hf import export_hf
 
-            out = export_hf(model, args.out, overwrite=args.overwrite)
+            out = export_hf(model, args.out, overwrite=args.overwrite, bias=args.hf_bias)
         else:
             out = save_model_dir(model, args.out, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

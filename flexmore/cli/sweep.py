@@ -14,10 +14,13 @@ import torch
 from flexmore.data import load_tokenizer
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
+from flexmore.experts.modeldir import latest_checkpoint
 from flexmore.study.allocate import allocate
 from flexmore.study.report import write_report
 from flexmore.study.results import ResultStore
-from flexmore.study.sweep import FULL, run_sweep, selection_score
+from flexmore.experts.artifact import load_artifact
+from flexmore.experts.router import TuneConfig, load_sample
+from flexmore.study.sweep import FULL, RouterFit, build_mixture, cell_key, router_label, run_sweep, selection_score
 
 
 def energy_curves(out: Path) -> dict[str, dict[int, float]]:
@@ -55,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--budget", type=int, default=None, help="also pick the best mixture within this many expert params")
     ap.add_argument("--tokenizer", default="byte")
+    ap.add_argument("--tune-steps", type=int, default=200,
+                    help="router tuning of every mixture of several experts (0: the merged router as is)")
+    ap.add_argument("--tune-lr", type=float, default=3e-3)
+    ap.add_argument("--route-loss", type=float, default=1.0, help="router tuning: weight of the routing loss")
+    ap.add_argument("--sample", nargs="*", default=[], metavar="NAME=DATA",
+                    help="router tuning: each owner's sample (shard folder or embedded:DOMAIN); default "
+                         "embedded:<the expert's domain>, and embedded:public for public")
+    ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
     ap.add_argument("--out", required=True)
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
     args = ap.parse_args(argv)
@@ -64,11 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         tasks = build_tasks(args.tasks, args.n)
         tok = load_tokenizer(args.tokenizer)
         val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)
-        rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out)
+        fit = None
+        if args.tune_steps > 0:
+            specs = {"public": "embedded:public"}
+            for p in args.experts:
+                man = load_artifact(p)[1]
+                specs[man["name"]] = f"embedded:{man['domain'].split(',')[0]}"
+            for item in args.sample:
+                name, _, spec = item.partition("=")
+                if name not in specs:
+                    raise ValueError(f"--sample {item!r}: no expert {name!r}; experts are {sorted(specs)}")
+                specs[name] = spec
+            fit = RouterFit({n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()},
+                            TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss))
+        rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
         if args.budget:
             from flexmore.eval.evaluate import evaluate_model
-            from flexmore.experts.artifact import load_artifact
-            from flexmore.experts.merge import merge
             from flexmore.model import count_params
 
             full = {load_artifact(p)[1]["name"]: Path(p) for p in args.experts}
@@ -79,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             choice, used, value = budget_choice(rows, args.budget,
                                                 lambda n, r: load_artifact(artifact_of(n, r))[1]["params"])
             store = ResultStore(out / "results.jsonl")
-            key = "alloc:" + "+".join(f"{n}@{r}" for n, r in choice.items())
+            key = cell_key("alloc", choice, fit)
             if key not in store.done:
-                model = merge(args.base, [artifact_of(n, r) for n, r in choice.items()]).to(device)
+                base = latest_checkpoint(args.base)
+                model = build_mixture(base, {n: artifact_of(n, r) for n, r in choice.items()}, fit, device)
                 c = count_params(model)
                 store.add(key, evaluate_model(model, tok, tasks, val, device, {
                     "model": key, "design": "alloc", "mixture": "+".join(choice), "ranks": choice, "rank": "mixed",
-                    "params": c.total, "active_params": c.active, "budget": args.budget, "expert_params": used}))
+                    "params": c.total, "active_params": c.active, "budget": args.budget, "expert_params": used,
+                    "router": router_label(choice, fit)}))
             rows = store.rows
             print(f"budget {args.budget:,}: ranks {choice} use {used:,} expert parameters")
     except (FileNotFoundError, ValueError) as e:

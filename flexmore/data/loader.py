@@ -93,3 +93,47 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches
         arr = torch.from_numpy(rows)
         out.append((arr[:, :-1].contiguous(), arr[:, 1:].contiguous()))
     return out
+
+
+class MixedLoader:
+    """Every micro-batch holds exactly ``extra_rows`` sequences of a second stream (e.g. public negatives for an expert)
+    after ``micro_batch - extra_rows`` of the main one; each stream has its own deterministic, resumable order.
+
+    Each micro-batch is (x, y, model inputs): with ``hold``, ``hold_rows`` marks the second stream's rows; with
+    ``targets`` = (main, extra), ``route_targets`` gives each row the expert its stream belongs to."""
+
+    def __init__(self, stream: TokenStream, extra: TokenStream, seq_len: int, micro_batch: int, extra_rows: int,
+                 grad_accum: int = 1, dp_rank: int = 0, dp_world: int = 1, seed: int = 0, hold: bool = False,
+                 targets: tuple[int, int] | None = None):
+        if not 0 < extra_rows < micro_batch:
+            raise ValueError(f"extra_rows={extra_rows} must be in [1, micro_batch={micro_batch}): at least one row of "
+                             "each stream per micro-batch")
+        self.main = SequenceLoader(stream, seq_len, micro_batch - extra_rows, grad_accum, dp_rank, dp_world, seed)
+        self.extra = SequenceLoader(extra, seq_len, extra_rows, grad_accum, dp_rank, dp_world, seed + 1)
+        self.micro_batch, self.extra_rows, self.grad_accum, self.dp_world = micro_batch, extra_rows, grad_accum, dp_world
+        self.hold, self.targets, self.seed, self.seq_len = hold, targets, seed, seq_len
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_world
+
+    @property
+    def epoch_steps(self) -> float:
+        return self.main.epoch_steps
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        mask = torch.arange(self.micro_batch) >= self.micro_batch - self.extra_rows
+        inputs = {}
+        if self.hold:
+            inputs["hold_rows"] = mask
+        if self.targets is not None:
+            inputs["route_targets"] = torch.where(mask, self.targets[1], self.targets[0])
+        return [(torch.cat([xa, xb]), torch.cat([ya, yb]), inputs)
+                for (xa, ya), (xb, yb) in zip(self.main.next_step(), self.extra.next_step())]
+
+    def state_dict(self) -> dict:
+        return {**self.main.state_dict(), "global_batch": self.global_batch, "extra_rows": self.extra_rows}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.main.load_state_dict(sd)
+        self.extra.load_state_dict(sd)

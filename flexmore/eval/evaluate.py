@@ -10,6 +10,7 @@ from flexmore.data.tokenizer import Tokenizer
 from flexmore.eval.generate import greedy, request_logprobs
 from flexmore.eval.scoring import exact_match
 from flexmore.eval.tasks import Task
+from flexmore.eval.validation import evaluate
 
 _MATH_DONE = re.compile(r"Answer:[^\n]*\n")
 
@@ -41,8 +42,6 @@ def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, ba
 def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dict, device: torch.device,
                    labels: dict | None = None) -> list[dict]:
     """Rows: {**labels, task, category, metric, score}; validation losses as task 'val/<domain>', metric 'loss'."""
-    from flexmore.train.loop import evaluate
-
     labels = labels or {}
     rows = []
     if val_sets:

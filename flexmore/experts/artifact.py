@@ -3,7 +3,8 @@
 Tensors, per layer i: the expert FFN's parameters under ``layers.{i}.`` (``gate_proj.weight`` ... for full experts,
 ``gate_proj.A`` / ``gate_proj.B`` for low-rank projections, ``gate_proj.weight`` for a low-rank expert's projections
 stored dense past break-even), ``layers.{i}.router`` (its router row), ``layers.{i}.bias`` (its logit bias) and
-``layers.{i}.router_public`` (the frozen public row it was trained against). The manifest names the expert, its kind
+``layers.{i}.router_public`` (the frozen public row it was trained against). The bias is b itself (< 0; 0 for an
+expert trained without one), not the model's raw parameter. The manifest names the expert, its kind
 and ranks, and the content hash of the frozen base every contributor must share.
 """
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexmore.experts.modeldir import atomic_dir
+from flexmore.model.moe import raw_to_bias
 
 MANIFEST, TENSORS = "manifest.json", "expert.safetensors"
 FORMAT = "flexmore-expert"
@@ -42,7 +44,8 @@ def expert_tensors(state: dict[str, torch.Tensor], n_layers: int, e: int) -> dic
                 out[f"layers.{i}.{k[len(pre) + len(f'experts.{e}.'):]}"] = v
         out[f"layers.{i}.router"] = state[f"{pre}router.experts"][e - 1]
         out[f"layers.{i}.router_public"] = state[f"{pre}router.public"][0]
-        out[f"layers.{i}.bias"] = state[f"{pre}expert_bias"][e - 1] if f"{pre}expert_bias" in state else torch.zeros(())
+        raw = state.get(f"{pre}bias_raw")
+        out[f"layers.{i}.bias"] = raw_to_bias(raw[e - 1].float()) if raw is not None else torch.zeros(())
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
 

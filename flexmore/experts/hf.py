@@ -79,7 +79,7 @@ def import_hf(path: str | Path) -> FlexOlmo:
             gate = st[p + "mlp.gate.weight"]
             sd[f"blocks.{i}.ffn.router.public"], sd[f"blocks.{i}.ffn.router.experts"] = gate[:1], gate[1:]
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    missing = [k for k in missing if "expert_bias" not in k]
+    missing = [k for k in missing if "bias_raw" not in k]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model
@@ -99,10 +99,9 @@ def split_hf(path: str | Path, out: str | Path, names: list[str] | None = None) 
     base_dir = save_model_dir(dense, Path(out) / "base")
     bhash = base_hash(dense.state_dict())
     state = model.state_dict()
-    state.update({f"blocks.{i}.ffn.expert_bias": torch.zeros(cfg.num_experts - 1) for i in range(cfg.n_layers)})
     arts = []
     for e, name in enumerate(names, start=1):
-        tensors = expert_tensors(state, cfg.n_layers, e)
+        tensors = expert_tensors(state, cfg.n_layers, e)  # no bias in the HF class: b = 0
         arts.append(save_artifact(Path(out) / "experts" / name, tensors, {
             "name": name, "domain": name, "kind": "full", "ranks": None, "base_hash": bhash, "base": str(base_dir),
             "model": {k: getattr(cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
@@ -111,17 +110,27 @@ def split_hf(path: str | Path, out: str | Path, names: list[str] | None = None) 
     return base_dir, arts
 
 
-def export_hf(model: FlexOlmo, out: str | Path, layout: str = "fused", overwrite: bool = False) -> Path:
-    """Write transformers' FlexOlmo folder. Low-rank experts are materialised (W_public + B A). A learned expert bias
-    cannot be expressed there; a nonzero one is an error rather than a silently different model."""
+BIAS_EXPORT = ("error", "drop")
+
+
+def export_hf(model: FlexOlmo, out: str | Path, layout: str = "fused", overwrite: bool = False,
+              bias: str = "error") -> Path:
+    """Write transformers' FlexOlmo folder. Low-rank experts are materialised (W_public + B A). The HF class has no
+    expert bias and a constant cannot be folded into a bias-free router row, so a model with a bias (|b| > 1e-6) is
+    refused (``bias="error"``) rather than silently changed; ``bias="drop"`` writes it without the bias: the same
+    model with ``expert_bias=False``, whose routing differs (evaluate it before shipping it)."""
     if layout not in ("fused", "per_expert"):
         raise ValueError(f"layout={layout!r}; allowed: fused (transformers 5.x), per_expert (4.57)")
+    if bias not in BIAS_EXPORT:
+        raise ValueError(f"bias={bias!r}; allowed: {', '.join(BIAS_EXPORT)}")
     cfg = model.cfg
     sd = model.state_dict()
-    for i in range(cfg.n_layers):
-        b = sd.get(f"blocks.{i}.ffn.expert_bias")
-        if b is not None and (b.clamp(max=0) != 0).any():
-            raise ValueError(f"layer {i} has a nonzero expert bias ({b.tolist()}); transformers' FlexOlmo has none")
+    for i, block in enumerate(model.blocks):
+        b = block.ffn.expert_bias()
+        if bias == "error" and b is not None and (b.abs() > 1e-6).any():
+            raise ValueError(f"layer {i} has a learned expert bias ({[round(v, 4) for v in b.tolist()]}); transformers' "
+                             "FlexOlmo has none: export with bias='drop' (flexmore-merge --hf-bias drop) to write the "
+                             "model without it")
     st = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
           "lm_head.weight": sd["lm_head.weight"]}
     for i, block in enumerate(model.blocks):

@@ -1,7 +1,7 @@
 """Merge a public base and any number of expert artifacts (full or low-rank, each of its own rank) into one FlexMoRE
 model; opt experts out of a merged model without retraining.
 
-Routing of the merged model (FlexOlmo): softmax over all experts' logits (the non-public ones plus min(b, 0)), the
+Routing of the merged model (FlexOlmo): softmax over all experts' logits (the non-public ones plus their bias b), the
 top-k kept without renormalisation. With top-k = all, the output is sum_e p_e(x) * FFN_e(x).
 """
 
@@ -16,6 +16,7 @@ from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.modeldir import load_model
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.experts import PROJECTIONS, stored_dense
+from flexmore.model.moe import bias_to_raw
 
 
 def _check_ranks(path, manifest: dict, tensors: dict, cfg: ModelConfig) -> None:
@@ -82,7 +83,7 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
         sd[f"{pre}router.public"] = pub0[f"layers.{i}.router_public"][None].clone()
         sd[f"{pre}router.experts"] = torch.stack([t[f"layers.{i}.router"] for _, t, _ in loaded])
         if expert_bias:
-            sd[f"{pre}expert_bias"] = torch.stack([t[f"layers.{i}.bias"].reshape(()) for _, t, _ in loaded])
+            sd[f"{pre}bias_raw"] = bias_to_raw(torch.stack([t[f"layers.{i}.bias"].reshape(()) for _, t, _ in loaded]))
         for e, (_, t, _) in enumerate(loaded, start=1):
             for k, v in t.items():
                 if k.startswith(f"layers.{i}.") and k.split(".", 2)[2].split(".")[0] in PROJECTIONS:
@@ -118,7 +119,7 @@ def opt_out(model: FlexOlmo, drop: list[str]) -> FlexOlmo:
         for new_e, old_e in enumerate(keep[1:], start=1):
             sd[f"{pre}router.experts"][new_e - 1] = old_sd[f"{pre}router.experts"][old_e - 1]
             if new_cfg.expert_bias:
-                sd[f"{pre}expert_bias"][new_e - 1] = old_sd[f"{pre}expert_bias"][old_e - 1]
+                sd[f"{pre}bias_raw"][new_e - 1] = old_sd[f"{pre}bias_raw"][old_e - 1]
             for k in old_sd:
                 if k.startswith(f"{pre}experts.{old_e}."):
                     sd[f"{pre}experts.{new_e}." + k[len(f"{pre}experts.{old_e}."):]] = old_sd[k]

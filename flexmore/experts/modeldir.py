@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexmore.model import FlexOlmo, ModelConfig, build_model
+from flexmore.model.moe import bias_to_raw
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -36,11 +37,12 @@ def atomic_dir(out: Path, write, overwrite: bool = False) -> Path:
     return out
 
 
-def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False) -> Path:
+def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """``extra``: JSON-able provenance kept in config.json beside the model config (e.g. how its router was fitted)."""
     def write(tmp: Path) -> None:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg)}, indent=1))
+        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg), **(extra or {})}, indent=1))
 
     return atomic_dir(Path(out), write, overwrite)
 
@@ -63,12 +65,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FlexOlmo
     cfg = read_config(path)
     model = build_model(cfg, device=device)
     if (path / WEIGHTS).is_file():
-        model.load_state_dict(load_file(path / WEIGHTS, device=str(device)))
+        model.load_state_dict(upgrade_state(load_file(path / WEIGHTS, device=str(device))))
     else:
         from flexmore.train.checkpoint import CheckpointManager
 
         CheckpointManager.load(path, model, None)
     return model
+
+
+def upgrade_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Folders written before the bias became b = -softplus(raw) hold ``expert_bias`` (used as min(b, 0))."""
+    for key in [k for k in sd if k.endswith(".ffn.expert_bias")]:
+        sd[key[: -len("expert_bias")] + "bias_raw"] = bias_to_raw(sd.pop(key).clamp(max=0))
+    return sd
 
 
 def latest_checkpoint(path: str | Path) -> Path:

@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from flexmore.config import Config
 from flexmore.data.embedded import embedded_path
-from flexmore.data.loader import eval_batches
+from flexmore.data.loader import MixedLoader, eval_batches
 from flexmore.data.shards import TokenStream
 from flexmore.data.tokenizer import Tokenizer
 from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
@@ -28,7 +28,8 @@ def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig,
         raise ValueError(f"train.seq_len={cfg.train.seq_len} is larger than the base's max_seq_len={base_cfg.max_seq_len}")
     if tokenizer.vocab_size > base_cfg.vocab_size:
         raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids; the base {base_path} embeds {base_cfg.vocab_size}")
-    cfg_e = expert_config(base_cfg, ec.name, ec.kind, ec.ranks)
+    cfg_e = expert_config(base_cfg, ec.name, ec.kind, ec.ranks, bias=ec.bias, bias_init=ec.bias_init,
+                          route_loss=ec.route_loss)
     if ec.kind == "lowrank":
         from flexmore.distributed import print0
         from flexmore.model.experts import break_even_rank
@@ -41,12 +42,27 @@ def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig,
 
 
 def public_stream(cfg: Config, tokenizer: Tokenizer) -> TokenStream:
+    """The public data every owner has: for the public router row and, with ``expert.public_fraction``, negatives."""
     if cfg.expert.public_paths:
         return TokenStream(cfg.expert.public_paths)
     if cfg.data.source != "embedded":
         raise ValueError("expert.public_paths is needed with data=shards: public data for the public router row")
     chars = cfg.train.seq_len * cfg.train.micro_batch * cfg.expert.router_init_batches * 2 + 10_000
+    if cfg.expert.public_fraction > 0:
+        chars = max(chars, cfg.data.train_chars)
     return TokenStream([embedded_path("public", "train", tokenizer, chars, cfg.data.seed, cfg.data.cache_dir)])
+
+
+def expert_loader(cfg: Config, tokenizer: Tokenizer, train_stream: TokenStream, dp_rank: int,
+                  dp_world: int) -> MixedLoader | None:
+    """With public negatives, every micro-batch holds exactly ``expert.public_rows`` public sequences."""
+    tc, ec = cfg.train, cfg.expert
+    n = ec.public_rows(tc.micro_batch)
+    if n == 0:
+        return None
+    return MixedLoader(train_stream, public_stream(cfg, tokenizer), tc.seq_len, tc.micro_batch, n, tc.grad_accum,
+                       dp_rank=dp_rank, dp_world=dp_world, seed=cfg.data.seed, hold=ec.public_mode == "router",
+                       targets=(1, 0) if ec.route_loss > 0 else None)
 
 
 def expert_init_state(cfg: Config, model_cfg: ModelConfig, base_path: Path, tokenizer: Tokenizer,
@@ -80,6 +96,8 @@ def write_expert_artifact(cfg: Config, model: torch.nn.Module, model_cfg: ModelC
         "model": {k: getattr(model_cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
         "params": trainable, "steps": steps,
         "training": {"optim": cfg.optim.name, "lr": cfg.optim.lr, "seq_len": cfg.train.seq_len,
-                     "global_batch": cfg.train.micro_batch * cfg.train.grad_accum},
+                     "global_batch": cfg.train.micro_batch * cfg.train.grad_accum, "bias": ec.bias,
+                     "bias_init": ec.bias_init, "public_fraction": ec.public_fraction, "public_mode": ec.public_mode,
+                     "route_loss": ec.route_loss},
     }
     return save_artifact(out, tensors, manifest, overwrite=True)

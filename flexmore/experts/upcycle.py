@@ -3,7 +3,7 @@ bias) trains; everything else is frozen with requires_grad=False, so it has no g
 
 Router rows: for each layer, the mean of the FFN's input (the hidden state the router sees) over a sample of tokens,
 scaled to unit length: the public row from public data, the new row from the expert's domain. The public row stays
-frozen; the new row and the expert bias (b <= 0 through min(b, 0)) train.
+frozen; the new row and the expert bias (b < 0, starting at ``expert_bias_init``) train.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from flexmore.model import FlexOlmo, ModelConfig, build_model
+from flexmore.model.moe import bias_to_raw
 
-TRAINABLE = ("ffn.experts.1.", "ffn.router.experts", "ffn.expert_bias")
+TRAINABLE = ("ffn.experts.1.", "ffn.router.experts", "ffn.bias_raw")
 
 
 @torch.no_grad()
@@ -46,7 +47,8 @@ def mean_ffn_inputs(model: FlexOlmo, batches, device) -> torch.Tensor:
     return F.normalize((sums / count[0]).float(), dim=-1)
 
 
-def expert_config(base: ModelConfig, name: str, kind: str, ranks: list[int]) -> ModelConfig:
+def expert_config(base: ModelConfig, name: str, kind: str, ranks: list[int], bias: bool = True,
+                  bias_init: float = -1.0, route_loss: float = 0.0) -> ModelConfig:
     if kind not in ("full", "lowrank"):
         raise ValueError(f"expert.kind={kind!r}; allowed: full, lowrank")
     if base.num_experts != 1:
@@ -55,7 +57,8 @@ def expert_config(base: ModelConfig, name: str, kind: str, ranks: list[int]) -> 
     if kind == "lowrank" and (len(ranks) != 3 or any(r < 1 for r in ranks)):
         raise ValueError(f"expert.ranks={list(ranks)}: one rank or three (gate, up, down), each >= 1")
     return dataclasses.replace(
-        base, num_experts=2, top_k=2, norm_topk_prob=False, expert_bias=True, router_z_loss_weight=1e-3,
+        base, num_experts=2, top_k=2, norm_topk_prob=False, expert_bias=bias, expert_bias_init=bias_init,
+        router_z_loss_weight=1e-3, route_loss_weight=route_loss,
         lb_loss_weight=0.0, expert_names=["public", name], expert_kinds=["full", kind],
         expert_ranks=[[], ranks if kind == "lowrank" else []],
     )
@@ -64,7 +67,8 @@ def expert_config(base: ModelConfig, name: str, kind: str, ranks: list[int]) -> 
 def upcycle(base: FlexOlmo, cfg: ModelConfig, public_rows: torch.Tensor, domain_rows: torch.Tensor,
             seed: int = 0) -> dict[str, torch.Tensor]:
     """The full state dict of the 2-expert model: base weights, expert 1 = copy of the public FFN (full) or the
-    public FFN + B A with B = 0 (lowrank), router rows [public, domain], bias 0. Equal to the base at step 0."""
+    public FFN + B A with B = 0 (lowrank), router rows [public, domain], bias at its init. Equal to the base at step 0
+    (both experts compute the public FFN, and the two probabilities sum to 1)."""
     model = build_model(cfg, device="cpu", seed=seed)
     base_sd = base.state_dict()
     sd = model.state_dict()
@@ -80,7 +84,8 @@ def upcycle(base: FlexOlmo, cfg: ModelConfig, public_rows: torch.Tensor, domain_
                 ffn.experts[1].reset_parameters(cfg.init_std)  # B = 0, dense projections = public
             ffn.router.public.copy_(public_rows[i][None])
             ffn.router.experts.copy_(domain_rows[i][None])
-            ffn.expert_bias.zero_()
+            if ffn.bias_raw is not None:
+                ffn.bias_raw.copy_(bias_to_raw(torch.full_like(ffn.bias_raw, cfg.expert_bias_init)))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

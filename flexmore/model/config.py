@@ -26,9 +26,11 @@ class ModelConfig:
     num_experts: int = 1
     top_k: int = 1
     norm_topk_prob: bool = False  # FlexOlmo: softmax over all experts, top-k, no renormalisation
-    expert_bias: bool = False  # learned bias b <= 0 (min(b, 0)) on the non-public experts' logits
+    expert_bias: bool = False  # learned bias b < 0 (b = -softplus(raw)) on the non-public experts' logits
+    expert_bias_init: float = -1.0  # b of a fresh expert
     router_z_loss_weight: float = 0.0
     lb_loss_weight: float = 0.0
+    route_loss_weight: float = 0.0  # x the router's cross-entropy against rows' known experts (route_targets)
     expert_names: list[str] = field(default_factory=list)  # optional, one per expert; "public" first
     # Per expert (empty: all "full"): "full" (own FFN) or "lowrank" (W_public + B A inside the SwiGLU); expert 0,
     # the public FFN, is always full. expert_ranks[e] = [gate, up, down] ranks of a lowrank expert ([] for full).
@@ -56,6 +58,7 @@ class ModelConfig:
             f"expert_names has {len(self.expert_names)} names for num_experts={self.num_experts}",
         )
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
+        need(self.expert_bias_init < 0, f"expert_bias_init={self.expert_bias_init} must be < 0 (b = -softplus(raw))")
         if self.expert_kinds:
             need(len(self.expert_kinds) == self.num_experts,
                  f"expert_kinds has {len(self.expert_kinds)} entries for num_experts={self.num_experts}")
@@ -104,6 +107,7 @@ class ModelConfig:
     def shape_dict(self) -> dict:
         """What must match between a checkpoint and the model that loads it."""
         d = asdict(self)
-        for k in ("name", "init_std", "router_z_loss_weight", "lb_loss_weight", "norm_topk_prob", "vocab_multiple"):
+        for k in ("name", "init_std", "router_z_loss_weight", "lb_loss_weight", "norm_topk_prob", "vocab_multiple",
+                  "expert_bias_init", "route_loss_weight"):
             d.pop(k)
         return d

@@ -1,4 +1,9 @@
-"""FlexOlmo's MoE FFN: expert 0 is the public FFN, a bias-free linear router, softmax over all experts then top-k."""
+"""FlexOlmo's MoE FFN: expert 0 is the public FFN, a bias-free linear router, softmax over all experts then top-k.
+
+The non-public experts' logits get a learned bias b < 0, stored as ``bias_raw`` with b = -softplus(bias_raw): FlexOlmo's
+``min(b, 0)`` has zero gradient once b drifts above 0 (it does, trained from 0), so the bias went dead; softplus keeps
+a gradient at every value. Artifacts and merges carry b itself (``bias_to_raw`` / ``raw_to_bias``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,19 @@ from torch import nn
 
 from flexmore.model.config import ModelConfig
 from flexmore.model.experts import Expert, build_expert
+
+
+BIAS_FLOOR = 1e-12  # |b| below this is stored as this: b = 0 exactly has no finite raw value
+
+
+def raw_to_bias(raw: torch.Tensor) -> torch.Tensor:
+    return -F.softplus(raw)
+
+
+def bias_to_raw(b: torch.Tensor) -> torch.Tensor:
+    """The raw value of a bias b <= 0 (a positive b, FlexOlmo's inert clamp region, counts as 0)."""
+    mag = (-b.double()).clamp(min=BIAS_FLOOR)
+    return torch.where(mag > 30, mag, torch.log(torch.expm1(mag))).to(b.dtype)
 
 
 class Router(nn.Module):
@@ -43,9 +61,10 @@ class MoEFFN(nn.Module):
                                         ranks=cfg.expert_rank(e)))
         self.experts = nn.ModuleList(experts)
         self.router = Router(cfg.d_model, cfg.num_experts, device=device) if cfg.is_moe else None
-        # b <= 0 for experts 1..E-1 only: the public expert's logit is never biased.
-        self.expert_bias = (
-            nn.Parameter(torch.zeros(cfg.num_experts - 1, device=device)) if cfg.is_moe and cfg.expert_bias else None
+        self.bias_init = cfg.expert_bias_init
+        # b < 0 for experts 1..E-1 only: the public expert's logit is never biased.
+        self.bias_raw = (
+            nn.Parameter(torch.empty(cfg.num_experts - 1, device=device)) if cfg.is_moe and cfg.expert_bias else None
         )
 
     def reset_parameters(self, std: float) -> None:
@@ -54,16 +73,21 @@ class MoEFFN(nn.Module):
         if self.router is not None:
             for w in (self.router.public, self.router.experts):
                 nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
-        if self.expert_bias is not None:
-            nn.init.zeros_(self.expert_bias)
+        if self.bias_raw is not None:
+            with torch.no_grad():
+                self.bias_raw.copy_(bias_to_raw(torch.full_like(self.bias_raw, self.bias_init)))
+
+    def expert_bias(self) -> torch.Tensor | None:
+        """b (E - 1,), every entry < 0; None without a bias."""
+        return None if self.bias_raw is None else raw_to_bias(self.bias_raw)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, E) in at least fp32, with min(b, 0) added to the non-public experts."""
+        """Logits (N, E) in at least fp32, with b added to the non-public experts."""
         logits = self.router(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.expert_bias is not None:
+        if self.bias_raw is not None:
             zero = torch.zeros(1, device=logits.device, dtype=logits.dtype)
-            logits = logits + torch.cat([zero, self.expert_bias.float().clamp(max=0.0)])
+            logits = logits + torch.cat([zero, raw_to_bias(self.bias_raw.to(logits.dtype))])
         return logits
 
     def routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +98,12 @@ class MoEFFN(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights, ids
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None,
+                route_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``hold`` (N,) bool over the flattened tokens: there the non-public experts' outputs are detached, so those
+        tokens train the router (and bias) but not the experts (public negatives in router-only mode).
+        ``route_targets`` (N,) long: the expert each token belongs to (-1: none), for the routing loss
+        (``route_loss``: cross-entropy of the router's softmax against it)."""
         if self.router is None:
             return self.experts[0](x), {}
         shape = x.shape
@@ -82,10 +111,15 @@ class MoEFFN(nn.Module):
         logits = self.router_logits(x)
         weights, ids = self.routing(logits)
         N, k = ids.shape
+
+        def run(e: int, expert: Expert, xs: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+            y = expert(xs)
+            return y if held is None or e == 0 else torch.where(held[:, None], y.detach(), y)
+
         if k == self.num_experts:  # every expert sees every token (FlexOlmo's 2-of-2): no gather, no graph breaks
             w = weights.new_zeros(N, k).scatter_(1, ids, weights).to(x.dtype)
-            y = sum(expert(x) * w[:, e, None] for e, expert in enumerate(self.experts))
-            return y.view(shape), self.aux_losses(logits, ids)
+            y = sum(run(e, expert, x, hold) * w[:, e, None] for e, expert in enumerate(self.experts))
+            return y.view(shape), self.aux_losses(logits, ids, route_targets)
         # Each (token, slot) is written once, then the k slots are summed in a fixed order: deterministic on GPU too.
         out = x.new_zeros(N * k, shape[-1])
         flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
@@ -94,14 +128,23 @@ class MoEFFN(nn.Module):
             slots = (flat_ids == e).nonzero().squeeze(1)
             if slots.numel() == 0:
                 continue
-            out[slots] = expert(x[slots // k]) * flat_w[slots, None].to(x.dtype)
+            tok = slots // k
+            out[slots] = run(e, expert, x[tok], None if hold is None else hold[tok]) * flat_w[slots, None].to(x.dtype)
         y = out.view(N, k, -1).sum(1).view(shape)
-        return y, self.aux_losses(logits, ids)
+        return y, self.aux_losses(logits, ids, route_targets)
 
-    def aux_losses(self, logits: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Router z-loss (mean squared logsumexp) and Switch-style load balance E * sum_e f_e * P_e."""
+    def aux_losses(self, logits: torch.Tensor, ids: torch.Tensor,
+                   route_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Router z-loss (mean squared logsumexp) and Switch-style load balance E * sum_e f_e * P_e; for diagnostics,
+        each expert's mean probability (``expert_prob``) and the fraction of tokens whose top-k holds it
+        (``expert_topk``)."""
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         probs = torch.softmax(logits, dim=-1)
-        counts = torch.zeros_like(probs).scatter_(1, ids, 1.0).mean(0) / self.top_k
+        chosen = torch.zeros_like(probs).scatter_(1, ids, 1.0).mean(0)
+        counts = chosen / self.top_k
         lb = self.num_experts * (counts.detach() * probs.mean(0)).sum()
-        return {"router_z_loss": z, "lb_loss": lb, "expert_load": counts.detach()}
+        aux = {"router_z_loss": z, "lb_loss": lb, "expert_load": counts.detach(),
+               "expert_prob": probs.mean(0).detach(), "expert_topk": chosen.detach()}
+        if route_targets is not None:
+            aux["route_loss"] = F.cross_entropy(logits, route_targets, ignore_index=-1)
+        return aux

@@ -23,9 +23,9 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg, device=device)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None):
         h = x + self.post_attention_norm(self.attn(x, cos, sin, mask))
-        f, aux = self.ffn(h)
+        f, aux = self.ffn(h, hold, route_targets)
         return h + self.post_ffn_norm(f), aux
 
 
@@ -82,9 +82,16 @@ class FlexOlmo(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                attention_mask: torch.Tensor | None = None, hold_rows: torch.Tensor | None = None,
+                route_targets: torch.Tensor | None = None) -> ModelOutput:
         """``attention_mask`` (B, T), True on real tokens, for left-padded batches (generation): keys that are padding
-        are masked out. RoPE is relative, so a left-padded row gives the logits it would give unpadded."""
+        are masked out. RoPE is relative, so a left-padded row gives the logits it would give unpadded.
+        ``hold_rows`` (B,) bool: rows on which the non-public experts are held fixed (only the router learns there).
+        ``route_targets`` (B,) long: the expert each row belongs to (-1: none); adds ``route_loss_weight`` x the
+        router's cross-entropy against it, averaged over layers.
+
+        ``aux`` holds the router losses and routing statistics averaged over layers, and per layer (L, E):
+        ``layer_expert_prob`` (mean router probability) and ``layer_expert_topk`` (fraction of tokens routed)."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
@@ -95,13 +102,18 @@ class FlexOlmo(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             # pads still see themselves, so no row is fully masked (their outputs are never used)
             mask = (causal & attention_mask[:, None, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
-        aux_sum: dict[str, torch.Tensor] = {}
+        hold = None if hold_rows is None else hold_rows.to(x.device).bool().repeat_interleave(T)
+        targets = None if route_targets is None else route_targets.to(x.device).long().repeat_interleave(T)
+        aux_layers: dict[str, list[torch.Tensor]] = {}
         for block in self.blocks:
-            x, aux = block(x, cos, sin, mask)
+            x, aux = block(x, cos, sin, mask, hold, targets)
             for k, v in aux.items():
-                aux_sum[k] = aux_sum[k] + v if k in aux_sum else v
+                aux_layers.setdefault(k, []).append(v)
         logits = self.lm_head(self.norm(x))
-        aux_mean = {k: v / len(self.blocks) for k, v in aux_sum.items()}
+        aux_mean = {k: sum(v) / len(self.blocks) for k, v in aux_layers.items()}
+        for k in ("expert_prob", "expert_topk"):
+            if k in aux_layers:
+                aux_mean[f"layer_{k}"] = torch.stack(aux_layers[k])
         if labels is None:
             return ModelOutput(logits=logits, aux=aux_mean)
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -109,6 +121,8 @@ class FlexOlmo(nn.Module):
         if "router_z_loss" in aux_mean:
             loss = loss + self.cfg.router_z_loss_weight * aux_mean["router_z_loss"]
             loss = loss + self.cfg.lb_loss_weight * aux_mean["lb_loss"]
+        if "route_loss" in aux_mean and self.cfg.route_loss_weight:
+            loss = loss + self.cfg.route_loss_weight * aux_mean["route_loss"]
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux=aux_mean)
 
 

@@ -7,7 +7,7 @@ Cells already in ``results.jsonl`` are not recomputed, and extracted experts are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from flexmore.eval.tasks import Task
 from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
 from flexmore.experts.extract import extract_lowrank
 from flexmore.experts.merge import merge
+from flexmore.experts.router import TuneConfig, tune_router
 from flexmore.experts.modeldir import latest_checkpoint, load_model
 from flexmore.model import count_params
 from flexmore.model.experts import PROJECTIONS
@@ -40,6 +41,35 @@ class Expert:
     path: Path
 
 
+@dataclass
+class RouterFit:
+    """A mixture of several experts gets its router tuned (FlexOlmo's step after merging) on each owner's sample."""
+
+    samples: dict[str, torch.Tensor]  # "public" and each expert's name -> (n, T + 1) windows
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def build_mixture(base_path: Path, artifacts: dict[str, Path], fit: RouterFit | None, device: torch.device):
+    """Merge ``artifacts`` (expert name -> artifact folder, any rank) onto the base; tune the router when there is
+    more than one expert and a ``fit``."""
+    model = merge(base_path, list(artifacts.values()))
+    if fit is not None and len(artifacts) > 1:
+        merged_names = model.cfg.expert_names[1:]  # the artifacts' own names (e.g. math-r8)
+        samples = {"public": fit.samples["public"], **{m: fit.samples[e] for e, m in zip(artifacts, merged_names)}}
+        tune_router(model, samples, fit.tune, device, log=None)
+    return model.to(device)
+
+
+def router_label(choice: dict, fit: RouterFit | None) -> str:
+    """How a cell's router was made: "tuned" for a mixture of several experts with a fit, else "merged"."""
+    return "tuned" if fit is not None and len(choice) > 1 else "merged"
+
+
+def cell_key(design: str, choice: dict, fit: RouterFit | None) -> str:
+    tuned = "+tuned" if router_label(choice, fit) == "tuned" else ""
+    return design + tuned + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
+
+
 def selection_score(rows: list[dict], domain: str) -> float:
     """How well a cell serves a domain: the mean task score on that domain's tasks, else minus its val loss."""
     tasks = [r["score"] for r in rows if r.get("domain") == domain and r["metric"] != "loss"]
@@ -52,7 +82,7 @@ def selection_score(rows: list[dict], domain: str) -> float:
 
 
 def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
-              tokenizer: Tokenizer, device: torch.device, out: str | Path) -> list[dict]:
+              tokenizer: Tokenizer, device: torch.device, out: str | Path, fit: RouterFit | None = None) -> list[dict]:
     out = Path(out)
     base_path = latest_checkpoint(base_path)
     base = load_model(base_path)
@@ -87,15 +117,16 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
         return path
 
     def cell(design: str, choice: dict[str, int | str]) -> None:
-        key = design + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
+        key = cell_key(design, choice, fit)
         if key in store.done:
             return
         by_name = {e.name: e for e in experts}
-        model = merge(base_path, [artifact(by_name[n], r) for n, r in choice.items()]).to(device)
+        model = build_mixture(base_path, {n: artifact(by_name[n], r) for n, r in choice.items()}, fit, device)
         c = count_params(model)
         labels = {"model": key, "design": design, "mixture": "+".join(choice), "expert": "+".join(choice),
                   "rank": next(iter(set(choice.values()))) if len(set(choice.values())) == 1 else "mixed",
-                  "ranks": dict(choice), "params": c.total, "active_params": c.active}
+                  "ranks": dict(choice), "params": c.total, "active_params": c.active,
+                  "router": router_label(choice, fit)}
         store.add(key, evaluate_model(model, tokenizer, tasks, val_sets, device, labels))
 
     for e in experts:  # (a)

@@ -6,7 +6,6 @@ One process or many under torchrun: the sync strategy is the optimizer (``optim.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -23,6 +21,7 @@ from flexmore.data.loader import SequenceLoader, eval_batches
 from flexmore.data.sources import build_streams
 from flexmore.data.tokenizer import load_tokenizer
 from flexmore.distributed import print0
+from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, init_parallel
 from flexmore.parallel.parallelize import allreduce_replicas
@@ -46,20 +45,6 @@ class TrainResult:
     artifact: Path | None = None  # expert runs: the expert's artifact folder
 
 
-def autocast_ctx(mode: str, device: torch.device):
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)  # SUM: gloo has no AVG
-        x /= dist.get_world_size()
-    return x
-
-
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Norm over this replica's gradient (FSDP shards reduce inside the shard mesh only), then clip."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -71,20 +56,17 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return norm
 
 
-@torch.no_grad()
-def evaluate(model, val_sets: dict, device: torch.device, autocast: str) -> dict[str, float]:
-    """Every rank runs every batch (FSDP's collectives need all ranks in step), so all ranks agree."""
-    model.eval()
+def routing_metrics(layer_stats: dict[str, torch.Tensor], model_cfg) -> dict[str, float]:
+    """moe/<expert>/{prob,topk} (mean over layers) and moe/L<i>/<expert>/{prob,topk}, from (L, E) statistics."""
     out = {}
-    for name, batches in val_sets.items():
-        total, count = 0.0, 0
-        for x, y in batches:
-            with autocast_ctx(autocast, device):
-                res = model(x.to(device), y.to(device))
-            total += mean_over_ranks(res.ce_loss.detach()).item() * y.numel()
-            count += y.numel()
-        out[name] = total / count
-    model.train()
+    names = model_cfg.expert_names or [f"expert{e}" for e in range(model_cfg.num_experts)]
+    for key, short in (("layer_expert_prob", "prob"), ("layer_expert_topk", "topk")):
+        if key not in layer_stats:
+            continue
+        stats = layer_stats[key].float().cpu()
+        for e, name in enumerate(names):
+            out[f"moe/{name}/{short}"] = stats[:, e].mean().item()
+            out.update({f"moe/L{i}/{name}/{short}": stats[i, e].item() for i in range(stats.shape[0])})
     return out
 
 
@@ -110,8 +92,9 @@ def train(cfg: Config) -> TrainResult:
     if resume_path is not None:
         CheckpointManager.check_compatible(resume_path, model_cfg, strategy, ctx.replicate)
     train_stream, val_streams = build_streams(cfg.data, tokenizer, model_cfg.vocab_size)
-    loader = SequenceLoader(train_stream, tc.seq_len, tc.micro_batch, tc.grad_accum, dp_rank=ctx.rank,
-                            dp_world=ctx.world, seed=cfg.data.seed)
+    loader = expert_run.expert_loader(cfg, tokenizer, train_stream, ctx.rank, ctx.world) if expert else None
+    loader = loader or SequenceLoader(train_stream, tc.seq_len, tc.micro_batch, tc.grad_accum, dp_rank=ctx.rank,
+                                      dp_world=ctx.world, seed=cfg.data.seed)
     val_sets = {name: eval_batches(s, tc.seq_len, tc.micro_batch, tc.eval_batches) for name, s in val_streams.items()}
 
     # --- model, optimizer, state ---
@@ -172,15 +155,15 @@ def train(cfg: Config) -> TrainResult:
         LRSchedule.apply(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, torch.Tensor] = {}
-        for micro, (x, y) in enumerate(loader.next_step()):
+        for micro, (x, y, *inputs) in enumerate(loader.next_step()):  # inputs: a mixed batch's per-row model inputs
             if fsdp:  # reduce gradients once per step, after the last micro-batch
                 model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_ctx(tc.autocast, device):
-                out = step_model(x, y)
+                out = step_model(x, y, **{k: v.to(device) for k, v in (inputs[0] if inputs else {}).items()})
             (out.loss / tc.grad_accum).backward()
             loss_sum += out.ce_loss.detach()
-            for k in ("router_z_loss", "lb_loss"):
+            for k in ("router_z_loss", "lb_loss", "route_loss", "layer_expert_prob", "layer_expert_topk"):
                 if k in out.aux:
                     aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
             tokens_since += y.numel() * ctx.world
@@ -206,7 +189,9 @@ def train(cfg: Config) -> TrainResult:
                        "perf/tokens_per_s": tok_s, "perf/tflops": tok_s * flops_tok / 1e12}
             if peak:
                 metrics["perf/mfu"] = tok_s * flops_tok / (peak * ctx.world)
-            metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items()})
+            metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items() if v.dim() == 0})
+            metrics.update(routing_metrics({k: mean_over_ranks(v) for k, v in aux_sum.items() if v.dim() == 2},
+                                           model_cfg))
             if ctx.distributed or strategy != "adamw":
                 result.comm = comm_metrics()
                 metrics.update(result.comm)
