@@ -304,6 +304,7 @@ def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
     assert changed and all(is_router(k) for k in changed)
     meta = json.loads((tmp_path / "tuned" / "config.json").read_text())["router"]
     assert meta["method"] == "tuned" and meta["samples"] == {"public": 16, "math": 16, "facts": 16}
+    assert meta["route_loss"] == 1.0 and meta["lr"] == 3e-3
     assert tune_cli(args + ["--centroid", "--out", str(tmp_path / "centroid")]) == 0
     assert frozen_part_hash(load_model(tmp_path / "centroid")) == frozen_part_hash(merged)
     # bad input: named, nothing written
@@ -314,6 +315,8 @@ def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
     assert "--max-seqs=100000 must be in [1, 4096]" in capsys.readouterr().err
     assert tune_cli(args + ["--seq-len", "9999", "--out", str(tmp_path / "bad")]) == 2
     assert "--seq-len=9999" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert tune_cli(args + ["--route-loss", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "route_loss=-1.0 must be a finite number >= 0" in capsys.readouterr().err
     # flexmore-eval of a mixture writes the domain x expert routing table and heat-map
     assert eval_cli(["--model", str(tmp_path / "tuned"), "--tasks", "--val-domains", "public", "math",
                      "--val-batches", "1", "--seq-len", "32", "--out", str(tmp_path / "ev" / "res")]) == 0

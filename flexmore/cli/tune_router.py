@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seqs", type=int, default=2048, help=f"sequences read per sample (at most {MAX_SEQS})")
     ap.add_argument("--seq-len", type=int, required=True, help="the experts' training sequence length")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--route-loss", type=float, default=1.0,
+                    help="weight of the routing loss (the router's cross-entropy against each sample's owner); 0: "
+                         "the language-model loss alone, as FlexOlmo")
     ap.add_argument("--centroid", action="store_true", help="set the nearest-centroid router instead (no training)")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--device", default="auto")
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-seqs={args.max_seqs} must be in [1, {MAX_SEQS}]: a small sample per owner")
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
-        tc = TuneConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch)
+        tc = TuneConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch, route_loss=args.route_loss)
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
         model = load_model(args.merged)

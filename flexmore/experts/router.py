@@ -68,7 +68,7 @@ def check_samples(model: FlexOlmo, samples: dict[str, torch.Tensor]) -> list[str
 @dataclass
 class TuneConfig:
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 3e-3
     micro_batch: int = 16  # sequences per step, split evenly over the samples (round robin over the rest)
     weight_decay: float = 0.0
     route_loss: float = 0.0  # > 0: also x the router's cross-entropy against each row's owner (its sample's expert)
