@@ -5,6 +5,7 @@ The 4-rank runs happen once (module fixture, one spawn) and each test below chec
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from conftest import tiny_config
 from distributed import run_distributed_test
 from flexmore.config import ParallelConfig
-from flexmore.model import build_model
+from flexmore.model import build_model, load_preset
 from flexmore.parallel import resolve_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,3 +236,24 @@ def test_unknown_strategy_and_bad_demo_settings_fail_at_config():
         OptimConfig(name="flexdemo", topk=5000)
     with pytest.raises(ValueError, match="optim: chunk=0 must be >= 1"):
         OptimConfig(name="flexdemo", chunk=0)
+
+
+def job_reshard(tmp: str) -> dict:
+    """After a forward, FSDP2 holds a block's parameters sharded (DTensor) only if it reshards after forward."""
+    from torch.distributed.tensor import DTensor
+
+    from flexmore.parallel import build_parallel_model, init_parallel
+
+    ctx = init_parallel(1, 2, "gloo", "cpu")
+    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=64)
+    out = {}
+    for reshard in (True, False):
+        model = build_parallel_model(cfg, ctx, "adamw", seed=0, reshard_after_forward=reshard)
+        model(torch.randint(0, 64, (2, 8)))
+        out[reshard] = isinstance(next(model.blocks[0].parameters()), DTensor)
+    return out
+
+
+def test_reshard_after_forward_reaches_fsdp(tmp_path):
+    results = run_distributed_test(job_reshard, 2, str(tmp_path), local_world_size=2)
+    assert results[0] == {True: True, False: False} == results[1]

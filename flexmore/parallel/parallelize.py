@@ -37,7 +37,7 @@ def apply_fsdp(model: FlexOlmo, ctx: ParallelContext, strategy: str, mixed_preci
 
 def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, seed: int,
                          mixed_precision: bool = False, init_state: dict | None = None,
-                         trainable=None) -> FlexOlmo:
+                         trainable=None, reshard_after_forward: bool = True) -> FlexOlmo:
     """Meta build -> freeze -> shard -> allocate -> weights from one full state dict on rank 0 (``init_state``, or a
     seeded fresh model), so every layout (and a single process) starts from the same numbers. ``trainable(name)``:
     parameters it rejects get requires_grad=False (no gradient, no optimizer state)."""
@@ -52,7 +52,7 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, 
             p.requires_grad_(trainable(name))
     if not ctx.distributed:
         return model
-    apply_fsdp(model, ctx, strategy, mixed_precision)
+    apply_fsdp(model, ctx, strategy, mixed_precision, reshard_after_forward)
     model.to_empty(device=ctx.device)
     full = {}
     if ctx.rank == 0:

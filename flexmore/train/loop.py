@@ -106,7 +106,7 @@ def train(cfg: Config) -> TrainResult:
         if resume_path is None:
             init_state = expert_run.expert_init_state(cfg, model_cfg, base_path, tokenizer, train_stream, device)
     model = build_parallel_model(model_cfg, ctx, strategy, seed=tc.seed, mixed_precision=mp, init_state=init_state,
-                                 trainable=trainable)
+                                 trainable=trainable, reshard_after_forward=cfg.parallel.reshard_after_forward)
     counts = count_params(model)
     optimizer = build_optimizer(model, cfg.optim, device, ctx.replicate_group)
     schedule = LRSchedule(cfg.optim, tc.steps)
