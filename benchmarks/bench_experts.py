@@ -23,6 +23,7 @@ from flexmore.data import ByteTokenizer, TokenStream, embedded_path, eval_batche
 from flexmore.experts.merge import merge  # noqa: E402
 from flexmore.model import count_params, load_preset  # noqa: E402
 from flexmore.eval.validation import evaluate  # noqa: E402
+from flexmore.experts.training import train_expert  # noqa: E402
 from flexmore.train.loop import train  # noqa: E402
 
 SIZES = {  # model, base steps, expert steps, seq_len, micro_batch, train chars per domain, eval batches, rank
@@ -70,7 +71,7 @@ def main() -> None:
                          logging=LoggingConfig(mode="disabled"), run_dir=str(work / name))
             cfg.expert.base, cfg.expert.name, cfg.expert.kind, cfg.expert.ranks = str(work / "base"), name, kind, [rank]
             t0 = time.perf_counter()
-            res = train(cfg)
+            res = train_expert(cfg)
             secs = time.perf_counter() - t0
             arts[name] = res.artifact
             rows.append({"model": f"public + {name}", "trainable_M": count_params(res.model).trainable / 1e6,

@@ -25,7 +25,13 @@ def corpus_cache(tmp_path_factory):
 
 def tiny_config(tmp_path, **sections):
     """A Config for a few-second CPU run; ``sections`` maps a section name to field overrides."""
-    from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, TrainConfig
+    from flexmore.config import (
+        Config,
+        DataConfig,
+        LoggingConfig,
+        OptimConfig,
+        TrainConfig,
+    )
     from flexmore.model.presets import load_preset
 
     model = load_preset("tiny", **sections.pop("model", {}))

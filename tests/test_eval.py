@@ -10,7 +10,7 @@ import torch
 from flexmore.data.tokenizer import ByteTokenizer
 from flexmore.eval.evaluate import score_task
 from flexmore.eval.scoring import exact_match, extract_answer
-from flexmore.eval.tasks import Task, embedded_tasks, load_jsonl_task, parse_task_spec
+from flexmore.eval.tasks import embedded_tasks, load_jsonl_task, parse_task_spec
 from flexmore.model import ModelConfig
 
 
@@ -90,6 +90,7 @@ def test_bad_task_files(tmp_path):
 
 def test_eval_cli_writes_a_tidy_table(tmp_path, capsys):
     from conftest import tiny_config
+
     from flexmore.cli.eval import main
     from flexmore.train.loop import train
 
@@ -114,10 +115,12 @@ def test_eval_cli_bad_input(tmp_path, capsys):
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time():
+    import dataclasses
+
     from conftest import tiny_config  # noqa: F401  (the session cache fixture)
+
     from flexmore.eval.generate import greedy
     from flexmore.model import build_model, load_preset
-    import dataclasses
 
     model = build_model(dataclasses.replace(load_preset("tiny"), vocab_size=320), seed=1)
     tok = ByteTokenizer()

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
 from flexmore.experts.extract import extract_lowrank
 from flexmore.experts.merge import merge, opt_out
-from flexmore.experts.modeldir import load_model
-from flexmore.experts.training import frozen_hash
+from flexmore.experts.training import frozen_hash, train_expert
 from flexmore.experts.upcycle import expert_config, upcycle
 from flexmore.model.experts import LowRankSwiGLU, break_even_rank
+from flexmore.store.modeldir import load_model
 from flexmore.train.loop import train
 
 
@@ -67,7 +67,7 @@ def load_state(cfg, sd):
 
 def test_training_freezes_everything_but_the_expert(world, tmp_path):
     tmp, base_dir = world
-    res = train(expert_cfg(tmp_path, base_dir, "m2", "lowrank", "math", steps=3))
+    res = train_expert(expert_cfg(tmp_path, base_dir, "m2", "lowrank", "math", steps=3))
     trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
     assert trainable and all((".experts.1." in n or "router.experts" in n or "bias_raw" in n) for n in trainable)
     # AdamW holds state for the trainable tensors only
@@ -214,6 +214,8 @@ def test_bad_expert_settings_fail_at_config(tmp_path):
     with pytest.raises(ValueError, match="expert.kind='huge'"):
         ExpertConfig(base="x", kind="huge")
     with pytest.raises(FileNotFoundError, match="no model or checkpoint found"):
+        train_expert(expert_cfg(tmp_path, tmp_path / "nothing", "e", "full", "math"))
+    with pytest.raises(ValueError, match="expert.base is set but no recipe was given"):
         train(expert_cfg(tmp_path, tmp_path / "nothing", "e", "full", "math"))
 
 
@@ -228,7 +230,7 @@ def test_expert_run_takes_seq_len_limit_from_the_base(world, tmp_path):
     cfg = expert_cfg(tmp_path, base, "e", "full", "math")
     cfg.train.seq_len = 512
     with pytest.raises(ValueError, match="train.seq_len=512 is larger than the base's max_seq_len=256"):
-        train(cfg)
+        train_expert(cfg)
 
 
 def job_expert_under_hsdp(tmp: str, base: str) -> dict:
@@ -240,8 +242,11 @@ def job_expert_under_hsdp(tmp: str, base: str) -> dict:
                               ("flexdemo", "flexdemo", ParallelConfig(replicate=2, shard=1))):
         cfg = expert_cfg(Path(tmp), base, name, "lowrank", "math", steps=4)
         cfg.optim.name, cfg.optim.chunk, cfg.optim.topk, cfg.parallel = optim, 16, 8, mesh
-        res = train(cfg)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        res = train_expert(cfg)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(res.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         from flexdemo import local_tensor

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from flexdemo import ChunkLayout, DeMoConfig
+from flexdemo.dct import dct2, dct_matrix, idct2
 from flexdemo.ops.decode_reference import decode_mean
 from flexdemo.ops.encode_reference import encode_reference
-from flexdemo.dct import dct2, dct_matrix, idct2
 from flexdemo.optimizer import plan_params
 from flexdemo.wire import WireLayout, index_bits_for, pack_indices, unpack_indices
 

@@ -18,17 +18,22 @@ import torch
 
 from flexdemo import FlexDeMo
 from flexdemo.chunks import ChunkLayout
-from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.dct import dct2, dct_matrix, dct_matrix_halves, idct2
 from flexdemo.ops import resolve_kernels
+from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.decode_reference import decode_apply_reference, decode_mean
 from flexdemo.ops.encode_reference import encode_reference
 
 triton = pytest.importorskip("triton")
-from flexdemo.ops.decode import decode_apply_triton, decode_apply_triton_table  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from flexdemo.ops.encode import TOPK_METHODS, _extract_candidates, encode_triton, encode_triton_table  # noqa: E402
+from flexdemo.ops.decode import decode_apply_triton, decode_apply_triton_table  # noqa: E402
+from flexdemo.ops.encode import (  # noqa: E402
+    TOPK_METHODS,
+    _extract_candidates,
+    encode_triton,
+    encode_triton_table,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]

@@ -193,7 +193,7 @@ def test_tiny_mixture_keeps_its_experts_gains(tmp_path):
 def test_a_model_folder_from_before_the_softplus_bias_loads_with_the_same_routing(tmp_path):
     from safetensors.torch import save_file
 
-    from flexmore.experts.modeldir import load_model, save_model_dir
+    from flexmore.store.modeldir import load_model, save_model_dir
 
     model = mixture_model()
     with torch.no_grad():

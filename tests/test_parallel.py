@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
 from distributed import run_distributed_test
+
 from flexmore.config import ParallelConfig
 from flexmore.model import build_model, load_preset
 from flexmore.parallel import resolve_layout

@@ -58,8 +58,10 @@ def test_result_store_keeps_finished_cells_and_drops_a_torn_one(tmp_path):
 def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     """Base + 2 tiny experts; the sweep runs; a second run evaluates nothing; a lost cell is recomputed alone."""
     from conftest import tiny_config
+
     from flexmore.data import ByteTokenizer, TokenStream, embedded_path, eval_batches
     from flexmore.eval.tasks import embedded_tasks
+    from flexmore.experts.training import train_expert
     from flexmore.study import sweep as sweep_mod
     from flexmore.train.loop import train
 
@@ -68,7 +70,7 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     for name in ("math", "facts"):
         cfg = tiny_config(tmp_path / name, data={"domains": [name]}, train={"steps": 4})
         cfg.expert.base, cfg.expert.name, cfg.expert.router_init_batches = str(tmp_path / "base" / "run"), name, 1
-        arts.append(train(cfg).artifact)
+        arts.append(train_expert(cfg).artifact)
     tok = ByteTokenizer()
     val = {"math": eval_batches(TokenStream([embedded_path("math", "val", tok, 20_000, 0)]), 32, 4, 1)}
     tasks = [t for t in embedded_tasks(2)]

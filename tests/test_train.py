@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import replace_section, tiny_config
-from flexmore.train import checkpoint as ckpt_mod
-from flexmore.train.checkpoint import CheckpointManager
+
+from flexmore.store.checkpoint import CheckpointManager
+from flexmore.store import checkpoint as ckpt_mod
 from flexmore.train.loop import train
 
 

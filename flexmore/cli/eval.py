@@ -13,8 +13,8 @@ from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.routing import plot_routing, routing_mass, routing_stats
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
-from flexmore.experts.modeldir import load_model
 from flexmore.model import count_params
+from flexmore.store.modeldir import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

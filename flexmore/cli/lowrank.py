@@ -9,8 +9,8 @@ from pathlib import Path
 
 from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
 from flexmore.experts.extract import extract_lowrank
-from flexmore.experts.modeldir import latest_checkpoint, load_model
 from flexmore.model.experts import PROJECTIONS, break_even_rank
+from flexmore.store.modeldir import latest_checkpoint, load_model
 
 
 def parse_rank(text: str) -> list[int]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flexmore.experts.hf import export_hf
 from flexmore.experts.merge import merge, opt_out
-from flexmore.experts.modeldir import latest_checkpoint, load_model, save_model_dir
 from flexmore.model import count_params
+from flexmore.store.modeldir import latest_checkpoint, load_model, save_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.drop:
             model = opt_out(model, args.drop)
         if args.hf:
-            from flexmore.experts.hf import export_hf
-
             out = export_hf(model, args.out, overwrite=args.overwrite, bias=args.hf_bias)
         else:
             out = save_model_dir(model, args.out, overwrite=args.overwrite)

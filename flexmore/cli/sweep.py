@@ -12,14 +12,16 @@ from pathlib import Path
 import torch
 
 from flexmore.data import load_tokenizer
+from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
-from flexmore.experts.modeldir import latest_checkpoint
+from flexmore.experts.artifact import load_artifact
+from flexmore.experts.router import TuneConfig, load_sample
+from flexmore.model import count_params
+from flexmore.store.modeldir import latest_checkpoint
 from flexmore.study.allocate import allocate
 from flexmore.study.report import write_report
 from flexmore.study.results import ResultStore
-from flexmore.experts.artifact import load_artifact
-from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.study.sweep import FULL, RouterFit, build_mixture, cell_key, router_label, run_sweep, selection_score
 
 
@@ -90,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
                             TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss))
         rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
         if args.budget:
-            from flexmore.eval.evaluate import evaluate_model
-            from flexmore.model import count_params
 
             full = {load_artifact(p)[1]["name"]: Path(p) for p in args.experts}
 

@@ -8,7 +8,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flexmore.config import Config
+from flexmore.experts.training import train_expert
 from flexmore.model.presets import conf_dir
+from flexmore.train.loop import train
 
 ConfigStore.instance().store(name="config_schema", node=Config)
 
@@ -24,11 +26,12 @@ def to_config(dcfg: DictConfig) -> Config:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(dcfg: DictConfig) -> None:
-    from flexmore.train.loop import train
-
     cfg = to_config(dcfg)
     cfg.run_dir = HydraConfig.get().runtime.output_dir
-    train(cfg)
+    if cfg.expert.base is not None:  # a FlexMoRE expert against a frozen base
+        train_expert(cfg)
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

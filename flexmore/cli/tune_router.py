@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from flexmore.data import load_tokenizer
-from flexmore.experts.modeldir import load_model, save_model_dir
 from flexmore.experts.router import MAX_SEQS, TuneConfig, centroid_router, load_sample, tune_router
+from flexmore.store.modeldir import load_model, save_model_dir
 
 
 def parse_sample(text: str) -> tuple[str, str]:

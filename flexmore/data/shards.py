@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from flexmore.atomic import publish, temp_dir_for
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
@@ -31,7 +31,7 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir} already exists; pass overwrite to replace it")
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = temp_dir_for(self.out_dir)
         self.tmp.mkdir(parents=True)
         self.vocab_size, self.eos_id, self.tokenizer = vocab_size, eos_id, tokenizer
         self.dtype = token_dtype(vocab_size)
@@ -76,15 +76,7 @@ class ShardWriter:
             "num_documents": self.num_documents, "max_token_id": self.max_id, "shards": self.shards, "meta": self.meta,
         }
         (self.tmp / INDEX).write_text(json.dumps(index, indent=1))
-        if self.out_dir.exists() and self.overwrite:
-            shutil.rmtree(self.out_dir)
-        try:
-            os.rename(self.tmp, self.out_dir)
-        except OSError:  # another process finished the same (deterministic) dataset first
-            if not (self.out_dir / INDEX).is_file():
-                raise
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return self.out_dir
+        return publish(self.tmp, self.out_dir, overwrite=self.overwrite)
 
 
 def write_documents(out_dir: str | Path, docs: Iterable[Sequence[int]], **kw) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexmore.config import DataConfig
+from flexmore.data.config import DataConfig
 from flexmore.data.embedded import embedded_path
 from flexmore.data.shards import TokenStream
 from flexmore.data.tokenizer import Tokenizer

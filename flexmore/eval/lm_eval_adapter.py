@@ -15,7 +15,7 @@ import torch
 
 from flexmore.data.tokenizer import load_tokenizer
 from flexmore.eval.generate import continuation_logprobs, greedy
-from flexmore.experts.modeldir import load_model
+from flexmore.store.modeldir import load_model
 
 try:
     from lm_eval.api.model import LM

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexmore.data import TokenStream, embedded_path, eval_batches
 from flexmore.data.domains import facts, math
 
 
@@ -83,7 +84,5 @@ def build_tasks(specs: list[str], n: int) -> list[Task]:
 
 def embedded_val_sets(domains: list[str], tokenizer, seq_len: int, batches: int, batch_size: int = 8) -> dict:
     """Fixed validation batches of the embedded domains (the first windows of each held-out split)."""
-    from flexmore.data import TokenStream, embedded_path, eval_batches
-
     return {d: eval_batches(TokenStream([embedded_path(d, "val", tokenizer, 400_000, 0)]), seq_len, batch_size, batches)
             for d in domains}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexmore.experts.modeldir import atomic_dir
+from flexmore.atomic import atomic_dir
 from flexmore.model.moe import raw_to_bias
 
 MANIFEST, TENSORS = "manifest.json", "expert.safetensors"

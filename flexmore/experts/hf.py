@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexmore.atomic import atomic_dir
 from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
-from flexmore.experts.modeldir import atomic_dir, save_model_dir
+from flexmore.experts.merge import opt_out
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.experts import PROJECTIONS
+from flexmore.store.modeldir import save_model_dir
 
 SHARED = {  # ours <- theirs, per layer
     "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
@@ -92,8 +94,6 @@ def split_hf(path: str | Path, out: str | Path, names: list[str] | None = None) 
     names = names or [f"expert{e}" for e in range(1, cfg.num_experts)]
     if len(names) != cfg.num_experts - 1:
         raise ValueError(f"{len(names)} names for {cfg.num_experts - 1} non-public experts")
-    from flexmore.experts.merge import opt_out
-
     model.cfg = dataclasses.replace(cfg, expert_names=["public", *names])
     dense = opt_out(model, names)  # every non-public expert dropped: the base
     base_dir = save_model_dir(dense, Path(out) / "base")

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from flexmore.experts.artifact import base_hash, load_artifact
-from flexmore.experts.modeldir import load_model
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.experts import PROJECTIONS, stored_dense
 from flexmore.model.moe import bias_to_raw
+from flexmore.store.modeldir import load_model
 
 
 def _check_ranks(path, manifest: dict, tensors: dict, cfg: ModelConfig) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from flexmore.atomic import atomic_dir
 from flexmore.experts.artifact import load_artifact
-from flexmore.experts.modeldir import atomic_dir
 from flexmore.model.experts import PROJECTIONS
 
 

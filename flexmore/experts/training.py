@@ -1,5 +1,6 @@
-"""What `flexmore-train` does differently for an expert run: the model comes from the base, upcycled and frozen, and
-the run ends by writing the expert's artifact (``<run dir>/expert``)."""
+"""An expert run as a training recipe: the model comes from the base, upcycled to [public, new] with everything but the
+new expert frozen, batches carry public negatives, and the run ends by writing the expert's artifact
+(``<run dir>/expert``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from flexmore.config import Config
 from flexmore.data.embedded import embedded_path
 from flexmore.data.loader import MixedLoader, eval_batches
 from flexmore.data.shards import TokenStream
-from flexmore.data.tokenizer import Tokenizer
+from flexmore.data.tokenizer import Tokenizer, load_tokenizer
+from flexmore.distributed import print0
 from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
-from flexmore.experts.modeldir import latest_checkpoint, load_model, read_config
 from flexmore.experts.upcycle import expert_config, is_trainable, mean_ffn_inputs, upcycle
 from flexmore.model import ModelConfig
+from flexmore.model.experts import break_even_rank
+from flexmore.store.modeldir import latest_checkpoint, load_model, read_config
+from flexmore.train.loop import TrainResult, train
+from flexmore.train.recipe import Recipe
 
 
 def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig, Path]:
@@ -31,9 +36,6 @@ def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig,
     cfg_e = expert_config(base_cfg, ec.name, ec.kind, ec.ranks, bias=ec.bias, bias_init=ec.bias_init,
                           route_loss=ec.route_loss)
     if ec.kind == "lowrank":
-        from flexmore.distributed import print0
-        from flexmore.model.experts import break_even_rank
-
         be = break_even_rank(base_cfg.d_ffn, base_cfg.d_model)
         if max(cfg_e.expert_rank(1)) >= be:
             print0(f"note: expert.ranks={cfg_e.expert_rank(1)} reach the break-even rank {be:.0f} of this base: such "
@@ -77,6 +79,27 @@ def expert_init_state(cfg: Config, model_cfg: ModelConfig, base_path: Path, toke
 def frozen_hash(state: dict[str, torch.Tensor]) -> str:
     """The base hash of an expert model: its frozen tensors are exactly the base's."""
     return base_hash({k: v for k, v in state.items() if not is_trainable(k) and ".router." not in k})
+
+
+def expert_recipe(cfg: Config) -> Recipe:
+    """Checks the base and the settings before any work; the hooks run inside the training loop."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model_cfg, base_path = expert_model_config(cfg, tokenizer)
+
+    def finish(model: torch.nn.Module, rank: int, run_dir: Path) -> Path | None:
+        out = write_expert_artifact(cfg, model, model_cfg, cfg.train.steps, rank, run_dir / "expert")
+        print0(f"expert artifact: {run_dir / 'expert'}")
+        return out
+
+    return Recipe(
+        name=f"expert {cfg.expert.name}", model_config=model_cfg, trainable=is_trainable,
+        loader=lambda stream, dp_rank, dp_world: expert_loader(cfg, tokenizer, stream, dp_rank, dp_world),
+        init_state=lambda device, stream: expert_init_state(cfg, model_cfg, base_path, tokenizer, stream, device),
+        finish=finish)
+
+
+def train_expert(cfg: Config) -> TrainResult:
+    return train(cfg, expert_recipe(cfg))
 
 
 def write_expert_artifact(cfg: Config, model: torch.nn.Module, model_cfg: ModelConfig, steps: int, rank: int,

@@ -14,7 +14,6 @@ from torch import nn
 from flexmore.model.config import ModelConfig
 from flexmore.model.experts import Expert, build_expert
 
-
 BIAS_FLOOR = 1e-12  # |b| below this is stored as this: b = 0 exactly has no finite raw value
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from flexdemo import local_tensor
 from flexmore.model import ModelConfig, build_model
 from flexmore.model.transformer import FlexOlmo
 from flexmore.parallel.mesh import ParallelContext
@@ -67,8 +68,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, 
 def allreduce_replicas(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
     """Average each rank's gradient shard over its replicate group in one flat bucket (through host memory, as the
     gloo group needs): HSDP's inter-node all-reduce, done explicitly over a slow link."""
-    from flexdemo import local_tensor
-
     grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads:
         return

@@ -25,9 +25,11 @@ from flexmore.eval.routing import routing_mass, routing_stats
 from flexmore.eval.tasks import embedded_tasks
 from flexmore.eval.validation import evaluate
 from flexmore.experts.merge import merge, opt_out
-from flexmore.experts.modeldir import load_model
 from flexmore.experts.router import TuneConfig, centroid_router, sample_windows, tune_router
+from flexmore.experts.training import train_expert
 from flexmore.model import load_preset
+from flexmore.store.modeldir import load_model
+from flexmore.train.loop import train
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,6 @@ def prepare_data(size: Size, domains: list[str]) -> None:
 
 def train_base(size: Size, work: Path) -> Path:
     """The public base (reused when ``work/base`` already holds its final checkpoint)."""
-    from flexmore.train.loop import train
-
     run = work / "base"
     if not (run / "checkpoints" / f"step_{size.base_steps:08d}").is_dir():
         train(base_config(size, run))
@@ -119,13 +119,11 @@ def train_base(size: Size, work: Path) -> Path:
 
 def train_experts(size: Size, base: Path, recipe: Recipe, domains: list[str], work: Path) -> dict[str, Path]:
     """domain -> artifact; an expert already written is reused."""
-    from flexmore.train.loop import train
-
     out = {}
     for d in domains:
         run = work / "experts" / recipe.name / d
         if not (run / "expert" / "manifest.json").is_file():
-            train(expert_config(size, base, d, recipe, run))
+            train_expert(expert_config(size, base, d, recipe, run))
         out[d] = run / "expert"
     return out
 

@@ -19,9 +19,9 @@ from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
 from flexmore.experts.extract import extract_lowrank
 from flexmore.experts.merge import merge
 from flexmore.experts.router import TuneConfig, tune_router
-from flexmore.experts.modeldir import latest_checkpoint, load_model
 from flexmore.model import count_params
 from flexmore.model.experts import PROJECTIONS
+from flexmore.store.modeldir import latest_checkpoint, load_model
 from flexmore.study.results import ResultStore
 
 FULL = "full"

@@ -24,12 +24,13 @@ from flexmore.distributed import print0
 from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, init_parallel
-from flexmore.parallel.parallelize import allreduce_replicas
 from flexmore.parallel.comm import comm_per_step
-from flexmore.train.checkpoint import CheckpointManager
+from flexmore.parallel.parallelize import allreduce_replicas
+from flexmore.store.checkpoint import CheckpointManager
 from flexmore.train.logger import make_logger
 from flexmore.train.optim import LRSchedule, build_optimizer
 from flexmore.train.perf import peak_flops
+from flexmore.train.recipe import Recipe
 
 
 @dataclass
@@ -42,7 +43,7 @@ class TrainResult:
     checkpoint: Path | None = None
     model: torch.nn.Module | None = None  # the trained model, for callers that inspect it (tests, notebooks)
     optimizer: torch.optim.Optimizer | None = None
-    artifact: Path | None = None  # expert runs: the expert's artifact folder
+    artifact: Path | None = None  # what the recipe's finish wrote (an expert's artifact folder)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -70,9 +71,13 @@ def routing_metrics(layer_stats: dict[str, torch.Tensor], model_cfg) -> dict[str
     return out
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
+    """Train ``cfg``'s model, or what ``recipe`` says (an expert run is a recipe: ``experts.training.train_expert``)."""
     tc, strategy = cfg.train, cfg.optim.name
     run_dir = Path(cfg.run_dir)
+    if recipe is None and cfg.expert.base is not None:
+        raise ValueError("expert.base is set but no recipe was given: run experts through "
+                         "flexmore.experts.training.train_expert(cfg) (flexmore-train does)")
 
     # --- every check that can fail, before any data is generated or weight allocated ---
     ctx = init_parallel(cfg.parallel.replicate, cfg.parallel.shard, cfg.parallel.backend, tc.device,
@@ -80,31 +85,24 @@ def train(cfg: Config) -> TrainResult:
     device = ctx.device
     torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    expert = cfg.expert.base is not None
-    if expert:  # a FlexMoRE expert: the shape is the base's, upcycled to [public, new]
-        from flexmore.experts import training as expert_run
-
-        model_cfg, base_path = expert_run.expert_model_config(cfg, tokenizer)
-    else:
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
+    model_cfg = recipe.model_config if recipe else dataclasses.replace(
+        cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
     ckpt = CheckpointManager(tc.save_dir or run_dir / "checkpoints", tc.keep_last)
     resume_path = ckpt.latest() if tc.resume == "auto" else None
     if resume_path is not None:
         CheckpointManager.check_compatible(resume_path, model_cfg, strategy, ctx.replicate)
     train_stream, val_streams = build_streams(cfg.data, tokenizer, model_cfg.vocab_size)
-    loader = expert_run.expert_loader(cfg, tokenizer, train_stream, ctx.rank, ctx.world) if expert else None
+    loader = recipe.loader(train_stream, ctx.rank, ctx.world) if recipe and recipe.loader else None
     loader = loader or SequenceLoader(train_stream, tc.seq_len, tc.micro_batch, tc.grad_accum, dp_rank=ctx.rank,
                                       dp_world=ctx.world, seed=cfg.data.seed)
     val_sets = {name: eval_batches(s, tc.seq_len, tc.micro_batch, tc.eval_batches) for name, s in val_streams.items()}
 
     # --- model, optimizer, state ---
     mp = cfg.parallel.mixed_precision == "bf16" or (cfg.parallel.mixed_precision == "auto" and device.type == "cuda")
-    init_state, trainable = None, None
-    if expert:
-        from flexmore.experts.upcycle import is_trainable as trainable
-
-        if resume_path is None:
-            init_state = expert_run.expert_init_state(cfg, model_cfg, base_path, tokenizer, train_stream, device)
+    init_state = None
+    if recipe and recipe.init_state and resume_path is None:
+        init_state = recipe.init_state(device, train_stream)
+    trainable = recipe.trainable if recipe else None
     model = build_parallel_model(model_cfg, ctx, strategy, seed=tc.seed, mixed_precision=mp, init_state=init_state,
                                  trainable=trainable, reshard_after_forward=cfg.parallel.reshard_after_forward)
     counts = count_params(model)
@@ -117,7 +115,7 @@ def train(cfg: Config) -> TrainResult:
         loader.load_state_dict(meta["loader"])
         start = result.resumed_from = meta["step"]
         print0(f"resumed from {resume_path} at step {start}")
-    print0(f"model {model_cfg.name}: {counts.describe()} | device {device}")
+    print0(f"model {model_cfg.name}: {counts.describe()} | device {device}" + (f" | {recipe.name}" if recipe else ""))
     print0(f"parallel: {ctx.world} rank(s) = replicate {ctx.replicate} x shard {ctx.shard}, strategy {strategy}"
            + (", bf16 params / fp32 reduce" if mp and ctx.distributed else "")
            + (f", FlexDeMo kernels: {optimizer.kernels}" if hasattr(optimizer, "kernels") else ""))
@@ -209,9 +207,8 @@ def train(cfg: Config) -> TrainResult:
     if bar is not None:
         bar.close()
     result.final_step = max(start, end)
-    if expert and result.final_step == tc.steps:
-        result.artifact = expert_run.write_expert_artifact(cfg, model, model_cfg, tc.steps, ctx.rank, run_dir / "expert")
-        print0(f"expert artifact: {run_dir / 'expert'}")
+    if recipe and recipe.finish and result.final_step == tc.steps:
+        result.artifact = recipe.finish(model, ctx.rank, run_dir)
     if result.losses:
         first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
         print0(f"train loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}")

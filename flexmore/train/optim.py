@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from flexdemo import FlexDeMo
 from flexmore.config import OptimConfig
 
 
@@ -26,7 +27,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
-    from flexdemo import FlexDeMo
 
     return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config())
 

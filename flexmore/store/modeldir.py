@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexmore.atomic import atomic_dir
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.moe import bias_to_raw
+from flexmore.store.checkpoint import CheckpointManager
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-
-
-def atomic_dir(out: Path, write, overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` then rename tmp_dir to ``out``: a crash never leaves a half-written folder at ``out``."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
@@ -67,8 +48,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FlexOlmo
     if (path / WEIGHTS).is_file():
         model.load_state_dict(upgrade_state(load_file(path / WEIGHTS, device=str(device))))
     else:
-        from flexmore.train.checkpoint import CheckpointManager
-
         CheckpointManager.load(path, model, None)
     return model
 
@@ -85,8 +64,6 @@ def latest_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "meta.json").is_file() or (path / CONFIG).is_file():
         return path
-    from flexmore.train.checkpoint import CheckpointManager
-
     for d in (path / "checkpoints", path):
         latest = CheckpointManager(d).latest()
         if latest is not None:

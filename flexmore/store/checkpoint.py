@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import warnings
@@ -19,14 +18,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 
 from flexdemo import FlexDeMo
+from flexmore.atomic import publish, temp_dir_for
 from flexmore.distributed import barrier, rank
 from flexmore.model.config import ModelConfig
 from flexmore.parallel.mesh import ParallelContext
-from flexmore.train.demo_state import residual_state
+from flexmore.store.demo_state import residual_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -104,7 +107,7 @@ class CheckpointManager:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
              ctx: ParallelContext | None = None) -> Path:
         final = self.path(step)
-        tmp = self.dir / f".{final.name}.tmp"
+        tmp = temp_dir_for(final, unique=False)  # every rank writes into it
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -115,9 +118,7 @@ class CheckpointManager:
         barrier()
         if rank() == 0:
             (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            publish(tmp, final, overwrite=True)
             self._prune()
         barrier()
         return final
