@@ -12,6 +12,7 @@ from typing import Optional
 from flexdemo import DeMoConfig
 from flexmore.data.config import DataConfig
 from flexmore.model.config import ModelConfig
+from flexmore.model.experts import Ranks
 
 __all__ = ["Config", "DataConfig", "ExpertConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
            "TrainConfig"]
@@ -163,8 +164,10 @@ class ExpertConfig:
               "expert.base is required for an expert run: the public base (a checkpoint, run folder or model folder), "
               "e.g. expert.base=outputs/small_public/<run>")
         _need(self.kind in ("full", "lowrank"), f"expert.kind={self.kind!r}; allowed: full, lowrank")
-        _need(len(self.ranks) in (1, 3), f"expert.ranks={list(self.ranks)}: one rank, or three (gate, up, down)")
-        _need(all(r >= 1 for r in self.ranks), f"expert.ranks={list(self.ranks)}: ranks must be >= 1")
+        try:
+            Ranks.of(self.ranks)
+        except ValueError as e:
+            raise ValueError(f"expert.{e}") from None
         _need(self.router_init_batches >= 1, f"expert.router_init_batches={self.router_init_batches} must be >= 1")
         _need(self.bias_init < 0, f"expert.bias_init={self.bias_init} must be < 0")
         _need(0 <= self.public_fraction < 1, f"expert.public_fraction={self.public_fraction} must be in [0, 1)")

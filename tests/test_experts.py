@@ -209,7 +209,7 @@ def test_bad_artifacts_are_rejected_with_the_artifact_named(world, tmp_path):
 def test_bad_expert_settings_fail_at_config(tmp_path):
     from flexmore.config import ExpertConfig
 
-    with pytest.raises(ValueError, match=r"expert.ranks=\[0\]: ranks must be >= 1"):
+    with pytest.raises(ValueError, match=r"expert.ranks=\[0\]: need whole ranks >= 1"):
         ExpertConfig(base="x", ranks=[0])
     with pytest.raises(ValueError, match="expert.kind='huge'"):
         ExpertConfig(base="x", kind="huge")
@@ -345,3 +345,21 @@ def test_routing_metrics_name_every_expert_and_layer():
     m = routing_metrics(stats, cfg)
     assert m["moe/math/prob"] == pytest.approx(0.2) and m["moe/L1/public/prob"] == pytest.approx(0.7)
     assert m["moe/public/topk"] == 1.0 and len(m) == 2 * 2 * 3
+
+
+def test_lowrank_artifacts_from_the_cli_and_the_sweep_carry_the_same_manifest(world, tmp_path):
+    """One function makes every low-rank artifact: the CLI's and the sweep's manifests agree field for field."""
+    tmp, base_dir = world
+    from flexmore.cli.lowrank import main as lowrank
+    from flexmore.cli.lowrank import public_ffn
+    from flexmore.experts.extract import save_lowrank
+
+    assert lowrank(["--base", str(base_dir), "--expert", str(tmp / "math" / "expert"), "--ranks", "4",
+                    "--out", str(tmp_path / "cli")]) == 0
+    base = load_model(base_dir)
+    _, sweep_man, _ = save_lowrank(tmp_path / "sweep" / "math-r4", public_ffn(base, base.cfg.n_layers),
+                                   *load_artifact(tmp / "math" / "expert"), base.cfg.n_layers, [4])
+    cli_man = load_artifact(tmp_path / "cli" / "math-r4")[1]
+    assert cli_man == {"format": "flexmore-expert", "version": 1, **sweep_man}
+    assert cli_man["ranks"] == [4, 4, 4] and cli_man["extracted_from"] == "math" and 0 < cli_man["energy"] <= 1
+    assert cli_man["training"] == load_artifact(tmp / "math" / "expert")[1]["training"]

@@ -159,3 +159,16 @@ def test_left_padded_rows_give_their_unpadded_logits():
         both = model(x, attention_mask=valid).logits
         torch.testing.assert_close(both[0], model(a).logits[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(both[1, 4:], model(b).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_are_one_value_validated_where_they_enter():
+    from flexmore.model.experts import Ranks
+
+    assert Ranks.of(8) == Ranks.of([8]) == Ranks.of("8") == Ranks(8, 8, 8)
+    assert Ranks.of("4,16,8").as_list() == [4, 16, 8] == Ranks.of([4, 16, 8]).as_list()
+    for bad, msg in ((0, r"ranks=\[0\]: need whole ranks >= 1"), ([1, 2], r"ranks=\[1, 2\]: one rank, or three"),
+                     ("a,b", "ranks 'a,b': one rank, or three"), ([2.5], r"need whole ranks"), ([True], "whole")):
+        with pytest.raises(ValueError, match=msg):
+            Ranks.of(bad)
+    with pytest.raises(ValueError, match=r"expert_ranks\[1\]: ranks=\[4, 0, 4\]"):
+        cfg_with(num_experts=2, top_k=2, expert_kinds=["full", "lowrank"], expert_ranks=[[], [4, 0, 4]])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import replace_section, tiny_config
 
-from flexmore.store.checkpoint import CheckpointManager
 from flexmore.store import checkpoint as ckpt_mod
+from flexmore.store.checkpoint import CheckpointManager
 from flexmore.train.loop import train
 
 

@@ -7,17 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
-from flexmore.experts.extract import extract_lowrank
-from flexmore.model.experts import PROJECTIONS, break_even_rank
+from flexmore.experts.artifact import base_hash, load_artifact
+from flexmore.experts.extract import save_lowrank
+from flexmore.model.experts import PROJECTIONS, Ranks, break_even_rank
 from flexmore.store.modeldir import latest_checkpoint, load_model
 
 
 def parse_rank(text: str) -> list[int]:
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) not in (1, 3) or any(r < 1 for r in parts):
-        raise argparse.ArgumentTypeError(f"rank {text!r}: one rank >= 1, or three as gate,up,down")
-    return parts * 3 if len(parts) == 1 else parts
+    try:
+        return Ranks.of(text).as_list()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"rank {text!r}: {e}") from None
 
 
 def public_ffn(model, n_layers: int) -> dict:
@@ -51,13 +51,9 @@ def main(argv: list[str] | None = None) -> int:
           "down_proj": break_even_rank(cfg.d_model, cfg.d_ffn)}
     print(f"{'ranks':>14} {'projection':<10}{'energy':>9}{'rel err':>10}  storage (break-even {be['gate_proj']:.0f})")
     for ranks in args.ranks:
-        low, dense, rows = extract_lowrank(public, tensors, L, ranks)
         tag = "-".join(map(str, sorted(set(ranks)))) if len(set(ranks)) == 1 else "-".join(map(str, ranks))
-        params = sum(v.numel() for k, v in low.items() if not k.endswith("router_public"))
-        path = save_artifact(out / f"{man['name']}-r{tag}", low, {
-            **{k: man[k] for k in ("domain", "base_hash", "model", "training", "steps", "base") if k in man},
-            "name": f"{man['name']}-r{tag}", "kind": "lowrank", "ranks": ranks, "dense_projections": dense,
-            "params": params, "extracted_from": man["name"]}, overwrite=args.overwrite)
+        path, low_man, rows = save_lowrank(out / f"{man['name']}-r{tag}", public, tensors, man, L, ranks, args.overwrite)
+        params = low_man["params"]
         for proj, r in zip(PROJECTIONS, ranks):
             sel = [x for x in rows if x.projection == proj]
             energy = sum(x.energy for x in sel) / len(sel)

@@ -14,7 +14,7 @@ import torch
 
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.model import FlexOlmo, ModelConfig, build_model
-from flexmore.model.experts import PROJECTIONS, stored_dense
+from flexmore.model.experts import PROJECTIONS, Ranks, stored_dense
 from flexmore.model.moe import bias_to_raw
 from flexmore.store.modeldir import load_model
 
@@ -24,8 +24,12 @@ def _check_ranks(path, manifest: dict, tensors: dict, cfg: ModelConfig) -> None:
     if manifest["kind"] != "lowrank":
         return
     ranks = manifest["ranks"]
-    if not isinstance(ranks, list) or len(ranks) != 3 or any(not isinstance(r, int) or r < 1 for r in ranks):
+    if not isinstance(ranks, list) or len(ranks) != 3:
         raise ValueError(f"expert artifact {path}: ranks={ranks}; need three ranks >= 1 (gate, up, down)")
+    try:
+        Ranks.of(ranks)
+    except ValueError:
+        raise ValueError(f"expert artifact {path}: ranks={ranks}; need three ranks >= 1 (gate, up, down)") from None
     shapes = {"gate_proj": (cfg.d_ffn, cfg.d_model), "up_proj": (cfg.d_ffn, cfg.d_model), "down_proj": (cfg.d_model, cfg.d_ffn)}
     for name, r in zip(PROJECTIONS, ranks):
         out_f, in_f = shapes[name]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flexmore.model import FlexOlmo, ModelConfig, build_model
+from flexmore.model.experts import Ranks
 from flexmore.model.moe import bias_to_raw
 
 TRAINABLE = ("ffn.experts.1.", "ffn.router.experts", "ffn.bias_raw")
@@ -53,9 +54,11 @@ def expert_config(base: ModelConfig, name: str, kind: str, ranks: list[int], bia
         raise ValueError(f"expert.kind={kind!r}; allowed: full, lowrank")
     if base.num_experts != 1:
         raise ValueError(f"the base must be a dense model (num_experts=1), got num_experts={base.num_experts}")
-    ranks = list(ranks) * 3 if len(ranks) == 1 else list(ranks)
-    if kind == "lowrank" and (len(ranks) != 3 or any(r < 1 for r in ranks)):
-        raise ValueError(f"expert.ranks={list(ranks)}: one rank or three (gate, up, down), each >= 1")
+    if kind == "lowrank":
+        try:
+            ranks = Ranks.of(ranks).as_list()
+        except ValueError as e:
+            raise ValueError(f"expert.{e}") from None
     return dataclasses.replace(
         base, num_experts=2, top_k=2, norm_topk_prob=False, expert_bias=bias, expert_bias_init=bias_init,
         router_z_loss_weight=1e-3, route_loss_weight=route_loss,

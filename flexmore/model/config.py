@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from flexmore.model.experts import Ranks
+
 
 @dataclass
 class ModelConfig:
@@ -70,7 +72,10 @@ class ModelConfig:
             for e, (kind, ranks) in enumerate(zip(self.expert_kinds, self.expert_ranks)):
                 if kind == "lowrank":
                     need(len(ranks) == 3, f"expert_ranks[{e}]={list(ranks)}: give three ranks (gate, up, down)")
-                    need(all(r >= 1 for r in ranks), f"expert_ranks[{e}]={list(ranks)}: ranks must be >= 1")
+                    try:
+                        Ranks.of(ranks)
+                    except ValueError as err:
+                        need(False, f"expert_ranks[{e}]: {err}")
         else:
             need(not self.expert_ranks, "expert_ranks given without expert_kinds")
 

@@ -9,12 +9,48 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The ranks (gate, up, down) of a low-rank expert, validated where they enter; ``Ranks.of`` takes one rank for
+    all three or three, as an int, a list or text ("16", "8,16,8")."""
+
+    gate: int
+    up: int
+    down: int
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.as_list()):
+            raise ValueError(f"ranks={self.as_list()}: need whole ranks >= 1 (gate, up, down)")
+
+    @classmethod
+    def of(cls, value) -> Ranks:
+        if isinstance(value, Ranks):
+            return value
+        if isinstance(value, str):
+            try:
+                value = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise ValueError(f"ranks {value!r}: one rank, or three as gate,up,down") from None
+        if isinstance(value, int):
+            value = [value]
+        value = list(value)
+        if len(value) not in (1, 3):
+            raise ValueError(f"ranks={value}: one rank, or three (gate, up, down)")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in value):
+            raise ValueError(f"ranks={value}: need whole ranks >= 1 (gate, up, down)")
+        return cls(*(value * 3 if len(value) == 1 else value))
+
+    def as_list(self) -> list[int]:
+        return [self.gate, self.up, self.down]
 
 
 class Expert(nn.Module):
@@ -80,11 +116,10 @@ class LowRankSwiGLU(Expert):
 
     kind = "lowrank"
 
-    def __init__(self, public: DenseSwiGLU, ranks: list[int], device=None):
+    def __init__(self, public: DenseSwiGLU, ranks: Ranks | list[int], device=None):
         super().__init__()
-        if len(ranks) != 3 or any(r < 1 for r in ranks):
-            raise ValueError(f"ranks={list(ranks)}: give three ranks >= 1 (gate, up, down)")
-        self.ranks = list(ranks)
+        ranks = Ranks.of(ranks).as_list()
+        self.ranks = ranks
         for name, r in zip(PROJECTIONS, ranks):
             pub: nn.Linear = getattr(public, name)
             out_f, in_f = pub.weight.shape

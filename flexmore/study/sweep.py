@@ -15,8 +15,8 @@ import torch
 from flexmore.data.tokenizer import Tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.tasks import Task
-from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
-from flexmore.experts.extract import extract_lowrank
+from flexmore.experts.artifact import base_hash, load_artifact
+from flexmore.experts.extract import save_lowrank
 from flexmore.experts.merge import merge
 from flexmore.experts.router import TuneConfig, tune_router
 from flexmore.model import count_params
@@ -106,14 +106,7 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
             return e.path
         path = out / "lowrank" / f"{e.name}-r{rank}"
         if not (path / "manifest.json").is_file():
-            tensors, man = load_artifact(e.path)
-            low, dense, report = extract_lowrank(public, tensors, cfg.n_layers, [rank] * 3)
-            energy = sum(r.energy for r in report) / len(report)
-            save_artifact(path, low, {**{k: man[k] for k in ("domain", "base_hash", "model", "steps") if k in man},
-                                      "name": f"{e.name}-r{rank}", "kind": "lowrank", "ranks": [rank] * 3,
-                                      "dense_projections": dense, "energy": energy, "extracted_from": e.name,
-                                      "params": sum(v.numel() for k, v in low.items() if not k.endswith("router_public"))},
-                          overwrite=True)
+            save_lowrank(path, public, *load_artifact(e.path), cfg.n_layers, [rank], overwrite=True)
         return path
 
     def cell(design: str, choice: dict[str, int | str]) -> None:
