@@ -363,3 +363,30 @@ def test_lowrank_artifacts_from_the_cli_and_the_sweep_carry_the_same_manifest(wo
     assert cli_man == {"format": "flexmore-expert", "version": 1, **sweep_man}
     assert cli_man["ranks"] == [4, 4, 4] and cli_man["extracted_from"] == "math" and 0 < cli_man["energy"] <= 1
     assert cli_man["training"] == load_artifact(tmp / "math" / "expert")[1]["training"]
+
+
+def test_expert_on_your_own_shards_with_public_negatives_from_shards(world, tmp_path):
+    """data=shards: the public negatives come from expert.public_paths; without them the run is refused at config."""
+    from flexmore.config import Config
+    from flexmore.data import ByteTokenizer, embedded_path
+
+    _, base_dir = world
+    tok = ByteTokenizer()
+    mine, public = embedded_path("math", "train", tok, 60_000, 3), embedded_path("public", "train", tok, 60_000, 3)
+    cfg = expert_cfg(tmp_path, base_dir, "own", "lowrank", "math", steps=3)
+    data = dataclasses.replace(cfg.data, source="shards", paths=[str(mine)], val_paths={"own": str(mine)},
+                               val_domains=[])
+    with pytest.raises(ValueError, match="expert.public_fraction=0.25 with data=shards needs expert.public_paths"):
+        Config(**{**cfg.__dict__, "data": data})
+    cfg = Config(**{**cfg.__dict__, "data": data,
+                    "expert": dataclasses.replace(cfg.expert, public_paths=[str(public)])})
+    from flexmore.data import TokenStream
+    from flexmore.experts.training import expert_loader
+
+    loader = expert_loader(cfg, tok, TokenStream([mine]), 0, 1)  # what the run draws its batches from
+    assert loader.extra.stream.paths == [public] and loader.main.stream.paths == [mine]
+    assert loader.extra_rows == 1 == round(0.25 * cfg.train.micro_batch)
+    res = train_expert(cfg)
+    tensors, man = load_artifact(res.artifact)
+    assert man["training"]["public_fraction"] == 0.25 and man["domain"] == str(mine)
+    assert res.final_step == 3 and set(res.val[3]) == {"own"}
