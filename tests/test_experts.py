@@ -76,9 +76,9 @@ def test_training_freezes_everything_but_the_expert(world, tmp_path):
     base = load_model(base_dir)
     assert frozen_hash(res.model.state_dict()) == base_hash(base.state_dict())
     tensors, man = load_artifact(res.artifact)
-    assert man["base_hash"] == base_hash(base.state_dict()) and man["kind"] == "lowrank" and man["ranks"] == [4, 4, 4]
+    assert man.base_hash == base_hash(base.state_dict()) and man.kind == "lowrank" and man.ranks == [4, 4, 4]
     assert not any(k.startswith("blocks.") for k in tensors)  # only the expert's own tensors
-    assert man["params"] == sum(p.numel() for n, p in res.model.named_parameters() if n in trainable)
+    assert man.params == sum(p.numel() for n, p in res.model.named_parameters() if n in trainable)
 
 
 def mixture_reference(base, artifacts, x, layer=0):
@@ -149,7 +149,7 @@ def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path
     assert all(a > b for a, b in zip(errors, errors[1:])) and 0 < errors[-1] < 0.5 * errors[0]
     full, dense, rows = extract_lowrank(public_ffn(base, L), tensors, L, [d, d, d])  # >= min(d, f): exact
     assert dense == ["gate_proj", "up_proj", "down_proj"] and all(x.rel_error == 0 for x in rows)
-    out = save_artifact(tmp_path / "exact", full, {**man, "name": "exact", "kind": "lowrank", "ranks": [d, d, d]})
+    out = save_artifact(tmp_path / "exact", full, dataclasses.replace(man, name="exact", kind="lowrank", ranks=[d, d, d]))
     a = merge(base_dir, [tmp / "math" / "expert"])
     b = merge(base_dir, [out])
     x = torch.randint(0, 256, (2, 13))
@@ -183,20 +183,24 @@ def test_bad_artifacts_are_rejected_with_the_artifact_named(world, tmp_path):
     art = tmp / "facts" / "expert"
     tensors, man = load_artifact(art)
     # trained against another base
-    other = save_artifact(tmp_path / "other", tensors, {**man, "base_hash": "0" * 64})
+    other = save_artifact(tmp_path / "other", tensors, dataclasses.replace(man, base_hash="0" * 64))
     with pytest.raises(ValueError, match=f"expert artifact {other} \\('facts'\\) was trained against another base"):
         merge(base_dir, [tmp / "math" / "expert", other])
     # ranks that do not match the stored factors
-    wrong = save_artifact(tmp_path / "wrong", tensors, {**man, "ranks": [5, 4, 4]})
+    wrong = save_artifact(tmp_path / "wrong", tensors, dataclasses.replace(man, ranks=[5, 4, 4]))
     with pytest.raises(ValueError, match="rank mismatch for gate_proj"):
         merge(base_dir, [wrong])
-    bad = save_artifact(tmp_path / "neg", tensors, {**man, "ranks": [0, 4, 4]})
-    with pytest.raises(ValueError, match=r"ranks=\[0, 4, 4\]; need three ranks >= 1"):
+    with pytest.raises(ValueError, match=r"ranks=\[0, 4, 4\]; need three ranks >= 1"):  # no such manifest is made
+        dataclasses.replace(man, ranks=[0, 4, 4])
+    import shutil
+
+    bad = tmp_path / "neg"  # nor read: a hand-edited one names the artifact
+    shutil.copytree(wrong, bad)
+    (bad / "manifest.json").write_text(json.dumps({**man.to_json(), "ranks": [0, 4, 4]}))
+    with pytest.raises(ValueError, match=f"expert artifact {bad}: ranks=\\[0, 4, 4\\]; need three ranks >= 1"):
         merge(base_dir, [bad])
     # corrupt manifests
     broken = tmp_path / "broken"
-    import shutil
-
     shutil.copytree(art, broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt manifest.json"):
@@ -267,7 +271,7 @@ def test_expert_training_under_fsdp_and_flexdemo(world, tmp_path):
         r0 = ranks[0][name]
         assert r0["frozen_hash"] == base_hash(base.state_dict()), name  # frozen tensors untouched
         tensors, man = load_artifact(r0["artifact"])
-        assert man["base_hash"] == r0["frozen_hash"]
+        assert man.base_hash == r0["frozen_hash"]
         assert any(v.abs().sum() > 0 for k, v in r0["expert"].items() if k.endswith(".B"))  # the expert trained
     # FlexDeMo replicas agree on the expert bit for bit
     for k, v in ranks[0]["flexdemo"]["expert"].items():
@@ -360,9 +364,9 @@ def test_lowrank_artifacts_from_the_cli_and_the_sweep_carry_the_same_manifest(wo
     _, sweep_man, _ = save_lowrank(tmp_path / "sweep" / "math-r4", public_ffn(base, base.cfg.n_layers),
                                    *load_artifact(tmp / "math" / "expert"), base.cfg.n_layers, [4])
     cli_man = load_artifact(tmp_path / "cli" / "math-r4")[1]
-    assert cli_man == {"format": "flexmore-expert", "version": 1, **sweep_man}
-    assert cli_man["ranks"] == [4, 4, 4] and cli_man["extracted_from"] == "math" and 0 < cli_man["energy"] <= 1
-    assert cli_man["training"] == load_artifact(tmp / "math" / "expert")[1]["training"]
+    assert cli_man == sweep_man
+    assert cli_man.ranks == [4, 4, 4] and cli_man.extracted_from == "math" and 0 < cli_man.energy <= 1
+    assert cli_man.training == load_artifact(tmp / "math" / "expert")[1].training
 
 
 def test_expert_on_your_own_shards_with_public_negatives_from_shards(world, tmp_path):
@@ -388,5 +392,5 @@ def test_expert_on_your_own_shards_with_public_negatives_from_shards(world, tmp_
     assert loader.extra_rows == 1 == round(0.25 * cfg.train.micro_batch)
     res = train_expert(cfg)
     tensors, man = load_artifact(res.artifact)
-    assert man["training"]["public_fraction"] == 0.25 and man["domain"] == str(mine)
+    assert man.training["public_fraction"] == 0.25 and man.domain == str(mine)
     assert res.final_step == 3 and set(res.val[3]) == {"own"}

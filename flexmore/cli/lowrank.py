@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = load_model(latest_checkpoint(args.base))
         tensors, man = load_artifact(args.expert)
-        if man["kind"] != "full":
-            raise ValueError(f"{args.expert} is a {man['kind']} expert; extraction needs a full expert")
-        if man["base_hash"] != base_hash(base.state_dict()):
+        if man.kind != "full":
+            raise ValueError(f"{args.expert} is a {man.kind} expert; extraction needs a full expert")
+        if man.base_hash != base_hash(base.state_dict()):
             raise ValueError(f"{args.expert} was trained against another base than {args.base}")
     except (FileNotFoundError, ValueError) as e:
         print(f"flexmore-lowrank: error: {e}", file=sys.stderr)
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ranks':>14} {'projection':<10}{'energy':>9}{'rel err':>10}  storage (break-even {be['gate_proj']:.0f})")
     for ranks in args.ranks:
         tag = "-".join(map(str, sorted(set(ranks)))) if len(set(ranks)) == 1 else "-".join(map(str, ranks))
-        path, low_man, rows = save_lowrank(out / f"{man['name']}-r{tag}", public, tensors, man, L, ranks, args.overwrite)
-        params = low_man["params"]
+        path, low_man, rows = save_lowrank(out / f"{man.name}-r{tag}", public, tensors, man, L, ranks, args.overwrite)
+        params = low_man.params
         for proj, r in zip(PROJECTIONS, ranks):
             sel = [x for x in rows if x.projection == proj]
             energy = sum(x.energy for x in sel) / len(sel)

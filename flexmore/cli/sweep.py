@@ -5,7 +5,6 @@ best mixture under a parameter budget."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
-from flexmore.experts.artifact import load_artifact
+from flexmore.experts.artifact import read_manifest
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model import count_params
 from flexmore.store.modeldir import latest_checkpoint
@@ -27,10 +26,10 @@ from flexmore.study.sweep import FULL, RouterFit, build_mixture, cell_key, route
 
 def energy_curves(out: Path) -> dict[str, dict[int, float]]:
     curves: dict[str, dict[int, float]] = {}
-    for man in sorted((out / "lowrank").glob("*/manifest.json")):
-        m = json.loads(man.read_text())
-        if "energy" in m:
-            curves.setdefault(m["extracted_from"], {})[m["ranks"][0]] = m["energy"]
+    for folder in sorted(p.parent for p in (out / "lowrank").glob("*/manifest.json")):
+        m = read_manifest(folder)
+        if m.energy is not None:
+            curves.setdefault(m.extracted_from, {})[m.ranks[0]] = m.energy
     return curves
 
 
@@ -81,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tune_steps > 0:
             specs = {"public": "embedded:public"}
             for p in args.experts:
-                man = load_artifact(p)[1]
-                specs[man["name"]] = f"embedded:{man['domain'].split(',')[0]}"
+                man = read_manifest(p)
+                specs[man.name] = f"embedded:{man.domain.split(',')[0]}"
             for item in args.sample:
                 name, _, spec = item.partition("=")
                 if name not in specs:
@@ -93,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
         if args.budget:
 
-            full = {load_artifact(p)[1]["name"]: Path(p) for p in args.experts}
+            full = {read_manifest(p).name: Path(p) for p in args.experts}
 
             def artifact_of(name, rank) -> Path:
                 return full[name] if rank == FULL else out / "lowrank" / f"{name}-r{rank}"
 
             choice, used, value = budget_choice(rows, args.budget,
-                                                lambda n, r: load_artifact(artifact_of(n, r))[1]["params"])
+                                                lambda n, r: read_manifest(artifact_of(n, r)).params)
             store = ResultStore(out / "results.jsonl")
             key = cell_key("alloc", choice, fit)
             if key not in store.done:

@@ -12,17 +12,60 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from flexmore.atomic import atomic_dir
+from flexmore.model.experts import Ranks
 from flexmore.model.moe import raw_to_bias
 
 MANIFEST, TENSORS = "manifest.json", "expert.safetensors"
 FORMAT = "flexmore-expert"
 REQUIRED = ("format", "version", "name", "domain", "kind", "ranks", "base_hash", "model", "params")
+KINDS = ("full", "lowrank")
+
+
+@dataclass
+class ExpertManifest:
+    """``manifest.json`` of an expert artifact: what the expert is and what it was trained against. Read and written
+    here only; validated when made, so a bad manifest fails where it enters (naming the artifact when read)."""
+
+    name: str
+    domain: str  # its data: embedded domains or shard folders, comma-separated
+    kind: str  # full | lowrank
+    ranks: list[int] | None  # (gate, up, down) of a low-rank expert; None for a full one
+    base_hash: str  # sha256 of the frozen base every contributor must share (``base_hash``)
+    model: dict  # d_model, d_ffn, n_layers, vocab_size of the base
+    params: int  # the expert's own parameters (router row and bias included)
+    dense_projections: list[str] = field(default_factory=list)  # low-rank projections stored dense (past break-even)
+    base: str | None = None  # where its base was read from
+    steps: int | None = None
+    training: dict = field(default_factory=dict)  # the recipe it was trained with
+    energy: float | None = None  # extracted: the mean retained SVD energy
+    extracted_from: str | None = None  # extracted: the full expert's name
+    imported_from: str | None = None  # split from a transformers FlexOlmo folder
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r}; allowed: {', '.join(KINDS)}")
+        if self.kind == "lowrank":
+            if not isinstance(self.ranks, list) or len(self.ranks) != 3:
+                raise ValueError(f"ranks={self.ranks}; need three ranks >= 1 (gate, up, down)")
+            try:
+                Ranks.of(self.ranks)
+            except ValueError:
+                raise ValueError(f"ranks={self.ranks}; need three ranks >= 1 (gate, up, down)") from None
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": 1, **{k: v for k, v in asdict(self).items() if v is not None or k == "ranks"}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ExpertManifest:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def base_hash(base_state: dict[str, torch.Tensor]) -> str:
@@ -49,20 +92,17 @@ def expert_tensors(state: dict[str, torch.Tensor], n_layers: int, e: int) -> dic
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
 
-def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], manifest: dict, overwrite: bool = False) -> Path:
-    manifest = {"format": FORMAT, "version": 1, **manifest}
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise ValueError(f"expert manifest lacks {missing}")
-
+def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], manifest: ExpertManifest,
+                  overwrite: bool = False) -> Path:
     def write(tmp: Path) -> None:
         save_file(tensors, tmp / TENSORS)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
 
     return atomic_dir(Path(out), write, overwrite)
 
 
-def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_manifest(path: str | Path) -> ExpertManifest:
+    """An artifact's manifest alone (no tensors read), checked, naming the artifact when it is not one."""
     path = Path(path)
     if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
         raise FileNotFoundError(f"{path} is not an expert artifact (needs {MANIFEST} and {TENSORS})")
@@ -75,6 +115,12 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ValueError(f"expert artifact {path}: corrupt {MANIFEST}, missing {missing}")
-    if manifest["kind"] not in ("full", "lowrank"):
-        raise ValueError(f"expert artifact {path}: kind={manifest['kind']!r}; allowed: full, lowrank")
-    return load_file(path / TENSORS), manifest
+    try:
+        return ExpertManifest.from_json(manifest)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"expert artifact {path}: {e}") from None
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ExpertManifest]:
+    man = read_manifest(path)
+    return load_file(Path(path) / TENSORS), man

@@ -7,12 +7,13 @@ would cost more; at r >= min(d, f) that is the exact expert (the delta itself, n
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flexmore.experts.artifact import save_artifact
+from flexmore.experts.artifact import ExpertManifest, save_artifact
 from flexmore.model.experts import PROJECTIONS, Ranks, stored_dense
 
 
@@ -71,15 +72,16 @@ def extract_lowrank(public: dict[str, torch.Tensor], expert: dict[str, torch.Ten
     return out, sorted(dense_names, key=PROJECTIONS.index), report
 
 
-def save_lowrank(out: str | Path, public: dict[str, torch.Tensor], expert: dict[str, torch.Tensor], manifest: dict,
-                 n_layers: int, ranks: list[int], overwrite: bool = False) -> tuple[Path, dict, list[RankReport]]:
+def save_lowrank(out: str | Path, public: dict[str, torch.Tensor], expert: dict[str, torch.Tensor],
+                 manifest: ExpertManifest, n_layers: int, ranks: list[int],
+                 overwrite: bool = False) -> tuple[Path, ExpertManifest, list[RankReport]]:
     """Extract a full expert at ``ranks`` and write it as the artifact ``out`` (named after the folder): the one place a
     low-rank artifact's manifest is made (provenance copied from the full expert's, the mean retained energy added).
     Returns (folder, manifest, report rows)."""
     out = Path(out)
     tensors, dense, report = extract_lowrank(public, expert, n_layers, ranks)
-    man = {**{k: manifest[k] for k in ("domain", "base_hash", "model", "training", "steps", "base") if k in manifest},
-           "name": out.name, "kind": "lowrank", "ranks": Ranks.of(ranks).as_list(), "dense_projections": dense,
-           "params": sum(v.numel() for k, v in tensors.items() if not k.endswith("router_public")),
-           "energy": sum(r.energy for r in report) / len(report), "extracted_from": manifest["name"]}
+    man = dataclasses.replace(
+        manifest, name=out.name, kind="lowrank", ranks=Ranks.of(ranks).as_list(), dense_projections=dense,
+        params=sum(v.numel() for k, v in tensors.items() if not k.endswith("router_public")),
+        energy=sum(r.energy for r in report) / len(report), extracted_from=manifest.name, imported_from=None)
     return save_artifact(out, tensors, man, overwrite=overwrite), man, report

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexmore.atomic import atomic_dir
-from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
+from flexmore.experts.artifact import ExpertManifest, base_hash, expert_tensors, save_artifact
 from flexmore.experts.merge import opt_out
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.experts import PROJECTIONS
@@ -102,11 +102,11 @@ def split_hf(path: str | Path, out: str | Path, names: list[str] | None = None) 
     arts = []
     for e, name in enumerate(names, start=1):
         tensors = expert_tensors(state, cfg.n_layers, e)  # no bias in the HF class: b = 0
-        arts.append(save_artifact(Path(out) / "experts" / name, tensors, {
-            "name": name, "domain": name, "kind": "full", "ranks": None, "base_hash": bhash, "base": str(base_dir),
-            "model": {k: getattr(cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
-            "params": sum(v.numel() for k, v in tensors.items() if not k.endswith("router_public")),
-            "imported_from": str(path)}))
+        arts.append(save_artifact(Path(out) / "experts" / name, tensors, ExpertManifest(
+            name=name, domain=name, kind="full", ranks=None, base_hash=bhash, base=str(base_dir),
+            model={k: getattr(cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
+            params=sum(v.numel() for k, v in tensors.items() if not k.endswith("router_public")),
+            imported_from=str(path))))
     return base_dir, arts
 
 

@@ -12,24 +12,19 @@ from pathlib import Path
 
 import torch
 
-from flexmore.experts.artifact import base_hash, load_artifact
+from flexmore.experts.artifact import ExpertManifest, base_hash, load_artifact
 from flexmore.model import FlexOlmo, ModelConfig, build_model
-from flexmore.model.experts import PROJECTIONS, Ranks, stored_dense
+from flexmore.model.experts import PROJECTIONS, stored_dense
 from flexmore.model.moe import bias_to_raw
 from flexmore.store.modeldir import load_model
 
 
-def _check_ranks(path, manifest: dict, tensors: dict, cfg: ModelConfig) -> None:
-    """The manifest's ranks must be the shapes of the stored factors; storage must follow the break-even rule."""
-    if manifest["kind"] != "lowrank":
+def _check_ranks(path, manifest: ExpertManifest, tensors: dict, cfg: ModelConfig) -> None:
+    """The manifest's ranks (valid: checked when it was read) must be the shapes of the stored factors; storage must
+    follow the break-even rule."""
+    if manifest.kind != "lowrank":
         return
-    ranks = manifest["ranks"]
-    if not isinstance(ranks, list) or len(ranks) != 3:
-        raise ValueError(f"expert artifact {path}: ranks={ranks}; need three ranks >= 1 (gate, up, down)")
-    try:
-        Ranks.of(ranks)
-    except ValueError:
-        raise ValueError(f"expert artifact {path}: ranks={ranks}; need three ranks >= 1 (gate, up, down)") from None
+    ranks = manifest.ranks
     shapes = {"gate_proj": (cfg.d_ffn, cfg.d_model), "up_proj": (cfg.d_ffn, cfg.d_model), "down_proj": (cfg.d_model, cfg.d_ffn)}
     for name, r in zip(PROJECTIONS, ranks):
         out_f, in_f = shapes[name]
@@ -57,16 +52,16 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
     loaded = [(p, *load_artifact(p)) for p in artifact_paths]
     names = ["public"]
     for path, tensors, man in loaded:
-        if man["base_hash"] != bhash:
-            raise ValueError(f"expert artifact {path} ({man['name']!r}) was trained against another base "
-                             f"(hash {man['base_hash'][:12]}..., this base {bhash[:12]}...); merge only experts of one base")
+        if man.base_hash != bhash:
+            raise ValueError(f"expert artifact {path} ({man.name!r}) was trained against another base "
+                             f"(hash {man.base_hash[:12]}..., this base {bhash[:12]}...); merge only experts of one base")
         dims = {k: getattr(bcfg, k) for k in ("d_model", "d_ffn", "n_layers")}
-        if any(man["model"].get(k) != v for k, v in dims.items()):
-            raise ValueError(f"expert artifact {path}: model {man['model']} does not match the base's {dims}")
+        if any(man.model.get(k) != v for k, v in dims.items()):
+            raise ValueError(f"expert artifact {path}: model {man.model} does not match the base's {dims}")
         _check_ranks(path, man, tensors, bcfg)
-        if man["name"] in names:
-            raise ValueError(f"expert name {man['name']!r} appears twice; names must be unique")
-        names.append(man["name"])
+        if man.name in names:
+            raise ValueError(f"expert name {man.name!r} appears twice; names must be unique")
+        names.append(man.name)
     pub0 = loaded[0][1]
     for path, tensors, _ in loaded[1:]:
         for i in range(bcfg.n_layers):
@@ -75,8 +70,8 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
     E = len(names)
     cfg = dataclasses.replace(
         bcfg, num_experts=E, top_k=min(top_k or E, E), expert_bias=expert_bias, expert_names=names,
-        expert_kinds=["full"] + [m["kind"] for _, _, m in loaded],
-        expert_ranks=[[]] + [list(m["ranks"]) if m["kind"] == "lowrank" else [] for _, _, m in loaded],
+        expert_kinds=["full"] + [m.kind for _, _, m in loaded],
+        expert_ranks=[[]] + [list(m.ranks) if m.kind == "lowrank" else [] for _, _, m in loaded],
         norm_topk_prob=False,
     )
     model = build_model(cfg, device="cpu")

@@ -20,14 +20,14 @@ from flexmore.model.experts import PROJECTIONS
 def export_peft(artifact: str | Path, out: str | Path, base_model_name_or_path: str | None = None,
                 overwrite: bool = False) -> Path:
     tensors, man = load_artifact(artifact)
-    if man["kind"] != "lowrank":
-        raise ValueError(f"{artifact} is a {man['kind']} expert; only low-rank experts export as LoRA adapters")
-    dense = man.get("dense_projections") or []
+    if man.kind != "lowrank":
+        raise ValueError(f"{artifact} is a {man.kind} expert; only low-rank experts export as LoRA adapters")
+    dense = man.dense_projections or []
     if dense:
         raise ValueError(f"{artifact}: projections {dense} are stored dense (rank past break-even); LoRA cannot hold them")
-    ranks = dict(zip(PROJECTIONS, man["ranks"]))
+    ranks = dict(zip(PROJECTIONS, man.ranks))
     weights = {}
-    for i in range(man["model"]["n_layers"]):
+    for i in range(man.model["n_layers"]):
         for proj in PROJECTIONS:
             pre = f"base_model.model.model.layers.{i}.mlp.{proj}"
             weights[f"{pre}.lora_A.weight"] = tensors[f"layers.{i}.{proj}.A"].contiguous()
@@ -35,7 +35,7 @@ def export_peft(artifact: str | Path, out: str | Path, base_model_name_or_path: 
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
         "rank_pattern": ranks, "alpha_pattern": ranks, "target_modules": list(PROJECTIONS), "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": base_model_name_or_path or man.get("base"),
+        "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": base_model_name_or_path or man.base,
         "inference_mode": True,
     }
 

@@ -15,7 +15,7 @@ from flexmore.data.loader import MixedLoader, eval_batches
 from flexmore.data.shards import TokenStream
 from flexmore.data.tokenizer import Tokenizer, load_tokenizer
 from flexmore.distributed import print0
-from flexmore.experts.artifact import base_hash, expert_tensors, save_artifact
+from flexmore.experts.artifact import ExpertManifest, base_hash, expert_tensors, save_artifact
 from flexmore.experts.upcycle import expert_config, is_trainable, mean_ffn_inputs, upcycle
 from flexmore.model import ModelConfig
 from flexmore.model.experts import break_even_rank
@@ -111,16 +111,16 @@ def write_expert_artifact(cfg: Config, model: torch.nn.Module, model_cfg: ModelC
     tensors = expert_tensors(state, model_cfg.n_layers, 1)
     trainable = sum(v.numel() for k, v in state.items() if is_trainable(k))
     ec = cfg.expert
-    manifest = {
-        "name": ec.name, "domain": ",".join(cfg.data.domains) if cfg.data.source == "embedded" else ",".join(cfg.data.paths),
-        "kind": ec.kind, "ranks": model_cfg.expert_rank(1) or None,
-        "dense_projections": model.blocks[0].ffn.experts[1].dense_projections() if ec.kind == "lowrank" else [],
-        "base_hash": frozen_hash(state), "base": str(ec.base),
-        "model": {k: getattr(model_cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
-        "params": trainable, "steps": steps,
-        "training": {"optim": cfg.optim.name, "lr": cfg.optim.lr, "seq_len": cfg.train.seq_len,
-                     "global_batch": cfg.train.micro_batch * cfg.train.grad_accum, "bias": ec.bias,
-                     "bias_init": ec.bias_init, "public_fraction": ec.public_fraction, "public_mode": ec.public_mode,
-                     "route_loss": ec.route_loss},
-    }
+    manifest = ExpertManifest(
+        name=ec.name, domain=",".join(cfg.data.domains) if cfg.data.source == "embedded" else ",".join(cfg.data.paths),
+        kind=ec.kind, ranks=model_cfg.expert_rank(1) or None,
+        dense_projections=model.blocks[0].ffn.experts[1].dense_projections() if ec.kind == "lowrank" else [],
+        base_hash=frozen_hash(state), base=str(ec.base),
+        model={k: getattr(model_cfg, k) for k in ("d_model", "d_ffn", "n_layers", "vocab_size")},
+        params=trainable, steps=steps,
+        training={"optim": cfg.optim.name, "lr": cfg.optim.lr, "seq_len": cfg.train.seq_len,
+                  "global_batch": cfg.train.micro_batch * cfg.train.grad_accum, "bias": ec.bias,
+                  "bias_init": ec.bias_init, "public_fraction": ec.public_fraction, "public_mode": ec.public_mode,
+                  "route_loss": ec.route_loss},
+    )
     return save_artifact(out, tensors, manifest, overwrite=True)

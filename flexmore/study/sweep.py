@@ -94,11 +94,11 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
     experts = []
     for p in expert_paths:
         _, man = load_artifact(p)
-        if man["kind"] != "full":
-            raise ValueError(f"the sweep extracts from full experts; {p} is {man['kind']}")
-        if man["base_hash"] != bhash:
+        if man.kind != "full":
+            raise ValueError(f"the sweep extracts from full experts; {p} is {man.kind}")
+        if man.base_hash != bhash:
             raise ValueError(f"expert artifact {p} was trained against another base than {base_path}")
-        experts.append(Expert(man["name"], man["domain"].split(",")[0], Path(p)))
+        experts.append(Expert(man.name, man.domain.split(",")[0], Path(p)))
     store = ResultStore(out / "results.jsonl")
 
     def artifact(e: Expert, rank) -> Path:
