@@ -340,8 +340,8 @@ def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
 
 
 def test_routing_metrics_name_every_expert_and_layer():
+    from flexmore.eval.routing import routing_metrics
     from flexmore.model import load_preset
-    from flexmore.train.loop import routing_metrics
 
     cfg = dataclasses.replace(load_preset("tiny"), num_experts=2, top_k=2, expert_names=["public", "math"])
     stats = {"layer_expert_prob": torch.tensor([[0.9, 0.1], [0.7, 0.3]]),

@@ -1,5 +1,5 @@
 """Routing diagnostics: per evaluation domain and layer, each expert's mean router probability and the fraction of
-tokens whose top-k holds it; the domain x expert table and its heat-map."""
+tokens whose top-k holds it; the domain x expert table and its heat-map; the same as training metrics (moe/*)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import torch
 from flexmore.eval.validation import autocast_ctx
 
 
+def expert_names(cfg) -> list[str]:
+    return cfg.expert_names or [f"expert{e}" for e in range(cfg.num_experts)]
+
+
 @torch.no_grad()
 def routing_stats(model, val_sets: dict, device: torch.device, autocast: str = "auto") -> list[dict]:
     """Rows {domain, layer, expert, prob, topk}, token-weighted over each domain's batches; [] for a dense model."""
     cfg = model.cfg
     if cfg.num_experts == 1:
         return []
-    names = cfg.expert_names or [f"expert{e}" for e in range(cfg.num_experts)]
+    names = expert_names(cfg)
     was = model.training
     model.eval()
     rows = []
@@ -35,6 +39,20 @@ def routing_stats(model, val_sets: dict, device: torch.device, autocast: str = "
                              "prob": float(sums["prob"][layer, e] / tokens), "topk": float(sums["topk"][layer, e] / tokens)})
     model.train(was)
     return rows
+
+
+def routing_metrics(layer_stats: dict[str, torch.Tensor], model_cfg) -> dict[str, float]:
+    """moe/<expert>/{prob,topk} (mean over layers) and moe/L<i>/<expert>/{prob,topk}, from (L, E) statistics."""
+    out = {}
+    names = expert_names(model_cfg)
+    for key, short in (("layer_expert_prob", "prob"), ("layer_expert_topk", "topk")):
+        if key not in layer_stats:
+            continue
+        stats = layer_stats[key].float().cpu()
+        for e, name in enumerate(names):
+            out[f"moe/{name}/{short}"] = stats[:, e].mean().item()
+            out.update({f"moe/L{i}/{name}/{short}": stats[i, e].item() for i in range(stats.shape[0])})
+    return out
 
 
 def routing_mass(rows: list[dict], key: str = "prob") -> dict[str, dict[str, float]]:

@@ -21,6 +21,7 @@ from flexmore.data.loader import SequenceLoader, eval_batches
 from flexmore.data.sources import build_streams
 from flexmore.data.tokenizer import load_tokenizer
 from flexmore.distributed import print0
+from flexmore.eval.routing import routing_metrics
 from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, init_parallel
@@ -55,20 +56,6 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
-
-
-def routing_metrics(layer_stats: dict[str, torch.Tensor], model_cfg) -> dict[str, float]:
-    """moe/<expert>/{prob,topk} (mean over layers) and moe/L<i>/<expert>/{prob,topk}, from (L, E) statistics."""
-    out = {}
-    names = model_cfg.expert_names or [f"expert{e}" for e in range(model_cfg.num_experts)]
-    for key, short in (("layer_expert_prob", "prob"), ("layer_expert_topk", "topk")):
-        if key not in layer_stats:
-            continue
-        stats = layer_stats[key].float().cpu()
-        for e, name in enumerate(names):
-            out[f"moe/{name}/{short}"] = stats[:, e].mean().item()
-            out.update({f"moe/L{i}/{name}/{short}": stats[i, e].item() for i in range(stats.shape[0])})
-    return out
 
 
 def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
