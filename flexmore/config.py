@@ -38,7 +38,7 @@ class OptimConfig:
     # AdamW
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    # DeMo / FlexDeMo (see flexdemo.DeMoConfig)
+    # DeMo / FlexDeMo: the fields of flexdemo.DeMoConfig, described there
     beta: float = 0.999
     topk: int = 32
     chunk: int = 64
@@ -46,8 +46,8 @@ class OptimConfig:
     value_dtype: str = "bf16"
     index_bits: int = 0
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
-    dct_forward: str = "fp32"  # fp32 | tf32: Triton encode's forward DCT (fp32: bf16x3; tf32: 11% faster, ~5e-4)
-    dct_inverse: str = "fp32"  # fp32 | tf32: Triton decode's inverse DCT (fp32: bf16x3, the fastest; tf32: 2^-11)
+    dct_forward: str = "fp32"  # fp32 | tf32: what each means is in flexdemo.DeMoConfig, the one description
+    dct_inverse: str = "fp32"  # fp32 | tf32 (flexdemo.DeMoConfig)
 
     def __post_init__(self) -> None:
         _need(self.name in ("adamw", "demo", "flexdemo"), f"optim.name={self.name!r}; allowed: adamw, demo, flexdemo")

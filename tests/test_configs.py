@@ -111,3 +111,12 @@ def test_values_left_missing_are_named():
 def test_bad_parallel_settings_fail_at_start_up(override, match):
     with pytest.raises(ValueError, match=match):
         composed(override)
+
+
+def test_demo_and_flexdemo_share_one_set_of_settings():
+    """optim=demo is flexdemo.yaml with another sync strategy; an override reaches both the same way."""
+    import dataclasses
+
+    demo, flex = composed("optim=demo", "optim.topk=8"), composed("optim=flexdemo", "optim.topk=8")
+    assert demo.optim.name == "demo" and flex.optim.name == "flexdemo"
+    assert dataclasses.replace(demo.optim, name="flexdemo") == flex.optim and demo.optim.topk == 8
