@@ -30,8 +30,8 @@ from flexmore.config import OptimConfig  # noqa: E402
 from flexmore.data import ByteTokenizer, SequenceLoader, TokenStream, embedded_path  # noqa: E402
 from flexmore.model import count_params, load_preset  # noqa: E402
 from flexmore.parallel import build_parallel_model, init_parallel  # noqa: E402
-from flexmore.parallel.comm import comm_per_step  # noqa: E402
 from flexmore.parallel.parallelize import allreduce_replicas  # noqa: E402
+from flexmore.parallel.strategy import get_strategy  # noqa: E402
 from flexmore.train.loop import clip_gradients  # noqa: E402
 from flexmore.train.optim import LRSchedule, build_optimizer  # noqa: E402
 
@@ -143,7 +143,7 @@ def main() -> None:
 
     counts = count_params(model)
     tokens_per_step = args.micro_batch * args.seq_len * ctx.world
-    comm = comm_per_step(args.strategy, counts.total, ctx.replicate, ctx.shard, 2 if mp else 4, 4, True,
+    comm = get_strategy(args.strategy).comm_per_step(counts.total, ctx.replicate, ctx.shard, 2 if mp else 4, 4, True,
                          getattr(opt, "last_comm", None))
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if mp else 0.0], device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)

@@ -13,6 +13,7 @@ from flexdemo import DeMoConfig
 from flexmore.data.config import DataConfig
 from flexmore.model.config import ModelConfig
 from flexmore.model.experts import Ranks
+from flexmore.parallel.strategy import STRATEGIES
 
 __all__ = ["Config", "DataConfig", "ExpertConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
            "TrainConfig"]
@@ -50,13 +51,13 @@ class OptimConfig:
     dct_inverse: str = "fp32"  # fp32 | tf32 (flexdemo.DeMoConfig)
 
     def __post_init__(self) -> None:
-        _need(self.name in ("adamw", "demo", "flexdemo"), f"optim.name={self.name!r}; allowed: adamw, demo, flexdemo")
+        _need(self.name in STRATEGIES, f"optim.name={self.name!r}; allowed: {', '.join(STRATEGIES)}")
         _need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}: two values in [0, 1)")
         _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.name != "adamw":
+        if STRATEGIES[self.name].per_replica_state:  # the DeMo settings are used: check them now
             try:
                 self.demo_config()
             except ValueError as e:

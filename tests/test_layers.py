@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = {  # package -> layer; a package may import from strictly lower layers only
     "flexdemo": 0, "flexmore.atomic": 0, "flexmore.distributed": 0,
     "flexmore.model": 1, "flexmore.data": 1,
-    "flexmore.config": 2, "flexmore.parallel": 2,
-    "flexmore.store": 3,
+    "flexmore.parallel": 2,
+    "flexmore.config": 3, "flexmore.store": 3,
     "flexmore.eval": 4,
     "flexmore.train": 5,
     "flexmore.experts": 6,

@@ -257,3 +257,22 @@ def job_reshard(tmp: str) -> dict:
 def test_reshard_after_forward_reaches_fsdp(tmp_path):
     results = run_distributed_test(job_reshard, 2, str(tmp_path), local_world_size=2)
     assert results[0] == {True: True, False: False} == results[1]
+
+
+def test_each_strategy_owns_its_mesh_bytes_and_replica_rule():
+    from flexmore.parallel import STRATEGIES, get_strategy
+
+    hsdp, flex, demo = (get_strategy(n) for n in ("adamw", "flexdemo", "demo"))
+    assert list(STRATEGIES) == ["adamw", "demo", "flexdemo"]
+    assert (hsdp.per_replica_state, flex.per_replica_state, demo.per_replica_state) == (False, True, True)
+    a = hsdp.comm_per_step(1000, replicate=2, shard=2, param_bytes=2, reduce_bytes=4, reshard_after_forward=True)
+    assert a["comm/shard_sent_bytes"] == 0.5 * 1000 * (2 * 2 + 4)  # two all-gathers + a reduce-scatter
+    assert a["comm/replicate_sent_bytes"] == 2 * 0.5 * 500 * 4 and a["comm/dense_bf16_allreduce_bytes"] == 1000
+    a1 = hsdp.comm_per_step(1000, 2, 2, 2, 4, reshard_after_forward=False)
+    assert a1["comm/shard_sent_bytes"] == 0.5 * 1000 * (2 + 4)  # one all-gather when it does not reshard
+    f = flex.comm_per_step(1000, 2, 2, 2, 4, True, {"replicate_sent_bytes": 10.0, "payload_bytes": 10.0})
+    assert f["comm/compression_vs_dense_bf16"] == 100 and f["comm/shard_sent_bytes"] == a["comm/shard_sent_bytes"]
+    d = demo.comm_per_step(1000, 4, 1, 2, 4, True, {"replicate_sent_bytes": 30.0})
+    assert d["comm/shard_sent_bytes"] == 0 and d["comm/dense_bf16_allreduce_bytes"] == 2 * 0.75 * 1000 * 2
+    with pytest.raises(ValueError, match="unknown sync strategy 'sgd'; allowed: adamw, demo, flexdemo"):
+        get_strategy("sgd")

@@ -1,10 +1,6 @@
-"""Apply FSDP2 for a sync strategy, block by block (as torchtitan does), then materialise the weights.
-
-- ``adamw``: HSDP, ``fully_shard`` on the 2-D mesh: reduce-scatter in the node, all-reduce across nodes. The baseline.
-- ``flexdemo``: ``fully_shard`` on the shard sub-mesh only: gradients are reduce-scattered inside the node and each
-  rank's ``.grad`` is its replica's shard; FlexDeMo then exchanges compressed momenta across the replicate group.
-- ``demo``: no sharding; every rank is a replica and DeMo runs over all of them.
-"""
+"""Apply FSDP2 for a sync strategy, block by block (as torchtitan does), then materialise the weights. Where each
+strategy shards is its own (``Strategy.fsdp_mesh``): HSDP on the 2-D mesh, FlexDeMo on the shard sub-mesh (each rank's
+``.grad`` is its replica's shard), DeMo not at all."""
 
 from __future__ import annotations
 
@@ -17,26 +13,21 @@ from flexdemo import local_tensor
 from flexmore.model import ModelConfig, build_model
 from flexmore.model.transformer import FlexOlmo
 from flexmore.parallel.mesh import ParallelContext
+from flexmore.parallel.strategy import Strategy, get_strategy
 
-STRATEGIES = ("adamw", "demo", "flexdemo")
 
-
-def apply_fsdp(model: FlexOlmo, ctx: ParallelContext, strategy: str, mixed_precision: bool,
+def apply_fsdp(model: FlexOlmo, ctx: ParallelContext, strategy: Strategy, mixed_precision: bool,
                reshard_after_forward: bool = True) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown sync strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    if not ctx.distributed or strategy == "demo":
+    mesh = strategy.fsdp_mesh(ctx)  # with HSDP over the slow link, ``allreduce_replicas`` does the replicate part
+    if mesh is None:
         return
-    # HSDP shards over both mesh dims, unless the inter-node all-reduce goes over the slow (gloo) group: then FSDP
-    # stays inside the node and ``allreduce_replicas`` does the replicate part, as FlexDeMo does its exchange.
-    mesh = ctx.mesh if strategy == "adamw" and ctx.slow_replicate is None else ctx.mesh["shard"]
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
 
-def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, seed: int,
+def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: Strategy | str, seed: int,
                          mixed_precision: bool = False, init_state: dict | None = None,
                          trainable=None, reshard_after_forward: bool = True) -> FlexOlmo:
     """Meta build -> freeze -> shard -> allocate -> weights from one full state dict on rank 0 (``init_state``, or a
@@ -53,7 +44,7 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: str, 
             p.requires_grad_(trainable(name))
     if not ctx.distributed:
         return model
-    apply_fsdp(model, ctx, strategy, mixed_precision, reshard_after_forward)
+    apply_fsdp(model, ctx, get_strategy(strategy), mixed_precision, reshard_after_forward)
     model.to_empty(device=ctx.device)
     full = {}
     if ctx.rank == 0:

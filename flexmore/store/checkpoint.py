@@ -29,6 +29,7 @@ from flexmore.atomic import publish, temp_dir_for
 from flexmore.distributed import barrier, rank
 from flexmore.model.config import ModelConfig
 from flexmore.parallel.mesh import ParallelContext
+from flexmore.parallel.strategy import Strategy
 from flexmore.store.demo_state import residual_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -85,7 +86,7 @@ class CheckpointManager:
         return json.loads((path / META).read_text())
 
     @classmethod
-    def check_compatible(cls, path: str | Path, model_cfg: ModelConfig, optimizer: str | None = None,
+    def check_compatible(cls, path: str | Path, model_cfg: ModelConfig, strategy: Strategy | None = None,
                          replicate: int | None = None) -> dict:
         """Fail before any work if the checkpoint holds another model shape, another optimizer's state, or another
         number of FlexDeMo replicas' residuals; name what differs."""
@@ -96,10 +97,10 @@ class CheckpointManager:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume from {path}: it holds another model shape ({detail})")
         par = meta.get("parallel", {})
-        if optimizer is not None and par.get("optimizer", optimizer) != optimizer:
+        if strategy is not None and par.get("optimizer", strategy.name) != strategy.name:
             raise ValueError(f"cannot resume from {path}: it holds {par['optimizer']!r} optimizer state, "
-                             f"this run uses optim={optimizer!r}")
-        if optimizer in ("demo", "flexdemo") and par.get("replicate", replicate) != replicate:
+                             f"this run uses optim={strategy.name!r}")
+        if strategy is not None and strategy.per_replica_state and par.get("replicate", replicate) != replicate:
             raise ValueError(f"cannot resume from {path}: it holds the residual momenta of {par['replicate']} "
                              f"replicas, this run has {replicate} (the shard degree may change, the replicas may not)")
         return meta

@@ -24,8 +24,7 @@ from flexmore.distributed import print0
 from flexmore.eval.routing import routing_metrics
 from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
-from flexmore.parallel import build_parallel_model, init_parallel
-from flexmore.parallel.comm import comm_per_step
+from flexmore.parallel import build_parallel_model, get_strategy, init_parallel
 from flexmore.parallel.parallelize import allreduce_replicas
 from flexmore.store.checkpoint import CheckpointManager
 from flexmore.train.logger import make_logger
@@ -60,7 +59,7 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 
 def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     """Train ``cfg``'s model, or what ``recipe`` says (an expert run is a recipe: ``experts.training.train_expert``)."""
-    tc, strategy = cfg.train, cfg.optim.name
+    tc, strategy = cfg.train, get_strategy(cfg.optim.name)
     run_dir = Path(cfg.run_dir)
     if recipe is None and cfg.expert.base is not None:
         raise ValueError("expert.base is set but no recipe was given: run experts through "
@@ -68,7 +67,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
 
     # --- every check that can fail, before any data is generated or weight allocated ---
     ctx = init_parallel(cfg.parallel.replicate, cfg.parallel.shard, cfg.parallel.backend, tc.device,
-                        every_rank_a_replica=strategy == "demo", replicate_backend=cfg.parallel.replicate_backend)
+                        every_rank_a_replica=strategy.every_rank_a_replica, replicate_backend=cfg.parallel.replicate_backend)
     device = ctx.device
     torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -103,7 +102,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         start = result.resumed_from = meta["step"]
         print0(f"resumed from {resume_path} at step {start}")
     print0(f"model {model_cfg.name}: {counts.describe()} | device {device}" + (f" | {recipe.name}" if recipe else ""))
-    print0(f"parallel: {ctx.world} rank(s) = replicate {ctx.replicate} x shard {ctx.shard}, strategy {strategy}"
+    print0(f"parallel: {ctx.world} rank(s) = replicate {ctx.replicate} x shard {ctx.shard}, strategy {strategy.name}"
            + (", bf16 params / fp32 reduce" if mp and ctx.distributed else "")
            + (f", FlexDeMo kernels: {optimizer.kernels}" if hasattr(optimizer, "kernels") else ""))
     print0(f"data: {train_stream.num_tokens:,} train tokens, global batch {loader.global_batch} x {tc.seq_len} "
@@ -114,13 +113,13 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
                                                   "params/total": counts.total, "params/trainable": counts.trainable},
                          ctx.rank)
     meta_base = {"model": model_cfg.shape_dict(), "model_name": model_cfg.name, "tokenizer": tokenizer.name,
-                 "parallel": {"optimizer": strategy, "replicate": ctx.replicate, "shard": ctx.shard}}
+                 "parallel": {"optimizer": strategy.name, "replicate": ctx.replicate, "shard": ctx.shard}}
 
     def save(step: int) -> Path:
         return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()}, ctx)
 
     def comm_metrics() -> dict[str, float]:
-        return comm_per_step(strategy, counts.total, ctx.replicate, ctx.shard, param_bytes=2 if mp else 4,
+        return strategy.comm_per_step(counts.total, ctx.replicate, ctx.shard, param_bytes=2 if mp else 4,
                              reduce_bytes=4, reshard_after_forward=cfg.parallel.reshard_after_forward,
                              demo_comm=getattr(optimizer, "last_comm", None))
 
@@ -152,7 +151,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
                 if k in out.aux:
                     aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
             tokens_since += y.numel() * ctx.world
-        if strategy == "adamw" and ctx.slow_replicate is not None:
+        if strategy.dense_sync and ctx.slow_replicate is not None:
             allreduce_replicas(params, ctx.slow_replicate)  # HSDP's inter-node part, over the slow link
         grad_norm = clip_gradients(params, cfg.optim.grad_clip)
         optimizer.step()
@@ -177,7 +176,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
             metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items() if v.dim() == 0})
             metrics.update(routing_metrics({k: mean_over_ranks(v) for k, v in aux_sum.items() if v.dim() == 2},
                                            model_cfg))
-            if ctx.distributed or strategy != "adamw":
+            if ctx.distributed or not strategy.dense_sync:
                 result.comm = comm_metrics()
                 metrics.update(result.comm)
             result.losses[done] = loss

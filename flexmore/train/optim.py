@@ -9,6 +9,7 @@ from torch import nn
 
 from flexdemo import FlexDeMo
 from flexmore.config import OptimConfig
+from flexmore.parallel.strategy import get_strategy
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,7 +26,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
                     replicate_group=None) -> torch.optim.Optimizer:
     """AdamW (fused on GPU), or FlexDeMo exchanging over ``replicate_group`` for demo / flexdemo."""
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "adamw":
+    if get_strategy(cfg.name).dense_sync:  # HSDP: plain AdamW on the all-reduced gradients
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
 
     return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config())
