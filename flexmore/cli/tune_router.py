@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
         tc = TuneConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch, route_loss=args.route_loss)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(args.device)
         model = load_model(args.merged)
         if not 1 <= args.seq_len <= model.cfg.max_seq_len:
             raise ValueError(f"--seq-len={args.seq_len} must be in [1, the model's max_seq_len={model.cfg.max_seq_len}]")

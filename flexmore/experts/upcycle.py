@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.experts import Ranks
-from flexmore.model.moe import bias_to_raw
 
 TRAINABLE = ("ffn.experts.1.", "ffn.router.experts", "ffn.bias_raw")
 
@@ -86,9 +85,7 @@ def upcycle(base: FlexOlmo, cfg: ModelConfig, public_rows: torch.Tensor, domain_
             else:
                 ffn.experts[1].reset_parameters(cfg.init_std)  # B = 0, dense projections = public
             ffn.router.public.copy_(public_rows[i][None])
-            ffn.router.experts.copy_(domain_rows[i][None])
-            if ffn.bias_raw is not None:
-                ffn.bias_raw.copy_(bias_to_raw(torch.full_like(ffn.bias_raw, cfg.expert_bias_init)))
+            ffn.router.experts.copy_(domain_rows[i][None])  # the bias keeps build_model's expert_bias_init
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

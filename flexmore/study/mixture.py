@@ -160,7 +160,7 @@ class Evaluator:
         """Losses, gap recovery, own-expert routing mass, opt-out deltas and tasks of one mixture."""
         losses = self.losses(model)
         route = self.routing(model)
-        own = {d: route[d].get(d if d != "public" else "public", float("nan")) for d in route}
+        own = {d: route[d].get(d, float("nan")) for d in route}  # each domain's own expert (public: the public one)
         row = {"losses": losses, "gap_recovery": {d: gap_recovery(base_losses[d], alone[d]["losses"][d], losses[d])
                                                   for d in self.domains},
                "routing_own": own, "routing": route, "tasks": self.task_scores(model)}
