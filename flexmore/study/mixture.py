@@ -25,7 +25,7 @@ from flexmore.eval.routing import routing_mass, routing_stats
 from flexmore.eval.tasks import embedded_tasks
 from flexmore.eval.validation import evaluate
 from flexmore.experts.merge import merge, opt_out
-from flexmore.experts.router import TuneConfig, centroid_router, sample_windows, tune_router
+from flexmore.experts.router import TuneConfig, centroid_router, load_sample, tune_router
 from flexmore.experts.training import train_expert
 from flexmore.model import load_preset
 from flexmore.store.modeldir import load_model
@@ -142,9 +142,8 @@ class Evaluator:
         self.val = {d: eval_batches(TokenStream([embedded_path(d, "val", tok, 400_000, 0)]), size.seq_len,
                                     size.micro_batch, size.eval_batches) for d in ["public", *domains]}
         self.tasks = [t for t in embedded_tasks(size.mc_items) if t.kind == "choice"] if tasks else []
-        chars = size.proxy_seqs * (size.seq_len + 1) + 10_000
-        self.samples = {d: sample_windows(TokenStream([embedded_path(d, "train", tok, chars, 0)]), size.seq_len,
-                                          size.proxy_seqs) for d in ["public", *domains]}
+        # each owner's contributed sample, as flexmore-tune-router reads it
+        self.samples = {d: load_sample(f"embedded:{d}", tok, size.seq_len, size.proxy_seqs) for d in ["public", *domains]}
         self.tok = tok
 
     def losses(self, model) -> dict[str, float]:
