@@ -23,9 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import copy_bandwidth, ms  # noqa: E402
+
 from flexdemo.chunks import ChunkLayout  # noqa: E402
 from flexdemo.dct import dct_matrix  # noqa: E402
-from timing import copy_bandwidth, ms  # noqa: E402
 
 # (stage, the lines before which it returns: the first found, this revision's or d579432's, value it stores)
 CUTS = [(0, ["    d = tl.load(d_ptr + si[:, None] * S + si[None, :])\n"], "tl.sum(m)"),

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, TrainConfig  # noqa: E402
 from flexmore.data import ByteTokenizer, TokenStream, embedded_path, eval_batches  # noqa: E402
-from flexmore.experts.merge import merge  # noqa: E402
-from flexmore.model import count_params, load_preset  # noqa: E402
 from flexmore.eval.validation import evaluate  # noqa: E402
+from flexmore.experts.merge import merge  # noqa: E402
 from flexmore.experts.training import train_expert  # noqa: E402
+from flexmore.model import count_params, load_preset  # noqa: E402
 from flexmore.train.loop import train  # noqa: E402
 
 SIZES = {  # model, base steps, expert steps, seq_len, micro_batch, train chars per domain, eval batches, rank

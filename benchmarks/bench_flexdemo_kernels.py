@@ -20,13 +20,14 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import copy_bandwidth, ms  # noqa: E402
+
 from flexdemo.chunks import ChunkLayout  # noqa: E402
+from flexdemo.ops import encode as encode_module  # noqa: E402
 from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
 from flexdemo.ops.decode_reference import decode_apply_reference  # noqa: E402
-from flexdemo.ops import encode as encode_module  # noqa: E402
 from flexdemo.ops.encode import MAXNREG, encode_triton  # noqa: E402
 from flexdemo.ops.encode_reference import encode_reference  # noqa: E402
-from timing import copy_bandwidth, ms  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 

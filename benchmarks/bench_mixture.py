@@ -41,8 +41,9 @@ def main() -> None:
     ap.add_argument("--train-only", default=None, help=argparse.SUPPRESS)  # a worker: one recipe's experts
     ap.add_argument("--no-tasks", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], help="override Size fields, e.g. expert_steps=300")
-    ap.add_argument("--tune", nargs="*", default=None, metavar="NAME=ROUTE_LOSS:STEPS_FACTOR",
-                    help="router tunings to compare (default: tuned=0:1 tuned+route=1:1)")
+    ap.add_argument("--tune", nargs="*", default=None, metavar="NAME=ROUTE_LOSS:STEPS_FACTOR[:DROP]",
+                    help="router tunings to compare (default: tuned=0:1 tuned+route=1:1); DROP: probability that an "
+                         "expert is absent from a tuning row")
     args = ap.parse_args()
     size = mixture.SIZES[args.size]
     for kv in args.set:
@@ -78,7 +79,13 @@ def main() -> None:
     out = Path(args.out)
     tunings = mixture.TUNINGS
     if args.tune is not None:
-        tunings = {t.split("=")[0]: tuple(float(v) for v in t.split("=")[1].split(":")) for t in args.tune}
+        tunings = {}
+        for t in args.tune:
+            name, spec = t.split("=")
+            vals = [float(v) for v in spec.split(":")]
+            if len(vals) not in (2, 3):
+                raise SystemExit(f"--tune {t!r}: want NAME=ROUTE_LOSS:STEPS_FACTOR[:DROP]")
+            tunings[name] = (*vals, 0.0)[:3]
     summary = mixture.run(size, [mixture.RECIPES[r] for r in args.recipes], args.domains, work, device,
                           default=args.default, tasks=not args.no_tasks, centroid_for=args.centroid_for,
                           out=out / "summary.json", tunings=tunings)

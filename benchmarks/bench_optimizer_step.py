@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import copy_bandwidth, ms  # noqa: E402
+
 from flexdemo import FlexDeMo  # noqa: E402
 from flexmore.model import build_model, load_preset  # noqa: E402
-from timing import copy_bandwidth, ms  # noqa: E402
 
 TF32 = ", dct_forward=tf32"  # the fast rows (dct_inverse's default, three bf16 products, is faster than its tf32)
 

@@ -4,10 +4,11 @@
 # The mesh defaults to replicate = NNODES, shard = NGPU (GPUs per node). Extra arguments are hydra overrides.
 # All ranks share one hydra run dir through TORCHELASTIC_RUN_ID (= RUN_ID below): give every node the same RUN_ID.
 set -euo pipefail
+source "$(dirname "$0")/python.sh"
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 MASTER_PORT=${MASTER_PORT:-29500}
-NGPU=${NGPU:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+NGPU=${NGPU:-$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 RUN_ID=${RUN_ID:-flexmore-$MASTER_ADDR-$MASTER_PORT}
-exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
+exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RUN_ID" \
   -m flexmore.cli.train "$@"

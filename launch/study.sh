@@ -6,7 +6,9 @@
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
 # training runs and sweep cells are not recomputed.
+# PARALLEL=1 trains the three experts at once (a GPU with room for three runs).
 set -euo pipefail
+source "$(dirname "$0")/python.sh"
 SIZE=${SIZE:-small}
 OUT=${OUT:-outputs/study}
 if [ "$SIZE" = tiny ]; then
@@ -19,12 +21,19 @@ else
 fi
 COMMON="train.seq_len=$SEQ train.micro_batch=$MB train.compile=$COMPILE train.eval_every=0 train.progress=false \
 logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS train.save_every=${SAVE_EVERY:-500}"  # a cut run resumes
-flexmore-train model="$MODEL" train.steps="$BASE_STEPS" optim.lr=1e-3 $COMMON hydra.run.dir="$OUT/base"
-for domain in math facts code; do
-  flexmore-train experiment=expert expert.base="$OUT/base" expert.name="$domain" "data.domains=[$domain]" \
-    "data.val_domains=[$domain]" train.steps="$EXPERT_STEPS" $COMMON hydra.run.dir="$OUT/$domain"
-done
-flexmore-sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
+"$PY" -m flexmore.cli.train model="$MODEL" train.steps="$BASE_STEPS" optim.lr=1e-3 $COMMON hydra.run.dir="$OUT/base"
+expert() {
+  "$PY" -m flexmore.cli.train experiment=expert expert.base="$OUT/base" expert.name="$1" "data.domains=[$1]" \
+    "data.val_domains=[$1]" train.steps="$EXPERT_STEPS" $COMMON hydra.run.dir="$OUT/$1"
+}
+if [ "${PARALLEL:-0}" = 1 ]; then
+  pids=()
+  for domain in math facts code; do expert "$domain" > "$OUT/expert-$domain.log" 2>&1 & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "an expert's training failed: see $OUT/expert-*.log" >&2; exit 1; }; done
+else
+  for domain in math facts code; do expert "$domain"; done
+fi
+"$PY" -m flexmore.cli.sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
   --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" ${PARAM_BUDGET:+--budget $PARAM_BUDGET} \
   --tune-steps "$TUNE_STEPS" \
   --val-domains public code math facts --out "$OUT/sweep"

@@ -3,14 +3,14 @@
 # gloo. Extra arguments are hydra overrides, e.g.
 #   launch/two_agents_cpu.sh experiment=smoke optim=flexdemo optim.chunk=16
 set -euo pipefail
+source "$(dirname "$0")/python.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 PORT=${MASTER_PORT:-$((20000 + RANDOM % 20000))}
-PYTHON=${PYTHON:-python3}
 RUN_ID=${RUN_ID:-two-agents-$$}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 pids=()
 for node in 0 1; do
-  "$PYTHON" -m torch.distributed.run --nnodes=2 --node_rank=$node --nproc_per_node="$NPROC_PER_NODE" \
+  "$PY" -m torch.distributed.run --nnodes=2 --node_rank=$node --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:$PORT --rdzv_id="$RUN_ID" --max_restarts=0 \
     -m flexmore.cli.train train.device=cpu "$@" &
   pids+=($!)

@@ -104,6 +104,37 @@ def test_router_tuning_changes_the_router_and_nothing_else(route_loss):
     assert torch.equal(ffn2.experts[1].up_proj.weight, ffn.experts[2].up_proj.weight)
 
 
+def test_an_absent_expert_is_routed_exactly_as_when_it_is_opted_out():
+    """Tuning that rehearses opt-outs masks experts per row; a masked row must give the opted-out model's logits (the
+    independent reference: the model rebuilt without that expert), and an unmasked row the full model's."""
+    model = mixture_model().double()
+    with torch.no_grad():  # make every expert matter, with top-k = all as in tuning
+        for b in model.blocks:
+            b.ffn.top_k = 3
+            b.ffn.experts[2].up_proj.weight.add_(0.5)
+    x = torch.randint(0, 64, (2, 9))
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    got = model(x, present_rows=present).logits
+    without_b = opt_out(model, ["b"]).double()
+    for b in without_b.blocks:
+        b.ffn.top_k = 2
+    torch.testing.assert_close(got[0], without_b(x[:1]).logits[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], model(x[1:]).logits[0], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got[0], model(x[:1]).logits[0])  # the mask did something
+
+
+def test_router_tuning_with_absent_experts_trains_only_the_router():
+    model = mixture_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = tune_router(model, samples(["public", "a", "b"]), TuneConfig(steps=6, lr=1e-2, micro_batch=6, route_loss=1.0,
+                                                                       drop=0.5), torch.device("cpu"), log=None)
+    assert info["drop"] == 0.5 and info["loss_last"] == info["loss_last"]  # finite even where a row's owner is absent
+    for k, v in before.items():
+        assert torch.equal(v, model.state_dict()[k]) != is_router(k), k
+    with pytest.raises(ValueError, match=r"router tuning: drop=1.0 must be in \[0, 1\)"):
+        TuneConfig(drop=1.0)
+
+
 def test_router_fitting_refuses_samples_that_do_not_name_the_experts():
     model = mixture_model()
     with pytest.raises(ValueError, match=r"the model's experts are \['public', 'a', 'b'\] \(unknown: \['c'\]\)"):

@@ -14,6 +14,7 @@ import pytest
 
 from flexmore.study.allocate import allocate
 from flexmore.study.regression import fit_log2, t_quantile
+from flexmore.study.report import FULL
 from flexmore.study.results import ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +99,7 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
 def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
     env = {**os.environ, "SIZE": "tiny", "OUT": str(tmp_path / "study"), "BASE_STEPS": "20", "EXPERT_STEPS": "6",
            "SEQ": "32", "MB": "4", "CHARS": "100000", "N": "2", "MAXEXP": "2", "VALB": "1", "PARAM_BUDGET": "20000",
-           "TUNE_STEPS": "10",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "TUNE_STEPS": "10", "PARALLEL": "1", "PYTHON": sys.executable}  # not on PATH: the script finds it
     done = subprocess.run(["bash", str(REPO / "launch" / "study.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -140,4 +140,41 @@ def test_analysis_counts_each_expert_on_its_own_domain_and_reads_the_verdict():
     rows = [dict(r, score=1 - r["score"]) if r["category"] == "reasoning" else r for r in rows]
     assert "contradicts" in paper_verdict(analyse(rows))
     rows = [dict(r, score=0.25) if r["category"] == "knowledge" else r for r in rows]
-    assert paper_verdict(analyse(rows)).startswith("No verdict")
+    assert "No verdict: knowledge scores do not change with rank" in paper_verdict(analyse(rows))
+
+
+def test_best_rank_prefers_the_smaller_rank_within_the_noise_and_verdicts_need_an_interval(tmp_path):
+    """500 items per task: 0.40 at rank 2 and 0.42 at rank 64 differ by less than their noise (SE ~0.022 each), so
+    the best rank is 2; the slope difference between categories whose scores are both noise is 'not resolved'; the
+    best-rank mixture against full size gets a verdict only where its interval excludes zero (or lies within the
+    match margin); analysis.json is valid JSON when a fit has no R² (NaN)."""
+    from flexmore.study.report import analyse, mixture_verdict, paper_verdict, pick_best, write_report
+
+    assert pick_best({"2": (0.40, 0.022), "64": (0.42, 0.022), FULL: (0.41, 0.022)}) == "2"
+    assert pick_best({"2": (0.30, 0.01), "64": (0.42, 0.01), FULL: (0.42, 0.01)}) == "64"
+    assert pick_best({"2": (-1.30, None), "64": (-1.20, None)}) == "64"  # losses: no noise known, the top one
+
+    def row(design, expert, rank, task, category, score, n=500, params=1):
+        return {"design": design, "expert": expert, "mixture": expert, "rank": rank, "task": task,
+                "category": category, "domain": expert, "metric": "acc", "score": score, "n": n, "params": params,
+                "model": f"{design}:{expert}@{rank}"}
+
+    rng = random.Random(3)
+    rows = [row("a", e, 2**i, f"{e}_mc", cat, 0.5 + rng.gauss(0, 0.02))
+            for i in range(8) for e, cat in (("math", "reasoning"), ("facts", "knowledge"))]
+    rows += [row("a", "code", 2**i, "val/code", "loss", 1.0 - 0.01 * i) | {"metric": "loss"} for i in range(8)]
+    a = analyse(rows)
+    assert "Not resolved at this size (slope difference reasoning - knowledge" in paper_verdict(a)
+    assert a["categories"]["loss"]["best_rank"] == "128"  # losses: the lowest one
+    for best, full, want in ((0.50, 0.42, "Agrees with the paper: the best-rank mixture is better"),
+                             (0.40, 0.48, "Contradicts the paper"), (0.45, 0.44, "Not resolved at this size")):
+        mix = [row("c", "math+facts", "mixed", "math_mc", "reasoning", best, n=2000, params=30) | {"ranks": {}},
+               row("b", "math+facts", FULL, "math_mc", "reasoning", full, n=2000, params=100)]
+        assert want in mixture_verdict(analyse(rows + mix)), (best, full)
+    mix = [row("c", "m", "mixed", "math_mc", "reasoning", 0.44, n=5000, params=30),
+           row("b", "m", FULL, "math_mc", "reasoning", 0.44, n=5000, params=100)]
+    assert "they match within 0.03" in mixture_verdict(analyse(rows + mix))
+    flat = [row("a", "math", 2**i, "math_mc", "reasoning", 0.5) for i in range(4)]  # R² is NaN
+    (tmp_path / "rep").mkdir()
+    write_report(flat, tmp_path / "rep")
+    json.loads((tmp_path / "rep" / "analysis.json").read_text(), parse_constant=lambda c: pytest.fail(c))

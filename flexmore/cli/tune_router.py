@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--route-loss", type=float, default=1.0,
                     help="weight of the routing loss (the router's cross-entropy against each sample's owner); 0: "
                          "the language-model loss alone, as FlexOlmo")
+    ap.add_argument("--drop", type=float, default=0.0,
+                    help="probability that an expert is absent from a training row (rehearses opt-outs)")
     ap.add_argument("--centroid", action="store_true", help="set the nearest-centroid router instead (no training)")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--device", default="auto")
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-seqs={args.max_seqs} must be in [1, {MAX_SEQS}]: a small sample per owner")
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
-        tc = TuneConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch, route_loss=args.route_loss)
+        tc = TuneConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch, route_loss=args.route_loss,
+                        drop=args.drop)
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device)

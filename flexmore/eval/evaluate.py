@@ -41,7 +41,8 @@ def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, ba
 
 def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dict, device: torch.device,
                    labels: dict | None = None) -> list[dict]:
-    """Rows: {**labels, task, category, metric, score}; validation losses as task 'val/<domain>', metric 'loss'."""
+    """Rows: {**labels, task, category, metric, score, n (items)}; validation losses as task 'val/<domain>', metric
+    'loss'."""
     labels = labels or {}
     rows = []
     if val_sets:
@@ -51,5 +52,5 @@ def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dic
     for task in tasks:
         for metric, score in score_task(model, tokenizer, task, device).items():
             rows.append({**labels, "task": task.name, "category": task.category, "domain": task.domain,
-                         "metric": metric, "score": score})
+                         "metric": metric, "score": score, "n": len(task.items)})
     return rows

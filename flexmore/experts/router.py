@@ -72,6 +72,7 @@ class TuneConfig:
     micro_batch: int = 16  # sequences per step, split evenly over the samples (round robin over the rest)
     weight_decay: float = 0.0
     route_loss: float = 0.0  # > 0: also x the router's cross-entropy against each row's owner (its sample's expert)
+    drop: float = 0.0  # each non-public expert is absent from a row with this probability (rehearses opt-outs)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,13 +83,17 @@ class TuneConfig:
             raise ValueError(f"router tuning: lr={self.lr} must be a finite number > 0")
         if not (self.route_loss >= 0 and math.isfinite(self.route_loss)):
             raise ValueError(f"router tuning: route_loss={self.route_loss} must be a finite number >= 0")
+        if not 0 <= self.drop < 1:
+            raise ValueError(f"router tuning: drop={self.drop} must be in [0, 1)")
 
 
 def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfig, device: torch.device,
                 log=print) -> dict:
     """Train only router rows and biases of ``model`` (in place) with every expert active, on an equal mix of the
-    samples (name -> (n, T + 1) windows). Returns the first and last losses and the frozen part's hash, checked
-    unchanged."""
+    samples (name -> (n, T + 1) windows). With ``tc.drop`` > 0 each row sees a random subset of the experts (the
+    public one always), routed exactly as the model with the others opted out: the router then learns not to lean
+    on an expert that its domain's tokens do not belong to, so an opt-out leaves the other domains where they were.
+    Returns the first and last losses and the frozen part's hash, checked unchanged."""
     names = check_samples(model, samples)
     before = frozen_part_hash(model)
     model.to(device).train()
@@ -112,10 +117,15 @@ def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfi
                 rows.append(src[torch.randint(len(src), (1,), generator=gen)].squeeze(0))
                 owners.append(owner)
             batch = torch.stack(rows).to(device)
+            targets, present = torch.tensor(owners), None
+            if tc.drop > 0:
+                present = torch.rand(len(rows), len(names), generator=gen) >= tc.drop
+                present[:, 0] = True
+                targets = torch.where(present[torch.arange(len(rows)), targets], targets, -1)  # owner absent: no target
             lr = tc.lr * min(1.0, (step + 1) / max(1, tc.steps // 10))
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = model(batch[:, :-1], batch[:, 1:], route_targets=torch.tensor(owners, device=device))
+            out = model(batch[:, :-1], batch[:, 1:], route_targets=targets.to(device), present_rows=present)
             loss = out.loss + tc.route_loss * out.aux["route_loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"router tuning: loss is {loss.item()} at step {step}; lower the lr")
@@ -134,8 +144,9 @@ def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfi
     if after != before:  # cannot happen unless a non-router tensor was trained: never write such a model
         raise RuntimeError("router tuning changed a tensor outside the router; nothing written")
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    return {"steps": tc.steps, "lr": tc.lr, "micro_batch": tc.micro_batch, "route_loss": tc.route_loss, "loss_first": sum(head) / len(head),
-            "loss_last": sum(tail) / len(tail), "frozen_hash": after, "samples": {n: len(samples[n]) for n in names}}
+    return {"steps": tc.steps, "lr": tc.lr, "micro_batch": tc.micro_batch, "route_loss": tc.route_loss,
+            "drop": tc.drop, "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail),
+            "frozen_hash": after, "samples": {n: len(samples[n]) for n in names}}
 
 
 @torch.no_grad()

@@ -80,13 +80,16 @@ class MoEFFN(nn.Module):
         """b (E - 1,), every entry < 0; None without a bias."""
         return None if self.bias_raw is None else raw_to_bias(self.bias_raw)
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, E) in at least fp32, with b added to the non-public experts."""
+    def router_logits(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, E) in at least fp32, with b added to the non-public experts; -inf where ``present`` (N, E) is
+        False, so the router's softmax is the one of the model with those experts opted out."""
         logits = self.router(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.bias_raw is not None:
             zero = torch.zeros(1, device=logits.device, dtype=logits.dtype)
             logits = logits + torch.cat([zero, raw_to_bias(self.bias_raw.to(logits.dtype))])
+        if present is not None:
+            logits = logits.masked_fill(~present, float("-inf"))
         return logits
 
     def routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,17 +100,18 @@ class MoEFFN(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights, ids
 
-    def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None,
-                route_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None, route_targets: torch.Tensor | None = None,
+                present: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``hold`` (N,) bool over the flattened tokens: there the non-public experts' outputs are detached, so those
         tokens train the router (and bias) but not the experts (public negatives in router-only mode).
         ``route_targets`` (N,) long: the expert each token belongs to (-1: none), for the routing loss
-        (``route_loss``: cross-entropy of the router's softmax against it)."""
+        (``route_loss``: cross-entropy of the router's softmax against it).
+        ``present`` (N, E) bool: the experts each token may use (router tuning that rehearses opt-outs)."""
         if self.router is None:
             return self.experts[0](x), {}
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.router_logits(x)
+        logits = self.router_logits(x, present)
         weights, ids = self.routing(logits)
         N, k = ids.shape
 

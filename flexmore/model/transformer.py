@@ -23,9 +23,9 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg, device=device)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
 
-    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None):
+    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None):
         h = x + self.post_attention_norm(self.attn(x, cos, sin, mask))
-        f, aux = self.ffn(h, hold, route_targets)
+        f, aux = self.ffn(h, hold, route_targets, present)
         return h + self.post_ffn_norm(f), aux
 
 
@@ -83,12 +83,13 @@ class FlexOlmo(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, hold_rows: torch.Tensor | None = None,
-                route_targets: torch.Tensor | None = None) -> ModelOutput:
+                route_targets: torch.Tensor | None = None, present_rows: torch.Tensor | None = None) -> ModelOutput:
         """``attention_mask`` (B, T), True on real tokens, for left-padded batches (generation): keys that are padding
         are masked out. RoPE is relative, so a left-padded row gives the logits it would give unpadded.
         ``hold_rows`` (B,) bool: rows on which the non-public experts are held fixed (only the router learns there).
         ``route_targets`` (B,) long: the expert each row belongs to (-1: none); adds ``route_loss_weight`` x the
         router's cross-entropy against it, averaged over layers.
+        ``present_rows`` (B, E) bool: the experts each row may use; the others are routed as if opted out.
 
         ``aux`` holds the router losses and routing statistics averaged over layers, and per layer (L, E):
         ``layer_expert_prob`` (mean router probability) and ``layer_expert_topk`` (fraction of tokens routed)."""
@@ -104,9 +105,10 @@ class FlexOlmo(nn.Module):
             mask = (causal & attention_mask[:, None, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
         hold = None if hold_rows is None else hold_rows.to(x.device).bool().repeat_interleave(T)
         targets = None if route_targets is None else route_targets.to(x.device).long().repeat_interleave(T)
+        present = None if present_rows is None else present_rows.to(x.device).bool().repeat_interleave(T, dim=0)
         aux_layers: dict[str, list[torch.Tensor]] = {}
         for block in self.blocks:
-            x, aux = block(x, cos, sin, mask, hold, targets)
+            x, aux = block(x, cos, sin, mask, hold, targets, present)
             for k, v in aux.items():
                 aux_layers.setdefault(k, []).append(v)
         logits = self.lm_head(self.norm(x))

@@ -29,6 +29,7 @@ from flexmore.experts.router import TuneConfig, centroid_router, load_sample, tu
 from flexmore.experts.training import train_expert
 from flexmore.model import load_preset
 from flexmore.store.modeldir import load_model
+from flexmore.study.results import finite
 from flexmore.train.loop import train
 
 
@@ -164,21 +165,26 @@ class Evaluator:
                                                   for d in self.domains},
                "routing_own": own, "routing": route, "tasks": self.task_scores(model)}
         if with_opt_out and len(self.domains) > 1:
-            row["opt_out"] = {}
+            row["opt_out"], above = {}, []
             for drop in self.domains:
                 rest = self.losses(opt_out(model, [drop]))
                 row["opt_out"][drop] = {d: rest[d] - losses[d] for d in rest if d != drop}
+                # against what each remaining domain had before it was merged: its expert alone (public: the base)
+                above += [rest[d] - (base_losses[d] if d == "public" else alone[d]["losses"][d])
+                          for d in rest if d != drop]
             changes = [v for ch in row["opt_out"].values() for v in ch.values()]
             row["opt_out_max_change"] = max(abs(v) for v in changes)
             row["opt_out_max_increase"] = max(changes)  # > 0: opting an expert out hurt another domain
+            row["opt_out_above_alone"] = max(above)  # <= 0: after any opt-out every domain is as good as alone
         return row
 
 
-TUNINGS = {"tuned": (0.0, 1.0), "tuned+route": (1.0, 1.0)}  # name -> (routing-loss weight, x the size's steps)
+# name -> (routing-loss weight, x the size's steps, probability an expert is absent from a row)
+TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0)}
 
 
 def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_losses: dict,
-                    centroid: bool = False, tunings: dict[str, tuple[float, float]] = TUNINGS) -> tuple[dict, dict]:
+                    centroid: bool = False, tunings: dict[str, tuple[float, float, float]] = TUNINGS) -> tuple[dict, dict]:
     """(alone: domain -> its two-expert model's losses and tasks, mixtures: name -> description)."""
     alone = {}
     for d, art in artifacts.items():
@@ -187,10 +193,10 @@ def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_
     mixtures = {}
     merged = merge(base, [artifacts[d] for d in ev.domains])
     mixtures["merged"] = ev.describe(merged, base_losses, alone)
-    for name, (route_loss, steps) in tunings.items():
+    for name, (route_loss, steps, drop) in tunings.items():
         tuned = merge(base, [artifacts[d] for d in ev.domains])
         tc = TuneConfig(steps=round(ev.size.tune_steps * steps), lr=ev.size.tune_lr, micro_batch=ev.size.micro_batch,
-                        route_loss=route_loss)
+                        route_loss=route_loss, drop=drop)
         info = tune_router(tuned, ev.samples, tc, ev.device, log=None)
         mixtures[name] = {**ev.describe(tuned, base_losses, alone), "tuning": info}
     if centroid:
@@ -208,7 +214,7 @@ def oracle(base_losses: dict, alone: dict, domains: list[str]) -> dict:
 
 def run(size: Size, recipes: list[Recipe], domains: list[str], work: Path, device: torch.device,
         default: str, tasks: bool = True, centroid_for: str | None = None, out: Path | None = None,
-        tunings: dict[str, tuple[float, float]] = TUNINGS) -> dict:
+        tunings: dict[str, tuple[float, float, float]] = TUNINGS) -> dict:
     """Everything, in one process: the summary (keys ``base``, ``alone``, ``mixtures``, ``default``), also written
     to ``out`` after each recipe (a cut run keeps what it finished)."""
     base = train_base(size, work)
@@ -232,7 +238,7 @@ def run(size: Size, recipes: list[Recipe], domains: list[str], work: Path, devic
 
 def write_summary(summary: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1, allow_nan=False, default=lambda v: None))
+    path.write_text(json.dumps(finite(summary), indent=1, allow_nan=False, default=lambda v: None))
     return path
 
 
@@ -240,7 +246,8 @@ def table(summary: dict) -> str:
     """The markdown table: each mixture x (losses, gap recoveries, own-expert routing mass, opt-out, tasks)."""
     doms = summary["domains"]
     head = (["mixture"] + [f"val/{d}" for d in ["public", *doms]] + [f"gap {d}" for d in doms]
-            + [f"route {d}" for d in ["public", *doms]] + ["opt-out \\|Δ\\|", "opt-out worst +", "math_mc", "facts_mc"])
+            + [f"route {d}" for d in ["public", *doms]] + ["opt-out \\|Δ\\|", "opt-out worst +", "opt-out vs alone", "math_mc",
+                                                               "facts_mc"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(v):
@@ -251,6 +258,7 @@ def table(summary: dict) -> str:
         cells += [fmt(row.get("gap_recovery", {}).get(d)) for d in doms]
         cells += [fmt(row.get("routing_own", {}).get(d)) for d in ["public", *doms]]
         cells += [fmt(row.get("opt_out_max_change")), fmt(row.get("opt_out_max_increase")),
+                  fmt(row.get("opt_out_above_alone")),
                   fmt(row.get("tasks", {}).get("math_mc")),
                   fmt(row.get("tasks", {}).get("facts_mc"))]
         lines.append("| " + " | ".join(cells) + " |")

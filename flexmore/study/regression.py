@@ -26,6 +26,7 @@ class Fit:
     slope_hi: float
     n: int
     r2: float
+    se: float  # standard error of the slope
 
 
 def fit_log2(ranks: list[float], scores: list[float]) -> Fit:
@@ -46,4 +47,4 @@ def fit_log2(ranks: list[float], scores: list[float]) -> Fit:
     sst = sum((s - my) ** 2 for s in scores)
     se = math.sqrt(sse / (n - 2) / sxx) if n > 2 else float("inf")
     t = t_quantile(0.975, n - 2)
-    return Fit(b, a, b - t * se, b + t * se, n, 1 - sse / sst if sst > 0 else float("nan"))  # no variance: no R²
+    return Fit(b, a, b - t * se, b + t * se, n, 1 - sse / sst if sst > 0 else float("nan"), se)  # no variance: no R²

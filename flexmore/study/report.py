@@ -9,8 +9,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from flexmore.study.regression import fit_log2
+from flexmore.study.results import finite
 
 FULL = "full"
+
+
+Z95 = 1.959964
+MATCH_MARGIN = 0.03  # task-score difference within which two mixtures "match" (what 500 items per task resolve)
 
 
 def higher_is_better(row: dict) -> float:
@@ -18,9 +23,35 @@ def higher_is_better(row: dict) -> float:
     return -row["score"] if row["metric"] == "loss" else row["score"]
 
 
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
+def score_se(row: dict) -> float | None:
+    """The standard error of a row's score: binomial over its ``n`` items for a task; None where unknown (a validation
+    loss, or a task row written before item counts were kept)."""
+    if row["metric"] == "loss" or not row.get("n"):
+        return None
+    p = row["score"]
+    return math.sqrt(max(p * (1 - p), 0.0) / row["n"])
+
+
+def mean_se(rows: list[dict]) -> tuple[float, float | None]:
+    """The mean score of rows (higher is better) and its standard error (None if any row's is unknown)."""
+    if not rows:
+        return float("nan"), None
+    ses = [score_se(r) for r in rows]
+    se = None if any(s is None for s in ses) else math.sqrt(sum(s * s for s in ses)) / len(rows)
+    return sum(higher_is_better(r) for r in rows) / len(rows), se
+
+
+def rank_order(rank: str) -> float:
+    return math.inf if str(rank) == FULL else float(rank)
+
+
+def pick_best(stats: dict[str, tuple[float, float | None]]) -> str:
+    """The smallest rank (full size counts as the largest) whose mean is not below the top mean by more than the 95%
+    noise of their difference: a larger rank wins only where the data say it is better. Unknown noise counts as 0."""
+    top = max(stats, key=lambda k: stats[k][0])
+    m0, s0 = stats[top]
+    ok = [k for k, (m, s) in stats.items() if m >= m0 - Z95 * math.hypot(s0 or 0.0, s or 0.0)]
+    return min(ok, key=rank_order)
 
 
 SECONDARY_METRICS = ("acc_norm",)  # kept in the table, left out of the analysis (one score per task)
@@ -30,6 +61,12 @@ def counts(row: dict) -> bool:
     """Whether a design (a) row measures its own expert: tasks and validation sets of another domain (another
     expert's, or the public one's) say how much the expert disturbs them, not how good it is at its own."""
     return row["metric"] not in SECONDARY_METRICS and row.get("domain") in (None, row.get("expert"))
+
+
+def task_rows(rows: list[dict]) -> list[dict]:
+    """The rows a mixture is compared on: its task scores, or its validation losses where it has no task."""
+    primary = [r for r in rows if r["metric"] not in SECONDARY_METRICS]
+    return [r for r in primary if r["metric"] != "loss"] or primary
 
 
 def analyse(rows: list[dict]) -> dict:
@@ -47,11 +84,14 @@ def analyse(rows: list[dict]) -> dict:
     b_full = [r for r in rows if r.get("design") == "b" and str(r["rank"]) == FULL]
     c = [r for r in rows if r.get("design") == "c"]
     if b_full and c:
-        task_rows = lambda rs: ([higher_is_better(r) for r in rs if r["metric"] not in ("loss",) + SECONDARY_METRICS]
-                                or [higher_is_better(r) for r in rs])
+        (sb, seb), (sf, sef) = mean_se(task_rows(c)), mean_se(task_rows(b_full))
+        diff = {"diff": sb - sf, "ci95": None}
+        if seb is not None and sef is not None:
+            half = Z95 * math.hypot(seb, sef)
+            diff["ci95"] = [sb - sf - half, sb - sf + half]
         out["best_vs_full"] = {
             "best_rank_mixture": c[0]["mixture"], "best_ranks": c[0].get("ranks"),
-            "score_best": _mean(task_rows(c)), "score_full": _mean(task_rows(b_full)),
+            "score_best": sb, "score_full": sf, **diff,
             "params_best": c[0]["params"], "params_full": b_full[0]["params"],
             "param_ratio": c[0]["params"] / b_full[0]["params"],
         }
@@ -59,17 +99,17 @@ def analyse(rows: list[dict]) -> dict:
 
 
 def _summarise(rs: list[dict]) -> dict:
-    by_rank: dict[str, list[float]] = defaultdict(list)
+    by_rank: dict[str, list[dict]] = defaultdict(list)
     for r in rs:
-        by_rank[str(r["rank"])].append(higher_is_better(r))
-    means = {k: _mean(v) for k, v in by_rank.items()}
-    best = max(means, key=means.get)
+        by_rank[str(r["rank"])].append(r)
+    stats = {k: mean_se(v) for k, v in by_rank.items()}
     numeric = [(float(r["rank"]), higher_is_better(r)) for r in rs if str(r["rank"]) != FULL]
-    res = {"mean_by_rank": means, "best_rank": best}
+    res = {"mean_by_rank": {k: m for k, (m, _) in stats.items()}, "se_by_rank": {k: se for k, (_, se) in stats.items()},
+           "best_rank": pick_best(stats), "top_rank": max(stats, key=lambda k: stats[k][0])}
     if len({x for x, _ in numeric}) >= 2 and len(numeric) >= 3:
         fit = fit_log2([x for x, _ in numeric], [y for _, y in numeric])
-        res["fit"] = {"slope": fit.slope, "ci95": [fit.slope_lo, fit.slope_hi], "intercept": fit.intercept,
-                      "r2": fit.r2, "n": fit.n}
+        res["fit"] = {"slope": fit.slope, "ci95": [fit.slope_lo, fit.slope_hi], "se": fit.se,
+                      "intercept": fit.intercept, "r2": fit.r2, "n": fit.n}
     return res
 
 
@@ -103,9 +143,13 @@ def plots(rows: list[dict], analysis: dict, energy: dict[str, dict[int, float]],
     cells: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         cells[r["model"]].append(r)
-    pts = sorted((rs[0]["params"], _mean(higher_is_better(r) for r in rs), k) for k, rs in cells.items())
-    fig, ax = plt.subplots(figsize=(6, 4))
+    scored = {k: task_rows(rs) for k, rs in cells.items()}
+    on_tasks = all(rs and rs[0]["metric"] != "loss" for rs in scored.values())
+    pts = sorted((rs[0]["params"], mean_se(scored[k])[0], k) for k, rs in cells.items())
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12)
+    for x, y, key in pts:
+        ax.annotate(key.replace("+tuned", ""), (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
     front, best = [], float("-inf")
     for p in pts:
         if p[1] > best:
@@ -113,8 +157,9 @@ def plots(rows: list[dict], analysis: dict, energy: dict[str, dict[int, float]],
             best = p[1]
     ax.plot([p[0] for p in front], [p[1] for p in front], color="C3", label="Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("mean score")
+    ax.set_xlabel("parameters (total)")
+    ax.set_ylabel("mean task accuracy" if on_tasks else "minus mean validation loss")
+    ax.set_title("Every sweep cell: size against quality (label: design:expert@rank)")
     ax.legend()
     paths.append(_save(fig, out / "params_vs_score.png"))
 
@@ -141,46 +186,81 @@ def _save(fig, path: Path) -> Path:
 
 
 def summary_markdown(analysis: dict, images: list[Path]) -> str:
-    lines = ["# FlexMoRE rank sweep", "", "| task / category | best rank | slope per doubling of rank (95% CI) | R² |",
-             "|---|---|---|---|"]
+    lines = ["# FlexMoRE rank sweep", "",
+             "Scores: task accuracy; validation losses enter as minus the loss, so higher is better everywhere. Best "
+             "rank: the smallest rank within the 95% noise of the top-scoring one (top: the highest mean, noise or "
+             "not).", "",
+             "| task / category | best rank | top rank | slope per doubling of rank (95% CI) | R² |", "|---|---|---|---|---|"]
     for kind in ("categories", "tasks"):
         for name, s in analysis[kind].items():
             fit = s.get("fit")
             slope = f"{fit['slope']:+.4f} [{fit['ci95'][0]:+.4f}, {fit['ci95'][1]:+.4f}]" if fit else "n/a"
             label = f"**{name}**" if kind == "categories" else name
             r2 = f"{fit['r2']:.2f}" if fit and fit["r2"] == fit["r2"] else ""
-            lines.append(f"| {label} | {s['best_rank']} | {slope} | {r2} |")
-    verdict = paper_verdict(analysis)
-    if verdict:
-        lines += ["", verdict]
-    bvf = analysis.get("best_vs_full")
-    if bvf:
-        lines += ["", f"Best-rank mixture ({bvf['best_ranks']}): score {bvf['score_best']:.4f} with "
-                      f"{bvf['params_best']:,} parameters; full-size mixture: {bvf['score_full']:.4f} with "
-                      f"{bvf['params_full']:,} ({bvf['param_ratio']:.2f}x the parameters of full size)."]
+            lines.append(f"| {label} | {s['best_rank']} | {s['top_rank']} | {slope} | {r2} |")
+    for verdict in (paper_verdict(analysis), mixture_verdict(analysis)):
+        if verdict:
+            lines += ["", verdict]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
 
 
+def interval(lo: float, hi: float) -> str:
+    return f"[{lo:+.4f}, {hi:+.4f}]"
+
+
 def paper_verdict(analysis: dict) -> str | None:
-    """The paper's finding, checked: reasoning wants a higher rank than knowledge."""
+    """The paper's first finding, checked: reasoning wants a higher rank than knowledge, read as reasoning's score
+    growing faster with rank (slope per doubling) than knowledge's; a verdict only where the 95% interval of the
+    difference excludes zero."""
     cats = analysis["categories"]
     if "reasoning" not in cats or "knowledge" not in cats:
         return None
-    flat = [c for c in ("reasoning", "knowledge") if max(cats[c]["mean_by_rank"].values()) == min(cats[c]["mean_by_rank"].values())]
+    head = (f"Paper finding 1 (reasoning needs a higher rank than knowledge): best rank reasoning "
+            f"{cats['reasoning']['best_rank']}, knowledge {cats['knowledge']['best_rank']}.")
+    flat = [c for c in ("reasoning", "knowledge")
+            if max(cats[c]["mean_by_rank"].values()) == min(cats[c]["mean_by_rank"].values())]
     if flat:
-        return f"No verdict on the paper's finding: {' and '.join(flat)} scores do not change with rank here."
-    rank = lambda c: math.inf if cats[c]["best_rank"] == FULL else float(cats[c]["best_rank"])
-    rr, rk = rank("reasoning"), rank("knowledge")
-    word = "agrees with" if rr > rk else ("does not separate the categories, unlike" if rr == rk else "contradicts")
-    return (f"Best rank by category: reasoning {cats['reasoning']['best_rank']}, knowledge "
-            f"{cats['knowledge']['best_rank']} — this {word} the paper's finding (reasoning needs higher rank).")
+        return f"{head} No verdict: {' and '.join(flat)} scores do not change with rank here."
+    fr, fk = cats["reasoning"].get("fit"), cats["knowledge"].get("fit")
+    if not fr or not fk:
+        return f"{head} No verdict: too few ranks to fit a slope."
+    d = fr["slope"] - fk["slope"]
+    half = Z95 * math.hypot(fr["se"], fk["se"])
+    ci = f"slope difference reasoning - knowledge {d:+.4f}, 95% CI {interval(d - half, d + half)}"
+    if d - half > 0:
+        return f"{head} This agrees with the paper ({ci})."
+    if d + half < 0:
+        return f"{head} This contradicts the paper ({ci})."
+    return f"{head} Not resolved at this size ({ci})."
+
+
+def mixture_verdict(analysis: dict) -> str | None:
+    """The paper's second finding, checked: the best-rank mixture matches or beats the full-size one (the paper:
+    47.18 against 45.46 at 0.32x the parameters). Matching means the 95% interval lies within +-MATCH_MARGIN."""
+    b = analysis.get("best_vs_full")
+    if not b:
+        return None
+    head = (f"Paper finding 2 (the best-rank mixture matches or beats the full-size one): best ranks "
+            f"{b['best_ranks']} score {b['score_best']:.4f} with {b['params_best']:,} parameters; full size "
+            f"{b['score_full']:.4f} with {b['params_full']:,} ({b['param_ratio']:.2f}x the parameters of full size).")
+    if not b.get("ci95"):
+        return f"{head} No verdict: no interval (validation losses only, or task item counts unknown)."
+    lo, hi = b["ci95"]
+    ci = f"difference {b['diff']:+.4f}, 95% CI {interval(lo, hi)}"
+    if lo > 0:
+        return f"{head} Agrees with the paper: the best-rank mixture is better ({ci})."
+    if hi < 0:
+        return f"{head} Contradicts the paper: the best-rank mixture is worse ({ci})."
+    if -MATCH_MARGIN <= lo and hi <= MATCH_MARGIN:
+        return f"{head} Agrees with the paper: they match within {MATCH_MARGIN} ({ci})."
+    return f"{head} Not resolved at this size ({ci})."
 
 
 def write_report(rows: list[dict], out: str | Path, energy: dict | None = None) -> dict:
     out = Path(out)
     analysis = analyse(rows)
     images = plots(rows, analysis, energy or {}, out)
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=1, default=str))
+    (out / "analysis.json").write_text(json.dumps(finite(analysis), indent=1, default=str, allow_nan=False))
     (out / "summary.md").write_text(summary_markdown(analysis, images))
     return analysis

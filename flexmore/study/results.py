@@ -4,8 +4,20 @@ crash the cells that finished are kept and a half-written one is simply recomput
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+
+def finite(v):
+    """NaN and infinities as null, so what is written is valid JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
 
 
 class ResultStore:

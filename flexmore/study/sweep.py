@@ -22,9 +22,8 @@ from flexmore.experts.router import TuneConfig, tune_router
 from flexmore.model import count_params
 from flexmore.model.experts import PROJECTIONS
 from flexmore.store.modeldir import latest_checkpoint, load_model
+from flexmore.study.report import FULL, SECONDARY_METRICS, mean_se, pick_best
 from flexmore.study.results import ResultStore
-
-FULL = "full"
 
 
 def sweep_ranks(max_exp: int, d_model: int, d_ffn: int) -> list[int]:
@@ -70,15 +69,18 @@ def cell_key(design: str, choice: dict, fit: RouterFit | None) -> str:
     return design + tuned + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
 
 
-def selection_score(rows: list[dict], domain: str) -> float:
-    """How well a cell serves a domain: the mean task score on that domain's tasks, else minus its val loss."""
-    tasks = [r["score"] for r in rows if r.get("domain") == domain and r["metric"] != "loss"]
-    if tasks:
-        return sum(tasks) / len(tasks)
-    losses = [r["score"] for r in rows if r["task"] == f"val/{domain}"]
-    if not losses:
+def selection_stats(rows: list[dict], domain: str) -> tuple[float, float | None]:
+    """How well a cell serves a domain, with its standard error: the mean score on that domain's tasks, else minus
+    its validation loss."""
+    tasks = [r for r in rows if r.get("domain") == domain and r["metric"] not in ("loss",) + SECONDARY_METRICS]
+    losses = [r for r in rows if r["task"] == f"val/{domain}"]
+    if not tasks and not losses:
         raise ValueError(f"no task or validation loss measures domain {domain!r}; add one to choose its best rank")
-    return -sum(losses) / len(losses)
+    return mean_se(tasks or losses)
+
+
+def selection_score(rows: list[dict], domain: str) -> float:
+    return selection_stats(rows, domain)[0]
 
 
 def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
@@ -141,6 +143,6 @@ def best_ranks(rows: list[dict], experts: list[Expert]) -> dict[str, int | str]:
                 cells.setdefault(str(r["rank"]), []).append(r)
         if not cells:
             raise ValueError(f"no design (a) results for expert {e.name!r}")
-        choice = max(cells, key=lambda k: selection_score(cells[k], e.domain))
+        choice = pick_best({k: selection_stats(rs, e.domain) for k, rs in cells.items()})  # smaller within noise
         best[e.name] = int(choice) if choice != FULL else FULL
     return best
