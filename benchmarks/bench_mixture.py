@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--size", choices=list(mixture.SIZES), default="small")
     ap.add_argument("--recipes", nargs="+", default=list(mixture.RECIPES), choices=list(mixture.RECIPES))
     ap.add_argument("--domains", nargs="+", default=["math", "facts", "code"])
-    ap.add_argument("--default", default="negatives+route+bias/tuned+route",
+    ap.add_argument("--default", default="negatives+route+bias/tuned+route+drop",
                     help="the mixture the README's workflow makes")
     ap.add_argument("--centroid-for", default="negatives+route+bias")
     ap.add_argument("--work", default="outputs/bench-mixture")
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--no-tasks", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], help="override Size fields, e.g. expert_steps=300")
     ap.add_argument("--tune", nargs="*", default=None, metavar="NAME=ROUTE_LOSS:STEPS_FACTOR[:DROP]",
-                    help="router tunings to compare (default: tuned=0:1 tuned+route=1:1); DROP: probability that an "
+                    help="router tunings to compare (default: tuned=0:1 tuned+route=1:1 tuned+route+drop=1:1:0.25); DROP: probability that an "
                          "expert is absent from a tuning row")
     args = ap.parse_args()
     size = mixture.SIZES[args.size]

@@ -165,6 +165,8 @@ def test_best_rank_prefers_the_smaller_rank_within_the_noise_and_verdicts_need_a
     rows += [row("a", "code", 2**i, "val/code", "loss", 1.0 - 0.01 * i) | {"metric": "loss"} for i in range(8)]
     a = analyse(rows)
     assert "Not resolved at this size (slope difference reasoning - knowledge" in paper_verdict(a)
+    unfinished = [r for r in rows if not (r["category"] == "knowledge" and r["rank"] > 16)]
+    assert "No verdict: the categories were measured at different ranks" in paper_verdict(analyse(unfinished))
     assert a["categories"]["loss"]["best_rank"] == "128"  # losses: the lowest one
     for best, full, want in ((0.50, 0.42, "Agrees with the paper: the best-rank mixture is better"),
                              (0.40, 0.48, "Contradicts the paper"), (0.45, 0.44, "Not resolved at this size")):

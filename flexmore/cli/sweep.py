@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--budget", type=int, default=None, help="also pick the best mixture within this many expert params")
     ap.add_argument("--tokenizer", default="byte")
-    ap.add_argument("--tune-steps", type=int, default=200,
+    ap.add_argument("--tune-steps", type=int, default=TuneConfig.steps,
                     help="router tuning of every mixture of several experts (0: the merged router as is)")
-    ap.add_argument("--tune-lr", type=float, default=3e-3)
-    ap.add_argument("--route-loss", type=float, default=1.0, help="router tuning: weight of the routing loss")
+    ap.add_argument("--tune-lr", type=float, default=TuneConfig.lr)
+    ap.add_argument("--route-loss", type=float, default=TuneConfig.route_loss,
+                    help="router tuning: weight of the routing loss")
+    ap.add_argument("--drop", type=float, default=TuneConfig.drop,
+                    help="router tuning: probability that an expert is absent from a row (rehearses opt-outs)")
     ap.add_argument("--sample", nargs="*", default=[], metavar="NAME=DATA",
                     help="router tuning: each owner's sample (shard folder or embedded:DOMAIN); default "
                          "embedded:<the expert's domain>, and embedded:public for public")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"--sample {item!r}: no expert {name!r}; experts are {sorted(specs)}")
                 specs[name] = spec
             fit = RouterFit({n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()},
-                            TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss))
+                            TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss,
+                                       drop=args.drop))
         rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
         if args.budget:
 

@@ -29,14 +29,15 @@ def main(argv: list[str] | None = None) -> int:
                          "embedded:DOMAIN; 'public' defaults to embedded:public")
     ap.add_argument("--max-seqs", type=int, default=2048, help=f"sequences read per sample (at most {MAX_SEQS})")
     ap.add_argument("--seq-len", type=int, required=True, help="the experts' training sequence length")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--route-loss", type=float, default=1.0,
+    ap.add_argument("--steps", type=int, default=TuneConfig.steps)
+    ap.add_argument("--lr", type=float, default=TuneConfig.lr)
+    ap.add_argument("--micro-batch", type=int, default=TuneConfig.micro_batch)
+    ap.add_argument("--route-loss", type=float, default=TuneConfig.route_loss,
                     help="weight of the routing loss (the router's cross-entropy against each sample's owner); 0: "
                          "the language-model loss alone, as FlexOlmo")
-    ap.add_argument("--drop", type=float, default=0.0,
-                    help="probability that an expert is absent from a training row (rehearses opt-outs)")
+    ap.add_argument("--drop", type=float, default=TuneConfig.drop,
+                    help="probability that an expert is absent from a training row, routed as if opted out, so that "
+                         "an opt-out leaves the other domains where they were; 0: FlexOlmo's tuning")
     ap.add_argument("--centroid", action="store_true", help="set the nearest-centroid router instead (no training)")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--device", default="auto")

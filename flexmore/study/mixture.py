@@ -180,7 +180,7 @@ class Evaluator:
 
 
 # name -> (routing-loss weight, x the size's steps, probability an expert is absent from a row)
-TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0)}
+TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0), "tuned+route+drop": (1.0, 1.0, 0.25)}
 
 
 def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_losses: dict,

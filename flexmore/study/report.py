@@ -103,13 +103,19 @@ def _summarise(rs: list[dict]) -> dict:
     for r in rs:
         by_rank[str(r["rank"])].append(r)
     stats = {k: mean_se(v) for k, v in by_rank.items()}
-    numeric = [(float(r["rank"]), higher_is_better(r)) for r in rs if str(r["rank"]) != FULL]
+    # a category pools tasks of different levels (an exact-match task at 0 beside a 4-way choice at 0.25): each task's
+    # mean is taken out first (task fixed effects), so the slope and its interval measure the change with rank alone
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in rs:
+        by_task[r["task"]].append(higher_is_better(r))
+    level = {t: sum(v) / len(v) for t, v in by_task.items()}
+    numeric = [(float(r["rank"]), higher_is_better(r) - level[r["task"]]) for r in rs if str(r["rank"]) != FULL]
     res = {"mean_by_rank": {k: m for k, (m, _) in stats.items()}, "se_by_rank": {k: se for k, (_, se) in stats.items()},
            "best_rank": pick_best(stats), "top_rank": max(stats, key=lambda k: stats[k][0])}
     if len({x for x, _ in numeric}) >= 2 and len(numeric) >= 3:
         fit = fit_log2([x for x, _ in numeric], [y for _, y in numeric])
-        res["fit"] = {"slope": fit.slope, "ci95": [fit.slope_lo, fit.slope_hi], "se": fit.se,
-                      "intercept": fit.intercept, "r2": fit.r2, "n": fit.n}
+        res["fit"] = {"slope": fit.slope, "ci95": [fit.slope_lo, fit.slope_hi], "se": fit.se, "r2": fit.r2,
+                      "n": fit.n}
     return res
 
 
@@ -222,6 +228,9 @@ def paper_verdict(analysis: dict) -> str | None:
             if max(cats[c]["mean_by_rank"].values()) == min(cats[c]["mean_by_rank"].values())]
     if flat:
         return f"{head} No verdict: {' and '.join(flat)} scores do not change with rank here."
+    ranks = {c: sorted(cats[c]["mean_by_rank"], key=rank_order) for c in ("reasoning", "knowledge")}
+    if ranks["reasoning"] != ranks["knowledge"]:
+        return f"{head} No verdict: the categories were measured at different ranks {ranks} (an unfinished sweep?)."
     fr, fk = cats["reasoning"].get("fit"), cats["knowledge"].get("fit")
     if not fr or not fk:
         return f"{head} No verdict: too few ranks to fit a slope."

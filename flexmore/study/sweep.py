@@ -7,6 +7,7 @@ Cells already in ``results.jsonl`` are not recomputed, and extracted experts are
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def selection_score(rows: list[dict], domain: str) -> float:
 
 
 def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
-              tokenizer: Tokenizer, device: torch.device, out: str | Path, fit: RouterFit | None = None) -> list[dict]:
+              tokenizer: Tokenizer, device: torch.device, out: str | Path, fit: RouterFit | None = None,
+              log=print) -> list[dict]:
     out = Path(out)
     base_path = latest_checkpoint(base_path)
     base = load_model(base_path)
@@ -102,6 +104,8 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
             raise ValueError(f"expert artifact {p} was trained against another base than {base_path}")
         experts.append(Expert(man.name, man.domain.split(",")[0], Path(p)))
     store = ResultStore(out / "results.jsonl")
+    total = len(experts) * (len(ranks) + 1) + len(ranks) + 2
+    timing = {"t0": time.perf_counter(), "new": 0}
 
     def artifact(e: Expert, rank) -> Path:
         if rank == FULL:
@@ -123,6 +127,11 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
                   "ranks": dict(choice), "params": c.total, "active_params": c.active,
                   "router": router_label(choice, fit)}
         store.add(key, evaluate_model(model, tokenizer, tasks, val_sets, device, labels))
+        timing["new"] += 1
+        if log:
+            per = (time.perf_counter() - timing["t0"]) / timing["new"]
+            left = total - len(store.done)
+            log(f"sweep cell {len(store.done)}/{total} {key}: {per:.0f}s per cell, ~{left * per / 60:.1f} min left")
 
     for e in experts:  # (a)
         for r in ranks + [FULL]:
