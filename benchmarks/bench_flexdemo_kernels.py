@@ -32,7 +32,7 @@ from flexdemo.ops.encode_reference import encode_reference  # noqa: E402
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 
-# The defaults and their nearest neighbours (earlier runs, in benchmarks/README.md: ieee dots and maxmask selection
+# The defaults and their nearest neighbours (earlier runs, in benchmarks/HISTORY.md: ieee dots and maxmask selection
 # 2-5x slower, 8 warps slower for both kernels). "nocap": without the register cap (encode.MAXNREG).
 # Encode: (selection, forward DCT's precision, subtraction's precision, warps, register cap); fwd-bf16x3 is the
 # default (dct_forward=fp32), fwd-tf32 the dct_forward=tf32 setting, fwd-tf32x3 the sixth session's default.

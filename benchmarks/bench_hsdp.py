@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexdemo import FlexDeMo, local_tensor  # noqa: E402
+from flexdemo import DeMoConfig, FlexDeMo, local_tensor  # noqa: E402
 from flexmore.config import OptimConfig  # noqa: E402
 from flexmore.data import ByteTokenizer, SequenceLoader, TokenStream, embedded_path  # noqa: E402
 from flexmore.model import count_params, load_preset  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
     model = build_parallel_model(cfg, ctx, args.strategy, seed=0, mixed_precision=mp)
     ocfg = OptimConfig(name=args.strategy, lr=args.lr or (1e-3 if args.strategy == "adamw" else 4e-4),
                        weight_decay=0.0 if args.strategy == "flexdemo" else 0.1, warmup_steps=args.warmup,
-                       topk=args.topk, chunk=args.chunk)
+                       demo=DeMoConfig(topk=args.topk, chunk=args.chunk))
     opt = build_optimizer(model, ocfg, dev, ctx.replicate_group)
     sched = LRSchedule(ocfg, args.steps + args.warmup)
     params = [p for p in model.parameters() if p.requires_grad]

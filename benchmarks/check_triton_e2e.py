@@ -1,8 +1,8 @@
 """FlexDeMo with the Triton kernels against the torch path, end to end on one GPU (a check, not a timing):
 
-1. the same short training run (embedded data, same seed) with ``optim.kernels=torch`` twice and ``triton`` once:
+1. the same short training run (embedded data, same seed) with ``optim.demo.kernels=torch`` twice and ``triton`` once:
    the loss curves, and how far triton's is from torch's next to how far torch's is from itself (the run-to-run
-   noise; zero on the H100 of benchmarks/README.md);
+   noise; zero on the H100 of benchmarks/HISTORY.md);
 2. two simulated replicas (separate optimizers, different gradients, one exchange per step) on real-sized tensors for
    many steps: their parameters must stay bit-identical.
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexdemo import FlexDeMo  # noqa: E402
+from flexdemo import DeMoConfig, FlexDeMo  # noqa: E402
 from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, TrainConfig  # noqa: E402
 from flexmore.model import load_preset  # noqa: E402
 from flexmore.train.loop import train  # noqa: E402
@@ -29,7 +29,7 @@ from flexmore.train.loop import train  # noqa: E402
 
 def loss_curve(kernels: str, model: str, steps: int, work: Path) -> dict[int, float]:
     cfg = Config(model=load_preset(model), data=DataConfig(train_chars=4_000_000),
-                 optim=OptimConfig(name="demo", lr=3e-4, warmup_steps=10, kernels=kernels),
+                 optim=OptimConfig(name="demo", lr=3e-4, warmup_steps=10, demo=DeMoConfig(kernels=kernels)),
                  train=TrainConfig(steps=steps, seq_len=256, micro_batch=16, eval_every=0, log_every=10,
                                    progress=False, resume="never"),
                  logging=LoggingConfig(mode="disabled"), run_dir=str(work / kernels / str(time.time_ns())))

@@ -11,7 +11,7 @@ DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
 class DeMoConfig:
     """Defaults follow the public DeMo code (β = 0.999, k = 32 of 64 x 64, sign update, no weight decay)."""
 

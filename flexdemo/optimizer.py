@@ -26,10 +26,9 @@ import torch.distributed as dist
 
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
-from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.config import DCT_FORWARD, DCT_INVERSE, DeMoConfig
+from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.wire import WireLayout, index_nbytes
-
 
 # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor; both fill a flat output.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -6,6 +6,7 @@ into objects, so bad values fail at start-up, before any data is built or any we
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,7 +16,7 @@ from flexmore.model.config import ModelConfig
 from flexmore.model.experts import Ranks
 from flexmore.parallel.strategy import STRATEGIES
 
-__all__ = ["Config", "DataConfig", "ExpertConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+__all__ = ["AdamWConfig", "Config", "DataConfig", "DeMoConfig", "ExpertConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
            "TrainConfig"]
 
 
@@ -25,9 +26,22 @@ def _need(cond: bool, msg: str) -> None:
 
 
 @dataclass
+class AdamWConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+              f"optim.adamw.betas={self.betas}: two values in [0, 1)")
+        _need(self.eps > 0, f"optim.adamw.eps={self.eps} must be > 0")
+
+
+@dataclass
 class OptimConfig:
-    """The optimizer, which is also the sync strategy: adamw (HSDP baseline), demo (every rank a DeMo replica),
-    flexdemo (FSDP inside a node, DeMo across nodes)."""
+    """The optimizer, which is also the sync strategy (``name``): adamw (HSDP baseline), demo (every rank a DeMo
+    replica), flexdemo (FSDP inside a node, DeMo across nodes). The schedule, clipping and weight decay are common;
+    ``adamw`` and ``demo`` hold each optimizer's own settings (``demo`` is ``flexdemo.DeMoConfig``, described there;
+    its weight decay is this one's)."""
 
     name: str = "adamw"  # adamw | demo | flexdemo
     lr: float = 3e-3
@@ -36,37 +50,19 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # <= 0: off
-    # AdamW
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    # DeMo / FlexDeMo: the fields of flexdemo.DeMoConfig, described there
-    beta: float = 0.999
-    topk: int = 32
-    chunk: int = 64
-    sign: bool = True
-    value_dtype: str = "bf16"
-    index_bits: int = 0
-    kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
-    dct_forward: str = "fp32"  # fp32 | tf32: what each means is in flexdemo.DeMoConfig, the one description
-    dct_inverse: str = "fp32"  # fp32 | tf32 (flexdemo.DeMoConfig)
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)
+    demo: DeMoConfig = field(default_factory=DeMoConfig)
 
     def __post_init__(self) -> None:
         _need(self.name in STRATEGIES, f"optim.name={self.name!r}; allowed: {', '.join(STRATEGIES)}")
         _need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
-        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}: two values in [0, 1)")
+        _need(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if STRATEGIES[self.name].per_replica_state:  # the DeMo settings are used: check them now
-            try:
-                self.demo_config()
-            except ValueError as e:
-                raise ValueError(f"optim: {e}") from None
 
-    def demo_config(self):
-        return DeMoConfig(beta=self.beta, topk=self.topk, chunk=self.chunk, sign=self.sign,
-                          weight_decay=self.weight_decay, value_dtype=self.value_dtype, index_bits=self.index_bits,
-                          kernels=self.kernels, dct_forward=self.dct_forward, dct_inverse=self.dct_inverse)
+    def demo_config(self) -> DeMoConfig:
+        return dataclasses.replace(self.demo, weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -79,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     autocast: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | off
-    compile: bool = False  # torch.compile the model for training (2.5-3.5x faster steps on H100: benchmarks/)
+    compile: bool = False  # torch.compile the model for training (faster steps on a GPU: benchmarks/HISTORY.md)
     log_every: int = 10
     eval_every: int = 50  # <= 0: only at the end
     eval_batches: int = 4
@@ -150,7 +146,7 @@ class ExpertConfig:
     ranks: list[int] = field(default_factory=lambda: [64])  # lowrank: one rank, or three (gate, up, down)
     router_init_batches: int = 8  # batches of domain / public data whose mean FFN input starts the router rows
     public_paths: list[str] = field(default_factory=list)  # data=shards: public data (router row, negatives)
-    # What keeps a merged mixture working (benchmarks/README.md, "Merged mixtures"); FlexOlmo's recipe as first
+    # What keeps a merged mixture working (benchmarks/HISTORY.md, "Merged mixtures"); FlexOlmo's recipe as first
     # specified is bias=false public_fraction=0 route_loss=0.
     bias: bool = True  # the learned expert bias b < 0 on this expert's logit
     bias_init: float = -1.0  # b at step 0

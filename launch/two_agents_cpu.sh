@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Emulate two nodes on one CPU machine: two torchrun agents (--nnodes=2) on 127.0.0.1, NPROC_PER_NODE processes each,
 # gloo. Extra arguments are hydra overrides, e.g.
-#   launch/two_agents_cpu.sh experiment=smoke optim=flexdemo optim.chunk=16
+#   launch/two_agents_cpu.sh experiment=smoke optim=flexdemo optim.demo.chunk=16
 set -euo pipefail
 source "$(dirname "$0")/python.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}

@@ -28,6 +28,7 @@ def tiny_config(tmp_path, **sections):
     from flexmore.config import (
         Config,
         DataConfig,
+        DeMoConfig,
         LoggingConfig,
         OptimConfig,
         TrainConfig,
@@ -39,7 +40,10 @@ def tiny_config(tmp_path, **sections):
                          **sections.pop("data", {})})
     train = TrainConfig(**{"steps": 12, "seq_len": 32, "micro_batch": 4, "log_every": 1, "eval_every": 6,
                            "eval_batches": 1, "progress": False, **sections.pop("train", {})})
-    optim = OptimConfig(**{"warmup_steps": 2, **sections.pop("optim", {})})
+    optim = dict(sections.pop("optim", {}))  # DeMo's settings may be given flat: {"name": "demo", "topk": 8}
+    demo = {k: optim.pop(k) for k in list(optim) if k in {f.name for f in dataclasses.fields(DeMoConfig)}
+            and k != "weight_decay"}
+    optim = OptimConfig(**{"warmup_steps": 2, **optim, "demo": DeMoConfig(**demo)})
     cfg = Config(model=model, data=data, train=train, optim=optim, logging=LoggingConfig(mode="disabled"),
                  run_dir=str(tmp_path / "run"), **sections)
     return cfg

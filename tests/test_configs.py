@@ -113,10 +113,21 @@ def test_bad_parallel_settings_fail_at_start_up(override, match):
         composed(override)
 
 
+@pytest.mark.parametrize("override, match", [
+    ("optim.demo.topk=5000", r"optim.demo.topk=5000 must be in \[1, chunk\*chunk=4096\]"),
+    ("optim.demo.dct_forward=tf16", "optim.demo.dct_forward='tf16'; allowed: fp32, tf32"),
+    ("optim.adamw.betas=[0.9,1.5]", r"optim.adamw.betas=\[0.9, 1.5\]: two values in \[0, 1\)"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+])
+def test_each_optimizers_settings_are_checked_under_their_own_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        composed("optim=flexdemo", override)
+
+
 def test_demo_and_flexdemo_share_one_set_of_settings():
     """optim=demo is flexdemo.yaml with another sync strategy; an override reaches both the same way."""
     import dataclasses
 
-    demo, flex = composed("optim=demo", "optim.topk=8"), composed("optim=flexdemo", "optim.topk=8")
+    demo, flex = composed("optim=demo", "optim.demo.topk=8"), composed("optim=flexdemo", "optim.demo.topk=8")
     assert demo.optim.name == "demo" and flex.optim.name == "flexdemo"
-    assert dataclasses.replace(demo.optim, name="flexdemo") == flex.optim and demo.optim.topk == 8
+    assert dataclasses.replace(demo.optim, name="flexdemo") == flex.optim and demo.optim.demo_config().topk == 8

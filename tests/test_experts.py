@@ -239,13 +239,13 @@ def test_expert_run_takes_seq_len_limit_from_the_base(world, tmp_path):
 
 def job_expert_under_hsdp(tmp: str, base: str) -> dict:
     """An expert trained with FSDP inside the "node" (adamw, 1 x 2) and with FlexDeMo across "nodes" (2 x 1)."""
-    from flexmore.config import ParallelConfig
+    from flexmore.config import DeMoConfig, ParallelConfig
 
     out = {}
     for name, optim, mesh in (("fsdp", "adamw", ParallelConfig(replicate=1, shard=2)),
                               ("flexdemo", "flexdemo", ParallelConfig(replicate=2, shard=1))):
         cfg = expert_cfg(Path(tmp), base, name, "lowrank", "math", steps=4)
-        cfg.optim.name, cfg.optim.chunk, cfg.optim.topk, cfg.parallel = optim, 16, 8, mesh
+        cfg.optim.name, cfg.optim.demo, cfg.parallel = optim, DeMoConfig(chunk=16, topk=8), mesh
         res = train_expert(cfg)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

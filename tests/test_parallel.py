@@ -199,7 +199,7 @@ def test_resume_with_another_shard_degree_restores_params_and_residuals(four, tm
 def test_two_torchrun_agents_on_loopback(tmp_path):
     """Two agents (--nnodes=2) on one machine, 2 processes each, FlexDeMo across the emulated nodes."""
     script = REPO / "launch" / "two_agents_cpu.sh"
-    done = subprocess.run(["bash", str(script), "experiment=smoke", "optim=flexdemo", "optim.chunk=16", "optim.topk=8",
+    done = subprocess.run(["bash", str(script), "experiment=smoke", "optim=flexdemo", "optim.demo.chunk=16", "optim.demo.topk=8",
                            "train.steps=4", f"hydra.run.dir={tmp_path}/run"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable})
@@ -228,14 +228,14 @@ def test_layout_defaults_come_from_torchrun():
 
 
 def test_unknown_strategy_and_bad_demo_settings_fail_at_config():
-    from flexmore.config import OptimConfig
+    from flexmore.config import DeMoConfig, OptimConfig
 
     with pytest.raises(ValueError, match="optim.name='sgd'; allowed: adamw, demo, flexdemo"):
         OptimConfig(name="sgd")
-    with pytest.raises(ValueError, match=r"optim: topk=5000 must be in \[1, chunk\*chunk=4096\]"):
-        OptimConfig(name="flexdemo", topk=5000)
-    with pytest.raises(ValueError, match="optim: chunk=0 must be >= 1"):
-        OptimConfig(name="flexdemo", chunk=0)
+    with pytest.raises(ValueError, match=r"topk=5000 must be in \[1, chunk\*chunk=4096\]"):
+        OptimConfig(name="flexdemo", demo=DeMoConfig(topk=5000))
+    with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+        OptimConfig(name="flexdemo", demo=DeMoConfig(chunk=0))
 
 
 def job_reshard(tmp: str) -> dict:

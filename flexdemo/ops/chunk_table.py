@@ -1,7 +1,7 @@
 """Many tensors' chunks as one kernel launch: which tensor each chunk belongs to and where its payload goes.
 
 A model has dozens to hundreds of 2-D tensors, most of them only a few hundred chunks: one launch per tensor is a
-partial wave over the GPU and a Python launch each, so the optimizer step becomes launch-bound (benchmarks/README.md).
+partial wave over the GPU and a Python launch each, so the optimizer step becomes launch-bound (benchmarks/HISTORY.md).
 One launch over a table of every tensor's chunks fills the GPU and costs one launch. The table's shapes and offsets
 are fixed when it is built; the tensors' addresses and row strides are passed per call (gradients are new tensors
 every step).

@@ -28,7 +28,7 @@ from flexdemo.ops.rounding import cast_like
 # largest update on the H100, faster than ieee (CUDA-core fp32, 4.5e-7) and than one tf32 pass (dct_inverse=tf32,
 # 7.9e-4), which wants both operands K-major (the gathered rows would go to shared memory transposed).
 PRECISION = "bf16x3"
-NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
+NUM_WARPS = 4  # 8 is slower (benchmarks/HISTORY.md)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import cast_like
 
 TOPK_METHODS = ("rank", "bisect", "maxmask")
-TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/README.md)
+TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/HISTORY.md)
 # The forward DCT's products (dct_forward=fp32) for a 16-bit wire: three bf16 products, each factor to 16 significant
 # bits, 128x finer than the bf16 wire's rounding: on 4096 x 11008 (H100) the ieee set in all but 5 of 11008 chunks
 # (near-ties) and 0.04% of the sent values one bf16 step away; 14% faster than tf32x3, and ieee is 2.5-5x slower.
@@ -34,7 +34,7 @@ FORWARD_PRECISION_FP32_WIRE = "tf32x3"
 # relative to its largest entry, on the H100). tf32 wants both operands K-major, so the gathered basis rows would go
 # to shared memory transposed, with 8-way bank conflicts; bf16 takes them as they lie: 8% faster than tf32x3.
 PRECISION = "bf16x3"
-NUM_WARPS = 4  # 8 is slower (benchmarks/README.md)
+NUM_WARPS = 4  # 8 is slower (benchmarks/HISTORY.md)
 MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (245 registers uncapped: 2), 0-6 bytes spilled
 
 

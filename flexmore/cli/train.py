@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from flexmore.config import Config
+from flexmore.config import Config, DeMoConfig
 from flexmore.experts.training import train_expert
 from flexmore.model.presets import conf_dir
 from flexmore.train.loop import train
@@ -21,7 +23,13 @@ def to_config(dcfg: DictConfig) -> Config:
     if missing:
         raise ValueError(f"required config values are not set: {', '.join(missing)}; "
                          f"give them on the command line, e.g. {missing[0]}=...")
-    return OmegaConf.to_object(dcfg)
+    try:
+        return OmegaConf.to_object(dcfg)
+    except ValueError as e:  # flexdemo's own checks name the field alone: say where it sits in this config
+        field = str(e).split("=", 1)[0]
+        if field in {f.name for f in dataclasses.fields(DeMoConfig)}:
+            raise ValueError(f"optim.demo.{e}") from None
+        raise
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")

@@ -71,7 +71,7 @@ class TuneConfig:
     lr: float = 3e-3
     micro_batch: int = 16  # sequences per step, split evenly over the samples (round robin over the rest)
     weight_decay: float = 0.0
-    # Defaults: the measured recipe (benchmarks/README.md, "Merged FlexMoRE mixtures"); FlexOlmo's is route_loss=0,
+    # Defaults: the measured recipe (benchmarks/HISTORY.md, "Merged FlexMoRE mixtures"); FlexOlmo's is route_loss=0,
     # drop=0.
     route_loss: float = 1.0  # > 0: also x the router's cross-entropy against each row's owner (its sample's expert)
     drop: float = 0.25  # each non-public expert is absent from a row with this probability (rehearses opt-outs)

@@ -27,7 +27,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     """AdamW (fused on GPU), or FlexDeMo exchanging over ``replicate_group`` for demo / flexdemo."""
     groups = param_groups(model, cfg.weight_decay)
     if get_strategy(cfg.name).dense_sync:  # HSDP: plain AdamW on the all-reduced gradients
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adamw.betas), eps=cfg.adamw.eps, fused=device.type == "cuda")
 
     return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config())
 
