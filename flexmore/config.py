@@ -7,6 +7,7 @@ into objects, so bad values fail at start-up, before any data is built or any we
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,7 +56,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _need(self.name in STRATEGIES, f"optim.name={self.name!r}; allowed: {', '.join(STRATEGIES)}")
-        _need(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _need(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a finite number > 0")
+        _need(math.isfinite(self.grad_clip), f"optim.grad_clip={self.grad_clip} must be a finite number (<= 0: off)")
         _need(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
@@ -82,7 +84,13 @@ class TrainConfig:
     save_every: int = 0  # <= 0: only at the end
     keep_last: int = 2
     save_dir: Optional[str] = None  # default: <run dir>/checkpoints
-    resume: str = "auto"  # auto: continue from save_dir's latest checkpoint if any | never
+    resume: str = "auto"  # auto: continue from save_dir's latest intact checkpoint if any | never (refused there)
+    save_model: bool = True  # a finished run writes its model folder (safetensors) at <run dir>/model
+    force_resume: bool = False  # resume although seed, seq_len or global batch changed: the data order restarts
+    # a step whose loss or gradient norm is not finite on any rank: stop (naming the last good checkpoint) or skip
+    # it (no update), at most max_skips in a row
+    nonfinite: str = "stop"
+    max_skips: int = 10
     peak_tflops: Optional[float] = None  # for MFU; default: known GPUs' dense bf16 peak
     progress: bool = True
 
@@ -94,6 +102,8 @@ class TrainConfig:
         _need(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}; allowed: auto, cpu, cuda")
         _need(self.autocast in ("auto", "bf16", "off"), f"train.autocast={self.autocast!r}; allowed: auto, bf16, off")
         _need(self.resume in ("auto", "never"), f"train.resume={self.resume!r}; allowed: auto, never")
+        _need(self.nonfinite in ("stop", "skip"), f"train.nonfinite={self.nonfinite!r}; allowed: stop, skip")
+        _need(self.max_skips >= 1, f"train.max_skips={self.max_skips} must be >= 1")
 
 
 @dataclass
@@ -120,8 +130,12 @@ class ParallelConfig:
     # gloo: the inter-node traffic (HSDP's gradient all-reduce, FlexDeMo's exchange) goes over gloo/TCP through host
     # memory, emulating a slow link between nodes on one machine; auto: the main backend
     replicate_backend: str = "auto"
+    # a collective that waits longer than this ends the run, naming the ranks that stopped reporting steps
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _need(self.timeout_s > 0 and math.isfinite(self.timeout_s),
+              f"parallel.timeout_s={self.timeout_s} must be a finite number of seconds > 0")
         _need(self.backend in ("auto", "nccl", "gloo"), f"parallel.backend={self.backend!r}; allowed: auto, nccl, gloo")
         _need(self.replicate_backend in ("auto", "gloo"),
               f"parallel.replicate_backend={self.replicate_backend!r}; allowed: auto, gloo")
@@ -139,7 +153,8 @@ PUBLIC_MODES = ("train", "router")
 class ExpertConfig:
     """Train one FlexMoRE expert against a frozen base (set ``base``); empty ``base``: an ordinary run."""
 
-    base: Optional[str] = None  # the public dense base: a checkpoint, a run folder (its latest), or a model folder
+    base: Optional[str] = None  # the public dense base: a model folder, or a run folder (its model folder)
+    trust_checkpoint: bool = False  # also read base as a training checkpoint (DCP: unpickles; only your own run's)
     required: bool = False  # experiment=expert sets it, so a missing base is an error rather than an ordinary run
     name: str = "expert"
     kind: str = "full"  # full: a copy of the public FFN | lowrank: W_public + B A, only A and B train

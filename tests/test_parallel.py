@@ -174,10 +174,12 @@ def test_demo_every_rank_a_replica(four):
 
 
 def job_reload(save_dir: str) -> dict:
-    """Load A's last checkpoint on 2 nodes x 1 GPU: no steps run, the state comes back resharded."""
+    """Load A's last checkpoint on 2 nodes x 1 GPU: no steps run, the state comes back resharded (half the ranks:
+    half the global batch, so the data order restarts: force_resume)."""
     from flexmore.train.loop import train
 
-    cfg = tiny_config(Path(save_dir).parent, optim=DEMO, train={"steps": STEPS, "save_dir": save_dir},
+    cfg = tiny_config(Path(save_dir).parent, optim=DEMO, train={"steps": STEPS, "save_dir": save_dir,
+                                                                 "force_resume": True},
                       parallel=ParallelConfig(replicate=2, shard=1))
     res = train(cfg)
     return {"resumed_from": res.resumed_from, "params": _local(res.model), "delta": _residuals(res)}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from flexmore.cli import TRUST_HELP
 from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.routing import plot_routing, routing_mass, routing_stats
@@ -19,13 +20,14 @@ from flexmore.store.modeldir import load_model
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexmore-eval", description=__doc__)
-    ap.add_argument("--model", required=True, help="model folder, checkpoint, or run folder")
+    ap.add_argument("--model", required=True, help="model folder, or run folder (its model folder)")
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ap.add_argument("--tasks", nargs="*", default=["embedded"],
                     help="'embedded' (math_qa, facts_qa, math_mc, facts_mc) and/or path.jsonl:name:category[:domain]")
     ap.add_argument("--n", type=int, default=100, help="items per embedded task")
     ap.add_argument("--val-domains", nargs="*", default=["public", "code", "math", "facts"])
     ap.add_argument("--val-batches", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 256, or the model's max_seq_len if smaller")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True, help="table path (writes .csv and .json)")
@@ -36,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device)
-        model = load_model(args.model, device=device)
+        model = load_model(args.model, device=device, trust_checkpoint=args.trust_checkpoint)
         tok = load_tokenizer(args.tokenizer)
-        val = embedded_val_sets(args.val_domains, tok, min(args.seq_len, model.cfg.max_seq_len), args.val_batches)
+        if args.seq_len is None:
+            args.seq_len = min(256, model.cfg.max_seq_len)
+        if args.seq_len > model.cfg.max_seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} is beyond the model's max_seq_len={model.cfg.max_seq_len}")
+        val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)
     except (FileNotFoundError, ValueError) as e:
         print(f"flexmore-eval: error: {e}", file=sys.stderr)
         return 2

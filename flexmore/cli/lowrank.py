@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from flexmore.cli import TRUST_HELP
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.extract import save_lowrank
 from flexmore.model.experts import PROJECTIONS, Ranks, break_even_rank
-from flexmore.store.modeldir import latest_checkpoint, load_model
+from flexmore.store.modeldir import load_model
 
 
 def parse_rank(text: str) -> list[int]:
@@ -27,14 +28,15 @@ def public_ffn(model, n_layers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexmore-lowrank", description=__doc__)
-    ap.add_argument("--base", required=True, help="the public base: checkpoint, run folder or model folder")
+    ap.add_argument("--base", required=True, help="the public base: a model folder, or a run folder (its model folder)")
     ap.add_argument("--expert", required=True, help="a full expert's artifact folder")
     ap.add_argument("--ranks", required=True, nargs="+", type=parse_rank, help="ranks: 8 16 64, or gate,up,down")
     ap.add_argument("--out", required=True, help="folder for <name>-r<rank> artifacts and report.json")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
     try:
-        base = load_model(latest_checkpoint(args.base))
+        base = load_model(args.base, trust_checkpoint=args.trust_checkpoint)
         tensors, man = load_artifact(args.expert)
         if man.kind != "full":
             raise ValueError(f"{args.expert} is a {man.kind} expert; extraction needs a full expert")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flexmore.cli import TRUST_HELP
 from flexmore.experts.hf import export_hf
 from flexmore.experts.merge import merge, opt_out
 from flexmore.model import count_params
-from flexmore.store.modeldir import latest_checkpoint, load_model, save_model_dir
+from flexmore.store.modeldir import load_model, save_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,14 +25,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="transformers' FlexOlmo has no expert bias: refuse a model with one (error), or write it "
                          "without it (drop: a different routing; evaluate it)")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
     try:
         if args.top_k is not None and args.top_k < 1:
             raise ValueError(f"--top-k={args.top_k} must be >= 1")
         if args.merged:
-            model = load_model(args.merged)
+            model = load_model(args.merged, trust_checkpoint=args.trust_checkpoint)
         elif args.base and args.experts:
-            model = merge(latest_checkpoint(args.base), args.experts, top_k=args.top_k)
+            model = merge(args.base, args.experts, top_k=args.top_k, trust_checkpoint=args.trust_checkpoint)
         else:
             raise ValueError("give --base and --experts, or --merged")
         if args.drop:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from flexmore.cli import TRUST_HELP
 from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
@@ -17,7 +18,7 @@ from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.experts.artifact import read_manifest
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model import count_params
-from flexmore.store.modeldir import latest_checkpoint
+from flexmore.store.modeldir import check_trusted, is_checkpoint, load_model, save_model_dir
 from flexmore.study.allocate import allocate
 from flexmore.study.report import write_report
 from flexmore.study.results import ResultStore
@@ -72,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
     ap.add_argument("--out", required=True)
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        base = check_trusted(args.base, args.trust_checkpoint)
+        if is_checkpoint(base):  # your own checkpoint, trusted: read once, then as a model folder like any other
+            base = save_model_dir(load_model(base, trust_checkpoint=True), out / "base-model", overwrite=True)
         tasks = build_tasks(args.tasks, args.n)
         tok = load_tokenizer(args.tokenizer)
         val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             fit = RouterFit({n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()},
                             TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss,
                                        drop=args.drop))
-        rows = run_sweep(args.base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
+        rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
         if args.budget:
 
             full = {read_manifest(p).name: Path(p) for p in args.experts}
@@ -106,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             store = ResultStore(out / "results.jsonl")
             key = cell_key("alloc", choice, fit)
             if key not in store.done:
-                base = latest_checkpoint(args.base)
                 model = build_mixture(base, {n: artifact_of(n, r) for n, r in choice.items()}, fit, device)
                 c = count_params(model)
                 store.add(key, evaluate_model(model, tok, tasks, val, device, {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flexmore.cli import TRUST_HELP
 from flexmore.data import load_tokenizer
 from flexmore.experts.router import MAX_SEQS, TuneConfig, centroid_router, load_sample, tune_router
 from flexmore.store.modeldir import load_model, save_model_dir
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True, help="the new model folder")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
     try:
         if not 1 <= args.max_seqs <= MAX_SEQS:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device)
-        model = load_model(args.merged)
+        model = load_model(args.merged, trust_checkpoint=args.trust_checkpoint)
         if not 1 <= args.seq_len <= model.cfg.max_seq_len:
             raise ValueError(f"--seq-len={args.seq_len} must be in [1, the model's max_seq_len={model.cfg.max_seq_len}]")
         tok = load_tokenizer(args.tokenizer)

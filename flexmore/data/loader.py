@@ -78,8 +78,24 @@ class SequenceLoader:
     def state_dict(self) -> dict:
         return {"step": self.state.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, strict: bool = True) -> None:
+        if strict:
+            same_data_order(sd, self.state_dict())
         self.state.step = int(sd["step"])
+
+
+ORDER_KEYS = {"seed": "data.seed", "seq_len": "train.seq_len", "extra_rows": "public rows per micro-batch",
+              "global_batch": "global batch (train.micro_batch x train.grad_accum x ranks)"}
+
+
+def same_data_order(saved: dict, now: dict) -> None:
+    """A saved loader position means something only under the same seed, sequence length and global batch."""
+    diff = [f"{ORDER_KEYS.get(k, k)}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in sorted(now)
+            if k != "step" and k in saved and saved[k] != now[k]]
+    if diff:
+        raise ValueError("cannot resume the data order: " + ", ".join(diff) + " (its saved position would mean "
+                         "other data). Restore those settings, or set train.force_resume=true to keep the weights "
+                         "and optimizer state and restart the data order from the resumed step")
 
 
 def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -134,6 +150,7 @@ class MixedLoader:
     def state_dict(self) -> dict:
         return {**self.main.state_dict(), "global_batch": self.global_batch, "extra_rows": self.extra_rows}
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.main.load_state_dict(sd)
-        self.extra.load_state_dict(sd)
+    def load_state_dict(self, sd: dict, strict: bool = True) -> None:
+        if strict:
+            same_data_order(sd, self.state_dict())
+        self.main.state.step = self.extra.state.step = int(sd["step"])

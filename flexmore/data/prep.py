@@ -37,15 +37,31 @@ def read_texts(path: Path, field: str = "text") -> Iterator[str]:
     """.txt: one document per file; .jsonl: one per
     line, ``field`` holding the text; .parquet: one per row of column ``field``."""
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file?") from None
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {e.reason}); is it a binary "
+                                     "file?") from None
                 if not line.strip():
                     continue
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{lineno}: a JSON {type(rec).__name__}, not an object with a "
+                                     f"{field!r} field")
                 if field not in rec:
                     raise KeyError(f"{path}:{lineno} has no field {field!r} (fields: {sorted(rec)}); set --field")
+                if not isinstance(rec[field], str):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} is a {type(rec[field]).__name__}, not text")
                 yield rec[field]
     elif path.suffix == ".parquet":
         try:

@@ -96,9 +96,13 @@ def read_index(path: str | Path) -> dict:
         raise FileNotFoundError(f"data path {path} does not exist")
     if not (path / INDEX).is_file():
         raise FileNotFoundError(f"data path {path} has no {INDEX}; make one with `flexmore-prep`")
-    index = json.loads((path / INDEX).read_text())
-    if index.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path / INDEX} has format version {index.get('version')}; expected {FORMAT_VERSION}")
+    try:
+        index = json.loads((path / INDEX).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / INDEX} is not valid JSON ({e}); remake the folder with flexmore-prep") from None
+    if not isinstance(index, dict) or index.get("version") != FORMAT_VERSION:
+        got = index.get("version") if isinstance(index, dict) else None
+        raise ValueError(f"{path / INDEX} has format version {got}; expected {FORMAT_VERSION}")
     if index["num_tokens"] <= 0:
         raise ValueError(f"data path {path} is empty (0 tokens)")
     return index
@@ -121,8 +125,13 @@ class TokenStream:
         self.arrays: list[np.memmap] = []
         for p, ix in zip(self.paths, self.indexes):
             for sh in ix["shards"]:
-                self.arrays.append(np.memmap(p / sh["file"], dtype=np.dtype(ix["dtype"]), mode="r",
-                                             shape=(sh["num_tokens"],)))
+                f, dtype = p / sh["file"], np.dtype(ix["dtype"])
+                size = f.stat().st_size if f.is_file() else -1
+                if size != sh["num_tokens"] * dtype.itemsize:
+                    raise ValueError(f"{f}: {'missing' if size < 0 else f'{size} bytes'}, but {p / INDEX} says "
+                                     f"{sh['num_tokens']} tokens of {dtype.name} ({sh['num_tokens'] * dtype.itemsize} "
+                                     "bytes); the folder is damaged: remake it with flexmore-prep")
+                self.arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(sh["num_tokens"],)))
         self.offsets = np.cumsum([0] + [a.size for a in self.arrays])
         self.num_tokens = int(self.offsets[-1])
 
@@ -137,4 +146,8 @@ class TokenStream:
             take = min(length - filled, self.arrays[i].size - pos)
             out[filled : filled + take] = self.arrays[i][pos : pos + take]
             filled, i, pos = filled + take, i + 1, 0
+        if length and out.max() > self.max_token_id:  # cheap per window; a lying index would fail deep in the model
+            raise ValueError(f"data {[str(p) for p in self.paths]}: token id {int(out.max())} at tokens [{start}, "
+                             f"{start + length}) is above the max_token_id {self.max_token_id} of its index.json; "
+                             "the folder is damaged: remake it with flexmore-prep")
         return out

@@ -123,4 +123,8 @@ def read_manifest(path: str | Path) -> ExpertManifest:
 
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ExpertManifest]:
     man = read_manifest(path)
-    return load_file(Path(path) / TENSORS), man
+    try:
+        return load_file(Path(path) / TENSORS), man
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated file, bad header), or OSError
+        raise ValueError(f"expert artifact {path} ({man.name!r}): {TENSORS} cannot be read ({e}); it is damaged or "
+                         "incomplete: copy it again from its owner") from None

@@ -40,11 +40,11 @@ def _check_ranks(path, manifest: ExpertManifest, tensors: dict, cfg: ModelConfig
 
 
 def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | None = None,
-          expert_bias: bool = True) -> FlexOlmo:
+          expert_bias: bool = True, trust_checkpoint: bool = False) -> FlexOlmo:
     """Base (dense) + artifacts -> one MoE: expert 0 = the public FFN, expert i = artifact i, router rows stacked."""
     if not artifact_paths:
         raise ValueError("merge needs at least one expert artifact")
-    base = load_model(base_path)
+    base = load_model(base_path, trust_checkpoint=trust_checkpoint)
     bcfg = base.cfg
     if bcfg.num_experts != 1:
         raise ValueError(f"the base {base_path} must be dense (num_experts=1), it has {bcfg.num_experts} experts")
@@ -62,6 +62,9 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
         if man.name in names:
             raise ValueError(f"expert name {man.name!r} appears twice; names must be unique")
         names.append(man.name)
+    E = len(loaded) + 1
+    if top_k is not None and not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k}: the merged model has {E} experts (public + {len(loaded)}); allowed 1..{E}")
     pub0 = loaded[0][1]
     for path, tensors, _ in loaded[1:]:
         for i in range(bcfg.n_layers):
@@ -69,7 +72,7 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
                 raise ValueError(f"expert artifact {path}: its public router row differs from {loaded[0][0]}'s")
     E = len(names)
     cfg = dataclasses.replace(
-        bcfg, num_experts=E, top_k=min(top_k or E, E), expert_bias=expert_bias, expert_names=names,
+        bcfg, num_experts=E, top_k=top_k or E, expert_bias=expert_bias, expert_names=names,
         expert_kinds=["full"] + [m.kind for _, _, m in loaded],
         expert_ranks=[[]] + [list(m.ranks) if m.kind == "lowrank" else [] for _, _, m in loaded],
         norm_topk_prob=False,

@@ -19,7 +19,7 @@ from flexmore.experts.artifact import ExpertManifest, base_hash, expert_tensors,
 from flexmore.experts.upcycle import expert_config, is_trainable, mean_ffn_inputs, upcycle
 from flexmore.model import ModelConfig
 from flexmore.model.experts import break_even_rank
-from flexmore.store.modeldir import latest_checkpoint, load_model, read_config
+from flexmore.store.modeldir import check_trusted, load_model, read_config
 from flexmore.train.loop import TrainResult, train
 from flexmore.train.recipe import Recipe
 
@@ -27,7 +27,7 @@ from flexmore.train.recipe import Recipe
 def expert_model_config(cfg: Config, tokenizer: Tokenizer) -> tuple[ModelConfig, Path]:
     """The 2-expert shape from the base's own config; checked before any work."""
     ec = cfg.expert
-    base_path = latest_checkpoint(ec.base)
+    base_path = check_trusted(ec.base, ec.trust_checkpoint, flag="expert.trust_checkpoint=true")
     base_cfg = read_config(base_path)
     if cfg.train.seq_len > base_cfg.max_seq_len:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} is larger than the base's max_seq_len={base_cfg.max_seq_len}")
@@ -70,7 +70,7 @@ def expert_loader(cfg: Config, tokenizer: Tokenizer, train_stream: TokenStream, 
 def expert_init_state(cfg: Config, model_cfg: ModelConfig, base_path: Path, tokenizer: Tokenizer,
                       train_stream: TokenStream, device: torch.device) -> dict[str, torch.Tensor]:
     tc, n = cfg.train, cfg.expert.router_init_batches
-    base = load_model(base_path, device=device)
+    base = load_model(base_path, device=device, trust_checkpoint=cfg.expert.trust_checkpoint)
     pub = mean_ffn_inputs(base, eval_batches(public_stream(cfg, tokenizer), tc.seq_len, tc.micro_batch, n), device)
     dom = mean_ffn_inputs(base, eval_batches(train_stream, tc.seq_len, tc.micro_batch, n), device)
     return upcycle(base.cpu(), model_cfg, pub.cpu(), dom.cpu(), seed=tc.seed)

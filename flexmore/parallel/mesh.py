@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,8 @@ def resolve_layout(world: int, local_world: int, replicate: int | None, shard: i
 
 
 def init_parallel(replicate: int | None, shard: int | None, backend: str, device_pref: str,
-                  every_rank_a_replica: bool = False, replicate_backend: str = "auto") -> ParallelContext:
+                  every_rank_a_replica: bool = False, replicate_backend: str = "auto",
+                  timeout_s: float = 600.0) -> ParallelContext:
     """Read torchrun's environment, validate the layout, start the process group and build the mesh."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -77,13 +79,14 @@ def init_parallel(replicate: int | None, shard: int | None, backend: str, device
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"parallel.backend={backend!r}; allowed: auto, nccl, gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None,
+                                timeout=timedelta(seconds=timeout_s))
     mesh = init_device_mesh(device.type, (R, S), mesh_dim_names=("replicate", "shard"))
     slow = None
     if replicate_backend == "gloo" and R > 1:
         # Every rank creates every replicate group (new_group is collective), keeps its own.
         for j in range(S):
-            group = dist.new_group([r * S + j for r in range(R)], backend="gloo")
+            group = dist.new_group([r * S + j for r in range(R)], backend="gloo", timeout=timedelta(seconds=timeout_s))
             if rank % S == j:
                 slow = group
     elif replicate_backend != "auto":

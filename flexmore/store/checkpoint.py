@@ -2,12 +2,17 @@
 
 Layout: <save_dir>/step_00000100/{DCP files, meta.json}. A folder whose name is step_<N> is complete by construction:
 it only gets that name by a rename after everything in it was written, so a crash mid-save leaves a hidden
-``.step_<N>.tmp`` folder that is never taken as the latest and is cleaned up by the next save.
+``.step_<N>.tmp`` folder that is never taken as the latest and is cleaned up by the next save. meta.json holds the
+sha256 of every file, checked before a resume: a damaged checkpoint is named and the one before it used.
+
+DCP's ``.metadata`` is a pickle, so loading a checkpoint runs whatever its writer put there: checkpoints are for
+resuming one's own run. Models that cross between owners are model folders (safetensors + JSON, store/modeldir.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -60,6 +65,14 @@ def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Parall
     return {"optim": get_optimizer_state_dict(model, optimizer)}
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class CheckpointManager:
     def __init__(self, save_dir: str | Path, keep_last: int = 2):
         if keep_last < 1:
@@ -78,12 +91,46 @@ class CheckpointManager:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
 
+    def latest_intact(self, log=print) -> Path | None:
+        """The newest checkpoint whose files match the checksums it was saved with; each damaged one is named."""
+        damaged = []
+        for step in reversed(self.steps()):
+            problem = self.damage(self.path(step))
+            if problem is None:
+                return self.path(step)
+            damaged.append(self.path(step))
+            log(f"checkpoint {self.path(step)} is damaged ({problem}); trying the one before it")
+        if damaged:
+            raise ValueError(f"every checkpoint in {self.dir} is damaged ({', '.join(map(str, damaged))}); move them "
+                             "aside to start over")
+        return None
+
+    @classmethod
+    def damage(cls, path: Path) -> str | None:
+        """What is wrong with a checkpoint's files (None: they match their checksums, or it predates them)."""
+        try:
+            meta = cls.read_meta(path)
+        except (ValueError, OSError) as e:
+            return f"{META} unreadable: {e}"
+        for name, digest in meta.get("files", {}).items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if file_sha256(path / name) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
     @staticmethod
     def read_meta(path: str | Path) -> dict:
         path = Path(path)
         if not (path / META).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
-        return json.loads((path / META).read_text())
+        try:
+            meta = json.loads((path / META).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / META} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or "model" not in meta or "step" not in meta:
+            raise ValueError(f"{path / META} lacks the model shape or the step: not a checkpoint this code wrote")
+        return meta
 
     @classmethod
     def check_compatible(cls, path: str | Path, model_cfg: ModelConfig, strategy: Strategy | None = None,
@@ -114,11 +161,21 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         state = {"model": get_model_state_dict(model), "rng": _rng_state(), **_optim_state(model, optimizer, ctx)}
-        with _quiet():
-            dcp.save(state, checkpoint_id=str(tmp))
+        try:
+            with _quiet():
+                dcp.save(state, checkpoint_id=str(tmp))
+        except BaseException as e:
+            free = shutil.disk_usage(self.dir).free
+            if free < (1 << 26) or "no space" in str(e).lower():  # under 64 MiB left: what a full disk looks like
+                latest = self.latest()
+                raise OSError(f"saving step {step} failed: the disk holding {self.dir} is full ({free:,} bytes free). "
+                              + (f"The last checkpoint, {latest}, is intact" if latest else "No checkpoint was saved")
+                              + "; free space and run again to resume") from e
+            raise
         barrier()
         if rank() == 0:
-            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / META).write_text(json.dumps({**meta, "step": step, "files": files}, indent=1))
             publish(tmp, final, overwrite=True)
             self._prune()
         barrier()

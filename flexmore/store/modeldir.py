@@ -1,5 +1,9 @@
 """Model folders: config.json (our ModelConfig) + model.safetensors, written atomically; and reading a dense or MoE
-model from either such a folder or a training checkpoint (DCP) folder."""
+model from such a folder, or, for one's own runs only, from a training checkpoint (DCP) folder.
+
+A model folder is what crosses between owners (a public base, a merged model): safetensors and JSON, which cannot run
+code when read. A DCP checkpoint's ``.metadata`` is a pickle, so it is read only when the caller says it trusts it
+(its own run). A finished training run writes its model folder at ``<run dir>/model``."""
 
 from __future__ import annotations
 
@@ -18,14 +22,40 @@ from flexmore.store.checkpoint import CheckpointManager
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
-def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """``extra``: JSON-able provenance kept in config.json beside the model config (e.g. how its router was fitted)."""
+MODEL_DIR = "model"  # a finished run's model folder, inside its run folder
+
+
+class UntrustedCheckpoint(ValueError):
+    pass
+
+
+def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False, extra: dict | None = None,
+                   state: dict[str, torch.Tensor] | None = None) -> Path:
+    """``extra``: JSON-able provenance kept in config.json beside the model config (e.g. how its router was fitted).
+    ``state``: the full state dict when ``model`` holds only shards (gathered by the caller)."""
     def write(tmp: Path) -> None:
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        sd = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
         save_file(sd, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg), **(extra or {})}, indent=1))
 
     return atomic_dir(Path(out), write, overwrite)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return not (path / CONFIG).is_file() and (path / "meta.json").is_file()
+
+
+def check_trusted(path: str | Path, trust_checkpoint: bool, flag: str = "--trust-checkpoint") -> Path:
+    """The model folder or checkpoint that ``path`` names; a checkpoint only when trusted (refused early, with what
+    to do, otherwise)."""
+    path = latest_checkpoint(path)
+    if is_checkpoint(path) and not trust_checkpoint:
+        raise UntrustedCheckpoint(
+            f"{path} is a training checkpoint (DCP): its .metadata is a pickle, and loading it runs whatever code its "
+            "writer put there, so a model from another party must come as a model folder (config.json + "
+            "model.safetensors; a finished run writes one at <run dir>/model). For a checkpoint of your own run, "
+            f"convert it (flexmore-convert --checkpoint {path} --out FOLDER) or pass {flag}")
+    return path
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -39,10 +69,10 @@ def read_config(path: str | Path) -> ModelConfig:
                             "(meta.json); for a run folder, name one of its checkpoints/step_* folders")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> FlexOlmo:
-    """A model from a model folder, a training checkpoint, or a run folder (its latest checkpoint); weights only,
-    never unpickled."""
-    path = latest_checkpoint(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False) -> FlexOlmo:
+    """A model from a model folder, or a run folder (its model folder, else its latest checkpoint); a training
+    checkpoint only with ``trust_checkpoint`` (its metadata is unpickled)."""
+    path = check_trusted(path, trust_checkpoint)
     cfg = read_config(path)
     model = build_model(cfg, device=device)
     if (path / WEIGHTS).is_file():
@@ -60,10 +90,13 @@ def upgrade_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or the latest one in a run folder / checkpoints folder."""
+    """A model or checkpoint folder as given; for a run folder its model folder (written when it finished), else the
+    latest checkpoint in it or in its checkpoints folder."""
     path = Path(path)
     if (path / "meta.json").is_file() or (path / CONFIG).is_file():
         return path
+    if (path / MODEL_DIR / CONFIG).is_file():
+        return path / MODEL_DIR
     for d in (path / "checkpoints", path):
         latest = CheckpointManager(d).latest()
         if latest is not None:

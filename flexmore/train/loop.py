@@ -7,12 +7,13 @@ One process or many under torchrun: the sync strategy is the optimizer (``optim.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -20,13 +21,15 @@ from flexmore.config import Config
 from flexmore.data.loader import SequenceLoader, eval_batches
 from flexmore.data.sources import build_streams
 from flexmore.data.tokenizer import load_tokenizer
-from flexmore.distributed import print0
+from flexmore.distributed import barrier, print0
 from flexmore.eval.routing import routing_metrics
 from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, get_strategy, init_parallel
+from flexmore.parallel.heartbeat import Heartbeat, is_timeout
 from flexmore.parallel.parallelize import allreduce_replicas
 from flexmore.store.checkpoint import CheckpointManager
+from flexmore.store.modeldir import MODEL_DIR, save_model_dir
 from flexmore.train.logger import make_logger
 from flexmore.train.optim import LRSchedule, build_optimizer
 from flexmore.train.perf import peak_flops
@@ -40,6 +43,8 @@ class TrainResult:
     comm: dict[str, float] = field(default_factory=dict)  # the last step's comm/* metrics
     final_step: int = 0
     resumed_from: int | None = None
+    skipped: list[int] = field(default_factory=list)
+    model_dir: Path | None = None  # steps skipped as non-finite (train.nonfinite=skip)
     checkpoint: Path | None = None
     model: torch.nn.Module | None = None  # the trained model, for callers that inspect it (tests, notebooks)
     optimizer: torch.optim.Optimizer | None = None
@@ -57,6 +62,41 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return norm
 
 
+def nonfinite_ranks(loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> list[int]:
+    """The ranks whose loss or gradient norm is not finite this step, known to every rank (one small all-gather)."""
+    bad = (~torch.isfinite(loss_sum.float()) | ~torch.isfinite(grad_norm.float())).reshape(1).float()
+    if not dist.is_initialized():
+        return [0] if bad.item() else []
+    flags = [torch.zeros_like(bad) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, bad)
+    return [r for r, f in enumerate(flags) if f.item()]
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every rank's tensors (their local shards) is finite, agreed by all ranks."""
+    bad = torch.zeros(1)
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if not torch.isfinite(local.detach()).all():
+            bad += 1
+            break
+    if dist.is_initialized():
+        bad = bad.to(tensors[0].device if tensors else "cpu")
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def write_model_dir(model, out: Path) -> Path:
+    """The finished model as a model folder (safetensors + JSON), gathered from its shards; rank 0 writes."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        barrier()
+        return out
+    save_model_dir(model, out, overwrite=True, state=state)
+    barrier()
+    return out
+
+
 def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     """Train ``cfg``'s model, or what ``recipe`` says (an expert run is a recipe: ``experts.training.train_expert``)."""
     tc, strategy = cfg.train, get_strategy(cfg.optim.name)
@@ -67,14 +107,20 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
 
     # --- every check that can fail, before any data is generated or weight allocated ---
     ctx = init_parallel(cfg.parallel.replicate, cfg.parallel.shard, cfg.parallel.backend, tc.device,
-                        every_rank_a_replica=strategy.every_rank_a_replica, replicate_backend=cfg.parallel.replicate_backend)
+                        every_rank_a_replica=strategy.every_rank_a_replica, replicate_backend=cfg.parallel.replicate_backend,
+                        timeout_s=cfg.parallel.timeout_s)
     device = ctx.device
     torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_cfg = recipe.model_config if recipe else dataclasses.replace(
         cfg.model, vocab_size=cfg.model.resolved_vocab(tokenizer.vocab_size))
     ckpt = CheckpointManager(tc.save_dir or run_dir / "checkpoints", tc.keep_last)
-    resume_path = ckpt.latest() if tc.resume == "auto" else None
+    if tc.resume == "never" and ckpt.steps():
+        raise ValueError(f"train.resume=never, but {ckpt.dir} holds checkpoints of an earlier run (steps "
+                         f"{ckpt.steps()}): a new run there would mix with them (pruning keeps the highest steps). "
+                         "Move them aside, choose another train.save_dir or hydra.run.dir, or continue that run with "
+                         "train.resume=auto")
+    resume_path = ckpt.latest_intact(log=print0) if tc.resume == "auto" else None
     if resume_path is not None:
         CheckpointManager.check_compatible(resume_path, model_cfg, strategy, ctx.replicate)
     train_stream, val_streams = build_streams(cfg.data, tokenizer, model_cfg.vocab_size)
@@ -98,7 +144,9 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     start = 0
     if resume_path is not None:
         meta = CheckpointManager.load(resume_path, model, optimizer, ctx)
-        loader.load_state_dict(meta["loader"])
+        loader.load_state_dict(meta["loader"], strict=not tc.force_resume)
+        if tc.force_resume:
+            print0("train.force_resume=true: weights and optimizer resumed, the data order restarts")
         start = result.resumed_from = meta["step"]
         print0(f"resumed from {resume_path} at step {start}")
     print0(f"model {model_cfg.name}: {counts.describe()} | device {device}" + (f" | {recipe.name}" if recipe else ""))
@@ -115,7 +163,14 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     meta_base = {"model": model_cfg.shape_dict(), "model_name": model_cfg.name, "tokenizer": tokenizer.name,
                  "parallel": {"optimizer": strategy.name, "replicate": ctx.replicate, "shard": ctx.shard}}
 
+    def last_good() -> str:
+        latest = ckpt.latest()
+        return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+
     def save(step: int) -> Path:
+        if not all_finite([p for p in model.parameters()]):
+            raise FloatingPointError(f"step {step}: the weights hold non-finite values; not saving them, {last_good()}. "
+                                     "Resume from it with a lower optim.lr (or train.nonfinite=skip)")
         return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()}, ctx)
 
     def comm_metrics() -> dict[str, float]:
@@ -133,68 +188,97 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
-    t_last, tokens_since = time.perf_counter(), 0
-    for step in range(start, end):
-        lr = schedule(step)
-        LRSchedule.apply(optimizer, lr)
-        loss_sum = torch.zeros((), device=device)
-        aux_sum: dict[str, torch.Tensor] = {}
-        for micro, (x, y, *inputs) in enumerate(loader.next_step()):  # inputs: a mixed batch's per-row model inputs
-            if fsdp:  # reduce gradients once per step, after the last micro-batch
-                model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_ctx(tc.autocast, device):
-                out = step_model(x, y, **{k: v.to(device) for k, v in (inputs[0] if inputs else {}).items()})
-            (out.loss / tc.grad_accum).backward()
-            loss_sum += out.ce_loss.detach()
-            for k in ("router_z_loss", "lb_loss", "route_loss", "layer_expert_prob", "layer_expert_topk"):
-                if k in out.aux:
-                    aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
-            tokens_since += y.numel() * ctx.world
-        if strategy.dense_sync and ctx.slow_replicate is not None:
-            allreduce_replicas(params, ctx.slow_replicate)  # HSDP's inter-node part, over the slow link
-        grad_norm = clip_gradients(params, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-
-        if done % tc.log_every == 0 or done == end:
-            loss = mean_over_ranks(loss_sum / tc.grad_accum).item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"train loss is {loss} at step {done}")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            tok_s = tokens_since / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0
-            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                       "perf/tokens_per_s": tok_s, "perf/tflops": tok_s * flops_tok / 1e12}
-            if peak:
-                metrics["perf/mfu"] = tok_s * flops_tok / (peak * ctx.world)
-            metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items() if v.dim() == 0})
-            metrics.update(routing_metrics({k: mean_over_ranks(v) for k, v in aux_sum.items() if v.dim() == 2},
-                                           model_cfg))
-            if ctx.distributed or not strategy.dense_sync:
-                result.comm = comm_metrics()
-                metrics.update(result.comm)
-            result.losses[done] = loss
-            logger.log(metrics, step=done)
+    t_last, tokens_since, skipped = time.perf_counter(), 0, 0
+    heartbeat = Heartbeat()
+    try:
+        for step in range(start, end):
+            heartbeat.beat(step)
+            lr = schedule(step)
+            LRSchedule.apply(optimizer, lr)
+            loss_sum = torch.zeros((), device=device)
+            aux_sum: dict[str, torch.Tensor] = {}
+            batches = loader.next_step()
+            heartbeat.beat(step, 1)
+            for micro, (x, y, *inputs) in enumerate(batches):  # inputs: a mixed batch's per-row model inputs
+                if fsdp:  # reduce gradients once per step, after the last micro-batch
+                    model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast_ctx(tc.autocast, device):
+                    out = step_model(x, y, **{k: v.to(device) for k, v in (inputs[0] if inputs else {}).items()})
+                (out.loss / tc.grad_accum).backward()
+                loss_sum += out.ce_loss.detach()
+                for k in ("router_z_loss", "lb_loss", "route_loss", "layer_expert_prob", "layer_expert_topk"):
+                    if k in out.aux:
+                        aux_sum[k] = aux_sum.get(k, 0.0) + out.aux[k].detach() / tc.grad_accum
+                tokens_since += y.numel() * ctx.world
+            heartbeat.beat(step, 2)
+            if strategy.dense_sync and ctx.slow_replicate is not None:
+                allreduce_replicas(params, ctx.slow_replicate)  # HSDP's inter-node part, over the slow link
+            grad_norm = clip_gradients(params, cfg.optim.grad_clip)
+            done = step + 1
+            bad = nonfinite_ranks(loss_sum, grad_norm)  # the same list on every rank, so all take the same branch
+            if bad:
+                what = (f"step {done}: the loss or gradient norm is not finite on rank(s) {bad} (this rank: loss "
+                        f"{(loss_sum / tc.grad_accum).item():.4g}, gradient norm {grad_norm.item():.4g}); the weights "
+                        "were not updated with it")
+                skipped += 1
+                if tc.nonfinite == "stop" or skipped > tc.max_skips:
+                    optimizer.zero_grad(set_to_none=True)
+                    reason = "" if tc.nonfinite == "stop" else f" ({skipped} such steps in a row, train.max_skips={tc.max_skips})"
+                    raise FloatingPointError(f"{what}{reason}. Stopped; {last_good()}: resume from it (train.resume=auto) "
+                                             "with a lower optim.lr, or set train.nonfinite=skip to skip such steps")
+                print0(f"{what}: skipped (train.nonfinite=skip, {skipped} in a row)")
+                optimizer.zero_grad(set_to_none=True)
+                result.skipped.append(done)
+            else:
+                skipped = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-        if (tc.eval_every > 0 and done % tc.eval_every == 0) or done == end:
-            val = evaluate(model, val_sets, device, tc.autocast)
-            result.val[done] = val
-            logger.log({f"val/{k}/loss": v for k, v in val.items()}, step=done)
-            print0(f"step {done}: " + " ".join(f"val/{k}={v:.4f}" for k, v in val.items()))
-        if (tc.save_every > 0 and done % tc.save_every == 0) or done == end:
-            result.checkpoint = save(done)
+                bar.update(1)
+
+            if done % tc.log_every == 0 or done == end:
+                loss = mean_over_ranks(loss_sum / tc.grad_accum).item()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                tok_s = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                           "perf/tokens_per_s": tok_s, "perf/tflops": tok_s * flops_tok / 1e12}
+                if peak:
+                    metrics["perf/mfu"] = tok_s * flops_tok / (peak * ctx.world)
+                metrics.update({f"train/{k}": v.item() for k, v in aux_sum.items() if v.dim() == 0})
+                metrics.update(routing_metrics({k: mean_over_ranks(v) for k, v in aux_sum.items() if v.dim() == 2},
+                                               model_cfg))
+                if ctx.distributed or not strategy.dense_sync:
+                    result.comm = comm_metrics()
+                    metrics.update(result.comm)
+                result.losses[done] = loss
+                logger.log(metrics, step=done)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            if (tc.eval_every > 0 and done % tc.eval_every == 0) or done == end:
+                val = evaluate(model, val_sets, device, tc.autocast)
+                result.val[done] = val
+                logger.log({f"val/{k}/loss": v for k, v in val.items()}, step=done)
+                print0(f"step {done}: " + " ".join(f"val/{k}={v:.4f}" for k, v in val.items()))
+            if (tc.save_every > 0 and done % tc.save_every == 0) or done == end:
+                result.checkpoint = save(done)
+    except BaseException as e:
+        if ctx.distributed and is_timeout(e):
+            raise RuntimeError(f"rank {ctx.rank}: a collective waited longer than parallel.timeout_s="
+                               f"{cfg.parallel.timeout_s:g}s: {heartbeat.silent()}. A rank is stalled or dead; "
+                               f"{last_good()}: restart the job to resume from it") from e
+        raise
     if bar is not None:
         bar.close()
     result.final_step = max(start, end)
     if recipe and recipe.finish and result.final_step == tc.steps:
         result.artifact = recipe.finish(model, ctx.rank, run_dir)
+    elif recipe is None and tc.save_model and result.final_step == tc.steps:
+        result.model_dir = write_model_dir(model, run_dir / MODEL_DIR)
+        print0(f"model folder (safetensors, what to hand to others): {result.model_dir}")
     if result.losses:
         first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
         print0(f"train loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}")
