@@ -9,6 +9,7 @@ from flexdemo.wire import WIRE_DTYPES, index_bits_for
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
+BASE_STEPS = ("direct", "adam")
 
 
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
@@ -34,8 +35,20 @@ class DeMoConfig:
     # a sign may flip where the update is within ~1e-3 of zero; slower than fp32 since the sixth session, kept for
     # comparison). Replicas stay bit-identical either way.
     dct_inverse: str = "fp32"
+    # What the decoded direction d (the replicas' mean, signed if ``sign``) does to the weights: "direct" (DeMo):
+    # p -= lr * d; "adam": d is the gradient of an Adam step (its own first and second moments, ``adam_betas``,
+    # ``adam_eps``; no bias correction: the warm-up covers the first steps), which scales each element by its history.
+    base_step: str = "direct"
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        if self.base_step not in BASE_STEPS:
+            raise ValueError(f"base_step={self.base_step!r}; allowed: {', '.join(BASE_STEPS)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas={list(self.adam_betas)}: two values in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
         if self.chunk < 1:
             raise ValueError(f"chunk={self.chunk} must be >= 1")
         if not 1 <= self.topk <= self.chunk * self.chunk:

@@ -7,6 +7,7 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     send the top-k DCT coefficients of each chunk of delta, and remove them from delta
     one all-gather of every replica's packed payload    (one collective per step, all parameters)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
+    (base_step=adam: that signed direction is instead the gradient of an Adam step)
 
 Encode and decode + apply run as Triton kernels on CUDA (``kernels``), one launch per param group and dtype for all
 compressed tensors, with torch twins for the CPU.
@@ -111,6 +112,9 @@ class FlexDeMo(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         for p in self.params:
             self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
+            if cfg.base_step == "adam":  # identical on every replica: they see the same decoded direction
+                self.state[p]["exp_avg"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
         self._groups = [self._split_group(g["params"], device) for g in self.param_groups]
@@ -180,12 +184,21 @@ class FlexDeMo(torch.optim.Optimizer):
     def decode_apply(self, gathered: torch.Tensor) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
         indices, values = self.wire.unpack(gathered)  # (replicas, n) each, values a view of the gathered bytes
+        adam = self.cfg.base_step == "adam"
         for group, plan in zip(self.param_groups, self._groups):
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+            directions = []
             for table, ps in plan.tables:
-                params = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
-                ops.decode_apply_table(self.kernels, table, params, indices, values, self.cfg.topk, lr, decay,
-                                       self.cfg.sign, DCT_INVERSE[self.cfg.dct_inverse])
+                if adam:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured
+                    bufs = [torch.zeros_like(local_tensor(p), dtype=torch.float32) for p in ps]
+                    targets = [b.view(lay.rows, lay.cols) for b, lay in zip(bufs, table.layouts)]
+                    directions += list(zip(ps, bufs))
+                    step_lr, step_decay = -1.0, 1.0
+                else:
+                    targets = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
+                    step_lr, step_decay = lr, decay
+                ops.decode_apply_table(self.kernels, table, targets, indices, values, self.cfg.topk, step_lr,
+                                       step_decay, self.cfg.sign, DCT_INVERSE[self.cfg.dct_inverse])
             if plan.dense:
                 update = values[0, plan.dense_slice].float().clone()
                 for r in range(1, values.shape[0]):
@@ -194,8 +207,29 @@ class FlexDeMo(torch.optim.Optimizer):
                 if self.cfg.sign:
                     update = update.sign()
                 locals_ = [local_tensor(p) for p in plan.dense]
-                flat = torch.cat([x.reshape(-1).float() for x in locals_])
-                torch._foreach_copy_(locals_, _views_like(flat * decay - lr * update, locals_))
+                if adam:
+                    directions += list(zip(plan.dense, _views_like(update, locals_)))
+                else:
+                    flat = torch.cat([x.reshape(-1).float() for x in locals_])
+                    torch._foreach_copy_(locals_, _views_like(flat * decay - lr * update, locals_))
+            if directions:
+                self._adam_step([p for p, _ in directions], [d for _, d in directions], lr, decay)
+
+    def _adam_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
+        """p = p * decay - lr * m / (sqrt(v) + eps), with m, v the moving moments of the decoded directions."""
+        b1, b2 = self.cfg.adam_betas
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, directions, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, directions, directions, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, self.cfg.adam_eps)
+        step = torch._foreach_div(m, denom)
+        locals_ = [local_tensor(p) for p in params]
+        updated = torch._foreach_mul([x.float() for x in locals_], decay)
+        torch._foreach_add_(updated, step, alpha=-lr)
+        torch._foreach_copy_(locals_, updated)
 
     @torch.no_grad()
     def step(self, closure=None):

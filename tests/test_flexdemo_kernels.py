@@ -325,8 +325,8 @@ def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas):
         assert torch.equal(a[~near_zero], b[~near_zero])
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 3])
-def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas):
+@pytest.mark.parametrize("replicas, base_step", [(1, "direct"), (2, "direct"), (3, "direct"), (2, "adam")])
+def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas, base_step):
     torch.manual_seed(0)
     shapes = [(37, 21), (32, 48), (9,)]
     init = [torch.randn(s, device=DEVICE) * 0.1 for s in shapes]
@@ -334,7 +334,7 @@ def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(r
     for kernels in ("torch", "triton"):
         reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(replicas)]
         opts[kernels] = (reps, [FlexDeMo(ps, lr=0.01, chunk=16, topk=6, beta=0.9, weight_decay=0.1, sign=False,
-                                         kernels=kernels) for ps in reps])
+                                         kernels=kernels, base_step=base_step) for ps in reps])
     for step in range(3):
         grads = [[torch.randn(s, device=DEVICE) for s in shapes] for _ in range(replicas)]
         for reps, os_ in opts.values():

@@ -21,10 +21,13 @@ def naive_dct(n: int) -> torch.Tensor:
 class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
-    def __init__(self, params, lr, beta, k, s, wd, sign):
+    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None):
         self.params = [p.detach().double().clone() for p in params]
         self.lr, self.beta, self.k, self.s, self.wd, self.sign = lr, beta, k, s, wd, sign
         self.D = naive_dct(s)
+        self.adam = adam  # (beta1, beta2, eps): the decoded direction is an Adam step's gradient
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
 
     @staticmethod
     def new_deltas(params):
@@ -54,7 +57,7 @@ class NaiveDeMo:
 
     def apply(self, msgs_per_param):
         """msgs_per_param[i] = list over replicas of that param's message."""
-        for p, msgs in zip(self.params, msgs_per_param):
+        for i, (p, msgs) in enumerate(zip(self.params, msgs_per_param)):
             p.mul_(1 - self.lr * self.wd)
             update = torch.zeros_like(p)
             keys = msgs[0].keys()
@@ -75,21 +78,28 @@ class NaiveDeMo:
                 ci, cj = key
                 r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
                 update[ci : ci + r, cj : cj + c] = block[:r, :c]
-            p.sub_(self.lr * (update.sign() if self.sign else update))
+            d = update.sign() if self.sign else update
+            if self.adam is None:
+                p.sub_(self.lr * d)
+                continue
+            b1, b2, eps = self.adam
+            self.m[i] = b1 * self.m[i] + (1 - b1) * d
+            self.v[i] = b2 * self.v[i] + (1 - b2) * d * d
+            p.sub_(self.lr * self.m[i] / (self.v[i].sqrt() + eps))
 
 
-@pytest.mark.parametrize("sign", [True, False])
-def test_matches_naive_demo_with_two_simulated_replicas(sign):
+@pytest.mark.parametrize("sign, base_step", [(True, "direct"), (False, "direct"), (True, "adam"), (False, "adam")])
+def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step):
     torch.manual_seed(0)
     shapes = [(13, 10), (8, 8), (7,)]
     init = [torch.randn(s) for s in shapes]
     R, steps, lr, beta, k, s, wd = 2, 4, 0.05, 0.9, 3, 4, 0.1
     # every replica holds the same parameters and its own momentum
     reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(R)]
-    opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32")
-            for ps in reps]
+    opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
+                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3) for ps in reps]
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
-    naive = NaiveDeMo(init, lr, beta, k, s, wd, sign)
+    naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None)
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
     for step in range(steps):
         grads = [[torch.randn(sh) for sh in shapes] for _ in range(R)]

@@ -37,6 +37,20 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_resume_with_flexdemos_adam_base_step_is_bit_identical(tmp_path):
+    """The Adam moments of base_step=adam are checkpointed with the residuals: stop at 5, resume, same as straight."""
+    optim = {"name": "flexdemo", "lr": 1e-3, "chunk": 16, "topk": 8, "base_step": "adam", "weight_decay": 0.0}
+    full = train(tiny_config(tmp_path / "a", optim=optim))
+    cfg_b = tiny_config(tmp_path / "b", optim=optim, train={"stop_at": 5})
+    train(cfg_b)
+    rest = train(replace_section(cfg_b, "train", stop_at=None))
+    assert rest.resumed_from == 5 and all(rest.losses[s] == full.losses[s] for s in range(6, 13))
+    for (n, p), (_, q) in zip(full.model.named_parameters(), rest.model.named_parameters()):
+        assert torch.equal(p, q), n
+    m = rest.optimizer.state[next(iter(rest.model.parameters()))]["exp_avg"]
+    assert m.abs().sum() > 0
+
+
 def test_keep_last_k_and_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, train={"steps": 6, "save_every": 2, "keep_last": 2})
     train(cfg)

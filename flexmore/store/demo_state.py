@@ -24,16 +24,24 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+STATES = ("delta", "exp_avg", "exp_avg_sq")  # the residual, and base_step=adam's moments (the same on every replica)
+
+
 def residual_state(opt: FlexDeMo, model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """Views (not copies) of the residuals, so DCP load writes straight into the optimizer's state."""
+    """Views (not copies) of the residuals (key: the parameter's name) and of any Adam moments (name:exp_avg, ...),
+    so DCP load writes straight into the optimizer's state."""
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for p in opt.params:
-        delta = opt.state[p]["delta"].unsqueeze(0)
-        if ctx.mesh is None:
-            out[names[id(p)]] = delta
-            continue
-        shape = (ctx.replicate, *p.shape)
-        out[names[id(p)]] = DTensor.from_local(delta, ctx.mesh, [Shard(0), Shard(1)], run_check=False, shape=shape,
-                                               stride=_contiguous_stride(shape))
+        for key in STATES:
+            if key not in opt.state[p]:
+                continue
+            name = names[id(p)] if key == "delta" else f"{names[id(p)]}:{key}"
+            local = opt.state[p][key].unsqueeze(0)
+            if ctx.mesh is None:
+                out[name] = local
+                continue
+            shape = (ctx.replicate, *p.shape)
+            out[name] = DTensor.from_local(local, ctx.mesh, [Shard(0), Shard(1)], run_check=False, shape=shape,
+                                           stride=_contiguous_stride(shape))
     return out

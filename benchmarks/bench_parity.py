@@ -1,0 +1,247 @@
+"""FlexDeMo against AdamW at the same model, data, tokens and schedule shape: does it reach AdamW's loss, and with how
+many bytes across nodes?
+
+Each optimizer at each learning rate of a small sweep done in the same run; R replicas ("nodes", one process each,
+gloo on CPU or NCCL on a GPU each) at the same global batch; data that the run sees at most about once (the epochs
+are reported). Per R: the best learning rate of each, their final and best validation losses (mean over the
+domains, at the training length), the ratio, FlexDeMo's bytes sent per step across nodes and a dense bf16
+all-reduce's. Writes summary.json (top-level keys for the first R: adamw, flexdemo, ratio, bytes_per_step,
+dense_bf16_bytes_per_step, settings; every R under by_replicas), table.md and curves.png.
+
+    python benchmarks/bench_parity.py --size tiny --replicas 1 2 4 --out outputs/parity-tiny      # CPU
+    python benchmarks/bench_parity.py --size small --replicas 1 --out $OUT/parity                 # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DOMAINS = ["public", "code", "math", "facts"]
+# FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings
+VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"},
+            "flexdemo+adam+raw": {"base_step": "adam", "sign": False}}
+
+
+@dataclass(frozen=True)
+class Size:
+    model: str
+    steps: int
+    warmup: int
+    seq_len: int
+    global_batch: int
+    train_chars: int  # per domain
+    eval_every: int
+    eval_batches: int
+    lrs: dict  # optimizer -> learning rates swept
+
+
+SIZES = {
+    "tiny": Size("tiny", 300, 30, 128, 16, 400_000, 50, 4,
+                 {"adamw": [1e-3, 3e-3, 1e-2], "flexdemo": [3e-4, 1e-3, 3e-3], "flexdemo+adam": [1e-3, 3e-3, 1e-2]}),
+    "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
+                  {"adamw": [5e-4, 1e-3, 3e-3], "flexdemo": [3e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
+}
+
+
+def worker(args) -> None:
+    """One run (under torchrun when R > 1); rank 0 writes its result."""
+    import torch
+
+    from flexdemo import DeMoConfig
+    from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
+    from flexmore.model import count_params, load_preset
+    from flexmore.train.loop import train
+
+    size = SIZES[args.size]
+    R = args.replicas[0]
+    if size.global_batch % R:
+        raise SystemExit(f"global batch {size.global_batch} does not split over {R} replicas")
+    demo = VARIANTS[args.optim] is not None
+    cfg = Config(
+        model=load_preset(size.model),
+        data=DataConfig(domains=DOMAINS, val_domains=DOMAINS, train_chars=size.train_chars),
+        train=TrainConfig(steps=size.steps, seq_len=size.seq_len, micro_batch=size.global_batch // R,
+                          eval_every=size.eval_every, eval_batches=size.eval_batches, log_every=10, progress=False,
+                          save_every=0, save_model=False, device="auto"),
+        optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
+                          weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**(VARIANTS[args.optim] or {}))),
+        parallel=ParallelConfig(replicate=R, shard=1),
+        logging=LoggingConfig(mode="disabled"),
+        run_dir=args.run_dir,
+    )
+    t0 = time.perf_counter()
+    res = train(cfg)
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        val = {s: sum(v.values()) / len(v) for s, v in res.val.items()}
+        tokens = size.steps * size.global_batch * size.seq_len
+        out = {"optim": args.optim, "lr": args.lr, "replicas": R, "val_loss": val[max(val)],
+               "best_val_loss": min(val.values()), "best_step": min(val, key=val.get), "val_curve": val,
+               "val_by_domain": res.val[max(res.val)], "train_curve": res.losses, "comm": res.comm,
+               "tokens": tokens, "epochs": tokens / (size.train_chars * len(DOMAINS)), "wall_s": time.perf_counter() - t0,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "params": count_params(res.model).total,
+               "settings": dataclasses.asdict(cfg.optim)}
+        Path(args.result).write_text(json.dumps(out, default=str))
+
+
+def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: list[str]) -> dict:
+    name = f"{optim}-lr{lr:g}-R{R}"
+    result = work / f"{name}.json"
+    if result.is_file():  # resumable: a finished run is not repeated
+        return json.loads(result.read_text())
+    cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R),
+           "--run-dir", str(work / name), "--result", str(result), "--set", *overrides]
+    if R > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={R}", *cmd]
+    else:
+        cmd = [sys.executable, *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0 or not result.is_file():
+        raise SystemExit(f"{name} failed (rc {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(result.read_text())
+
+
+def summarise(runs: list[dict], R: int) -> dict:
+    mine = [r for r in runs if r["replicas"] == R]
+    names = [o for o in VARIANTS if any(r["optim"] == o for r in mine)]
+    best = {o: min((r for r in mine if r["optim"] == o), key=lambda r: r["val_loss"]) for o in names}
+    comm = best["flexdemo"]["comm"]
+    payload = comm.get("comm/payload_bytes", 0.0)
+    sent = comm.get("comm/replicate_sent_bytes", 0.0) if R > 1 else payload  # R = 1: what one of 2 nodes would send
+    params = best["flexdemo"]["comm"].get("comm/dense_bf16_allreduce_bytes", 0.0)
+    dense = params if R > 1 else None
+    out = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
+               "best_step": b["best_step"], "epochs": b["epochs"]} for o, b in best.items()}
+    out["ratio"] = best["flexdemo"]["val_loss"] / best["adamw"]["val_loss"]
+    out["ratio_best"] = best["flexdemo"]["best_val_loss"] / best["adamw"]["best_val_loss"]
+    out["variants"] = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
+                           "ratio": b["val_loss"] / best["adamw"]["val_loss"]} for o, b in best.items() if o != "adamw"}
+    out["bytes_per_step"] = sent
+    out["dense_bf16_bytes_per_step"] = dense
+    out["settings"] = best["flexdemo"]["settings"]
+    out["sweep"] = {o: {str(r["lr"]): r["val_loss"] for r in mine if r["optim"] == o} for o in names}
+    return out
+
+
+def dense_for_two(params: int) -> float:
+    """What one rank sends in a dense bf16 ring all-reduce at R = 2 (for R = 1 runs, which exchange nothing)."""
+    return 2 * (2 - 1) / 2 * params * 2
+
+
+def table(by_r: dict) -> str:
+    lines = ["| R | AdamW lr | AdamW val (best) | FlexDeMo lr | FlexDeMo val (best) | ratio (best) | bytes/step "
+             "across nodes | dense bf16 | compression |", "|---|---|---|---|---|---|---|---|---|"]
+    for R, s in by_r.items():
+        dense = s["dense_bf16_bytes_per_step"]
+        comp = f"{dense / s['bytes_per_step']:.1f}×" if dense and s["bytes_per_step"] else "—"
+        lines.append(f"| {R} | {s['adamw']['lr']:g} | {s['adamw']['val_loss']:.4f} ({s['adamw']['best_val_loss']:.4f}) "
+                     f"| {s['flexdemo']['lr']:g} | {s['flexdemo']['val_loss']:.4f} "
+                     f"({s['flexdemo']['best_val_loss']:.4f}) | {s['ratio']:.3f} ({s['ratio_best']:.3f}) | "
+                     f"{s['bytes_per_step']:,.0f} | {'—' if not dense else f'{dense:,.0f}'} | {comp} |")
+        for o, v in s["variants"].items():
+            if o != "flexdemo":
+                lines.append(f"| {R} | | | {o} {v['lr']:g} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
+                             f"{v['ratio']:.3f} | | | |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], by_r: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib not installed: no curves.png)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_r), figsize=(5 * len(by_r), 4), squeeze=False)
+    for ax, (R, s) in zip(axes[0], by_r.items()):
+        for o, colour in (("adamw", "C0"), ("flexdemo", "C3")):
+            r = next(x for x in runs if x["replicas"] == R and x["optim"] == o and x["lr"] == s[o]["lr"])
+            steps = sorted(int(k) for k in r["train_curve"])
+            ax.plot(steps, [r["train_curve"][str(k)] if str(k) in r["train_curve"] else r["train_curve"][k]
+                            for k in steps], color=colour, alpha=0.35, lw=0.8)
+            vs = sorted(int(k) for k in r["val_curve"])
+            ax.plot(vs, [r["val_curve"][str(k)] if str(k) in r["val_curve"] else r["val_curve"][k] for k in vs],
+                    color=colour, marker="o", label=f"{o} lr {s[o]['lr']:g} (val)")
+        ax.set_title(f"R = {R}: train (faint) and validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=list(SIZES), default="tiny")
+    ap.add_argument("--replicas", nargs="+", type=int, default=[1])
+    ap.add_argument("--out", default="outputs/parity")
+    ap.add_argument("--set", nargs="*", default=[], help="override Size fields, e.g. steps=50 (a smoke run)")
+    ap.add_argument("--lrs", nargs="*", default=[], metavar="OPTIM=LR,LR", help="override a sweep, e.g. adamw=1e-3")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--optim", default="adamw", choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["adamw", "flexdemo"], choices=list(VARIANTS),
+                    help="what to compare (adamw and flexdemo always)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--result", default=None)
+    args = ap.parse_args()
+    size = SIZES[args.size]
+    for kv in args.set:
+        k, v = kv.split("=")
+        size = dataclasses.replace(size, **{k: type(getattr(size, k))(v)})
+    lrs = dict(size.lrs)
+    for kv in args.lrs:
+        k, v = kv.split("=")
+        lrs[k] = [float(x) for x in v.split(",")]
+    size = dataclasses.replace(size, lrs=lrs)
+    SIZES[args.size] = size  # the worker reads it
+    if args.worker:
+        worker(args)
+        return
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs = []
+    for R in args.replicas:
+        for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants]):
+            for lr in size.lrs.get(optim, size.lrs["flexdemo"]):
+                r = run_one(args.size, optim, lr, R, out / "runs", args.set)
+                r["size"] = args.size
+                runs.append(r)
+                print(f"R={R} {optim} lr {lr:g}: val {r['val_loss']:.4f} (best {r['best_val_loss']:.4f} at step "
+                      f"{r['best_step']}), {r['epochs']:.2f} epochs, {r['wall_s']:.0f}s", flush=True)
+    by_r = {R: summarise(runs, R) for R in args.replicas}
+    for R, s in by_r.items():
+        if s["dense_bf16_bytes_per_step"] is None:
+            s["dense_bf16_bytes_per_step"] = dense_for_two(runs[0]["params"])
+            s["note"] = "R = 1 exchanges nothing: bytes are what one of 2 nodes would send, against a dense bf16 " \
+                        "all-reduce at R = 2"
+    first = by_r[args.replicas[0]]
+    summary = {**first, "by_replicas": {str(R): s for R, s in by_r.items()}, "size": dataclasses.asdict(size),
+               "device": runs[0]["device"], "date": time.strftime("%Y-%m-%d"),
+               "command": "python benchmarks/bench_parity.py " + " ".join(sys.argv[1:]),
+               "wall_s": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "table.md").write_text(table(by_r) + "\n")
+    plot(runs, by_r, out / "curves.png")
+    print(table(by_r))
+    print(f"wrote {out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
