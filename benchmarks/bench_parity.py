@@ -47,7 +47,7 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 300, 30, 128, 16, 400_000, 50, 4,
-                 {"adamw": [1e-3, 3e-3, 1e-2], "flexdemo": [3e-4, 1e-3, 3e-3], "flexdemo+adam": [1e-3, 3e-3, 1e-2]}),
+                 {"adamw": [3e-3, 1e-2, 3e-2], "flexdemo": [1e-3, 3e-3, 1e-2], "flexdemo+adam": [3e-3, 1e-2, 3e-2]}),
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
                   {"adamw": [5e-4, 1e-3, 3e-3], "flexdemo": [3e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
 }
@@ -123,8 +123,13 @@ def summarise(runs: list[dict], R: int) -> dict:
     sent = comm.get("comm/replicate_sent_bytes", 0.0) if R > 1 else payload  # R = 1: what one of 2 nodes would send
     params = best["flexdemo"]["comm"].get("comm/dense_bf16_allreduce_bytes", 0.0)
     dense = params if R > 1 else None
+    def edge(o: str, lr: float) -> bool:  # the best at the end of its sweep: the sweep does not bracket it
+        lrs = [r["lr"] for r in mine if r["optim"] == o]
+        return len(lrs) > 1 and lr in (min(lrs), max(lrs))
+
     out = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
-               "best_step": b["best_step"], "epochs": b["epochs"]} for o, b in best.items()}
+               "best_step": b["best_step"], "epochs": b["epochs"], "lr_at_sweep_edge": edge(o, b["lr"])}
+           for o, b in best.items()}
     out["ratio"] = best["flexdemo"]["val_loss"] / best["adamw"]["val_loss"]
     out["ratio_best"] = best["flexdemo"]["best_val_loss"] / best["adamw"]["best_val_loss"]
     out["variants"] = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
@@ -147,15 +152,16 @@ def table(by_r: dict) -> str:
     for R, s in by_r.items():
         dense = s["dense_bf16_bytes_per_step"]
         comp = f"{dense / s['bytes_per_step']:.1f}×" if dense and s["bytes_per_step"] else "—"
-        lines.append(f"| {R} | {s['adamw']['lr']:g} | {s['adamw']['val_loss']:.4f} ({s['adamw']['best_val_loss']:.4f}) "
-                     f"| {s['flexdemo']['lr']:g} | {s['flexdemo']['val_loss']:.4f} "
+        star = {o: "*" if s[o]["lr_at_sweep_edge"] else "" for o in ("adamw", "flexdemo")}
+        lines.append(f"| {R} | {s['adamw']['lr']:g}{star['adamw']} | {s['adamw']['val_loss']:.4f} ({s['adamw']['best_val_loss']:.4f}) "
+                     f"| {s['flexdemo']['lr']:g}{star['flexdemo']} | {s['flexdemo']['val_loss']:.4f} "
                      f"({s['flexdemo']['best_val_loss']:.4f}) | {s['ratio']:.3f} ({s['ratio_best']:.3f}) | "
                      f"{s['bytes_per_step']:,.0f} | {'—' if not dense else f'{dense:,.0f}'} | {comp} |")
         for o, v in s["variants"].items():
             if o != "flexdemo":
-                lines.append(f"| {R} | | | {o} {v['lr']:g} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
+                lines.append(f"| {R} | | | {o} {v['lr']:g}{'*' if s[o]['lr_at_sweep_edge'] else ''} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
                              f"{v['ratio']:.3f} | | | |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
 
 
 def plot(runs: list[dict], by_r: dict, path: Path) -> None:

@@ -98,17 +98,19 @@ def same_data_order(saved: dict, now: dict) -> None:
                          "and optimizer state and restart the data order from the resumed step")
 
 
+def first_windows(stream: TokenStream, seq_len: int, max_windows: int) -> torch.Tensor:
+    """(n, seq_len + 1) int64: the first ``max_windows`` non-overlapping windows of a stream, in order."""
+    n = min((stream.num_tokens - 1) // seq_len, max_windows)
+    if n < 1:
+        raise ValueError(f"data {[str(p) for p in stream.paths]} has {stream.num_tokens} tokens: too few for "
+                         f"seq_len={seq_len}")
+    return torch.from_numpy(np.stack([stream.read(w * seq_len, seq_len + 1) for w in range(n)]))
+
+
 def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first windows of a validation set, in order: the same every time, so losses are comparable across steps."""
-    n = min((stream.num_tokens - 1) // seq_len, batch_size * max_batches)
-    if n < 1:
-        raise ValueError(f"validation data has {stream.num_tokens} tokens: too few for seq_len={seq_len}")
-    out = []
-    for b0 in range(0, n, batch_size):
-        rows = np.stack([stream.read(w * seq_len, seq_len + 1) for w in range(b0, min(n, b0 + batch_size))])
-        arr = torch.from_numpy(rows)
-        out.append((arr[:, :-1].contiguous(), arr[:, 1:].contiguous()))
-    return out
+    windows = first_windows(stream, seq_len, batch_size * max_batches)
+    return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows.split(batch_size)]
 
 
 class MixedLoader:

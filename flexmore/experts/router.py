@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from flexmore.data.embedded import embedded_path
+from flexmore.data.loader import first_windows
 from flexmore.data.shards import TokenStream
 from flexmore.experts.artifact import base_hash
 from flexmore.model import FlexOlmo
@@ -32,13 +33,6 @@ def frozen_part_hash(model: FlexOlmo) -> str:
     return base_hash({k: v for k, v in model.state_dict().items() if not is_router(k)})
 
 
-def sample_windows(stream: TokenStream, seq_len: int, max_seqs: int) -> torch.Tensor:
-    """(n, seq_len + 1) int64: the first ``max_seqs`` windows of a stream, an owner's contributed sample."""
-    n = min((stream.num_tokens - 1) // seq_len, max_seqs)
-    if n < 1:
-        raise ValueError(f"{[str(p) for p in stream.paths]}: {stream.num_tokens} tokens, too few for seq_len={seq_len}")
-    return torch.stack([torch.from_numpy(stream.read(w * seq_len, seq_len + 1)) for w in range(n)])
-
 
 def load_sample(spec: str, tokenizer, seq_len: int, max_seqs: int) -> torch.Tensor:
     """An owner's sample: a shard folder (flexmore-prep), or ``embedded:DOMAIN`` (that domain's training split)."""
@@ -49,7 +43,7 @@ def load_sample(spec: str, tokenizer, seq_len: int, max_seqs: int) -> torch.Tens
         stream = TokenStream([spec])
     if stream.tokenizer != tokenizer.name:
         raise ValueError(f"sample {spec} was tokenised with {stream.tokenizer!r}, not {tokenizer.name!r}")
-    return sample_windows(stream, seq_len, max_seqs)
+    return first_windows(stream, seq_len, max_seqs)  # an owner's contributed sample
 
 
 def check_samples(model: FlexOlmo, samples: dict[str, torch.Tensor]) -> list[str]:
