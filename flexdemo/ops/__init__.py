@@ -48,9 +48,11 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
 
         return encode_triton_table(table, grads, deltas, beta, lr, k, out_vals, out_idx,
                                    forward_precision=forward_precision)
+    from flexdemo.ops.encode_reference import encode_reference
+
     for lay, first, g, m in zip(table.layouts, table.payload_first, grads, deltas):
         sl = slice(first * k, (first + lay.num_chunks) * k)
-        encode_chunks(kernels, g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl])
+        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl])
 
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,
@@ -61,26 +63,8 @@ def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: t
         from flexdemo.ops.decode import decode_apply_triton_table
 
         return decode_apply_triton_table(table, params, indices, values, k, lr, decay, sign, precision=precision)
-    for lay, first, p in zip(table.layouts, table.payload_first, params):
-        sl = slice(first * k, (first + lay.num_chunks) * k)
-        decode_apply_chunks(kernels, p, indices[:, sl], values[:, sl], lay, k, lr, decay, sign)
-
-
-def encode_chunks(kernels: str, *args, **kw) -> None:
-    if kernels == "triton":
-        from flexdemo.ops.encode import encode_triton
-
-        return encode_triton(*args, **kw)
-    from flexdemo.ops.encode_reference import encode_reference
-
-    return encode_reference(*args, **kw)
-
-
-def decode_apply_chunks(kernels: str, *args, **kw) -> None:
-    if kernels == "triton":
-        from flexdemo.ops.decode import decode_apply_triton
-
-        return decode_apply_triton(*args, **kw)
     from flexdemo.ops.decode_reference import decode_apply_reference
 
-    return decode_apply_reference(*args, **kw)
+    for lay, first, p in zip(table.layouts, table.payload_first, params):
+        sl = slice(first * k, (first + lay.num_chunks) * k)
+        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, k, lr, decay, sign)
