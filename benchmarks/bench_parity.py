@@ -47,7 +47,8 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 300, 30, 128, 16, 400_000, 50, 4,
-                 {"adamw": [3e-3, 1e-2, 3e-2], "flexdemo": [1e-3, 3e-3, 1e-2], "flexdemo+adam": [3e-3, 1e-2, 3e-2]}),
+                 {"adamw": [3e-3, 1e-2, 3e-2, 1e-1], "flexdemo": [1e-3, 3e-3, 1e-2, 3e-2],
+                  "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1]}),
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
                   {"adamw": [5e-4, 1e-3, 3e-3], "flexdemo": [3e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
 }
@@ -71,7 +72,8 @@ def worker(args) -> None:
         model=load_preset(size.model),
         data=DataConfig(domains=DOMAINS, val_domains=DOMAINS, train_chars=size.train_chars),
         train=TrainConfig(steps=size.steps, seq_len=size.seq_len, micro_batch=size.global_batch // R,
-                          eval_every=size.eval_every, eval_batches=size.eval_batches, log_every=10, progress=False,
+                          eval_every=size.eval_every, eval_batches=size.eval_batches * R,  # the same windows at any R
+                          log_every=10, progress=False,
                           save_every=0, save_model=False, device="auto"),
         optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
                           weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**(VARIANTS[args.optim] or {}))),
