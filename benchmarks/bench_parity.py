@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,7 @@ def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: lis
     result = work / f"{name}.json"
     if result.is_file():  # resumable: a finished run is not repeated
         return json.loads(result.read_text())
+    shutil.rmtree(work / name, ignore_errors=True)  # an unfinished attempt starts over
     cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R),
            "--run-dir", str(work / name), "--result", str(result), "--set", *overrides]
     if R > 1:

@@ -71,6 +71,10 @@ def job_four_ranks(tmp: str) -> dict:
     out["C_slow"] = {"losses": c2.losses, "params": _full(c2.model)}
     a6 = train(tiny_config(tmp / "A6", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=mesh22))
     out["A6"] = {"params": _local(a6.model)}
+    # A with base_step=adam: 20 steps on the same mesh
+    aa = train(tiny_config(tmp / "AA", optim={**DEMO, "base_step": "adam"}, train={"steps": STEPS, "eval_every": STEPS},
+                           parallel=mesh22))
+    out["A_adam"] = {"params": _local(aa.model), "delta": _residuals(aa)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
                           train={"steps": 6, "micro_batch": 2}, parallel=ParallelConfig(replicate=1, shard=4)))
@@ -88,15 +92,16 @@ def four(tmp_path_factory):
     return tmp, run_distributed_test(job_four_ranks, 4, str(tmp), local_world_size=4)
 
 
-def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four):
+@pytest.mark.parametrize("run", ["A", "A_adam"])
+def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four, run):
     _, ranks = four
     for shard in (0, 1):  # ranks shard and shard + 2 own the same shard on the two "nodes"
-        r0, r1 = ranks[shard]["A"], ranks[shard + 2]["A"]
+        r0, r1 = ranks[shard][run], ranks[shard + 2][run]
         for name in r0["params"]:
             assert torch.equal(r0["params"][name], r1["params"][name]), name
         assert any(not torch.equal(r0["delta"][n], r1["delta"][n]) for n in r0["delta"])
     # the two shards of a node hold different rows
-    assert not torch.equal(ranks[0]["A"]["params"]["embed.weight"], ranks[1]["A"]["params"]["embed.weight"])
+    assert not torch.equal(ranks[0][run]["params"]["embed.weight"], ranks[1][run]["params"]["embed.weight"])
 
 
 def test_flexdemo_loss_decreases_and_traffic_is_compressed(four):
