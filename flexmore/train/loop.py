@@ -69,19 +69,18 @@ def nonfinite_ranks(loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> list[int
         return [0] if bad.item() else []
     flags = [torch.zeros_like(bad) for _ in range(dist.get_world_size())]
     dist.all_gather(flags, bad)
-    return [r for r, f in enumerate(flags) if f.item()]
+    flags = torch.cat(flags)
+    return flags.nonzero().flatten().tolist() if flags.any() else []  # one host sync in the common case
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every element of every rank's tensors (their local shards) is finite, agreed by all ranks."""
-    bad = torch.zeros(1)
-    for t in tensors:
+    device = tensors[0].device if tensors else torch.device("cpu")
+    bad = torch.zeros(1, device=device)
+    for t in tensors:  # accumulated on the device: one host sync at the end
         local = t.to_local() if isinstance(t, DTensor) else t
-        if not torch.isfinite(local.detach()).all():
-            bad += 1
-            break
+        bad += (~torch.isfinite(local.detach())).any().float()
     if dist.is_initialized():
-        bad = bad.to(tensors[0].device if tensors else "cpu")
         dist.all_reduce(bad)
     return bad.item() == 0
 
