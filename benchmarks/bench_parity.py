@@ -48,8 +48,8 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 300, 30, 128, 16, 400_000, 50, 4,
-                 {"adamw": [3e-3, 1e-2, 3e-2, 1e-1], "flexdemo": [1e-3, 3e-3, 1e-2, 3e-2],
-                  "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1]}),
+                 {"adamw": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "flexdemo": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+                  "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}),
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
                   {"adamw": [5e-4, 1e-3, 3e-3], "flexdemo": [3e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
 }
