@@ -103,6 +103,18 @@ def recipe_rows() -> list[list[str]]:
     return rows
 
 
+def parity_rows() -> list[list[str]]:
+    s = load("parity_tiny/summary.json")
+    src = "`bench_parity.py --size tiny --replicas 1 2 4` (`parity_tiny/summary.json`)"
+    rows = []
+    for R, r in s["by_replicas"].items():
+        a, f = r["adamw"], r["flexdemo"]
+        rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny`, {s['size']['steps']} steps, R = {R}",
+                        f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
+                        f"{r['ratio']:.3f} (goal ≤ 1.02)", "CPU", s["date"], src))
+    return rows
+
+
 def study_rows() -> list[list[str]]:
     a = load("study_small_h100/analysis.json")
     fit = a["tasks"]["math_mc"]["fit"]
@@ -113,7 +125,7 @@ def study_rows() -> list[list[str]]:
 
 def table() -> str:
     head = ["figure", "value", "baseline (same run)", "ratio / goal", "device", "date", "command (result file)"]
-    rows = kernel_rows() + recipe_rows() + mixture_rows() + study_rows()
+    rows = kernel_rows() + parity_rows() + recipe_rows() + mixture_rows() + study_rows()
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
