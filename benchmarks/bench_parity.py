@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DOMAINS = ["public", "code", "math", "facts"]
 # FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings
 VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"},
-            "flexdemo+adam+raw": {"base_step": "adam", "sign": False}}
+            "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
+            "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096}}  # diagnostics: less compression
 
 
 @dataclass(frozen=True)
