@@ -31,7 +31,8 @@ DOMAINS = ["public", "code", "math", "facts"]
 # FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings
 VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"},
             "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
-            "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096}}  # diagnostics: less compression
+            "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096},  # diagnostics: less compression
+            "flexdemo-b0.99": {"beta": 0.99}, "flexdemo-b0.9": {"beta": 0.9}}
 
 
 @dataclass(frozen=True)
