@@ -127,8 +127,7 @@ def summarise(runs: list[dict], R: int) -> dict:
     comm = best["flexdemo"]["comm"]
     payload = comm.get("comm/payload_bytes", 0.0)
     sent = comm.get("comm/replicate_sent_bytes", 0.0) if R > 1 else payload  # R = 1: what one of 2 nodes would send
-    params = best["flexdemo"]["comm"].get("comm/dense_bf16_allreduce_bytes", 0.0)
-    dense = params if R > 1 else None
+    dense = comm.get("comm/dense_bf16_allreduce_bytes", 0.0) if R > 1 else None
     def edge(o: str, lr: float) -> bool:  # the best at the end of its sweep: the sweep does not bracket it
         lrs = [r["lr"] for r in mine if r["optim"] == o]
         return len(lrs) > 1 and lr in (min(lrs), max(lrs))
@@ -167,7 +166,8 @@ def table(by_r: dict) -> str:
             if o != "flexdemo":
                 lines.append(f"| {R} | | | {o} {v['lr']:g}{'*' if s[o]['lr_at_sweep_edge'] else ''} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
                              f"{v['ratio']:.3f} | | | |")
-    return "\n".join(lines) + "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
+    note = "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
+    return "\n".join(lines) + (note if any("*" in line for line in lines[2:]) else "")
 
 
 def plot(runs: list[dict], by_r: dict, path: Path) -> None:
@@ -183,12 +183,10 @@ def plot(runs: list[dict], by_r: dict, path: Path) -> None:
     for ax, (R, s) in zip(axes[0], by_r.items()):
         for o, colour in (("adamw", "C0"), ("flexdemo", "C3")):
             r = next(x for x in runs if x["replicas"] == R and x["optim"] == o and x["lr"] == s[o]["lr"])
-            steps = sorted(int(k) for k in r["train_curve"])
-            ax.plot(steps, [r["train_curve"][str(k)] if str(k) in r["train_curve"] else r["train_curve"][k]
-                            for k in steps], color=colour, alpha=0.35, lw=0.8)
-            vs = sorted(int(k) for k in r["val_curve"])
-            ax.plot(vs, [r["val_curve"][str(k)] if str(k) in r["val_curve"] else r["val_curve"][k] for k in vs],
-                    color=colour, marker="o", label=f"{o} lr {s[o]['lr']:g} (val)")
+            for curve, style in (("train_curve", {"alpha": 0.35, "lw": 0.8}),
+                                 ("val_curve", {"marker": "o", "label": f"{o} lr {s[o]['lr']:g} (val)"})):
+                pts = sorted((int(k), v) for k, v in r[curve].items())  # read back from JSON: string keys
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, **style)
         ax.set_title(f"R = {R}: train (faint) and validation loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats per token)")

@@ -17,11 +17,9 @@ from safetensors.torch import load_file, save_file
 from flexmore.atomic import atomic_dir
 from flexmore.model import FlexOlmo, ModelConfig, build_model
 from flexmore.model.moe import bias_to_raw
-from flexmore.store.checkpoint import CheckpointManager
+from flexmore.store.checkpoint import META, CheckpointManager
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-
-
 MODEL_DIR = "model"  # a finished run's model folder, inside its run folder
 
 
@@ -42,7 +40,7 @@ def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False, ex
 
 
 def is_checkpoint(path: Path) -> bool:
-    return not (path / CONFIG).is_file() and (path / "meta.json").is_file()
+    return not (path / CONFIG).is_file() and (path / META).is_file()
 
 
 def check_trusted(path: str | Path, trust_checkpoint: bool, flag: str = "--trust-checkpoint") -> Path:
@@ -62,8 +60,8 @@ def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if (path / CONFIG).is_file():
         return ModelConfig(**json.loads((path / CONFIG).read_text())["model"])
-    if (path / "meta.json").is_file():  # a training checkpoint
-        meta = json.loads((path / "meta.json").read_text())
+    if (path / META).is_file():  # a training checkpoint
+        meta = CheckpointManager.read_meta(path)
         return ModelConfig(name=meta.get("model_name", "checkpoint"), **meta["model"])
     raise FileNotFoundError(f"{path} is neither a model folder ({CONFIG} + {WEIGHTS}) nor a training checkpoint "
                             "(meta.json); for a run folder, name one of its checkpoints/step_* folders")
@@ -93,7 +91,7 @@ def latest_checkpoint(path: str | Path) -> Path:
     """A model or checkpoint folder as given; for a run folder its model folder (written when it finished), else the
     latest checkpoint in it or in its checkpoints folder."""
     path = Path(path)
-    if (path / "meta.json").is_file() or (path / CONFIG).is_file():
+    if (path / META).is_file() or (path / CONFIG).is_file():
         return path
     if (path / MODEL_DIR / CONFIG).is_file():
         return path / MODEL_DIR

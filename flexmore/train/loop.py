@@ -43,8 +43,8 @@ class TrainResult:
     comm: dict[str, float] = field(default_factory=dict)  # the last step's comm/* metrics
     final_step: int = 0
     resumed_from: int | None = None
-    skipped: list[int] = field(default_factory=list)
-    model_dir: Path | None = None  # steps skipped as non-finite (train.nonfinite=skip)
+    skipped: list[int] = field(default_factory=list)  # steps skipped as non-finite (train.nonfinite=skip)
+    model_dir: Path | None = None  # the finished run's model folder (safetensors)
     checkpoint: Path | None = None
     model: torch.nn.Module | None = None  # the trained model, for callers that inspect it (tests, notebooks)
     optimizer: torch.optim.Optimizer | None = None
@@ -167,7 +167,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
 
     def save(step: int) -> Path:
-        if not all_finite([p for p in model.parameters()]):
+        if not all_finite(list(model.parameters())):
             raise FloatingPointError(f"step {step}: the weights hold non-finite values; not saving them, {last_good()}. "
                                      "Resume from it with a lower optim.lr (or train.nonfinite=skip)")
         return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()}, ctx)
