@@ -114,11 +114,23 @@ def test_bad_parallel_settings_fail_at_start_up(override, match):
 
 
 @pytest.mark.parametrize("override, match", [
+    ("train.nonfinite=ignore", "train.nonfinite='ignore'; allowed: stop, skip"),
+    ("train.max_skips=0", "train.max_skips=0 must be >= 1"),
+    ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be a finite number of seconds > 0"),
+])
+def test_fault_settings_fail_at_start_up(override, match):
+    with pytest.raises(ValueError, match=match):
+        composed(override)
+
+
+@pytest.mark.parametrize("override, match", [
     ("optim.demo.topk=5000", r"optim.demo.topk=5000 must be in \[1, chunk\*chunk=4096\]"),
     ("optim.demo.dct_forward=tf16", "optim.demo.dct_forward='tf16'; allowed: fp32, tf32"),
     ("optim.demo.base_step=lion", "optim.demo.base_step='lion'; allowed: direct, adam"),
     ("optim.adamw.betas=[0.9,1.5]", r"optim.adamw.betas=\[0.9, 1.5\]: two values in \[0, 1\)"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+    ("optim.demo.adam_betas=[0.9,1.0]", r"optim.demo.adam_betas=\[0.9, 1.0\]: two values in \[0, 1\)"),
+    ("optim.demo.adam_eps=0", "optim.demo.adam_eps=0.0 must be > 0"),
 ])
 def test_each_optimizers_settings_are_checked_under_their_own_key(override, match):
     with pytest.raises(ValueError, match=match):
