@@ -9,7 +9,8 @@ all-reduce's. Writes summary.json (top-level keys for the first R: adamw, flexde
 dense_bf16_bytes_per_step, settings; every R under by_replicas), table.md and curves.png.
 
     python benchmarks/bench_parity.py --size tiny --replicas 1 2 4 --out outputs/parity-tiny      # CPU
-    python benchmarks/bench_parity.py --size small --replicas 1 --out $OUT/parity                 # one GPU
+    python benchmarks/bench_parity.py --size small --replicas 1 --jobs 6 --out $OUT/parity        # one GPU
+    python benchmarks/bench_parity.py --size small-long --replicas 1 --jobs 4 --out $OUT/parity-long
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class Size:
     eval_every: int
     eval_batches: int
     lrs: dict  # optimizer -> learning rates swept
+    domains: tuple = tuple(DOMAINS)  # trained and validated on, equal characters each
+    save_every: int = 0  # > 0: checkpoints, so a cut run resumes where it stopped
 
 
 SIZES = {
@@ -54,6 +57,10 @@ SIZES = {
                   "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}),
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
                   {"adamw": [5e-4, 1e-3, 3e-3], "flexdemo": [3e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
+    # 4,000 steps on data seen at most once: the code domain (the standard library, ~9M tokens) would repeat, so the
+    # three generated domains carry the run
+    "small-long": Size("small", 4000, 200, 512, 32, 22_000_000, 500, 8,
+                       {"adamw": [1e-3, 2e-3], "flexdemo": [1e-3, 2e-3]}, ("public", "math", "facts"), 500),
 }
 
 
@@ -62,7 +69,7 @@ def worker(args) -> None:
     import torch
 
     from flexdemo import DeMoConfig
-    from flexmore.config import Config, DataConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
+    from flexmore.config import Config, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
     from flexmore.model import count_params, load_preset
     from flexmore.train.loop import train
 
@@ -73,11 +80,11 @@ def worker(args) -> None:
     demo = VARIANTS[args.optim] is not None
     cfg = Config(
         model=load_preset(size.model),
-        data=DataConfig(domains=DOMAINS, val_domains=DOMAINS, train_chars=size.train_chars),
+        data=data_config(size),
         train=TrainConfig(steps=size.steps, seq_len=size.seq_len, micro_batch=size.global_batch // R,
                           eval_every=size.eval_every, eval_batches=size.eval_batches * R,  # the same windows at any R
                           log_every=10, progress=False,
-                          save_every=0, save_model=False, device="auto"),
+                          save_every=size.save_every, save_model=False, device="auto"),
         optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
                           weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**(VARIANTS[args.optim] or {}))),
         parallel=ParallelConfig(replicate=R, shard=1),
@@ -93,11 +100,25 @@ def worker(args) -> None:
         out = {"optim": args.optim, "lr": args.lr, "replicas": R, "val_loss": val[max(val)],
                "best_val_loss": min(val.values()), "best_step": min(val, key=val.get), "val_curve": val,
                "val_by_domain": res.val[max(res.val)], "train_curve": res.losses, "comm": res.comm,
-               "tokens": tokens, "epochs": tokens / (size.train_chars * len(DOMAINS)), "wall_s": time.perf_counter() - t0,
+               "tokens": tokens, "epochs": tokens / (size.train_chars * len(size.domains)), "wall_s": time.perf_counter() - t0,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "params": count_params(res.model).total,
                "settings": dataclasses.asdict(cfg.optim)}
         Path(args.result).write_text(json.dumps(out, default=str))
+
+
+def data_config(size: Size):
+    from flexmore.config import DataConfig
+
+    return DataConfig(domains=list(size.domains), val_domains=list(size.domains), train_chars=size.train_chars)
+
+
+def build_data(size: Size) -> None:
+    """Build the token shards once, before runs that share them start side by side."""
+    from flexmore.data import ByteTokenizer
+    from flexmore.data.sources import build_streams
+
+    build_streams(data_config(size), ByteTokenizer(), 1 << 30)
 
 
 def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: list[str]) -> dict:
@@ -105,7 +126,7 @@ def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: lis
     result = work / f"{name}.json"
     if result.is_file():  # resumable: a finished run is not repeated
         return json.loads(result.read_text())
-    shutil.rmtree(work / name, ignore_errors=True)  # an unfinished attempt starts over
+    # an unfinished attempt resumes from its last checkpoint (train.resume=auto), if it saved one
     cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R),
            "--run-dir", str(work / name), "--result", str(result), "--set", *overrides]
     if R > 1:
@@ -201,6 +222,7 @@ def main() -> None:
     ap.add_argument("--replicas", nargs="+", type=int, default=[1])
     ap.add_argument("--out", default="outputs/parity")
     ap.add_argument("--set", nargs="*", default=[], help="override Size fields, e.g. steps=50 (a smoke run)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side (one GPU has room for several at small)")
     ap.add_argument("--lrs", nargs="*", default=[], metavar="OPTIM=LR,LR", help="override a sweep, e.g. adamw=1e-3")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--optim", default="adamw", choices=list(VARIANTS))
@@ -226,15 +248,19 @@ def main() -> None:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs = []
-    for R in args.replicas:
-        for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants]):
-            for lr in size.lrs.get(optim, size.lrs["flexdemo"]):
-                r = run_one(args.size, optim, lr, R, out / "runs", args.set)
-                r["size"] = args.size
-                runs.append(r)
-                print(f"R={R} {optim} lr {lr:g}: val {r['val_loss']:.4f} (best {r['best_val_loss']:.4f} at step "
-                      f"{r['best_step']}), {r['epochs']:.2f} epochs, {r['wall_s']:.0f}s", flush=True)
+    build_data(size)
+    plan = [(optim, lr, R) for R in args.replicas for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
+            for lr in size.lrs.get(optim, size.lrs["flexdemo"])]
+
+    def one(job):
+        optim, lr, R = job
+        r = run_one(args.size, optim, lr, R, out / "runs", args.set)
+        print(f"R={R} {optim} lr {lr:g}: val {r['val_loss']:.4f} (best {r['best_val_loss']:.4f} at step "
+              f"{r['best_step']}), {r['epochs']:.2f} epochs, {r['wall_s']:.0f}s", flush=True)
+        return {**r, "size": args.size}
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each run is its own process; threads only wait
+        runs = list(pool.map(one, plan))
     by_r = {R: summarise(runs, R) for R in args.replicas}
     for R, s in by_r.items():
         if s["dense_bf16_bytes_per_step"] is None:

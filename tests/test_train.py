@@ -23,9 +23,9 @@ def test_loss_goes_down_on_embedded_data(tmp_path):
 def test_resume_is_bit_identical(tmp_path):
     """Straight 12 steps == stop at 5, then resume to 12: the same losses and weights, bit for bit."""
     full = train(tiny_config(tmp_path / "a", model={"num_experts": 2, "top_k": 2, "expert_bias": True},
-                             train={"grad_accum": 2}))
+                             train={"grad_accum": 2, "eval_every": 4}))
     cfg_b = tiny_config(tmp_path / "b", model={"num_experts": 2, "top_k": 2, "expert_bias": True},
-                        train={"grad_accum": 2, "stop_at": 5})
+                        train={"grad_accum": 2, "eval_every": 4, "stop_at": 5})
     part = train(cfg_b)
     assert part.checkpoint.name == "step_00000005"
     torch.manual_seed(1234)  # a different global RNG state must not matter
@@ -33,6 +33,8 @@ def test_resume_is_bit_identical(tmp_path):
     assert rest.resumed_from == 5
     for s in range(6, 13):
         assert rest.losses[s] == full.losses[s], (s, rest.losses[s], full.losses[s])
+    # the resumed result covers the whole run: the steps before the cut come back from the checkpoint
+    assert rest.losses == full.losses and set(full.val) <= set(rest.val) and rest.val[4] == full.val[4]
     for (n, p), (_, q) in zip(full.model.named_parameters(), rest.model.named_parameters()):
         assert torch.equal(p, q), n
 

@@ -22,7 +22,8 @@ def stop_rule(task: Task):
     return lambda text: "\n" in text
 
 
-def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 32) -> dict[str, float]:
+def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Batches are wide because decoding has no KV cache: a step's cost is mostly launches, so fewer steps win."""
     if task.kind == "choice":
         flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
                                 device, batch_size=2 * batch_size)

@@ -11,7 +11,7 @@ from flexmore.data.tokenizer import Tokenizer
 
 @torch.no_grad()
 def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, device: torch.device,
-           stop: Callable[[str], bool] | None = None, batch_size: int = 32) -> list[str]:
+           stop: Callable[[str], bool] | None = None, batch_size: int = 256) -> list[str]:
     """The greedy continuation of each prompt, cut at EOS, at ``stop(text)`` or after ``max_new_tokens``.
 
     Prompts are left-padded into batches with an attention mask; RoPE is relative, so each row's logits are the
@@ -63,7 +63,7 @@ def continuation_logprobs(model, tokenizer: Tokenizer, context: str, continuatio
 
 @torch.no_grad()
 def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, str]], device: torch.device,
-                     batch_size: int = 64) -> list[tuple[float, int]]:
+                     batch_size: int = 512) -> list[tuple[float, int]]:
     """(sum of log p(continuation | context), number of continuation tokens) for each (context, continuation) pair.
 
     Pairs are right-padded into batches: the model is causal, so padding after a sequence leaves its logits as they

@@ -147,6 +147,9 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         if tc.force_resume:
             print0("train.force_resume=true: weights and optimizer resumed, the data order restarts")
         start = result.resumed_from = meta["step"]
+        history = meta.get("history", {})  # so a resumed run's result still covers the whole run
+        result.val = {int(k): v for k, v in history.get("val", {}).items()}
+        result.losses = {int(k): v for k, v in history.get("losses", {}).items()}
         print0(f"resumed from {resume_path} at step {start}")
     print0(f"model {model_cfg.name}: {counts.describe()} | device {device}" + (f" | {recipe.name}" if recipe else ""))
     print0(f"parallel: {ctx.world} rank(s) = replicate {ctx.replicate} x shard {ctx.shard}, strategy {strategy.name}"
@@ -170,7 +173,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         if not all_finite(list(model.parameters())):
             raise FloatingPointError(f"step {step}: the weights hold non-finite values; not saving them, {last_good()}. "
                                      "Resume from it with a lower optim.lr (or train.nonfinite=skip)")
-        return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict()}, ctx)
+        return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict(),
+                                                   "history": {"val": result.val, "losses": result.losses}}, ctx)
 
     def comm_metrics() -> dict[str, float]:
         return strategy.comm_per_step(counts.total, ctx.replicate, ctx.shard, param_bytes=2 if mp else 4,
