@@ -27,6 +27,7 @@ from timing import copy_bandwidth, ms  # noqa: E402
 
 from flexdemo.chunks import ChunkLayout  # noqa: E402
 from flexdemo.dct import dct_matrix  # noqa: E402
+from flexdemo.ops.options import KernelOptions  # noqa: E402
 
 # (stage, the lines before which it returns: the first found, this revision's or d579432's, value it stores)
 CUTS = [(0, ["    d = tl.load(d_ptr + si[:, None] * S + si[None, :])\n"], "tl.sum(m)"),
@@ -73,9 +74,9 @@ def main() -> None:
     vals = torch.empty(lay.num_chunks * k, device="cuda", dtype=torch.bfloat16)
     idx = torch.empty(lay.num_chunks * k, device="cuda", dtype=torch.int32)
     out = []
-    for fwd in (getattr(mod, "FORWARD_PRECISION", "tf32x3"), "tf32"):  # the source's default, and dct_forward=tf32
+    for fwd in (None, "tf32"):  # the default forward DCT for a bf16 wire, and dct_forward=tf32
         for stage in [0, 1, 10, 11, 12, 2, 9]:
-            opts = mod._options(k, s, None, "rank", 4, fwd)  # the subtraction: the source's default
+            opts = mod._launch_options(KernelOptions(forward_precision=fwd), k, s, torch.bfloat16)
             scratch = mod._scratch(lay.num_chunks, opts, "cuda")
 
             def run():
@@ -85,7 +86,7 @@ def main() -> None:
 
             kern = run()
             t = ms(run)
-            out.append({"forward": fwd, "stage": stage, "ms": t, "x_floor": t / floor, "registers": kern.n_regs,
+            out.append({"forward": opts["FWD_PRECISION"], "stage": stage, "ms": t, "x_floor": t / floor, "registers": kern.n_regs,
                         "spill_bytes": kern.n_spills, "maxnreg": opts.get("maxnreg")})
             print(json.dumps(out[-1]), flush=True)
     if args.out:

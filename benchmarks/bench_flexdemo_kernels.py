@@ -10,6 +10,7 @@ parameter (8 B fp32, 4 B bf16). Also: one fused torch.optim.AdamW step on the sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,23 +24,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import copy_bandwidth, ms  # noqa: E402
 
 from flexdemo.chunks import ChunkLayout  # noqa: E402
-from flexdemo.ops import encode as encode_module  # noqa: E402
 from flexdemo.ops.decode import decode_apply_triton  # noqa: E402
 from flexdemo.ops.decode_reference import decode_apply_reference  # noqa: E402
-from flexdemo.ops.encode import MAXNREG, encode_triton  # noqa: E402
+from flexdemo.ops.encode import encode_triton  # noqa: E402
 from flexdemo.ops.encode_reference import encode_reference  # noqa: E402
+from flexdemo.ops.options import KernelOptions  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 
 
 # The defaults and their nearest neighbours (earlier runs, in benchmarks/HISTORY.md: ieee dots and maxmask selection
-# 2-5x slower, 8 warps slower for both kernels). "nocap": without the register cap (encode.MAXNREG).
-# Encode: (selection, forward DCT's precision, subtraction's precision, warps, register cap); fwd-bf16x3 is the
-# default (dct_forward=fp32), fwd-tf32 the dct_forward=tf32 setting, fwd-tf32x3 the sixth session's default.
-ENCODE_VARIANTS = [("rank", "bf16x3", "bf16x3", 4, True), ("rank", "tf32", "bf16x3", 4, True),
-                   ("rank", "tf32x3", "bf16x3", 4, True), ("rank", "bf16x3", "bf16x3", 4, False),
-                   ("bisect", "bf16x3", "bf16x3", 4, True)]
-DECODE_VARIANTS = [("bf16x3", 4), ("ieee", 4), ("tf32", 4)]  # bf16x3: dct_inverse=fp32 (default); tf32: =tf32
+# 2-5x slower, 8 warps slower for both kernels). The first of each list is the default (dct_forward=fp32 and
+# dct_inverse=fp32); fwd-tf32 / decode tf32 are the =tf32 settings, "nocap" is without the encode's register cap.
+DEFAULT = KernelOptions()
+ENCODE_VARIANTS = [DEFAULT, KernelOptions(forward_precision="tf32"), KernelOptions(forward_precision="tf32x3"),
+                   KernelOptions(maxnreg=None), KernelOptions(select="bisect")]
+DECODE_VARIANTS = [DEFAULT, KernelOptions(decode_precision="ieee"), KernelOptions(decode_precision="tf32")]
+
+
+def encode_name(o: KernelOptions) -> str:
+    return (f"triton {o.select} fwd-{o.forward_for(torch.bfloat16)} sub-{o.subtract_precision} w{o.encode_warps}"
+            + ("" if o.maxnreg else " nocap"))
+
+
+def decode_name(o: KernelOptions) -> str:
+    return f"triton {o.decode_precision} w{o.decode_warps}"
 
 
 def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int, bw: float) -> list[dict]:
@@ -63,15 +72,12 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
         ("decode", "torch", lambda: decode_apply_reference(param, gi, gv, lay, k, 1e-4, 1.0, True)),
         ("decode", "torch.compile", lambda: compiled_dec(param, gi, gv, lay, k, 1e-4, 1.0, True)),
     ]
-    for t, f, p, w, cap in ENCODE_VARIANTS:
-        name = f"triton {t} fwd-{f} sub-{p} w{w}" + ("" if cap else " nocap")
-        impls.append(("encode", name, lambda t=t, f=f, p=p, w=w, cap=cap: (
-            setattr(encode_module, "MAXNREG", MAXNREG if cap else None), encode_triton(
-                grad, delta, lay, 0.999, 1e-4, k, vals, idx32, precision=p, topk=t, num_warps=w,
-                forward_precision=f))))
-    for p, w in DECODE_VARIANTS:
-        impls.append(("decode", f"triton {p} w{w}", lambda p=p, w=w: decode_apply_triton(
-            param, gi, gv, lay, k, 1e-4, 1.0, True, precision=p, num_warps=w)))
+    for o in ENCODE_VARIANTS:
+        impls.append(("encode", encode_name(o), lambda o=o: encode_triton(grad, delta, lay, 0.999, 1e-4, k, vals,
+                                                                          idx32, o)))
+    for o in DECODE_VARIANTS:
+        impls.append(("decode", decode_name(o), lambda o=o: decode_apply_triton(param, gi, gv, lay, k, 1e-4, 1.0,
+                                                                                True, o)))
     p_adam = torch.nn.Parameter(param.clone())
     p_adam.grad = grad.clone()
     adam = torch.optim.AdamW([p_adam], lr=1e-4, fused=True)
@@ -85,8 +91,8 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
             continue
         out.append({"case": tag, "op": op, "impl": name, "ms": t_ms, "x_floor": t_ms / floors[op], "floor_ms": floors[op]})
         launch = fn()
-        if isinstance(launch, tuple) and hasattr(launch[-1], "n_regs"):  # a Triton encode: its registers and spills
-            out[-1].update(registers=launch[-1].n_regs, spill_bytes=launch[-1].n_spills)
+        if hasattr(launch, "n_regs"):  # a Triton encode: its registers and spills
+            out[-1].update(registers=launch.n_regs, spill_bytes=launch.n_spills)
     return out
 
 
@@ -116,9 +122,12 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             rows += case(*shape, dtype, args.k, args.chunk, args.replicas, bw)
     best = summarize(rows)
+    options = {o: v for o, v in [*((encode_name(o), o) for o in ENCODE_VARIANTS),
+                                 *((decode_name(o), o) for o in DECODE_VARIANTS)]}
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d"), "copy_GBps": bw / 1e9, "k": args.k, "chunk": args.chunk,
             "replicas": args.replicas, "best": best,
+            "best_options": {op: dataclasses.asdict(options[name]) for op, name in best.items() if name},
             "payload_bytes_per_coef": 2 + 1.5, "ratio_vs_dense_bf16": 2 / (args.k * 3.5 / args.chunk ** 2)}
     print(json.dumps(head))
     adam = {r["case"]: r["ms"] for r in rows if r["op"] == "adamw"}

@@ -25,10 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import copy_bandwidth, ms  # noqa: E402
 
-from flexdemo import FlexDeMo  # noqa: E402
+from flexdemo import DeMoConfig, FlexDeMo  # noqa: E402
+from flexdemo.ops.options import KernelOptions  # noqa: E402
 from flexmore.model import build_model, load_preset  # noqa: E402
 
 TF32 = ", dct_forward=tf32"  # the fast rows (dct_inverse's default, three bf16 products, is faster than its tf32)
+
+
+CHOICE: KernelOptions | None = None  # --kernel-choice: the kernels' fastest variants, else their defaults
+
+
+def flexdemo(params, **settings) -> FlexDeMo:
+    """FlexDeMo with these DeMoConfig settings; with --kernel-choice, its kernel variants at the precisions the
+    settings ask for (dct_forward, dct_inverse)."""
+    cfg = DeMoConfig(**settings)
+    opts = None
+    if CHOICE is not None:
+        own = cfg.kernel_options()
+        opts = dataclasses.replace(CHOICE, forward_precision=own.forward_precision,
+                                   decode_precision=own.decode_precision)
+    return FlexDeMo(params, lr=1e-4, config=cfg, kernel_options=opts)
 
 
 def bench(fn) -> float:
@@ -53,7 +69,7 @@ def model_rows(model_name: str) -> list[dict]:
     adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
     rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
-        demo = FlexDeMo(params_with_grads(shapes), lr=1e-4, kernels=kernels, dct_forward=fwd)
+        demo = flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
         rows.append({"what": f"{name}, 2 replicas (decode twice)",
@@ -72,7 +88,7 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     ad = bench(adam.step)
     rows = [{"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": (28 if dtype == torch.float32 else 20) * n / bw * 1e3}]
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
-        demo = FlexDeMo(params_with_grads([shape], dtype), lr=1e-4, kernels=kernels, dct_forward=fwd)
+        demo = flexdemo(params_with_grads([shape], dtype), kernels=kernels, dct_forward=fwd)
         gathered = demo.encode()[None]
         enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
         kernels += TF32 if fwd == "tf32" else ""
@@ -83,18 +99,12 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     return rows
 
 
-def use_kernel_choice(path: str) -> dict:
-    """Set the Triton kernels' module defaults to the variants bench_flexdemo_kernels.py found fastest."""
-    from flexdemo.ops import decode, encode
-
-    best = json.loads(Path(path).read_text())["best"]
-    _, topk, _, sub, warps, *cap = best["encode"].split()
-    # the forward DCT's precision is the dct_forward setting, which the optimizer passes itself (measured in its rows)
-    encode.TOPK, encode.PRECISION, encode.NUM_WARPS = topk, sub.removeprefix("sub-"), int(warps[1:])
-    encode.MAXNREG = None if cap == ["nocap"] else encode.MAXNREG
-    # decode's precision is the dct_inverse setting, which the optimizer passes itself: only the warps carry over
-    decode.NUM_WARPS = int(best["decode"].split()[2][1:])
-    return best
+def kernel_choice(path: str) -> KernelOptions:
+    """The variants bench_flexdemo_kernels.py found fastest (its ``best_options``)."""
+    best = json.loads(Path(path).read_text())["best_options"]
+    enc, dec = best["encode"], best["decode"]
+    return KernelOptions(select=enc["select"], subtract_precision=enc["subtract_precision"],
+                         encode_warps=enc["encode_warps"], maxnreg=enc["maxnreg"], decode_warps=dec["decode_warps"])
 
 
 def main() -> None:
@@ -104,7 +114,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernel-choice", default=None, help="bench_flexdemo_kernels.py's JSON: use its fastest variants")
     args = ap.parse_args()
-    choice = use_kernel_choice(args.kernel_choice) if args.kernel_choice else None
+    global CHOICE
+    CHOICE = kernel_choice(args.kernel_choice) if args.kernel_choice else None
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = []
@@ -112,7 +123,7 @@ def main() -> None:
         rows += model_rows(m)
     rows += tensor_rows(tuple(args.tensor), torch.float32, bw)
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "copy_bandwidth_GBps": bw / 1e9, "triton_variants": choice}
+            "copy_bandwidth_GBps": bw / 1e9, "triton_variants": None if CHOICE is None else dataclasses.asdict(CHOICE)}
     print(json.dumps(head))
     for r in rows:
         extra = f"  floor {r['floor_ms']:.3f} ms ({r.get('x_floor', float('nan')):.1f}x)" if "floor_ms" in r else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexdemo.ops.options import KernelOptions
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
 
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
@@ -68,6 +69,11 @@ class DeMoConfig:
             raise ValueError(f"dct_forward={self.dct_forward!r}; allowed: {', '.join(DCT_FORWARD)}")
         if self.dct_inverse not in DCT_INVERSE:
             raise ValueError(f"dct_inverse={self.dct_inverse!r}; allowed: {', '.join(DCT_INVERSE)}")
+
+    def kernel_options(self) -> KernelOptions:
+        """The Triton kernels' products as dct_forward / dct_inverse ask, the rest at their measured defaults."""
+        return KernelOptions(forward_precision=DCT_FORWARD[self.dct_forward],
+                             decode_precision=DCT_INVERSE[self.dct_inverse])
 
     @property
     def wire_dtype(self):

@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
-from flexdemo.config import DCT_FORWARD, DCT_INVERSE, DeMoConfig
+from flexdemo.config import DeMoConfig
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.options import KernelOptions
 from flexdemo.wire import WireLayout, index_nbytes
 
 # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor; both fill a flat output.
@@ -45,9 +46,8 @@ class ParamPlan:
     """Where one parameter's payload sits in the packed buffer; identical on every replica."""
 
     layout: ChunkLayout | None  # None: sent densely
-    sparse_offset: int
-    num_sparse: int
-    dense_offset: int
+    first_chunk: int  # its place in the sparse payload, in chunks of k entries
+    dense_offset: int  # its place in the values, in entries
     num_dense: int
 
 
@@ -72,7 +72,7 @@ def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPl
     val_bytes = torch.empty(0, dtype=cfg.wire_dtype).element_size()
     bits = cfg.resolved_index_bits
     plans: list[ParamPlan] = []
-    sparse = dense = 0
+    chunks = dense = 0
     for shape in shapes:
         numel = int(torch.Size(shape).numel())
         layout = None
@@ -82,11 +82,12 @@ def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPl
             if n * val_bytes + index_nbytes(n, bits) < numel * val_bytes:
                 layout = cand
         if layout is not None:
-            plans.append(ParamPlan(layout, sparse, layout.num_chunks * cfg.topk, 0, 0))
-            sparse += layout.num_chunks * cfg.topk
+            plans.append(ParamPlan(layout, chunks, 0, 0))
+            chunks += layout.num_chunks
         else:
-            plans.append(ParamPlan(None, 0, 0, dense, numel))
+            plans.append(ParamPlan(None, 0, dense, numel))
             dense += numel
+    sparse = chunks * cfg.topk
     for p in plans:  # dense values follow all sparse values in the buffer
         if p.layout is None:
             p.dense_offset += sparse
@@ -97,7 +98,7 @@ class FlexDeMo(torch.optim.Optimizer):
     """DeMo on local shards, exchanged over ``replicate_group`` (None: no exchange, single worker)."""
 
     def __init__(self, params: Iterable, replicate_group: dist.ProcessGroup | None = None, lr: float = 1e-3,
-                 config: DeMoConfig | None = None, **overrides):
+                 config: DeMoConfig | None = None, kernel_options: KernelOptions | None = None, **overrides):
         cfg = config or DeMoConfig()
         if overrides:
             cfg = DeMoConfig(**{**cfg.__dict__, **overrides})
@@ -117,6 +118,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
+        self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
         self._groups = [self._split_group(g["params"], device) for g in self.param_groups]
         self.last_comm: dict[str, float] = {}
 
@@ -134,7 +136,7 @@ class FlexDeMo(torch.optim.Optimizer):
         tables = []
         for ps in by_dtype.values():
             plans = [self.plans[self._index[id(p)]] for p in ps]
-            table = ChunkTable.build([pl.layout for pl in plans], [pl.sparse_offset // self.cfg.topk for pl in plans],
+            table = ChunkTable.build([pl.layout for pl in plans], [pl.first_chunk for pl in plans], self.cfg.topk,
                                      device)
             tables.append((table, ps))
         start = self.plans[self._index[id(dense[0])]].dense_offset if dense else 0
@@ -156,8 +158,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 if len(present) > 1:  # one gradient dtype per launch: the kernel reads them as fp32 anyway
                     grads = [g.float() if g is not None else None for g in grads]
                 deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
-                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, cfg.topk, values, indices,
-                                 DCT_FORWARD[cfg.dct_forward])
+                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, values, indices,
+                                 self.kernel_options)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)
@@ -197,8 +199,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 else:
                     targets = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                     step_lr, step_decay = lr, decay
-                ops.decode_apply_table(self.kernels, table, targets, indices, values, self.cfg.topk, step_lr,
-                                       step_decay, self.cfg.sign, DCT_INVERSE[self.cfg.dct_inverse])
+                ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
+                                       self.cfg.sign, self.kernel_options)
             if plan.dense:
                 update = values[0, plan.dense_slice].float().clone()
                 for r in range(1, values.shape[0]):

@@ -28,12 +28,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from flexdemo.ops.decode import decode_apply_triton, decode_apply_triton_table  # noqa: E402
-from flexdemo.ops.encode import (  # noqa: E402
-    TOPK_METHODS,
-    _extract_candidates,
-    encode_triton,
-    encode_triton_table,
-)
+from flexdemo.ops.encode import _extract_candidates, encode_triton, encode_triton_table  # noqa: E402
+from flexdemo.ops.options import SELECT_METHODS, KernelOptions  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
@@ -41,6 +37,11 @@ SHAPES = [(16, 16, 16), (37, 21, 16), (50, 70, 32)]
 PRECISIONS = ["ieee", "tf32x3"] if DEVICE == "cuda" else ["ieee"]
 # None: the kernels' defaults (encode: bf16x3 forward DCT and subtraction, ieee on CPU; decode: bf16x3 on both)
 PRECISIONS_AND_DEFAULT = PRECISIONS + [None]
+
+
+def opts(select: str = "rank", precision: str | None = None, **kw) -> KernelOptions:
+    """precision None: the kernels' defaults; else every product in it."""
+    return KernelOptions.all_in(precision, select=select, **kw) if precision else KernelOptions(select=select, **kw)
 
 
 def run_encode(fn, grad, delta, lay, beta, lr, k, wire, **kw):
@@ -54,16 +55,16 @@ def run_encode(fn, grad, delta, lay, beta, lr, k, wire, **kw):
 @pytest.mark.parametrize("rows,cols,s", SHAPES)
 @pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("beta", [0.0, 0.9, 0.999])
-@pytest.mark.parametrize("topk", TOPK_METHODS)
+@pytest.mark.parametrize("select", SELECT_METHODS)
 @pytest.mark.parametrize("precision", PRECISIONS_AND_DEFAULT)
-def test_encode_matches_reference(rows, cols, s, k, beta, topk, precision):
+def test_encode_matches_reference(rows, cols, s, k, beta, select, precision):
     torch.manual_seed(rows * 100 + k)
     lay = ChunkLayout(rows, cols, s)
     delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
     wire = torch.bfloat16
     d_ref, v_ref, i_ref = run_encode(encode_reference, grad, delta, lay, beta, 0.1, k, wire)
-    d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, beta, 0.1, k, wire, topk=topk,
-                                     precision=precision)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, grad, delta, lay, beta, 0.1, k, wire,
+                                     options=opts(select, precision))
     assert (i_tri >= 0).all() and not v_tri.float().isnan().any()  # every slot written
     m = beta * delta + 0.1 * grad
     coeffs = dct2(lay.to_chunks(m)).reshape(lay.num_chunks, -1).abs()
@@ -83,12 +84,12 @@ def test_encode_matches_reference(rows, cols, s, k, beta, topk, precision):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("topk", TOPK_METHODS)
-def test_encode_full_k_and_no_grad(topk):
+@pytest.mark.parametrize("select", SELECT_METHODS)
+def test_encode_full_k_and_no_grad(select):
     s, k = 16, 256
     lay = ChunkLayout(20, 18, s)
     delta = torch.randn(20, 18, device=DEVICE)
-    d_tri, v_tri, i_tri = run_encode(encode_triton, None, delta, lay, 0.5, 0.1, k, torch.float32, topk=topk)
+    d_tri, v_tri, i_tri = run_encode(encode_triton, None, delta, lay, 0.5, 0.1, k, torch.float32, options=opts(select))
     assert d_tri.abs().max() < 1e-5  # everything sent: nothing left
     for c in range(lay.num_chunks):
         assert sorted(i_tri[c].tolist()) == list(range(s * s))
@@ -96,14 +97,14 @@ def test_encode_full_k_and_no_grad(topk):
     torch.testing.assert_close(back, 0.5 * delta, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("topk", TOPK_METHODS)
-def test_encode_tie_rule_is_lowest_index_first(topk):
+@pytest.mark.parametrize("select", SELECT_METHODS)
+def test_encode_tie_rule_is_lowest_index_first(select):
     """All-zero chunks (e.g. a shard's padding) tie everywhere: the kernel takes positions 0, 1, 2, ... in order.
     """
     lay = ChunkLayout(16, 40, 16)
     delta = torch.zeros(16, 40, device=DEVICE)
     delta[:, :16] = torch.randn(16, 16, device=DEVICE)  # chunk 0 live, chunks 1 and 2 all zero
-    _, vals, idx = run_encode(encode_triton, None, delta, lay, 1.0, 0.0, 4, torch.float32, topk=topk)
+    _, vals, idx = run_encode(encode_triton, None, delta, lay, 1.0, 0.0, 4, torch.float32, options=opts(select))
     assert idx[1].tolist() == [0, 1, 2, 3] and idx[2].tolist() == [0, 1, 2, 3]
     assert (vals[1:] == 0).all() and (vals[0] != 0).all()
 
@@ -130,8 +131,8 @@ def test_topk_methods_agree_bit_for_bit(k, s, spectrum):
     beta, lr = (1.0, 0.0) if spectrum == "few-rows" else (0.9, 0.1)
     # the forward DCT pinned to tf32x3: every method must see the same coefficients (with the bf16x3 default, one
     # near-tie of s = 128 fell differently between the methods' kernels on the H100)
-    out = {m: run_encode(encode_triton, grad, delta, lay, beta, lr, k, torch.bfloat16, topk=m,
-                         forward_precision="tf32x3") for m in TOPK_METHODS}
+    out = {m: run_encode(encode_triton, grad, delta, lay, beta, lr, k, torch.bfloat16,
+                         options=opts(m, forward_precision="tf32x3")) for m in SELECT_METHODS}
     d_a, v_a, i_a = out["maxmask"]
     for m in ("rank", "bisect"):
         d_b, v_b, i_b = out[m]
@@ -221,7 +222,7 @@ def test_decode_matches_reference_before_sign(rows, cols, s, replicas, k, precis
     p0 = torch.randn(rows, cols, device=DEVICE)
     a, b = p0.clone(), p0.clone()
     decode_apply_reference(a, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False)
-    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False, precision=precision)
+    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False, options=opts(precision=precision))
     update = (a - 0.99 * p0).abs().max().item()  # bf16x3: each factor to 16 significant bits
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 if precision else 2.0 ** -14 * update)
 
@@ -252,7 +253,7 @@ def test_decode_is_within_its_stated_tolerance(sign, precision, bits):
     idx, vals = random_payload(lay, k, 2, torch.bfloat16)
     a, b = torch.zeros(128, 192, device=DEVICE), torch.zeros(128, 192, device=DEVICE)
     decode_apply_reference(a, idx, vals, lay, k, lr=1.0, decay=1.0, sign=sign)
-    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=1.0, sign=sign, precision=precision)
+    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=1.0, sign=sign, options=opts(precision=precision))
     mean = decode_mean(idx, vals, lay, k)
     d = dct_matrix(64, DEVICE).abs()
     w = dct2(lay.to_chunks(decode_mean(idx, vals.abs(), lay, k))).abs()  # per position: the sum of |w| sent there
@@ -361,7 +362,7 @@ def test_one_table_launch_equals_one_launch_per_tensor():
     shapes = [(37, 21), (16, 16), (5, 70), (50, 33)]
     lays = [ChunkLayout(r, c, s) for r, c in shapes]
     firsts = [9, 0, 4, 20]  # 6, 1, 5 and 12 chunks: tensor 1 first, gaps at 1..3 and 15..19; 32 payload chunks
-    table = ChunkTable.build(lays, firsts, torch.device(DEVICE))
+    table = ChunkTable.build(lays, firsts, k, torch.device(DEVICE))
     assert table.num_chunks == sum(lay.num_chunks for lay in lays) == 24
     wide = torch.randn(50, 40, device=DEVICE)
     grads = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
@@ -371,9 +372,10 @@ def test_one_table_launch_equals_one_launch_per_tensor():
     one = ([d.clone() for d in deltas], torch.zeros(n, dtype=torch.bfloat16, device=DEVICE),
            torch.full((n,), -1, dtype=torch.int32, device=DEVICE))
     each = ([d.clone() for d in deltas], one[1].clone(), one[2].clone())
-    encode_triton_table(table, grads, one[0], 0.9, 0.1, k, one[1], one[2])
-    for lay, f, g, d in zip(lays, firsts, grads, each[0]):
-        sl = slice(f * k, (f + lay.num_chunks) * k)
+    encode_triton_table(table, grads, one[0], 0.9, 0.1, one[1], one[2])
+    for t, (lay, g, d) in enumerate(zip(lays, grads, each[0])):
+        sl = table.payload_slice(t)
+        assert sl == slice(firsts[t] * k, (firsts[t] + lay.num_chunks) * k)
         encode_triton(g, d, lay, 0.9, 0.1, k, each[1][sl], each[2][sl])
     for a, b in zip(one[0], each[0]):
         assert torch.equal(a, b)
@@ -383,9 +385,9 @@ def test_one_table_launch_equals_one_launch_per_tensor():
     idx, vals = random_payload(ChunkLayout(32 * s, s, s), k, 2, torch.bfloat16)  # 32 chunks of payload, 2 replicas
     params = [torch.randn(r, c, device=DEVICE).to(dt) for (r, c), dt in zip(shapes, [torch.float32] * 4)]
     p_one, p_each = [p.clone() for p in params], [p.clone() for p in params]
-    decode_apply_triton_table(table, p_one, idx, vals, k, lr=0.01, decay=0.99, sign=True)
-    for lay, f, p in zip(lays, firsts, p_each):
-        sl = slice(f * k, (f + lay.num_chunks) * k)
+    decode_apply_triton_table(table, p_one, idx, vals, lr=0.01, decay=0.99, sign=True)
+    for t, (lay, p) in enumerate(zip(lays, p_each)):
+        sl = table.payload_slice(t)
         decode_apply_triton(p, idx[:, sl], vals[:, sl], lay, k, lr=0.01, decay=0.99, sign=True)
     for a, b in zip(p_one, p_each):
         assert torch.equal(a, b)
@@ -394,12 +396,14 @@ def test_one_table_launch_equals_one_launch_per_tensor():
 def test_chunk_table_rejects_bad_input_before_launch():
     lays = [ChunkLayout(20, 20, 16), ChunkLayout(8, 8, 16)]
     with pytest.raises(ValueError, match="a ChunkTable needs at least one tensor"):
-        ChunkTable.build([], [], torch.device(DEVICE))
+        ChunkTable.build([], [], 16, torch.device(DEVICE))
     with pytest.raises(ValueError, match="2 layouts but 1 payload offsets"):
-        ChunkTable.build(lays, [0], torch.device(DEVICE))
+        ChunkTable.build(lays, [0], 16, torch.device(DEVICE))
     with pytest.raises(ValueError, match=r"one chunk size per table; got \[16, 32\]"):
-        ChunkTable.build([lays[0], ChunkLayout(8, 8, 32)], [0, 4], torch.device(DEVICE))
-    table = ChunkTable.build(lays, [0, 4], torch.device(DEVICE))
+        ChunkTable.build([lays[0], ChunkLayout(8, 8, 32)], [0, 4], 16, torch.device(DEVICE))
+    with pytest.raises(ValueError, match=r"k=257 must be in \[1, s\*s=256\]"):
+        ChunkTable.build(lays, [0, 4], 257, torch.device(DEVICE))
+    table = ChunkTable.build(lays, [0, 4], 16, torch.device(DEVICE))
     with pytest.raises(ValueError, match=r"tensor 1: shape \(8, 9\).*wants \(8, 8\)"):
         table.addresses([torch.zeros(20, 20), torch.zeros(8, 9)])
     with pytest.raises(ValueError, match=r"tensor 0: shape \(20, 20\) stride \(1, 20\)"):  # column-major
@@ -407,21 +411,22 @@ def test_chunk_table_rejects_bad_input_before_launch():
     zeros = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE)]
     out = torch.zeros(5 * 16, device=DEVICE), torch.zeros(5 * 16, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=r"one gradient dtype per launch; got \['torch.bfloat16', 'torch.float32'\]"):
-        encode_triton_table(table, [zeros[0], zeros[1].bfloat16()], zeros, 0.9, 0.1, 16, *out)
-    with pytest.raises(ValueError, match="topk='sort'; allowed"):
-        encode_triton_table(table, zeros, zeros, 0.9, 0.1, 16, *out, topk="sort")
+        encode_triton_table(table, [zeros[0], zeros[1].bfloat16()], zeros, 0.9, 0.1, *out)
     with pytest.raises(ValueError, match="one parameter dtype per launch"):
         mixed = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE).bfloat16()]
         decode_apply_triton_table(table, mixed,
                                   torch.zeros(1, 5 * 16, dtype=torch.int32, device=DEVICE),
-                                  torch.zeros(1, 5 * 16, device=DEVICE), 16, 0.1, 1.0, True)
+                                  torch.zeros(1, 5 * 16, device=DEVICE), 0.1, 1.0, True)
 
 
-def test_unknown_topk_method_is_rejected_before_launch():
-    lay = ChunkLayout(16, 16, 16)
-    delta = torch.randn(16, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="topk='sort'; allowed: rank, bisect, maxmask"):
-        run_encode(encode_triton, None, delta, lay, 0.9, 0.1, 4, torch.float32, topk="sort")
+@pytest.mark.parametrize("field,value,allowed", [
+    ("select", "sort", "rank, bisect, maxmask"), ("forward_precision", "bf16", "ieee, tf32, tf32x3, bf16x3"),
+    ("subtract_precision", None, "ieee, tf32"), ("decode_precision", "fp32", "ieee, tf32"),
+    ("encode_warps", 3, "1, 2, 4, 8, 16"), ("decode_warps", 0, "1, 2, 4, 8, 16"),
+])
+def test_bad_kernel_options_are_rejected_when_built(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"{field}={value!r}; allowed: {allowed}".replace("(", r"\(")):
+        KernelOptions(**{field: value})
 
 
 def test_kernel_choice():
@@ -461,7 +466,7 @@ def test_forward_dct_in_tf32_still_keeps_the_momentum_consistent():
     lay, k = ChunkLayout(70, 130, 64), 32
     delta, grad = torch.randn(70, 130, device=DEVICE), torch.randn(70, 130, device=DEVICE)
     d_new, vals, idx = run_encode(encode_triton, grad, delta, lay, 0.9, 0.1, k, torch.float32,
-                                  forward_precision="tf32")
+                                  options=KernelOptions(forward_precision="tf32"))
     m = 0.9 * delta + 0.1 * grad
     sent = torch.zeros(lay.num_chunks, 64 * 64, device=DEVICE).scatter_(1, idx.long(), vals.float())
     torch.testing.assert_close(d_new, m - lay.from_chunks(idct2(sent.view(-1, 64, 64))), rtol=1e-5, atol=1e-5)
@@ -497,17 +502,17 @@ def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient(
 def test_default_forward_dct_follows_the_wire():
     """dct_forward=fp32 means products finer than the wire: bf16x3 (~2^-16) for a 16-bit wire, tf32x3 (~2^-21) for an
     fp32 wire, whose values keep 24 bits (``test_encode_full_k_and_no_grad`` sends everything in fp32 and needs it)."""
-    from flexdemo.ops.encode import _options
+    from flexdemo.ops.encode import _launch_options
     from flexdemo.ops.precision import runnable
 
     for wire, expected in [(torch.bfloat16, "bf16x3"), (torch.float16, "bf16x3"), (torch.float32, "tf32x3")]:
-        assert _options(32, 64, None, None, None, None, wire)["FWD_PRECISION"] == runnable(expected)
-    assert _options(32, 64, None, None, None, "tf32", torch.float32)["FWD_PRECISION"] == "tf32"
+        assert _launch_options(KernelOptions(), 32, 64, wire)["FWD_PRECISION"] == runnable(expected)
+    assert _launch_options(KernelOptions(forward_precision="tf32"), 32, 64, torch.float32)["FWD_PRECISION"] == "tf32"
 
 
 @pytest.mark.parametrize("setting,module,launch_fn,kwarg,expected", [
     ("dct_forward", "encode", "encode_triton_table", "forward_precision", [None, "tf32"]),
-    ("dct_inverse", "decode", "decode_apply_triton_table", "precision", ["bf16x3", "tf32"]),
+    ("dct_inverse", "decode", "decode_apply_triton_table", "decode_precision", ["bf16x3", "tf32"]),
 ])
 def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(monkeypatch, setting, module, launch_fn,
                                                                               kwarg, expected):
@@ -524,7 +529,7 @@ def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(m
     assert getattr(OptimConfig(name="flexdemo", demo=DeMoConfig(**{setting: "tf32"})).demo_config(), setting) == "tf32"
     mod = importlib.import_module(f"flexdemo.ops.{module}")
     seen, launch = [], getattr(mod, launch_fn)
-    monkeypatch.setattr(mod, launch_fn, lambda *a, **kw: (seen.append(kw[kwarg]), launch(*a, **kw))[1])
+    monkeypatch.setattr(mod, launch_fn, lambda *a: (seen.append(getattr(a[-1], kwarg)), launch(*a))[1])
     for value in ("fp32", "tf32"):
         p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
         p.grad = torch.randn(20, 24, device=DEVICE)

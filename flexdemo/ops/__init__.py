@@ -11,6 +11,7 @@ import os
 import torch
 
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.options import KernelOptions
 
 KERNELS = ("auto", "torch", "triton")
 TRITON_CHUNKS = (16, 32, 64, 128)  # tl.arange wants powers of two; tl.dot wants >= 16
@@ -40,31 +41,30 @@ def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
     return requested
 
 
-def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr: float, k: int,
-                 out_vals: torch.Tensor, out_idx: torch.Tensor, forward_precision: str | None = None) -> None:
+def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr: float,
+                 out_vals: torch.Tensor, out_idx: torch.Tensor, options: KernelOptions = KernelOptions()) -> None:
     """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32)."""
     if kernels == "triton":
         from flexdemo.ops.encode import encode_triton_table
 
-        return encode_triton_table(table, grads, deltas, beta, lr, k, out_vals, out_idx,
-                                   forward_precision=forward_precision)
+        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options)
     from flexdemo.ops.encode_reference import encode_reference
 
-    for lay, first, g, m in zip(table.layouts, table.payload_first, grads, deltas):
-        sl = slice(first * k, (first + lay.num_chunks) * k)
-        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl])
+    for t, (lay, g, m) in enumerate(zip(table.layouts, grads, deltas)):
+        sl = table.payload_slice(t)
+        encode_reference(g, m, lay, beta, lr, table.k, out_vals[sl], out_idx[sl])
 
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,
-                       k: int, lr: float, decay: float, sign: bool, precision: str | None = None) -> None:
-    """Decode + apply every tensor of ``table``: one launch (triton, its products in ``precision``) or the reference
-    per tensor (torch, always fp32)."""
+                       lr: float, decay: float, sign: bool, options: KernelOptions = KernelOptions()) -> None:
+    """Decode + apply every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always
+    fp32)."""
     if kernels == "triton":
         from flexdemo.ops.decode import decode_apply_triton_table
 
-        return decode_apply_triton_table(table, params, indices, values, k, lr, decay, sign, precision=precision)
+        return decode_apply_triton_table(table, params, indices, values, lr, decay, sign, options)
     from flexdemo.ops.decode_reference import decode_apply_reference
 
-    for lay, first, p in zip(table.layouts, table.payload_first, params):
-        sl = slice(first * k, (first + lay.num_chunks) * k)
-        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, k, lr, decay, sign)
+    for t, (lay, p) in enumerate(zip(table.layouts, params)):
+        sl = table.payload_slice(t)
+        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, sign)

@@ -4,7 +4,8 @@ A model has dozens to hundreds of 2-D tensors, most of them only a few hundred c
 partial wave over the GPU and a Python launch each, so the optimizer step becomes launch-bound (benchmarks/HISTORY.md).
 One launch over a table of every tensor's chunks fills the GPU and costs one launch. The table's shapes and offsets
 are fixed when it is built; the tensors' addresses and row strides are passed per call (gradients are new tensors
-every step).
+every step). Payload places are counted in chunks of k entries: tensor t's payload is entries
+``payload_slice(t)`` of the flat payload.
 """
 
 from __future__ import annotations
@@ -23,21 +24,24 @@ ROWS, COLS, GRID_COLS, LAUNCH_FIRST, PAYLOAD_FIRST = range(5)
 class ChunkTable:
     """Tensors t = 0..T-1 with their layouts; launch chunk c belongs to tensor ``tensor_of_chunk[c]``, is its chunk
     ``c - meta[t, LAUNCH_FIRST]`` (row-major over its chunk grid) and writes / reads payload chunk
-    ``meta[t, PAYLOAD_FIRST] + that``."""
+    ``meta[t, PAYLOAD_FIRST] + that``, k entries per chunk."""
 
     layouts: list[ChunkLayout]
-    payload_first: list[int]
+    payload_first: list[int]  # in chunks
+    k: int  # payload entries per chunk
     tensor_of_chunk: torch.Tensor  # (num_chunks,) int32
     meta: torch.Tensor  # (T, 5) int64
 
     @classmethod
-    def build(cls, layouts: list[ChunkLayout], payload_first: list[int], device: torch.device) -> "ChunkTable":
+    def build(cls, layouts: list[ChunkLayout], payload_first: list[int], k: int, device: torch.device) -> "ChunkTable":
         if not layouts:
             raise ValueError("a ChunkTable needs at least one tensor")
         if len(layouts) != len(payload_first):
             raise ValueError(f"{len(layouts)} layouts but {len(payload_first)} payload offsets")
         if len({lay.s for lay in layouts}) > 1:
             raise ValueError(f"one chunk size per table; got {sorted({lay.s for lay in layouts})}")
+        if not 1 <= k <= layouts[0].s ** 2:
+            raise ValueError(f"k={k} must be in [1, s*s={layouts[0].s ** 2}]")
         rows, owner, first = [], [], 0
         for t, (lay, pf) in enumerate(zip(layouts, payload_first)):
             rows.append([lay.rows, lay.cols, lay.grid[1], first, pf])
@@ -45,7 +49,7 @@ class ChunkTable:
             first += lay.num_chunks
         meta = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
         tensor_of_chunk = torch.cat(owner)
-        return cls(list(layouts), list(payload_first), tensor_of_chunk.to(device), meta.to(device))
+        return cls(list(layouts), list(payload_first), k, tensor_of_chunk.to(device), meta.to(device))
 
     @property
     def num_chunks(self) -> int:
@@ -54,6 +58,11 @@ class ChunkTable:
     @property
     def s(self) -> int:
         return self.layouts[0].s
+
+    def payload_slice(self, t: int) -> slice:
+        """Tensor t's entries of the flat payload."""
+        first = self.payload_first[t]
+        return slice(first * self.k, (first + self.layouts[t].num_chunks) * self.k)
 
     def addresses(self, *tensor_lists: list[torch.Tensor | None]) -> torch.Tensor:
         """(T, 2 * len(tensor_lists)) int64 on the table's device: each list's [address, row stride] per tensor

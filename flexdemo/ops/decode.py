@@ -21,14 +21,9 @@ from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix, dct_matrix_halves
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.encode import payload_block
+from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import dot_basis_rows_bf16x3
 from flexdemo.ops.rounding import cast_like
-
-# Three bf16 products (each factor to 16 significant bits; the basis read already split): max error 5.5e-6 of the
-# largest update on the H100, faster than ieee (CUDA-core fp32, 4.5e-7) and than one tf32 pass (dct_inverse=tf32,
-# 7.9e-4), which wants both operands K-major (the gathered rows would go to shared memory transposed).
-PRECISION = "bf16x3"
-NUM_WARPS = 4  # 8 is slower (benchmarks/HISTORY.md)
 
 
 @triton.jit
@@ -39,7 +34,7 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
         t = tl.load(owner_ptr + c)
-        meta = table_ptr + t * 5
+        meta = table_ptr + t * 5  # ChunkTable.meta's columns
         pp = tl.load(addr_ptr + t * 2).to(p_ptr.dtype)
         sp = tl.load(addr_ptr + t * 2 + 1).to(tl.int32)
         n_rows = tl.load(meta).to(tl.int32)
@@ -89,11 +84,8 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
 
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
-                        k: int, lr: float, decay: float, sign: bool, precision: str | None = None,
-                        num_warps: int | None = None) -> None:
-    """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided.
-    precision / num_warps: None = the module's defaults (read at call time, so a benchmark can set them)."""
-    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
+                        k: int, lr: float, decay: float, sign: bool, options: KernelOptions = KernelOptions()) -> None:
+    """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided."""
     if layout.num_chunks == 0:
         return
     s = layout.s
@@ -101,17 +93,17 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
     _decode_kernel[(layout.num_chunks,)](
         param, indices, values, d, dct_matrix_halves(s, param.device), d, d, d, layout.rows, layout.cols,
         param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=False,
-        R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
+        R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=options.decode_precision,
+        num_warps=options.decode_warps,
     )
 
 
 def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], indices: torch.Tensor,
-                              values: torch.Tensor, k: int, lr: float, decay: float, sign: bool,
-                              precision: str | None = None, num_warps: int | None = None) -> None:
-    """``decode_apply_triton`` for every tensor of ``table`` in one launch. params[t]: (rows, cols) views with unit
-    column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor reading at its
-    ``payload_first`` chunk."""
-    precision, num_warps = precision or PRECISION, num_warps or NUM_WARPS
+                              values: torch.Tensor, lr: float, decay: float, sign: bool,
+                              options: KernelOptions = KernelOptions()) -> None:
+    """``decode_apply_triton`` for every tensor of ``table`` in one launch, at the table's k. params[t]: (rows, cols)
+    views with unit column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor
+    reading at its first payload chunk."""
     if len({p.dtype for p in params}) > 1:
         raise ValueError(f"one parameter dtype per launch; got {sorted({str(p.dtype) for p in params})}")
     d = dct_matrix(table.s, params[0].device, torch.float32)
@@ -119,5 +111,6 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
         params[0], indices, values, d, dct_matrix_halves(table.s, d.device), table.meta, table.addresses(params),
         table.tensor_of_chunk, 0, 0, 0, 0,
         indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=True, R=indices.shape[0], S=table.s,
-        K=k, KB=payload_block(k, table.s), SIGN=sign, PRECISION=precision, num_warps=num_warps,
+        K=table.k, KB=payload_block(table.k, table.s), SIGN=sign, PRECISION=options.decode_precision,
+        num_warps=options.decode_warps,
     )

@@ -3,11 +3,8 @@
 momentum update -> 2-D DCT (two small matmuls) -> top-k of |C| (ties: lowest index) -> payload (values in the wire
 dtype, int32 chunk-local indices) -> momentum minus the inverse DCT of what was sent (rank-k products of gathered
 basis rows, read back from the payload: a quarter of a dense inverse at k = 32 of 64 x 64, and the rest of the
-momentum never goes through a transform) -> momentum written back. Top-k (``topk``): ``rank`` (default) brackets the
-k-th largest by the k-th largest row maximum, narrows until at most s candidates remain and ranks those against each
-other; ``bisect`` searches the k-th largest magnitude's fp32 bits two at a time; ``maxmask`` takes k rounds of
-max-and-mask (the naive twin the others are tested against). One tensor per launch, or every tensor of a
-``ChunkTable``. Bytes moved per element: read grad, read + write momentum. The torch twin is ``encode_reference.py``.
+momentum never goes through a transform) -> momentum written back. The top-k method (``KernelOptions.select``):
+``rank``, ``bisect`` or ``maxmask``. One tensor per launch, or every tensor of a ``ChunkTable``. Bytes moved per element: read grad, read + write momentum. The torch twin is ``encode_reference.py``.
 """
 
 from __future__ import annotations
@@ -19,23 +16,9 @@ import triton.language as tl
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import cast_like
-
-TOPK_METHODS = ("rank", "bisect", "maxmask")
-TOPK = "rank"  # defaults, the fastest variants on an H100 (benchmarks/HISTORY.md)
-# The forward DCT's products (dct_forward=fp32) for a 16-bit wire: three bf16 products, each factor to 16 significant
-# bits, 128x finer than the bf16 wire's rounding: on 4096 x 11008 (H100) the ieee set in all but 5 of 11008 chunks
-# (near-ties) and 0.04% of the sent values one bf16 step away; 14% faster than tf32x3, and ieee is 2.5-5x slower.
-FORWARD_PRECISION = "bf16x3"
-# ... and for an fp32 wire, whose values keep 24 bits: tf32x3 (~2^-21), the ieee sets and values.
-FORWARD_PRECISION_FP32_WIRE = "tf32x3"
-# The subtraction of what was sent: three bf16 products, ~2^-16 each (the momentum within 1.5e-6 of the ieee result,
-# relative to its largest entry, on the H100). tf32 wants both operands K-major, so the gathered basis rows would go
-# to shared memory transposed, with 8-way bank conflicts; bf16 takes them as they lie: 8% faster than tf32x3.
-PRECISION = "bf16x3"
-NUM_WARPS = 4  # 8 is slower (benchmarks/HISTORY.md)
-MAXNREG = 168  # 64 x 64 chunks: 3 blocks of 4 warps per SM (245 registers uncapped: 2), 0-6 bytes spilled
 
 
 @triton.jit
@@ -178,7 +161,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
         t = tl.load(owner_ptr + c)
-        meta = table_ptr + t * 5
+        meta = table_ptr + t * 5  # ChunkTable.meta's columns
         addr = addr_ptr + t * 4
         g_addr = tl.load(addr)
         gp = g_addr.to(g_ptr.dtype)
@@ -280,14 +263,10 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
 
 
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
-                  k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, precision: str | None = None,
-                  topk: str | None = None, num_warps: int | None = None, forward_precision: str | None = None) -> None:
-    """Same contract as ``encode_reference``; ``out_idx`` is int32. ``topk``: one of TOPK_METHODS; None = the module's
-    defaults (read at call time, so a benchmark can set them). ``precision``: the subtraction's products (and the
-    forward DCT's when ``forward_precision`` is None and ``precision`` is given). ``forward_precision`` decides only
-    which coefficients are chosen and their values, never the momentum's consistency: the momentum loses what was
-    sent, as sent (the subtraction reads the payload back)."""
-    opts = _options(k, layout.s, precision, topk, num_warps, forward_precision, out_vals.dtype)
+                  k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
+                  options: KernelOptions = KernelOptions()) -> None:
+    """Same contract as ``encode_reference``; ``out_idx`` is int32."""
+    opts = _launch_options(options, k, layout.s, out_vals.dtype)
     if layout.num_chunks == 0:
         return
     d = dct_matrix(layout.s, delta.device, torch.float32)
@@ -300,13 +279,12 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
 
 
 def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], deltas: list[torch.Tensor], beta: float,
-                        lr: float, k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
-                        precision: str | None = None, topk: str | None = None, num_warps: int | None = None,
-                        forward_precision: str | None = None) -> None:
-    """``encode_triton`` for every tensor of ``table`` in one launch. grads[t] / deltas[t]: (rows, cols) views with
-    unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the whole payload, each tensor
-    writing at its ``payload_first`` chunk. All gradients given must share one dtype."""
-    opts = _options(k, table.s, precision, topk, num_warps, forward_precision, out_vals.dtype)
+                        lr: float, out_vals: torch.Tensor, out_idx: torch.Tensor,
+                        options: KernelOptions = KernelOptions()) -> None:
+    """``encode_triton`` for every tensor of ``table`` in one launch, at the table's k. grads[t] / deltas[t]:
+    (rows, cols) views with unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the
+    whole payload, each tensor writing at its first payload chunk. All gradients given must share one dtype."""
+    opts = _launch_options(options, table.k, table.s, out_vals.dtype)
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
         raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
@@ -319,18 +297,13 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
     )
 
 
-def _options(k: int, s: int, precision: str | None, topk: str | None, num_warps: int | None,
-             forward_precision: str | None, wire: torch.dtype = torch.bfloat16) -> dict:
-    """The launch's compile-time options; None: the module's defaults, read at call time (a benchmark sets them)."""
-    default_forward = FORWARD_PRECISION_FP32_WIRE if wire == torch.float32 else FORWARD_PRECISION
-    forward_precision = forward_precision or precision or default_forward
-    precision, topk = precision or PRECISION, topk or TOPK
-    if topk not in TOPK_METHODS:
-        raise ValueError(f"topk={topk!r}; allowed: {', '.join(TOPK_METHODS)}")
-    opts = dict(S=s, K=k, KB=payload_block(k, s), PRECISION=runnable(precision),
-                FWD_PRECISION=runnable(forward_precision), SELECT=topk, num_warps=num_warps or NUM_WARPS)
-    if s == 64 and MAXNREG:  # measured for 64 x 64 only; the interpreter ignores it
-        opts["maxnreg"] = MAXNREG
+def _launch_options(options: KernelOptions, k: int, s: int, wire: torch.dtype) -> dict:
+    """The launch's compile-time arguments."""
+    opts = dict(S=s, K=k, KB=payload_block(k, s), PRECISION=runnable(options.subtract_precision),
+                FWD_PRECISION=runnable(options.forward_for(wire)), SELECT=options.select,
+                num_warps=options.encode_warps)
+    if s == 64 and options.maxnreg:  # measured for 64 x 64 only; the interpreter ignores it
+        opts["maxnreg"] = options.maxnreg
     return opts
 
 
