@@ -33,7 +33,8 @@ DOMAINS = ["public", "code", "math", "facts"]
 VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"},
             "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
             "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096},  # diagnostics: less compression
-            "flexdemo-b0.99": {"beta": 0.99}, "flexdemo-b0.9": {"beta": 0.9}}
+            "flexdemo-b0.99": {"beta": 0.99}, "flexdemo-b0.9": {"beta": 0.9},
+            "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)}}
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ SIZES = {
                  {"adamw": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "flexdemo": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
                   "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}),
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
-                  {"adamw": [5e-4, 1e-3, 3e-3], "flexdemo": [3e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
+                  {"adamw": [2.5e-4, 5e-4, 1e-3, 3e-3], "flexdemo": [1e-4, 2e-4, 3e-4, 1e-3, 2e-3],
+                   "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
     # 4,000 steps on data seen at most once: the code domain (the standard library, ~9M tokens) would repeat, so the
     # three generated domains carry the run
     "small-long": Size("small", 4000, 200, 512, 32, 22_000_000, 500, 8,

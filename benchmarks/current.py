@@ -104,9 +104,16 @@ def recipe_rows() -> list[list[str]]:
 
 
 def parity_rows() -> list[list[str]]:
+    rows = []
+    g = load("parity/summary.json")
+    a, f = g["adamw"], g["flexdemo"]
+    edge = " (both at the low edge of their sweeps)" if a["lr_at_sweep_edge"] and f["lr_at_sweep_edge"] else ""
+    rows.append(row(f"FlexDeMo / AdamW validation loss, `small`, {g['size']['steps']} steps, R = 1{edge}",
+                    f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
+                    f"{g['ratio']:.3f} (goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"],
+                    "`bench_parity.py --size small` (`parity/summary.json`)"))
     s = load("parity_tiny/summary.json")
     src = "`bench_parity.py --size tiny --replicas 1 2 4` (`parity_tiny/summary.json`)"
-    rows = []
     for R, r in s["by_replicas"].items():
         a, f = r["adamw"], r["flexdemo"]
         rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny`, {s['size']['steps']} steps, R = {R}",

@@ -10,7 +10,7 @@ from flexdemo.wire import WIRE_DTYPES, index_bits_for
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
-BASE_STEPS = ("direct", "adam")
+BASE_STEPS = ("direct", "adam", "lion")
 
 
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
@@ -38,7 +38,9 @@ class DeMoConfig:
     dct_inverse: str = "fp32"
     # What the decoded direction d (the replicas' mean, signed if ``sign``) does to the weights: "direct" (DeMo):
     # p -= lr * d; "adam": d is the gradient of an Adam step (its own first and second moments, ``adam_betas``,
-    # ``adam_eps``; no bias correction: the warm-up covers the first steps), which scales each element by its history.
+    # ``adam_eps``; no bias correction: the warm-up covers the first steps), which scales each element by its history;
+    # "lion": p -= lr * sign(b1 * m + (1 - b1) * d), then m = b2 * m + (1 - b2) * d (Lion's rule on the decoded
+    # direction, ``adam_betas`` as (b1, b2); best with sign=False, so m averages magnitudes, not signs).
     base_step: str = "direct"
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8

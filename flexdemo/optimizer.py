@@ -7,7 +7,7 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     send the top-k DCT coefficients of each chunk of delta, and remove them from delta
     one all-gather of every replica's packed payload    (one collective per step, all parameters)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
-    (base_step=adam: that signed direction is instead the gradient of an Adam step)
+    (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step)
 
 Encode and decode + apply run as Triton kernels on CUDA (``kernels``), one launch per param group and dtype for all
 compressed tensors, with torch twins for the CPU.
@@ -113,8 +113,9 @@ class FlexDeMo(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         for p in self.params:
             self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
-            if cfg.base_step == "adam":  # identical on every replica: they see the same decoded direction
+            if cfg.base_step != "direct":  # identical on every replica: they see the same decoded direction
                 self.state[p]["exp_avg"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
+            if cfg.base_step == "adam":
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
@@ -186,7 +187,7 @@ class FlexDeMo(torch.optim.Optimizer):
     def decode_apply(self, gathered: torch.Tensor) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
         indices, values = self.wire.unpack(gathered)  # (replicas, n) each, values a view of the gathered bytes
-        adam = self.cfg.base_step == "adam"
+        adam = self.cfg.base_step != "direct"  # a base step with moments: decode, then step (adam or lion)
         for group, plan in zip(self.param_groups, self._groups):
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
             directions = []
@@ -215,7 +216,21 @@ class FlexDeMo(torch.optim.Optimizer):
                     flat = torch.cat([x.reshape(-1).float() for x in locals_])
                     torch._foreach_copy_(locals_, _views_like(flat * decay - lr * update, locals_))
             if directions:
-                self._adam_step([p for p, _ in directions], [d for _, d in directions], lr, decay)
+                step = self._adam_step if self.cfg.base_step == "adam" else self._lion_step
+                step([p for p, _ in directions], [d for _, d in directions], lr, decay)
+
+    def _lion_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
+        """p = p * decay - lr * sign(b1 m + (1 - b1) d); then m = b2 m + (1 - b2) d."""
+        b1, b2 = self.cfg.adam_betas
+        m = [self.state[p]["exp_avg"] for p in params]
+        step = torch._foreach_mul(m, b1)
+        torch._foreach_add_(step, directions, alpha=1 - b1)
+        torch._foreach_sign_(step)
+        torch._foreach_lerp_(m, directions, 1 - b2)
+        locals_ = [local_tensor(p) for p in params]
+        updated = torch._foreach_mul([x.float() for x in locals_], decay)
+        torch._foreach_add_(updated, step, alpha=-lr)
+        torch._foreach_copy_(locals_, updated)
 
     def _adam_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
         """p = p * decay - lr * m / (sqrt(v) + eps), with m, v the moving moments of the decoded directions."""

@@ -21,11 +21,12 @@ def naive_dct(n: int) -> torch.Tensor:
 class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
-    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None):
+    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None):
         self.params = [p.detach().double().clone() for p in params]
         self.lr, self.beta, self.k, self.s, self.wd, self.sign = lr, beta, k, s, wd, sign
         self.D = naive_dct(s)
         self.adam = adam  # (beta1, beta2, eps): the decoded direction is an Adam step's gradient
+        self.lion = lion  # (beta1, beta2): ... or a Lion step's
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
 
@@ -79,6 +80,11 @@ class NaiveDeMo:
                 r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
                 update[ci : ci + r, cj : cj + c] = block[:r, :c]
             d = update.sign() if self.sign else update
+            if self.lion is not None:
+                b1, b2 = self.lion
+                p.sub_(self.lr * (b1 * self.m[i] + (1 - b1) * d).sign())
+                self.m[i] = b2 * self.m[i] + (1 - b2) * d
+                continue
             if self.adam is None:
                 p.sub_(self.lr * d)
                 continue
@@ -88,7 +94,8 @@ class NaiveDeMo:
             p.sub_(self.lr * self.m[i] / (self.v[i].sqrt() + eps))
 
 
-@pytest.mark.parametrize("sign, base_step", [(True, "direct"), (False, "direct"), (True, "adam"), (False, "adam")])
+@pytest.mark.parametrize("sign, base_step", [(True, "direct"), (False, "direct"), (True, "adam"), (False, "adam"),
+                                             (False, "lion")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step):
     torch.manual_seed(0)
     shapes = [(13, 10), (8, 8), (7,)]
@@ -99,7 +106,8 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step):
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
                      base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3) for ps in reps]
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
-    naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None)
+    naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
+                      lion=(0.8, 0.9) if base_step == "lion" else None)
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
     for step in range(steps):
         grads = [[torch.randn(sh) for sh in shapes] for _ in range(R)]

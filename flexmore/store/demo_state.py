@@ -24,7 +24,7 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-STATES = ("delta", "exp_avg", "exp_avg_sq")  # the residual, and base_step=adam's moments (the same on every replica)
+STATES = ("delta", "exp_avg", "exp_avg_sq")  # the residual, and the base step's moments (adam, lion; the same on every replica)
 
 
 def residual_state(opt: FlexDeMo, model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
