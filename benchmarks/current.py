@@ -32,10 +32,10 @@ def row(what, value, baseline, ratio, device, date, source) -> list[str]:
 
 
 def kernel_rows() -> list[list[str]]:
-    opt, ker = load("kernels_h100_session8/optstep.json"), load("kernels_h100_session8/kernels.json")
+    opt, ker = load("kernels_h100/optstep.json"), load("kernels_h100/kernels.json")
     ms = {r["what"]: r["ms"] for r in opt["rows"]}
     dev, date = opt["device"].replace("NVIDIA ", ""), opt["date"]
-    src = "`bench_optimizer_step.py --model base 1b` (`kernels_h100_session8/optstep.json`)"
+    src = "`bench_optimizer_step.py --model base 1b` (`kernels_h100/optstep.json`)"
     rows = []
     for model in ("base", "1b"):
         for variant, label in (("FlexDeMo triton, 1 replica", "fp32 DCT"),
@@ -47,7 +47,7 @@ def kernel_rows() -> list[list[str]]:
     adam = next(r["ms"] for r in best if r["op"] == "adamw")
     enc = next(r for r in best if r["op"] == "encode" and r["impl"] == ker["best"]["encode"])
     dec = next(r for r in best if r["op"] == "decode" and r["impl"] == ker["best"]["decode"])
-    src = "`bench_flexdemo_kernels.py` (`kernels_h100_session8/kernels.json`)"
+    src = "`bench_flexdemo_kernels.py` (`kernels_h100/kernels.json`)"
     rows.append(row("encode + decode, one 4096 × 11008 fp32 tensor, k 32 of 64²", f"{enc['ms'] + dec['ms']:.3f} ms",
                     f"fused AdamW {adam:.3f} ms", f"{(enc['ms'] + dec['ms']) / adam:.2f}×", dev, ker["date"], src))
     rows.append(row("encode / its memory floor", f"{enc['ms']:.3f} ms", f"floor {enc['floor_ms']:.3f} ms",
@@ -56,13 +56,13 @@ def kernel_rows() -> list[list[str]]:
                     f"{dec['x_floor']:.2f}×", dev, ker["date"], src))
     rows.append(row("bytes sent across nodes per 64² chunk (k 32, 3.5 B per coefficient)", "112 B",
                     "dense bf16 8,192 B", f"1/{ker['ratio_vs_dense_bf16']:.1f}", dev, ker["date"], src))
-    e2e = load("kernels_h100_session8/e2e.json")
+    e2e = load("kernels_h100/e2e.json")
     rows.append(row(f"Triton vs torch path, `{e2e['model']}`, {e2e['steps']} steps: largest loss difference",
                     f"{e2e['max_rel_diff_triton_vs_torch']:.3f} (relative)",
                     f"torch vs torch {e2e['max_rel_diff_torch_vs_torch']:.3f}",
                     "replicas bit-identical" if e2e["replicas"]["params_bit_identical"] else "replicas DIFFER",
                     e2e["device"].replace("NVIDIA ", ""), e2e["date"],
-                    "`check_triton_e2e.py` (`kernels_h100_session8/e2e.json`)"))
+                    "`check_triton_e2e.py` (`kernels_h100/e2e.json`)"))
     return rows
 
 

@@ -33,7 +33,7 @@ class DeMoConfig:
     dct_forward: str = "fp32"
     # Triton decode's inverse DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: within
     # ~6e-6 of the largest update, and the fastest) or tf32 (one tensor-core pass: the basis rounds to 2^-11 relative;
-    # a sign may flip where the update is within ~1e-3 of zero; slower than fp32 since the sixth session, kept for
+    # a sign may flip where the update is within ~1e-3 of zero; slower than fp32 (measured), kept for
     # comparison). Replicas stay bit-identical either way.
     dct_inverse: str = "fp32"
     # What the decoded direction d (the replicas' mean, signed if ``sign``) does to the weights: "direct" (DeMo):
