@@ -19,6 +19,7 @@ replicate group and unsharded parameters it is DeMo as in the paper (``DeMo``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.config import DeMoConfig
+from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
 from flexdemo.wire import WireLayout, index_nbytes
@@ -98,7 +100,8 @@ class FlexDeMo(torch.optim.Optimizer):
     """DeMo on local shards, exchanged over ``replicate_group`` (None: no exchange, single worker)."""
 
     def __init__(self, params: Iterable, replicate_group: dist.ProcessGroup | None = None, lr: float = 1e-3,
-                 config: DeMoConfig | None = None, kernel_options: KernelOptions | None = None, **overrides):
+                 config: DeMoConfig | None = None, kernel_options: KernelOptions | None = None,
+                 link: LinkCap | None = None, **overrides):
         cfg = config or DeMoConfig()
         if overrides:
             cfg = DeMoConfig(**{**cfg.__dict__, **overrides})
@@ -107,6 +110,7 @@ class FlexDeMo(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "weight_decay": cfg.weight_decay})
         self.cfg = cfg
         self.group = replicate_group
+        self.link = link  # a capped (emulated slow) link for the exchange
         self.replicas = dist.get_world_size(replicate_group) if replicate_group is not None else 1
         self.params = [p for g in self.param_groups for p in g["params"]]
         self.plans, self.wire = plan_params([local_tensor(p).shape for p in self.params], cfg)
@@ -180,7 +184,12 @@ class FlexDeMo(torch.optim.Optimizer):
         if payload.is_cuda and dist.get_backend(self.group) == "gloo":  # a host-side (slow-link) group
             send = payload.cpu()
         out = torch.empty(self.replicas * send.numel(), dtype=send.dtype, device=send.device)
+        started = time.perf_counter()
         _all_gather_flat(out, send, group=self.group)
+        if self.link is not None:  # a ring all-gather: R - 1 messages of one payload each
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            self.link.hold((self.replicas - 1) * send.numel(), self.replicas - 1, started)
         return out.view(self.replicas, -1).to(payload.device)
 
     @torch.no_grad()

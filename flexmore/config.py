@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from flexdemo import DeMoConfig
+from flexdemo.link import LinkCap
 from flexmore.data.config import DataConfig
 from flexmore.model.config import ModelConfig
 from flexmore.model.experts import Ranks
@@ -132,6 +133,10 @@ class ParallelConfig:
     replicate_backend: str = "auto"
     # a collective that waits longer than this ends the run, naming the ranks that stopped reporting steps
     timeout_s: float = 600.0
+    # a slow link you can set: the replicate group's collectives (over gloo) last as long as over a link of this many
+    # Gbit/s per rank and this latency per message; null: uncapped
+    link_gbps: Optional[float] = None
+    link_latency_ms: float = 0.0
 
     def __post_init__(self) -> None:
         _need(self.timeout_s > 0 and math.isfinite(self.timeout_s),
@@ -144,6 +149,21 @@ class ParallelConfig:
         for k in ("replicate", "shard"):
             v = getattr(self, k)
             _need(v is None or v >= 1, f"parallel.{k}={v} must be >= 1 or null")
+        _need(self.link_gbps is not None or self.link_latency_ms == 0,
+              f"parallel.link_latency_ms={self.link_latency_ms} needs parallel.link_gbps (the link's bandwidth)")
+        try:
+            self.link()
+        except ValueError as e:
+            raise ValueError(f"parallel.{e}") from None
+
+    def link(self) -> LinkCap | None:
+        """The link cap (a new one: it counts what it carried), or None (uncapped)."""
+        return None if self.link_gbps is None else LinkCap(self.link_gbps, self.link_latency_ms)
+
+    @property
+    def resolved_replicate_backend(self) -> str:
+        """A capped link is emulated on the gloo path."""
+        return "gloo" if self.link_gbps is not None else self.replicate_backend
 
 
 PUBLIC_MODES = ("train", "router")

@@ -63,10 +63,12 @@ def job_four_ranks(tmp: str) -> dict:
     # C: the HSDP AdamW baseline on the same mesh, 2 sequences per rank
     c = train(tiny_config(tmp / "C", train={"steps": 6, "micro_batch": 2}, parallel=mesh22))
     out["C"] = {"losses": c.losses, "params": _full(c.model)}
-    # the same two runs with the inter-node traffic over a separate gloo group (the slow-link emulation)
+    # the same two runs with the inter-node traffic over a separate gloo group (the slow-link emulation), FlexDeMo's
+    # through a capped link (0.02 Gbit/s, 3 ms per message)
     slow = ParallelConfig(replicate=2, shard=2, replicate_backend="gloo")
-    a2 = train(tiny_config(tmp / "A2", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=slow))
-    out["A_slow"] = {"params": _local(a2.model)}
+    capped = ParallelConfig(replicate=2, shard=2, link_gbps=0.02, link_latency_ms=3.0)
+    a2 = train(tiny_config(tmp / "A2", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=capped))
+    out["A_slow"] = {"params": _local(a2.model), "link": dataclasses.asdict(a2.link), "comm": a2.comm}
     c2 = train(tiny_config(tmp / "C2", train={"steps": 6, "micro_batch": 2}, parallel=slow))
     out["C_slow"] = {"losses": c2.losses, "params": _full(c2.model)}
     a6 = train(tiny_config(tmp / "A6", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=mesh22))
@@ -139,10 +141,15 @@ def test_hsdp_adamw_matches_single_process_adamw(four, tmp_path):
 
 
 def test_slow_link_emulation_changes_the_transport_not_the_result(four):
-    """Replicate traffic over a separate gloo group: FlexDeMo bit-identical, HSDP AdamW equal up to summation order."""
+    """Replicate traffic over a separate gloo group: FlexDeMo bit-identical through a capped link, HSDP AdamW equal up
+    to summation order; the capped link carried each step's payload and took at least the time the cap allows."""
     for r in four[1]:
         for n, p in r["A6"]["params"].items():
             assert torch.equal(r["A_slow"]["params"][n], p), n
+        link = r["A_slow"]["link"]
+        assert link["collectives"] == 6 and link["sent_bytes"] == 6 * r["A_slow"]["comm"]["comm/replicate_sent_bytes"]
+        least = 6 * 3e-3 + link["sent_bytes"] * 8 / 0.02e9  # 6 exchanges of 1 message (R = 2), at 0.02 Gbit/s
+        assert least <= link["seconds"] < least + 5.0, (least, link["seconds"])
         for n, p in r["C"]["params"].items():
             torch.testing.assert_close(r["C_slow"]["params"][n], p, rtol=1e-5, atol=1e-6)
         for s, loss in r["C"]["losses"].items():
@@ -283,3 +290,29 @@ def test_each_strategy_owns_its_mesh_bytes_and_replica_rule():
     assert d["comm/shard_sent_bytes"] == 0 and d["comm/dense_bf16_allreduce_bytes"] == 2 * 0.75 * 1000 * 2
     with pytest.raises(ValueError, match="unknown sync strategy 'sgd'; allowed: adamw, demo, flexdemo"):
         get_strategy("sgd")
+
+
+def test_link_cap_holds_a_collective_for_latency_plus_bytes_over_bandwidth():
+    import time
+
+    from flexdemo.link import LinkCap
+
+    link = LinkCap(gbps=0.1, latency_ms=20.0)
+    assert link.seconds_for(1_000_000, 2) == pytest.approx(2 * 0.02 + 8e6 / 1e8)
+    started = time.perf_counter()
+    link.hold(250_000, 1, started)  # 20 ms + 20 ms
+    took = time.perf_counter() - started
+    assert 0.04 <= took < 0.2 and link.collectives == 1
+    assert link.achieved_gbps == pytest.approx(250_000 * 8 / link.seconds / 1e9)
+    assert link.achieved_gbps <= 0.1 / 2 * 1.01  # half the time is latency
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"link_gbps": 0}, r"parallel.link_gbps=0 must be a finite number of Gbit/s > 0"),
+    ({"link_gbps": -10}, r"parallel.link_gbps=-10 must be"),
+    ({"link_gbps": 10, "link_latency_ms": -1}, r"parallel.link_latency_ms=-1 must be a finite number of milliseconds"),
+    ({"link_latency_ms": 1}, r"parallel.link_latency_ms=1 needs parallel.link_gbps"),
+])
+def test_bad_link_settings_fail_when_the_config_is_built(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(**kw)

@@ -4,12 +4,15 @@ strategy shards is its own (``Strategy.fsdp_mesh``): HSDP on the 2-D mesh, FlexD
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from flexdemo import local_tensor
+from flexdemo.link import LinkCap
 from flexmore.model import ModelConfig, build_model
 from flexmore.model.transformer import FlexOlmo
 from flexmore.parallel.mesh import ParallelContext
@@ -56,14 +59,18 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, strategy: Strat
 
 
 @torch.no_grad()
-def allreduce_replicas(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
+def allreduce_replicas(params: list[torch.nn.Parameter], group: dist.ProcessGroup, link: LinkCap | None = None) -> None:
     """Average each rank's gradient shard over its replicate group in one flat bucket (through host memory, as the
-    gloo group needs): HSDP's inter-node all-reduce, done explicitly over a slow link."""
+    gloo group needs): HSDP's inter-node all-reduce, done explicitly over a slow link (capped by ``link``)."""
     grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads]).cpu()
+    started = time.perf_counter()
     dist.all_reduce(flat, group=group)
+    if link is not None:  # a ring all-reduce: 2 (R - 1) messages of 1 / R of the bucket each
+        R = dist.get_world_size(group)
+        link.hold(2 * (R - 1) / R * flat.numel() * flat.element_size(), 2 * (R - 1), started)
     flat /= dist.get_world_size(group)
     flat = flat.to(grads[0].device)
     offset = 0

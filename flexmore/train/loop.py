@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from flexdemo.link import LinkCap
 from flexmore.config import Config
 from flexmore.data.loader import SequenceLoader, eval_batches
 from flexmore.data.sources import build_streams
@@ -41,6 +42,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, mean over ranks (every log_every)
     val: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> domain -> loss
     comm: dict[str, float] = field(default_factory=dict)  # the last step's comm/* metrics
+    link: LinkCap | None = None  # the capped link (parallel.link_gbps) and what it carried
     final_step: int = 0
     resumed_from: int | None = None
     skipped: list[int] = field(default_factory=list)  # steps skipped as non-finite (train.nonfinite=skip)
@@ -106,7 +108,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
 
     # --- every check that can fail, before any data is generated or weight allocated ---
     ctx = init_parallel(cfg.parallel.replicate, cfg.parallel.shard, cfg.parallel.backend, tc.device,
-                        every_rank_a_replica=strategy.every_rank_a_replica, replicate_backend=cfg.parallel.replicate_backend,
+                        every_rank_a_replica=strategy.every_rank_a_replica, replicate_backend=cfg.parallel.resolved_replicate_backend,
                         timeout_s=cfg.parallel.timeout_s)
     device = ctx.device
     torch.manual_seed(tc.seed)
@@ -137,9 +139,10 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     model = build_parallel_model(model_cfg, ctx, strategy, seed=tc.seed, mixed_precision=mp, init_state=init_state,
                                  trainable=trainable, reshard_after_forward=cfg.parallel.reshard_after_forward)
     counts = count_params(model)
-    optimizer = build_optimizer(model, cfg.optim, device, ctx.replicate_group)
+    link = cfg.parallel.link() if ctx.replicate > 1 else None
+    optimizer = build_optimizer(model, cfg.optim, device, ctx.replicate_group, link)
     schedule = LRSchedule(cfg.optim, tc.steps)
-    result = TrainResult(model=model, optimizer=optimizer)
+    result = TrainResult(model=model, optimizer=optimizer, link=link)
     start = 0
     if resume_path is not None:
         meta = CheckpointManager.load(resume_path, model, optimizer, ctx)
@@ -216,7 +219,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
                 tokens_since += y.numel() * ctx.world
             heartbeat.beat(step, 2)
             if strategy.dense_sync and ctx.slow_replicate is not None:
-                allreduce_replicas(params, ctx.slow_replicate)  # HSDP's inter-node part, over the slow link
+                allreduce_replicas(params, ctx.slow_replicate, link)  # HSDP's inter-node part, over the slow link
             grad_norm = clip_gradients(params, cfg.optim.grad_clip)
             done = step + 1
             bad = nonfinite_ranks(loss_sum, grad_norm)  # the same list on every rank, so all take the same branch
@@ -282,6 +285,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     elif recipe is None and tc.save_model and result.final_step == tc.steps:
         result.model_dir = write_model_dir(model, run_dir / MODEL_DIR)
         print0(f"model folder (safetensors, what to hand to others): {result.model_dir}")
+    if link is not None:
+        print0(link.describe())
     if result.losses:
         first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
         print0(f"train loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from flexdemo import FlexDeMo
+from flexdemo.link import LinkCap
 from flexmore.config import OptimConfig
 from flexmore.parallel.strategy import get_strategy
 
@@ -22,14 +23,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
-                    replicate_group=None) -> torch.optim.Optimizer:
-    """AdamW (fused on GPU), or FlexDeMo exchanging over ``replicate_group`` for demo / flexdemo."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, replicate_group=None,
+                    link: LinkCap | None = None) -> torch.optim.Optimizer:
+    """AdamW (fused on GPU), or FlexDeMo exchanging over ``replicate_group`` (through ``link``, if capped) for demo /
+    flexdemo."""
     groups = param_groups(model, cfg.weight_decay)
     if get_strategy(cfg.name).dense_sync:  # HSDP: plain AdamW on the all-reduced gradients
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adamw.betas), eps=cfg.adamw.eps, fused=device.type == "cuda")
 
-    return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config())
+    return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config(), link=link)
 
 
 class LRSchedule:
