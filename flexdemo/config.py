@@ -44,6 +44,10 @@ class DeMoConfig:
     base_step: str = "direct"
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
+    # One-step-stale exchange: step t's all-gather runs while step t + 1's forward and backward compute, and its
+    # update is applied at step t + 1 (Psyche's and bloc97's scheme). Hides the link's time; every update is one
+    # step late (the first step applies none; ``flush`` applies the last).
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.base_step not in BASE_STEPS:

@@ -54,6 +54,28 @@ class ParamPlan:
 
 
 @dataclass
+class _Exchange:
+    """An all-gather in flight: ``wait()`` finishes it (and, on a capped link, the time the link would take)."""
+
+    gathered: torch.Tensor  # (replicas, nbytes), where the collective writes
+    work: object  # the async collective's handle, or None (finished)
+    device: torch.device  # where the payload lives
+    hold: tuple | None  # (LinkCap, bytes, messages, started)
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.hold is not None:
+            link, *rest = self.hold
+            if self.gathered.is_cuda:
+                torch.cuda.synchronize(self.gathered.device)
+            link.hold(*rest)
+            self.hold = None
+        return self.gathered.to(self.device)
+
+
+@dataclass
 class _GroupPlan:
     tables: list  # (ChunkTable, params) per parameter dtype
     dense: list  # params sent densely
@@ -126,6 +148,7 @@ class FlexDeMo(torch.optim.Optimizer):
         self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
         self._groups = [self._split_group(g["params"], device) for g in self.param_groups]
         self.last_comm: dict[str, float] = {}
+        self._in_flight: _Exchange | None = None  # overlap: the exchange whose update the next step applies
 
     def _split_group(self, params: list, device: torch.device) -> "_GroupPlan":
         """A param group's compressed tensors as one ChunkTable per parameter dtype (one launch each), and its
@@ -178,19 +201,21 @@ class FlexDeMo(torch.optim.Optimizer):
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
         """(nbytes,) -> (replicas, nbytes): one all-gather over the replicate group."""
+        return self.start_exchange(payload, wait=True).wait()
+
+    def start_exchange(self, payload: torch.Tensor, wait: bool = False) -> "_Exchange":
+        """Start the all-gather of ``payload``; the returned handle's ``wait()`` gives (replicas, nbytes)."""
         if self.replicas == 1:
-            return payload[None]
+            return _Exchange(payload[None], None, payload.device, None)
         send = payload
         if payload.is_cuda and dist.get_backend(self.group) == "gloo":  # a host-side (slow-link) group
             send = payload.cpu()
         out = torch.empty(self.replicas * send.numel(), dtype=send.dtype, device=send.device)
         started = time.perf_counter()
-        _all_gather_flat(out, send, group=self.group)
-        if self.link is not None:  # a ring all-gather: R - 1 messages of one payload each
-            if out.is_cuda:
-                torch.cuda.synchronize(out.device)
-            self.link.hold((self.replicas - 1) * send.numel(), self.replicas - 1, started)
-        return out.view(self.replicas, -1).to(payload.device)
+        work = _all_gather_flat(out, send, group=self.group, async_op=not wait)
+        # a ring all-gather: R - 1 messages of one payload each
+        hold = None if self.link is None else ((self.replicas - 1) * send.numel(), self.replicas - 1, started)
+        return _Exchange(out.view(self.replicas, -1), work, payload.device, hold and (self.link, *hold))
 
     @torch.no_grad()
     def decode_apply(self, gathered: torch.Tensor) -> None:
@@ -264,10 +289,22 @@ class FlexDeMo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         payload = self.encode()
-        gathered = self.exchange(payload)
-        self.decode_apply(gathered)
+        if self.cfg.overlap:  # apply the previous step's exchange; this one's runs during the next forward/backward
+            previous, self._in_flight = self._in_flight, self.start_exchange(payload)
+            if previous is not None:
+                self.decode_apply(previous.wait())
+        else:
+            self.decode_apply(self.exchange(payload))
         self.last_comm = self.comm_bytes()
         return loss
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the update still in flight (overlap): before a checkpoint, so it holds every update made, and at the
+        end of training. A no-op otherwise."""
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            self.decode_apply(previous.wait())
 
     def comm_bytes(self) -> dict[str, float]:
         """Per-rank bytes on the replicate group this step, and what a dense bf16 all-reduce would have cost."""

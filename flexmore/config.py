@@ -63,6 +63,9 @@ class OptimConfig:
         _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _need(not (self.demo.overlap and STRATEGIES[self.name].dense_sync),
+              f"optim.demo.overlap=true overlaps FlexDeMo's exchange, but optim.name={self.name!r} has none; use "
+              "optim=flexdemo or demo, or optim.demo.overlap=false")
 
     def demo_config(self) -> DeMoConfig:
         return dataclasses.replace(self.demo, weight_decay=self.weight_decay)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flexdemo import FlexDeMo
+from flexdemo import DeMoConfig, FlexDeMo
 
 
 def naive_dct(n: int) -> torch.Tensor:
@@ -141,3 +141,67 @@ def test_single_worker_has_no_exchange_and_reports_no_replicate_traffic():
     moved = (p.detach() - before).abs()
     torch.testing.assert_close(moved, torch.full_like(moved, 0.01))  # sign update: every element moves by lr
     assert opt.last_comm["compression"] >= 64
+
+
+def _delayed_reference_run(rank: int, group, steps: int, flush: bool):
+    """A naive one-step-delayed FlexDeMo, driven by hand from the plain optimizer's phases, next to the overlapped
+    optimizer; both see the same gradients. Returns (overlapped params, reference params)."""
+    torch.manual_seed(0)
+    shapes = [(13, 10), (8, 8), (7,)]
+    init = [torch.randn(s) for s in shapes]
+    kw = dict(lr=0.05, beta=0.9, topk=3, chunk=4, weight_decay=0.1)
+    ps_o, ps_r = [torch.nn.Parameter(t.clone()) for t in init], [torch.nn.Parameter(t.clone()) for t in init]
+    opt_o = FlexDeMo(ps_o, replicate_group=group, overlap=True, **kw)
+    opt_r = FlexDeMo(ps_r, replicate_group=group, **kw)
+    gen = torch.Generator().manual_seed(100 + rank)  # each replica its own gradients
+    previous = None
+    for step in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for group_lr, o in ((0.05 * (1 + step) / steps, opt_o), (0.05 * (1 + step) / steps, opt_r)):
+            for g in o.param_groups:
+                g["lr"] = group_lr  # a schedule: the delayed update must use the lr of the step that applies it
+        for p, q, g in zip(ps_o, ps_r, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_o.step()
+        payload = opt_r.encode()
+        if previous is not None:
+            opt_r.decode_apply(previous)
+        previous = opt_r.exchange(payload)
+        if step == 0:
+            assert all(torch.equal(p, t) for p, t in zip(ps_o, init))  # the first step applies nothing
+    if flush:
+        opt_o.flush()
+        opt_r.decode_apply(previous)
+    return [p.detach().clone() for p in ps_o], [p.detach().clone() for p in ps_r]
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_overlap_applies_each_update_one_step_late(flush):
+    over, ref = _delayed_reference_run(0, None, 5, flush)
+    for p, q in zip(over, ref):
+        assert torch.equal(p, q)
+
+
+def job_overlap_two_replicas() -> list:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    over, ref = _delayed_reference_run(dist.get_rank(), dist.group.WORLD, 5, flush=True)
+    return [over, ref]
+
+
+def test_overlap_over_two_gloo_replicas_is_bit_identical_and_equals_the_delayed_reference():
+    from distributed import run_distributed_test
+
+    results = run_distributed_test(job_overlap_two_replicas, 2)
+    (over0, ref0), (over1, _) = results
+    for a, b, c in zip(over0, over1, ref0):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_overlap_with_a_strategy_without_exchange_is_refused():
+    from flexmore.config import OptimConfig
+
+    with pytest.raises(ValueError, match=r"optim.demo.overlap=true overlaps FlexDeMo's exchange, but optim.name='adamw'"):
+        OptimConfig(name="adamw", demo=DeMoConfig(overlap=True))
+    assert OptimConfig(name="flexdemo", demo=DeMoConfig(overlap=True)).demo_config().overlap

@@ -173,6 +173,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
 
     def save(step: int) -> Path:
+        if hasattr(optimizer, "flush"):  # optim.demo.overlap: the update in flight goes into the weights first
+            optimizer.flush()
         if not all_finite(list(model.parameters())):
             raise FloatingPointError(f"step {step}: the weights hold non-finite values; not saving them, {last_good()}. "
                                      "Resume from it with a lower optim.lr (or train.nonfinite=skip)")
