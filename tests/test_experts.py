@@ -301,6 +301,7 @@ def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
     from flexmore.cli.merge import main as merge_cli
     from flexmore.cli.tune_router import main as tune_cli
     from flexmore.experts.router import frozen_part_hash, is_router
+    from flexmore.store.modeldir import trained_info
 
     assert merge_cli(["--base", str(base_dir), "--experts", str(tmp / "math" / "expert"), str(tmp / "facts" / "expert"),
                       "--out", str(tmp_path / "merged")]) == 0
@@ -314,6 +315,8 @@ def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
     meta = json.loads((tmp_path / "tuned" / "config.json").read_text())["router"]
     assert meta["method"] == "tuned" and meta["samples"] == {"public": 16, "math": 16, "facts": 16}
     assert meta["route_loss"] == 1.0 and meta["lr"] == 3e-3
+    # the length the base was trained at goes with the merged and tuned models (flexmore-eval's default)
+    assert trained_info(tmp_path / "tuned") == trained_info(tmp_path / "merged") == trained_info(base_dir) != {}
     assert tune_cli(args + ["--centroid", "--out", str(tmp_path / "centroid")]) == 0
     assert frozen_part_hash(load_model(tmp_path / "centroid")) == frozen_part_hash(merged)
     # bad input: named, nothing written

@@ -15,7 +15,7 @@ from flexmore.eval.routing import plot_routing, routing_mass, routing_stats
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.model import count_params
-from flexmore.store.modeldir import load_model
+from flexmore.store.modeldir import load_model, trained_info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100, help="items per embedded task")
     ap.add_argument("--val-domains", nargs="*", default=["public", "code", "math", "facts"])
     ap.add_argument("--val-batches", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=None, help="default: 256, or the model's max_seq_len if smaller")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="default: the length the model was trained at (recorded in its folder); else 256, or the "
+                         "model's max_seq_len if smaller")
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True, help="table path (writes .csv and .json)")
@@ -41,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model, device=device, trust_checkpoint=args.trust_checkpoint)
         tok = load_tokenizer(args.tokenizer)
         if args.seq_len is None:
-            args.seq_len = min(256, model.cfg.max_seq_len)
+            trained = trained_info(args.model).get("seq_len")
+            args.seq_len = trained or min(256, model.cfg.max_seq_len)
+            print(f"validation at seq_len {args.seq_len}: " + ("the length the model was trained at" if trained else
+                  "its training length is not recorded in the folder; pass --seq-len to choose"))
         if args.seq_len > model.cfg.max_seq_len:
             raise ValueError(f"--seq-len {args.seq_len} is beyond the model's max_seq_len={model.cfg.max_seq_len}")
         val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)

@@ -9,7 +9,7 @@ from flexmore.cli import TRUST_HELP
 from flexmore.experts.hf import export_hf
 from flexmore.experts.merge import merge, opt_out
 from flexmore.model import count_params
-from flexmore.store.modeldir import load_model, save_model_dir
+from flexmore.store.modeldir import load_model, save_model_dir, trained_info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.hf:
             out = export_hf(model, args.out, overwrite=args.overwrite, bias=args.hf_bias)
         else:
-            out = save_model_dir(model, args.out, overwrite=args.overwrite)
+            trained = trained_info(args.merged or args.base)  # the experts train at the base's length
+            out = save_model_dir(model, args.out, overwrite=args.overwrite,
+                                 extra={"trained": trained} if trained else None)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"flexmore-merge: error: {e}", file=sys.stderr)
         return 2

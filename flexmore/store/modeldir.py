@@ -67,6 +67,19 @@ def read_config(path: str | Path) -> ModelConfig:
                             "(meta.json); for a run folder, name one of its checkpoints/step_* folders")
 
 
+def trained_info(path: str | Path) -> dict:
+    """How the model at ``path`` (a model folder, checkpoint or run folder) was trained, as recorded: {"seq_len": n}
+    (the length it was trained at), or {} where nothing was recorded."""
+    try:
+        path = latest_checkpoint(path)
+    except FileNotFoundError:
+        return {}
+    if (path / CONFIG).is_file():
+        return dict(json.loads((path / CONFIG).read_text()).get("trained", {}))
+    seq_len = CheckpointManager.read_meta(path).get("seq_len") if (path / META).is_file() else None
+    return {"seq_len": seq_len} if seq_len else {}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False) -> FlexOlmo:
     """A model from a model folder, or a run folder (its model folder, else its latest checkpoint); a training
     checkpoint only with ``trust_checkpoint`` (its metadata is unpickled)."""

@@ -87,13 +87,14 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bad.item() == 0
 
 
-def write_model_dir(model, out: Path) -> Path:
-    """The finished model as a model folder (safetensors + JSON), gathered from its shards; rank 0 writes."""
+def write_model_dir(model, out: Path, seq_len: int) -> Path:
+    """The finished model as a model folder (safetensors + JSON, with the length it was trained at), gathered from
+    its shards; rank 0 writes."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         barrier()
         return out
-    save_model_dir(model, out, overwrite=True, state=state)
+    save_model_dir(model, out, overwrite=True, state=state, extra={"trained": {"seq_len": seq_len}})
     barrier()
     return out
 
@@ -166,6 +167,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
                                                   "params/total": counts.total, "params/trainable": counts.trainable},
                          ctx.rank)
     meta_base = {"model": model_cfg.shape_dict(), "model_name": model_cfg.name, "tokenizer": tokenizer.name,
+                 "seq_len": tc.seq_len,
                  "parallel": {"optimizer": strategy.name, "replicate": ctx.replicate, "shard": ctx.shard}}
 
     def last_good() -> str:
@@ -285,7 +287,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     if recipe and recipe.finish and result.final_step == tc.steps:
         result.artifact = recipe.finish(model, ctx.rank, run_dir)
     elif recipe is None and tc.save_model and result.final_step == tc.steps:
-        result.model_dir = write_model_dir(model, run_dir / MODEL_DIR)
+        result.model_dir = write_model_dir(model, run_dir / MODEL_DIR, tc.seq_len)
         print0(f"model folder (safetensors, what to hand to others): {result.model_dir}")
     if link is not None:
         print0(link.describe())
