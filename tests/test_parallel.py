@@ -316,3 +316,15 @@ def test_link_cap_holds_a_collective_for_latency_plus_bytes_over_bandwidth():
 def test_bad_link_settings_fail_when_the_config_is_built(kw, message):
     with pytest.raises(ValueError, match=message):
         ParallelConfig(**kw)
+
+
+def test_comm_line_states_bytes_across_and_inside_nodes_and_the_compression():
+    from flexmore.parallel.strategy import describe_comm, get_strategy
+
+    comm = get_strategy("flexdemo").comm_per_step(1_000_000, 2, 2, param_bytes=2, reduce_bytes=4,
+                                                  reshard_after_forward=True,
+                                                  demo_comm={"replicate_sent_bytes": 10_000.0, "payload_bytes": 10_000.0})
+    line = describe_comm(comm)
+    # a dense bf16 ring all-reduce of this rank's half: 2 (R-1)/R x 500,000 x 2 B = 1 MB, 100x the payload
+    assert line.startswith("across nodes 0.010 MB (100.0x less than a dense bf16 all-reduce, 1.000 MB)"), line
+    assert line.endswith("inside a node 4.000 MB"), line  # (S-1)/S x 1e6 x (2 gathers x 2 B + 4 B)

@@ -11,9 +11,10 @@ from flexmore.store.checkpoint import CheckpointManager
 from flexmore.train.loop import train
 
 
-def test_loss_goes_down_on_embedded_data(tmp_path):
+def test_loss_goes_down_on_embedded_data(tmp_path, capsys):
     cfg = tiny_config(tmp_path, train={"steps": 40, "eval_every": 40})
     res = train(cfg)
+    assert "comm per step" not in capsys.readouterr().out  # one process, AdamW: nothing to exchange
     first = sum(res.losses[s] for s in range(1, 6)) / 5
     last = sum(res.losses[s] for s in range(36, 41)) / 5
     assert last < 0.75 * first, (first, last)
@@ -39,10 +40,14 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_resume_with_flexdemos_adam_base_step_is_bit_identical(tmp_path):
+def test_resume_with_flexdemos_adam_base_step_is_bit_identical(tmp_path, capsys):
     """The Adam moments of base_step=adam are checkpointed with the residuals: stop at 5, resume, same as straight."""
     optim = {"name": "flexdemo", "lr": 1e-3, "chunk": 16, "topk": 8, "base_step": "adam", "weight_decay": 0.0}
     full = train(tiny_config(tmp_path / "a", optim=optim))
+    out = capsys.readouterr().out  # what a step sends, at start-up and measured at the end
+    payload = f"{full.comm['comm/payload_bytes'] / 1e6:,.3f} MB"
+    assert f"comm per step and rank: across nodes 0.000 MB (one replica: a payload of {payload}" in out
+    assert "comm per step and rank (measured, last step): across nodes" in out
     cfg_b = tiny_config(tmp_path / "b", optim=optim, train={"stop_at": 5})
     train(cfg_b)
     rest = train(replace_section(cfg_b, "train", stop_at=None))

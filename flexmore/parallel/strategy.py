@@ -55,6 +55,17 @@ class Strategy:
         return out
 
 
+def describe_comm(comm: dict[str, float]) -> str:
+    """One line of ``comm_per_step``'s figures for the console."""
+    inter, dense = comm.get("comm/replicate_sent_bytes", 0.0), comm.get("comm/dense_bf16_allreduce_bytes", 0.0)
+    line = f"across nodes {inter / 1e6:,.3f} MB"
+    if inter > 0 and dense > 0:
+        line += f" ({dense / inter:,.1f}x less than a dense bf16 all-reduce, {dense / 1e6:,.3f} MB)"
+    elif comm.get("comm/payload_bytes"):
+        line += f" (one replica: a payload of {comm['comm/payload_bytes'] / 1e6:,.3f} MB would go to each other node)"
+    return line + f", inside a node {comm.get('comm/shard_sent_bytes', 0.0) / 1e6:,.3f} MB"
+
+
 STRATEGIES = {
     "adamw": Strategy("adamw", "HSDP: FSDP inside a node, gradients all-reduced across nodes", False, True),
     "demo": Strategy("demo", "every rank a replica exchanging compressed momenta with all others", True, False),

@@ -28,6 +28,7 @@ from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, get_strategy, init_parallel
 from flexmore.parallel.heartbeat import Heartbeat, is_timeout
+from flexmore.parallel.strategy import describe_comm
 from flexmore.parallel.parallelize import allreduce_replicas
 from flexmore.store.checkpoint import CheckpointManager
 from flexmore.store.modeldir import MODEL_DIR, save_model_dir
@@ -183,10 +184,13 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
         return ckpt.save(step, model, optimizer, {**meta_base, "loader": loader.state_dict(),
                                                    "history": {"val": result.val, "losses": result.losses}}, ctx)
 
-    def comm_metrics() -> dict[str, float]:
+    def comm_metrics(demo_comm: dict | None = None) -> dict[str, float]:
         return strategy.comm_per_step(counts.total, ctx.replicate, ctx.shard, param_bytes=2 if mp else 4,
                              reduce_bytes=4, reshard_after_forward=cfg.parallel.reshard_after_forward,
-                             demo_comm=getattr(optimizer, "last_comm", None))
+                             demo_comm=demo_comm or getattr(optimizer, "last_comm", None))
+
+    if ctx.distributed or not strategy.dense_sync:  # what a step will send, before the first one
+        print0("comm per step and rank: " + describe_comm(comm_metrics(getattr(optimizer, "comm_bytes", dict)())))
 
     # --- steps ---
     params = [p for p in model.parameters() if p.requires_grad]
@@ -289,6 +293,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
     elif recipe is None and tc.save_model and result.final_step == tc.steps:
         result.model_dir = write_model_dir(model, run_dir / MODEL_DIR, tc.seq_len)
         print0(f"model folder (safetensors, what to hand to others): {result.model_dir}")
+    if result.comm:
+        print0("comm per step and rank (measured, last step): " + describe_comm(result.comm))
     if link is not None:
         print0(link.describe())
     if result.losses:
