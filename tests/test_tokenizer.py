@@ -56,3 +56,24 @@ def test_hf_tokenizer_compresses_and_is_named_by_content(hf_tokenizer_file):
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_prep_takes_the_end_of_document_token_of_a_tokenizer_without_a_usual_one(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from flexmore.cli.prep import main
+    from flexmore.data.shards import read_index
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(TEXTS * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|doc|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("hello world")
+    args = [str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tokenizer.json"), "--out"]
+    assert main(args + [str(tmp_path / "bad")]) == 2
+    assert "flexmore-prep --eos-token TOKEN" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(args + [str(tmp_path / "ok"), "--eos-token", "<|doc|>"]) == 0
+    assert read_index(tmp_path / "ok")["eos_id"] == tok.token_to_id("<|doc|>")
+    with pytest.raises(ValueError, match="eos_token='</s>': the byte tokenizer's end of document is fixed"):
+        load_tokenizer("byte", eos_token="</s>")

@@ -7,7 +7,7 @@ import sys
 
 from flexmore.data.prep import prepare
 from flexmore.data.shards import read_index
-from flexmore.data.tokenizer import load_tokenizer
+from flexmore.data.tokenizer import HFTokenizer, load_tokenizer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +15,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files or folders (searched for .txt, .jsonl, .parquet)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a path to a tokenizer.json")
+    p.add_argument("--eos-token", default=None,
+                   help="the token that ends each document, for a tokenizer.json without a usual one "
+                        f"({', '.join(HFTokenizer.EOS_CANDIDATES)})")
     p.add_argument("--field", default="text", help="JSONL field / parquet column holding the text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_tokens < 1:
         parser().error(f"--shard-tokens={args.shard_tokens} must be >= 1")
     try:
-        out = prepare(args.inputs, args.out, load_tokenizer(args.tokenizer), field=args.field,
+        out = prepare(args.inputs, args.out, load_tokenizer(args.tokenizer, args.eos_token), field=args.field,
                       shard_tokens=args.shard_tokens, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"flexmore-prep: error: {e}", file=sys.stderr)

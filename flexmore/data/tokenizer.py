@@ -51,7 +51,8 @@ class HFTokenizer:
         names = (eos_token,) if eos_token else self.EOS_CANDIDATES
         eos = next((self._tok.token_to_id(t) for t in names if self._tok.token_to_id(t) is not None), None)
         if eos is None:
-            raise ValueError(f"tokenizer {path} has none of the end-of-text tokens {names}; pass eos_token=")
+            raise ValueError(f"tokenizer {path} has none of the end-of-text tokens {names}; name the token that "
+                             "ends a document (flexmore-prep --eos-token TOKEN; eos_token= in code)")
         self.eos_id = eos
         self.bos_id = next((self._tok.token_to_id(t) for t in self.BOS_CANDIDATES if self._tok.token_to_id(t) is not None), None)
         self.name = "hf-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -63,8 +64,11 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """'byte' for the embedded byte tokenizer, else a path to a tokenizer.json (or a folder holding one)."""
+def load_tokenizer(spec: str, eos_token: str | None = None) -> Tokenizer:
+    """'byte' for the embedded byte tokenizer, else a path to a tokenizer.json (or a folder holding one); ``eos_token``
+    names its end-of-document token where it has none of the usual ones."""
     if spec == "byte":
+        if eos_token is not None:
+            raise ValueError(f"eos_token={eos_token!r}: the byte tokenizer's end of document is fixed (id 257)")
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, eos_token=eos_token)
