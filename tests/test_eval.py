@@ -102,8 +102,9 @@ def test_eval_cli_writes_a_tidy_table(tmp_path, capsys):
         ("val/math", "loss"), ("math_qa", "exact_match"), ("facts_qa", "exact_match"), ("math_mc", "acc"),
         ("math_mc", "acc_norm"), ("facts_mc", "acc"), ("facts_mc", "acc_norm")}
     assert all(r["params"] > 0 for r in rows) and (tmp_path / "res.csv").read_text().startswith("model,mixture")
+    err = capsys.readouterr().err  # a progress bar per task, with its rate
+    assert "math_qa (generation)" in err and "facts_mc (choices)" in err and "item/s" in err
     # without --seq-len: the length the model was trained at (32, from its folder), said so
-    capsys.readouterr()
     assert main(["--model", str(tmp_path / "run"), "--tasks", "--val-domains", "math", "--val-batches", "1",
                  "--out", str(tmp_path / "res2")]) == 0
     assert "validation at seq_len 32: the length the model was trained at" in capsys.readouterr().out

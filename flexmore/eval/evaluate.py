@@ -22,11 +22,12 @@ def stop_rule(task: Task):
     return lambda text: "\n" in text
 
 
-def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 256,
+               progress: bool = False) -> dict[str, float]:
     """Batches are wide because decoding has no KV cache: a step's cost is mostly launches, so fewer steps win."""
     if task.kind == "choice":
         flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
-                                device, batch_size=2 * batch_size)
+                                device, batch_size=2 * batch_size, progress=f"{task.name} (choices)" if progress else None)
         acc = acc_norm = 0.0
         start = 0
         for it in task.items:
@@ -36,14 +37,14 @@ def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, ba
             acc_norm += float(max(range(len(scores)), key=lambda i: scores[i][0] / max(1, scores[i][1])) == it["answer"])
         return {"acc": acc / len(task.items), "acc_norm": acc_norm / len(task.items)}
     gens = greedy(model, tokenizer, [it["question"] for it in task.items], task.max_new_tokens, device,
-                  stop=stop_rule(task), batch_size=batch_size)
+                  stop=stop_rule(task), batch_size=batch_size, progress=f"{task.name} (generation)" if progress else None)
     return {"exact_match": sum(exact_match(g, it["answer"]) for g, it in zip(gens, task.items)) / len(task.items)}
 
 
 def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dict, device: torch.device,
-                   labels: dict | None = None) -> list[dict]:
+                   labels: dict | None = None, progress: bool = True) -> list[dict]:
     """Rows: {**labels, task, category, metric, score, n (items)}; validation losses as task 'val/<domain>', metric
-    'loss'."""
+    'loss'. ``progress``: a bar per task (items/s, ETA) on rank 0's stderr."""
     labels = labels or {}
     rows = []
     if val_sets:
@@ -51,7 +52,7 @@ def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dic
             rows.append({**labels, "task": f"val/{domain}", "category": "loss", "domain": domain, "metric": "loss",
                          "score": loss})
     for task in tasks:
-        for metric, score in score_task(model, tokenizer, task, device).items():
+        for metric, score in score_task(model, tokenizer, task, device, progress=progress).items():
             rows.append({**labels, "task": task.name, "category": task.category, "domain": task.domain,
                          "metric": metric, "score": score, "n": len(task.items)})
     return rows

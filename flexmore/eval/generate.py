@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from flexmore.data.tokenizer import Tokenizer
 
 
 @torch.no_grad()
 def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, device: torch.device,
-           stop: Callable[[str], bool] | None = None, batch_size: int = 256) -> list[str]:
+           stop: Callable[[str], bool] | None = None, batch_size: int = 256, progress: str | None = None) -> list[str]:
     """The greedy continuation of each prompt, cut at EOS, at ``stop(text)`` or after ``max_new_tokens``.
 
     Prompts are left-padded into batches with an attention mask; RoPE is relative, so each row's logits are the
@@ -24,6 +25,7 @@ def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: 
     pad = getattr(tokenizer, "pad_id", None)
     pad = tokenizer.eos_id if pad is None else pad
     limit = model.cfg.max_seq_len
+    bar = progress_bar(progress, len(prompts))
     for b0 in range(0, len(order), batch_size):
         chunk = order[b0 : b0 + batch_size]
         width = max(len(encoded[i]) for i in chunk)
@@ -51,6 +53,8 @@ def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: 
                 break
         for j, i in enumerate(chunk):
             out[i] = tokenizer.decode(gen[j])
+        bar.update(len(chunk))
+    bar.close()
     return out  # type: ignore[return-value]
 
 
@@ -63,7 +67,7 @@ def continuation_logprobs(model, tokenizer: Tokenizer, context: str, continuatio
 
 @torch.no_grad()
 def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, str]], device: torch.device,
-                     batch_size: int = 512) -> list[tuple[float, int]]:
+                     batch_size: int = 512, progress: str | None = None) -> list[tuple[float, int]]:
     """(sum of log p(continuation | context), number of continuation tokens) for each (context, continuation) pair.
 
     Pairs are right-padded into batches: the model is causal, so padding after a sequence leaves its logits as they
@@ -78,6 +82,7 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
             x = ((tokenizer.encode(context) or [tokenizer.eos_id]) + ids)[-model.cfg.max_seq_len - 1:]
             seqs.append((i, x, min(len(ids), len(x) - 1)))
     seqs.sort(key=lambda s: len(s[1]))
+    bar = progress_bar(progress, len(seqs))
     for b0 in range(0, len(seqs), batch_size):
         chunk = seqs[b0 : b0 + batch_size]
         width = max(len(x) for _, x, _ in chunk)
@@ -86,4 +91,14 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
         for row, (i, ids, n) in enumerate(chunk):
             pos = torch.arange(len(ids) - 1 - n, len(ids) - 1, device=device)
             out[i] = (float(logp[row, pos, x[row, pos + 1]].sum()), n)
+        bar.update(len(chunk))
+    bar.close()
     return out
+
+
+def progress_bar(desc: str | None, total: int):
+    """A progress bar (items/s, ETA) on stderr, from rank 0 only; a silent stand-in when ``desc`` is None."""
+    from tqdm.auto import tqdm
+
+    silent = desc is None or (dist.is_initialized() and dist.get_rank() != 0)
+    return tqdm(total=total, desc=desc, unit="item", disable=silent, mininterval=2.0, dynamic_ncols=True)

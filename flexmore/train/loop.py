@@ -28,8 +28,8 @@ from flexmore.eval.validation import autocast_ctx, evaluate, mean_over_ranks
 from flexmore.model import count_params, flops_per_token
 from flexmore.parallel import build_parallel_model, get_strategy, init_parallel
 from flexmore.parallel.heartbeat import Heartbeat, is_timeout
-from flexmore.parallel.strategy import describe_comm
 from flexmore.parallel.parallelize import allreduce_replicas
+from flexmore.parallel.strategy import describe_comm
 from flexmore.store.checkpoint import CheckpointManager
 from flexmore.store.modeldir import MODEL_DIR, save_model_dir
 from flexmore.train.logger import make_logger
