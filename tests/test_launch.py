@@ -42,3 +42,34 @@ def test_the_venv_beside_the_checkout_is_found_without_activation():
     done = which_python(env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == str(REPO / ".venv" / "bin" / "python")
+
+
+def readme_block(marker: str) -> str:
+    """The bash block that follows ``<!-- marker -->`` in the README, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"<!-- {marker} -->")
+    body = text[text.index("```bash\n", start) + len("```bash\n"):]
+    return body[: body.index("```")].replace("\\\n", " ")
+
+
+def test_readme_cpu_workflow_runs_as_written(tmp_path):
+    """The README's FlexMoRE block, command by command, in a fresh folder with the entry points on PATH (as after
+    the Quickstart's install): each command succeeds and leaves what the next one reads."""
+    import json
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "WANDB_MODE": "disabled"}
+    commands = [line.split("#")[0].strip() for line in readme_block("readme-cpu-workflow").splitlines()]
+    commands = [c for c in commands if c]
+    assert len(commands) == 8 and commands[0].startswith("flexmore-train")
+    outs = []
+    for cmd in commands:
+        done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        outs.append(done.stdout)
+    out = tmp_path / "outputs" / "tiny"
+    assert (out / "no-facts" / "config.json").is_file()
+    rows = json.loads((out / "eval" / "tuned.json").read_text())
+    losses = {r["task"]: r["score"] for r in rows if r["metric"] == "loss"}
+    assert set(losses) == {"val/public", "val/code", "val/math", "val/facts"}
+    assert "validation at seq_len 128: the length the model was trained at" in done.stdout
+    assert "val/facts=" in outs[2] and "val/math=" in outs[1]  # each expert validated on its own domain
