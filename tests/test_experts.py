@@ -295,6 +295,45 @@ def test_peft_export_of_a_lowrank_expert(world, tmp_path):
         export_peft(tmp / "math" / "expert", tmp_path / "a2")
 
 
+def test_olmo2_export_of_the_base_and_a_peft_adapter_on_it_load_in_transformers(world, tmp_path):
+    """The public base as transformers' Olmo2ForCausalLM gives our logits; a low-rank expert's LoRA adapter on it,
+    loaded by PEFT from the adapter folder alone (AutoPeftModelForCausalLM finds the base by its path), gives the
+    logits of our base with that expert's FFN (W + B A in every layer)."""
+    transformers = pytest.importorskip("transformers")
+    from flexmore.experts.hf import export_olmo2
+    from flexmore.experts.peft_export import export_peft
+    from flexmore.model.experts import PROJECTIONS
+
+    tmp, base_dir = world
+    base = load_model(base_dir).eval()
+    olmo2 = export_olmo2(base, tmp_path / "olmo2")
+    ref = transformers.Olmo2ForCausalLM.from_pretrained(olmo2).eval()
+    x = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, base(x).logits, rtol=1e-5, atol=1e-5)
+    tensors, man = load_artifact(tmp / "facts" / "expert")  # B given a large value, so the adapter matters
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.2 if k.endswith(".B") else v for k, v in tensors.items()}
+    adapter = export_peft(save_artifact(tmp_path / "facts-big", tensors, man), tmp_path / "adapter",
+                          base_model_name_or_path=str(olmo2))
+    peft = pytest.importorskip("peft")
+    tuned = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+    expect = load_model(base_dir).eval()
+    with torch.no_grad():
+        for i, block in enumerate(expect.blocks):
+            for proj in PROJECTIONS:
+                getattr(block.ffn.experts[0], proj).weight += tensors[f"layers.{i}.{proj}.B"] @ tensors[
+                    f"layers.{i}.{proj}.A"]
+        torch.testing.assert_close(tuned(x).logits, expect(x).logits, rtol=1e-4, atol=1e-4)
+        assert (tuned(x).logits - ref(x).logits).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="export_olmo2 writes dense models; this one has 2 experts"):
+        export_olmo2(merge(base_dir, [tmp / "math" / "expert"]), tmp_path / "no")
+    from flexmore.cli.merge import main as merge_cli  # --hf on a dense model writes OLMo 2
+
+    assert merge_cli(["--merged", str(base_dir), "--hf", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["model_type"] == "olmo2"
+
+
 def test_cli_tune_router_then_eval_shows_the_routing(world, tmp_path, capsys):
     tmp, base_dir = world
     from flexmore.cli.eval import main as eval_cli

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from flexmore.cli import TRUST_HELP
-from flexmore.experts.hf import export_hf
+from flexmore.experts.hf import export_hf, export_olmo2
 from flexmore.experts.merge import merge, opt_out
 from flexmore.model import count_params
 from flexmore.store.modeldir import load_model, save_model_dir, trained_info
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", nargs="*", default=[], help="names of experts to opt out")
     ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
     ap.add_argument("--out", required=True, help="output model folder")
-    ap.add_argument("--hf", action="store_true", help="write transformers' FlexOlmo format instead")
+    ap.add_argument("--hf", action="store_true", help="write transformers' format instead: FlexOlmo, or OLMo 2 for a dense model")
     ap.add_argument("--hf-bias", choices=["error", "drop"], default="error",
                     help="transformers' FlexOlmo has no expert bias: refuse a model with one (error), or write it "
                          "without it (drop: a different routing; evaluate it)")
@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --base and --experts, or --merged")
         if args.drop:
             model = opt_out(model, args.drop)
-        if args.hf:
+        if args.hf and model.cfg.num_experts == 1:  # a dense model: transformers' OLMo 2
+            out = export_olmo2(model, args.out, overwrite=args.overwrite)
+            print("a dense model: written as transformers' Olmo2ForCausalLM")
+        elif args.hf:
             out = export_hf(model, args.out, overwrite=args.overwrite, bias=args.hf_bias)
         else:
             trained = trained_info(args.merged or args.base)  # the experts train at the base's length

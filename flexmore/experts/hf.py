@@ -1,5 +1,6 @@
 """transformers' FlexOlmo format: import (per-expert 4.57 keys or the fused 5.x layout), split into a public base and
-one artifact per expert, and export a merged model (low-rank experts materialised dense: the HF class has none).
+one artifact per expert, and export a merged model (low-rank experts materialised dense: the HF class has none); and
+a dense model (the public base) as transformers' OLMo 2, the model PEFT adapters of low-rank experts apply to.
 
 Needs no transformers: the format is config.json + safetensors, read and written here directly.
 """
@@ -153,17 +154,46 @@ def export_hf(model: FlexOlmo, out: str | Path, layout: str = "fused", overwrite
                 for proj in PROJECTIONS:
                     st[p + f"mlp.experts.{e}.{proj}.weight"] = w[proj]
         st[p + "mlp.gate.weight"] = block.ffn.router.weight if block.ffn.router is not None else torch.zeros(1, cfg.d_model)
-    hf_cfg = {
-        "architectures": ["FlexOlmoForCausalLM"], "model_type": "flex_olmo", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ffn, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "attention_bias": False,
-        "attention_dropout": 0.0, "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
-        "norm_topk_prob": cfg.norm_topk_prob, "tie_word_embeddings": False, "torch_dtype": "float32",
+    hf_cfg = {"architectures": ["FlexOlmoForCausalLM"], "model_type": "flex_olmo", **_hf_config(cfg),
+              "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "norm_topk_prob": cfg.norm_topk_prob}
+
+    return _write_hf(out, st, hf_cfg, overwrite)
+
+
+def export_olmo2(model: FlexOlmo, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a dense model (one expert, no router: a public base) as transformers' ``Olmo2ForCausalLM`` folder, the
+    layout OLMo 2 checkpoints and PEFT adapters on them use (``model.layers.N.mlp.{gate,up,down}_proj``)."""
+    cfg = model.cfg
+    if cfg.num_experts != 1:
+        raise ValueError(f"export_olmo2 writes dense models; this one has {cfg.num_experts} experts "
+                         f"{cfg.expert_names}: export it as FlexOlmo (export_hf, flexmore-merge --hf) or opt the "
+                         "others out first")
+    sd = model.state_dict()
+    st = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for ours, theirs in SHARED.items():
+            st[p + theirs] = sd[f"blocks.{i}.{ours}"]
+        for proj in PROJECTIONS:
+            st[p + f"mlp.{proj}.weight"] = sd[f"blocks.{i}.ffn.experts.0.{proj}.weight"]
+    return _write_hf(out, st, {**_hf_config(cfg), "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2"},
+                     overwrite)
+
+
+def _hf_config(cfg: ModelConfig) -> dict:
+    """The fields transformers' OLMo 2 and FlexOlmo configs share."""
+    return {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ffn,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "torch_dtype": "float32",
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
 
+
+def _write_hf(out: str | Path, st: dict[str, torch.Tensor], hf_cfg: dict, overwrite: bool) -> Path:
     def write(tmp: Path) -> None:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in st.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
