@@ -188,3 +188,37 @@ def test_batched_choice_scores_equal_one_request_at_a_time():
     assert [n for _, n in batched] == [4, 7, 14, 0]
     for (a, n), (b, m) in zip(batched, alone):
         assert n == m and a == pytest.approx(b, abs=1e-4) and (n == 0 or a < 0)
+
+
+def test_lm_eval_harness_on_a_local_task_gives_our_own_scores(tmp_path, monkeypatch):
+    """A YAML task over a local JSONL file (no download): lm-evaluation-harness with our adapter scores the same
+    items as our own scorer, item for item."""
+    lm_eval = pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from conftest import tiny_config
+
+    import flexmore.eval.lm_eval_adapter  # noqa: F401  (registers 'flexmore')
+    from flexmore.store.modeldir import load_model
+    from flexmore.train.loop import train
+
+    train(tiny_config(tmp_path, train={"steps": 20}))
+    task = next(t for t in embedded_tasks(24) if t.name == "math_mc")
+    with open(tmp_path / "items.jsonl", "w") as f:
+        for it in task.items:
+            f.write(json.dumps(it) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local_mc.yaml").write_text(
+        "task: local_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'items.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    from lm_eval.tasks import TaskManager
+
+    res = lm_eval.simple_evaluate(model="flexmore", model_args=f"path={tmp_path / 'run'}", tasks=["local_mc"],
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)
+    theirs = [int(max(range(len(s["resps"])), key=lambda i: s["resps"][i][0][0]) == s["target"])
+              for s in sorted(res["samples"]["local_mc"], key=lambda s: s["doc_id"])]
+    model = load_model(tmp_path / "run").eval()
+    ours = score_task(model, ByteTokenizer(), task, torch.device("cpu"))["acc"]
+    assert len(theirs) == 24 and res["results"]["local_mc"]["acc,none"] == pytest.approx(ours)
+    assert sum(theirs) / 24 == pytest.approx(ours)

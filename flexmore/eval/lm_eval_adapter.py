@@ -1,9 +1,8 @@
 """Our model as an lm-evaluation-harness ``LM`` (only when lm-eval is installed and its task data is local).
 
-    pip install lm-eval            # not a dependency of this package
-    python -c "import flexmore.eval.lm_eval_adapter"   # registers the model name 'flexmore'
-    lm_eval --model flexmore --model_args path=outputs/merged,tokenizer=byte --tasks <local tasks> \\
-        --include_path <your task yamls>
+    pip install lm-eval            # not a dependency of this package (it is of the tests)
+    python -m flexmore.eval.lm_eval_adapter --model flexmore --model_args path=outputs/merged,tokenizer=byte \\
+        --tasks <your task> --include_path <folder of your task YAMLs>     # lm_eval's CLI, 'flexmore' registered
 
 Implements ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` with this package's own scoring code
 (no batching across requests; fine for the small models evaluated here).
@@ -65,3 +64,9 @@ class FlexmoreLM(LM):
                 text = text.split(u)[0]
             out.append(text)
         return out
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with the model name 'flexmore' registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
