@@ -48,6 +48,34 @@ def test_prep_reads_txt_jsonl_parquet_and_is_deterministic(tmp_path):
     assert int((stream.read(0, stream.num_tokens) == tok.eos_id).sum()) == 10
 
 
+def test_prep_reads_hugging_face_datasets_folders_and_arrow_files(tmp_path, capsys):
+    """save_to_disk folders (a Dataset; a DatasetDict's train split) and their .arrow files give the same documents
+    as the same texts in a JSONL file."""
+    datasets = pytest.importorskip("datasets")
+    from flexmore.cli.prep import main
+
+    train = [f"train doc {i}" for i in range(6)] + [""]  # an empty text is skipped, as in every other format
+    ds = datasets.Dataset.from_dict({"body": train, "n": list(range(7))})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": ds, "validation": datasets.Dataset.from_dict({"body": ["val doc"]})}).save_to_disk(
+        str(tmp_path / "dd"))
+    with open(tmp_path / "same.jsonl", "w") as f:
+        for t in train:
+            f.write(json.dumps({"body": t}) + "\n")
+    tok = ByteTokenizer()
+    want = TokenStream([prepare([tmp_path / "same.jsonl"], tmp_path / "want", tok, field="body")])
+    arrow = sorted((tmp_path / "ds").glob("*.arrow"))
+    for name, src in (("ds", tmp_path / "ds"), ("dd", tmp_path / "dd"), ("arrow", arrow[0])):
+        got = TokenStream([prepare([src], tmp_path / f"out-{name}", tok, field="body")])
+        assert got.read(0, got.num_tokens).tolist() == want.read(0, want.num_tokens).tolist(), name
+    assert main([str(tmp_path / "ds"), "--out", str(tmp_path / "bad")]) == 2  # no 'text' column: named
+    assert "has no column 'text' (columns: ['body', 'n']); set --field" in capsys.readouterr().err
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "noval"))
+    with pytest.raises(ValueError, match=r"without a 'train' split \(splits: \['validation'\]\)"):
+        prepare([tmp_path / "noval"], tmp_path / "bad2", tok, field="body")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
 def test_uint32_for_large_vocabularies(tmp_path):
     out = write_documents(tmp_path / "big", [[70_000, 1, 2]], vocab_size=100_352, eos_id=0, tokenizer="x")
     assert read_index(out)["dtype"] == "uint32"

@@ -1,4 +1,5 @@
-"""`flexmore-prep`: tokenise your .txt / .jsonl / .parquet files into token shards for `data=shards`."""
+"""`flexmore-prep`: tokenise your .txt / .jsonl / .parquet / .arrow files or Hugging Face datasets folders (save_to_disk)
+into token shards for `data=shards`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from flexmore.data.tokenizer import HFTokenizer, load_tokenizer
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexmore-prep", description=__doc__)
-    p.add_argument("inputs", nargs="+", help="files or folders (searched for .txt, .jsonl, .parquet)")
+    p.add_argument("inputs", nargs="+", help="files, datasets folders (save_to_disk; a DatasetDict's train split), or folders searched for "
+                        ".txt, .jsonl, .parquet, .arrow")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a path to a tokenizer.json")
     p.add_argument("--eos-token", default=None,
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = prepare(args.inputs, args.out, load_tokenizer(args.tokenizer, args.eos_token), field=args.field,
                       shard_tokens=args.shard_tokens, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
         print(f"flexmore-prep: error: {e}", file=sys.stderr)
         return 2
     ix = read_index(out)

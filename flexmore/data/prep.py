@@ -1,4 +1,5 @@
-"""Tokenise users' own text files (.txt, .jsonl, .parquet) into token shards the loader reads."""
+"""Tokenise users' own text (.txt, .jsonl, .parquet, .arrow files, and Hugging Face ``datasets`` folders written by
+``save_to_disk``) into token shards the loader reads."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ from typing import Iterator, Sequence
 from flexmore.data.shards import write_documents
 from flexmore.data.tokenizer import Tokenizer
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+HF_DATASET_FILES = ("state.json", "dataset_dict.json")  # a Dataset / DatasetDict folder (datasets' save_to_disk)
+
+
+def is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in HF_DATASET_FILES)
 
 
 def input_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files named, or every supported file under a named folder, sorted so the output is deterministic."""
+    """Files named, a ``datasets`` folder as one input, or every supported file under another named folder, sorted so
+    the output is deterministic."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if is_hf_dataset(p):
+            files.append(p)
+        elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {p} holds no {'/'.join(SUFFIXES)} files")
@@ -63,6 +72,16 @@ def read_texts(path: Path, field: str = "text") -> Iterator[str]:
                 if not isinstance(rec[field], str):
                     raise ValueError(f"{path}:{lineno}: field {field!r} is a {type(rec[field]).__name__}, not text")
                 yield rec[field]
+    elif is_hf_dataset(path):
+        yield from _hf_dataset_texts(path, field)
+    elif path.suffix == ".arrow":  # one of datasets' cache / save_to_disk files (Arrow IPC stream)
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as f:
+            table = pa.ipc.open_stream(f).read_all()
+        if field not in table.column_names:
+            raise KeyError(f"{path} has no column {field!r} (columns: {table.column_names}); set --field")
+        yield from table.column(field).to_pylist()
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -73,6 +92,25 @@ def read_texts(path: Path, field: str = "text") -> Iterator[str]:
             yield text
     else:
         raise ValueError(f"unsupported input {path}")
+
+
+def _hf_dataset_texts(path: Path, field: str) -> Iterator[str]:
+    """A ``save_to_disk`` folder: a Dataset, or a DatasetDict's ``train`` split (name another split's folder to use
+    it)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{path} is a Hugging Face datasets folder: reading it needs `pip install datasets`") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{path} is a DatasetDict without a 'train' split (splits: {sorted(ds)}); name the "
+                             f"split's folder, e.g. {path / sorted(ds)[0]}")
+        ds = ds["train"]
+    if field not in ds.column_names:
+        raise KeyError(f"{path} has no column {field!r} (columns: {ds.column_names}); set --field")
+    for text in ds[field]:
+        yield text
 
 
 def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer: Tokenizer, field: str = "text",
