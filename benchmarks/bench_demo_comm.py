@@ -44,12 +44,14 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--value-dtype", default="bf16")
     ap.add_argument("--index-bits", type=int, default=0)
+    ap.add_argument("--value-bits", type=int, default=0, help="2 / 4 / 8: quantised values (0: --value-dtype)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = load_preset(args.model)
     cfg = dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(args.vocab))
     model = build_model(cfg, device="meta")
-    demo = DeMoConfig(topk=args.topk, chunk=args.chunk, value_dtype=args.value_dtype, index_bits=args.index_bits)
+    demo = DeMoConfig(topk=args.topk, chunk=args.chunk, value_dtype=args.value_dtype, index_bits=args.index_bits,
+                      value_bits=args.value_bits)
     R = args.replicate
     N = sum(p.numel() for p in model.parameters())
     rows = []
@@ -65,7 +67,7 @@ def main() -> None:
                      "values_dense": wire.num_dense, "payload_bytes": wire.nbytes, "flexdemo_bytes": flex,
                      "hsdp_fp32_bytes": hsdp_fp32, "dense_bf16_bytes": dense_bf16,
                      "ratio_vs_hsdp_fp32": hsdp_fp32 / flex, "ratio_vs_dense_bf16": dense_bf16 / flex,
-                     "bytes_per_coeff": (wire.nbytes - 2 * wire.num_dense) / max(1, wire.num_sparse)})
+                     "bytes_per_coeff": (wire.nbytes - wire.num_dense * wire._item) / max(1, wire.num_sparse)})
     head = {"model": args.model, "params": N, "replicate": R, **dataclasses.asdict(demo)}
     print(json.dumps(head))
     print(f"{'shard':>5}{'params/rank':>13}{'payload MB':>12}{'FlexDeMo MB':>13}{'HSDP fp32 MB':>14}{'dense bf16 MB':>15}"

@@ -34,7 +34,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
             "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096},  # diagnostics: less compression
             "flexdemo-b0.99": {"beta": 0.99}, "flexdemo-b0.9": {"beta": 0.9},
-            "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)}}
+            "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
+            # fewer bytes: quantised values (codes + a bf16 scale per chunk, the error kept in the momentum), smaller k
+            "flexdemo-q4": {"value_bits": 4}, "flexdemo-q2": {"value_bits": 2},
+            "flexdemo-k16-q4": {"topk": 16, "value_bits": 4}}
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,13 @@ def summarise(runs: list[dict], R: int) -> dict:
            for o, b in best.items()}
     out["ratio"] = best["flexdemo"]["val_loss"] / best["adamw"]["val_loss"]
     out["ratio_best"] = best["flexdemo"]["best_val_loss"] / best["adamw"]["best_val_loss"]
+    def sent_bytes(r: dict) -> float:
+        c = r["comm"]
+        return c.get("comm/replicate_sent_bytes", 0.0) if R > 1 else c.get("comm/payload_bytes", 0.0)
+
     out["variants"] = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
-                           "ratio": b["val_loss"] / best["adamw"]["val_loss"]} for o, b in best.items() if o != "adamw"}
+                           "ratio": b["val_loss"] / best["adamw"]["val_loss"], "bytes_per_step": sent_bytes(b)}
+                       for o, b in best.items() if o != "adamw"}
     out["bytes_per_step"] = sent
     out["dense_bf16_bytes_per_step"] = dense
     out["settings"] = best["flexdemo"]["settings"]
@@ -187,8 +195,9 @@ def table(by_r: dict) -> str:
                      f"{s['bytes_per_step']:,.0f} | {'—' if not dense else f'{dense:,.0f}'} | {comp} |")
         for o, v in s["variants"].items():
             if o != "flexdemo":
+                comp = f"{dense / v['bytes_per_step']:.1f}×" if dense and v.get("bytes_per_step") else "—"
                 lines.append(f"| {R} | | | {o} {v['lr']:g}{'*' if s[o]['lr_at_sweep_edge'] else ''} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
-                             f"{v['ratio']:.3f} | | | |")
+                             f"{v['ratio']:.3f} | {v.get('bytes_per_step', 0):,.0f} | | {comp} |")
     note = "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
     return "\n".join(lines) + (note if any("*" in line for line in lines[2:]) else "")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexdemo.ops.options import KernelOptions
+from flexdemo.quant import VALUE_BITS
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
 
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
@@ -24,6 +25,9 @@ class DeMoConfig:
     weight_decay: float = 0.0  # decoupled: p *= 1 - lr * wd
     value_dtype: str = "bf16"  # bf16 | fp32 | fp16: dtype of the sent coefficients
     index_bits: int = 0  # 0 = smallest that holds chunk*chunk (12 for 64x64), or 12 / 16
+    # 0: sent values in value_dtype; 2 / 4 / 8: as codes of that many bits with a bf16 scale per chunk, the
+    # quantisation error kept in the momentum (flexdemo.quant)
+    value_bits: int = 0
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
     # Triton encode's forward DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: the
     # fp32 reference's set but for near-ties within ~2^-15, 1 chunk in 2000 on random data; tf32x3, ~2^-21, for
@@ -67,6 +71,8 @@ class DeMoConfig:
         if self.value_dtype not in WIRE_DTYPES:
             raise ValueError(f"value_dtype={self.value_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
         index_bits_for(self.chunk, self.index_bits)
+        if self.value_bits not in VALUE_BITS:
+            raise ValueError(f"value_bits={self.value_bits}; allowed: {', '.join(map(str, VALUE_BITS))} (0: unquantised)")
         from flexdemo.ops import KERNELS
 
         if self.kernels not in KERNELS:

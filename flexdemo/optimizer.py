@@ -29,9 +29,11 @@ import torch.distributed as dist
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.config import DeMoConfig
+from flexdemo.dct import idct2
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
+from flexdemo.quant import codes_nbytes, dequantize, quantize
 from flexdemo.wire import WireLayout, index_nbytes
 
 # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor; both fill a flat output.
@@ -103,7 +105,8 @@ def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPl
         if len(shape) >= 2 and numel > 0:
             cand = ChunkLayout(int(shape[0]), numel // int(shape[0]), cfg.chunk)
             n = cand.num_chunks * cfg.topk
-            if n * val_bytes + index_nbytes(n, bits) < numel * val_bytes:
+            sent = (codes_nbytes(n, cfg.value_bits) + 2 * cand.num_chunks) if cfg.value_bits else n * val_bytes
+            if sent + index_nbytes(n, bits) < numel * val_bytes:
                 layout = cand
         if layout is not None:
             plans.append(ParamPlan(layout, chunks, 0, 0))
@@ -115,7 +118,7 @@ def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPl
     for p in plans:  # dense values follow all sparse values in the buffer
         if p.layout is None:
             p.dense_offset += sparse
-    return plans, WireLayout(sparse, dense, cfg.wire_dtype, bits)
+    return plans, WireLayout(sparse, dense, cfg.wire_dtype, bits, cfg.value_bits, cfg.topk)
 
 
 class FlexDeMo(torch.optim.Optimizer):
@@ -178,6 +181,10 @@ class FlexDeMo(torch.optim.Optimizer):
         device = local_tensor(self.params[0]).device
         values = torch.empty(self.wire.num_sparse + self.wire.num_dense, dtype=cfg.wire_dtype, device=device)
         indices = torch.empty(self.wire.num_sparse, dtype=torch.int32, device=device)
+        codes = scales = None
+        if cfg.value_bits:
+            codes = torch.empty(self.wire.num_sparse, dtype=torch.uint8, device=device)
+            scales = torch.empty(self.wire.num_sparse // cfg.topk, dtype=torch.float32, device=device)
         for group, plan in zip(self.param_groups, self._groups):
             lr = group["lr"]
             for table, ps in plan.tables:
@@ -188,6 +195,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                 ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, values, indices,
                                  self.kernel_options)
+                if cfg.value_bits:
+                    self._quantize(table, deltas, values, indices, codes, scales)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)
@@ -197,7 +206,23 @@ class FlexDeMo(torch.optim.Optimizer):
                 sent = torch.cat([d.reshape(-1) for d in deltas]).to(cfg.wire_dtype)
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
-        return self.wire.pack(indices, values, torch.empty(self.wire.nbytes, dtype=torch.uint8, device=device))
+        return self.wire.pack(indices, values, torch.empty(self.wire.nbytes, dtype=torch.uint8, device=device),
+                              codes, scales)
+
+    def _quantize(self, table: ChunkTable, deltas: list, values: torch.Tensor, indices: torch.Tensor,
+                  codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """Replace ``table``'s sent values by codes and scales, and give its momenta back what that loses (they had
+        lost the unquantised values): each chunk's error is added back through its inverse DCT."""
+        k, s, bits = table.k, table.s, self.cfg.value_bits
+        for t, (lay, delta) in enumerate(zip(table.layouts, deltas)):
+            sl = table.payload_slice(t)
+            chunks = slice(sl.start // k, sl.stop // k)
+            sent = values[sl].view(-1, k).float()
+            codes[sl], scales[chunks] = (x.reshape(-1) for x in quantize(sent, bits))
+            error = sent - dequantize(codes[sl].view(-1, k), scales[chunks], bits)
+            dense = torch.zeros(lay.num_chunks, s * s, device=delta.device).scatter_(
+                1, indices[sl].view(-1, k).long(), error)
+            delta.add_(lay.from_chunks(idct2(dense.view(-1, s, s))))
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
         """(nbytes,) -> (replicas, nbytes): one all-gather over the replicate group."""

@@ -1,6 +1,7 @@
 """The bytes one replica sends per step: every parameter's payload packed into one flat uint8 buffer.
 
-Layout: [values of all compressed then all dense tensors, in the wire dtype | chunk-local indices], padded to 8 bytes.
+Layout: [values of all compressed then all dense tensors, in the wire dtype | chunk-local indices], padded to 8 bytes
+(with value_bits: the compressed tensors' values as codes and per-chunk scales, ``WireLayout``).
 Indices take 12 bits when s*s <= 4096 (two per 3 bytes) or 16 bits otherwise; values are bf16 (default) or fp32.
 With the defaults (64x64 chunks, k = 32, bf16) a coefficient costs 3.5 bytes, against 12 in the public DeMo code.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from flexdemo.quant import codes_nbytes, dequantize, pack_codes, unpack_codes
 
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -64,36 +67,64 @@ def index_nbytes(n: int, bits: int) -> int:
 
 @dataclass(frozen=True)
 class WireLayout:
-    """Sizes of one replica's payload; identical on every replica of a group (same shapes, same config)."""
+    """Sizes of one replica's payload; identical on every replica of a group (same shapes, same config).
+
+    value_bits = 0: [values of the compressed, then the dense tensors, in value_dtype | indices]. value_bits = b: the
+    compressed tensors' values as b-bit codes with a bf16 scale per chunk of k (``flexdemo.quant``):
+    [dense values in value_dtype | scales | codes | indices]."""
 
     num_sparse: int  # coefficients sent with an index
     num_dense: int  # values sent densely (1-D and tiny tensors)
     value_dtype: torch.dtype
     index_bits: int
+    value_bits: int = 0
+    k: int = 1  # coefficients per chunk (quantised: one scale per chunk)
+
+    @property
+    def _item(self) -> int:
+        return torch.empty(0, dtype=self.value_dtype).element_size()
 
     @property
     def value_nbytes(self) -> int:
-        return (self.num_sparse + self.num_dense) * torch.empty(0, dtype=self.value_dtype).element_size()
+        if self.value_bits:
+            return (self.num_dense * self._item + 2 * (self.num_sparse // self.k)
+                    + codes_nbytes(self.num_sparse, self.value_bits))
+        return (self.num_sparse + self.num_dense) * self._item
 
     @property
     def nbytes(self) -> int:
         raw = self.value_nbytes + index_nbytes(self.num_sparse, self.index_bits)
         return -(-raw // 8) * 8
 
-    def pack(self, sparse_idx: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """values: (num_sparse + num_dense,) in value_dtype; sparse_idx: (num_sparse,) -> out (nbytes,) uint8."""
+    def pack(self, sparse_idx: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
+             codes: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """values: (num_sparse + num_dense,) in value_dtype (quantised: only the dense ones are read; ``codes``
+        (num_sparse,) and ``scales`` (num_sparse / k,) carry the rest); sparse_idx: (num_sparse,) -> out (nbytes,)."""
         vb = self.value_nbytes
         ib = index_nbytes(self.num_sparse, self.index_bits)
-        out[:vb] = values.view(torch.uint8)
+        if self.value_bits:
+            db, sb = self.num_dense * self._item, 2 * (self.num_sparse // self.k)
+            out[:db] = values[self.num_sparse :].view(torch.uint8)
+            out[db : db + sb] = scales.bfloat16().view(torch.uint8)
+            pack_codes(codes, self.value_bits, out[db + sb : vb])
+        else:
+            out[:vb] = values.view(torch.uint8)
         pack_indices(sparse_idx, self.index_bits, out[vb : vb + ib])
         out[vb + ib :] = 0
         return out
 
     def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nbytes,) or (replicas, nbytes) uint8 -> indices int32 and values (views into ``rows``), same leading
-        dims."""
+        """(nbytes,) or (replicas, nbytes) uint8 -> indices int32 and values (num_sparse + num_dense, same leading
+        dims): views into ``rows`` in value_dtype, or (quantised) dequantised fp32."""
         vb = self.value_nbytes
-        values = rows[..., :vb].view(self.value_dtype)
         idx = unpack_indices(rows[..., vb : vb + index_nbytes(self.num_sparse, self.index_bits)], self.num_sparse,
                              self.index_bits)
-        return idx, values
+        if not self.value_bits:
+            return idx, rows[..., :vb].view(self.value_dtype)
+        db, chunks = self.num_dense * self._item, self.num_sparse // self.k
+        lead = rows.shape[:-1]
+        dense = rows[..., :db].view(self.value_dtype).float()
+        scales = rows[..., db : db + 2 * chunks].view(torch.bfloat16).float()
+        codes = unpack_codes(rows[..., db + 2 * chunks : vb], self.num_sparse, self.value_bits)
+        sparse = dequantize(codes.reshape(*lead, chunks, self.k), scales, self.value_bits).reshape(*lead, -1)
+        return idx, torch.cat([sparse, dense], dim=-1)

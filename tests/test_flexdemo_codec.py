@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexdemo import ChunkLayout, DeMoConfig
+from flexdemo import ChunkLayout, DeMoConfig, FlexDeMo
 from flexdemo.dct import dct2, dct_matrix, idct2
 from flexdemo.ops.decode_reference import decode_mean
 from flexdemo.ops.encode_reference import encode_reference
@@ -176,3 +176,65 @@ def test_bad_settings_are_rejected(kw, match):
 
 def test_index_bits_auto():
     assert index_bits_for(64) == 12 and index_bits_for(65) == 16 and index_bits_for(64, 16) == 16
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantised_values_round_trip_within_half_a_level(bits):
+    from flexdemo.quant import codes_nbytes, dequantize, pack_codes, quantize, unpack_codes
+
+    torch.manual_seed(bits)
+    vals = torch.randn(37, 5) * torch.rand(37, 1) * 10
+    vals[3] = 0.0  # an all-zero chunk (a shard's padding): scale 0, every value back to 0
+    codes, scales = quantize(vals, bits)
+    levels = (1 << bits) - 1
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= levels
+    assert torch.equal(scales, scales.bfloat16().float())  # the scale travels as bf16: both sides use that value
+    back = dequantize(codes, scales, bits)
+    step = 2 * scales / levels  # the distance between two levels
+    assert ((back - vals).abs() <= step[:, None] / 2 * (1 + 1e-2) + 1e-2 * vals.abs()).all()
+    assert (back[3] == 0).all()
+    for n in (1, 7, 185):  # odd counts: the last byte partly filled
+        raw = torch.empty(codes_nbytes(n, bits), dtype=torch.uint8)
+        assert torch.equal(unpack_codes(pack_codes(codes.reshape(-1)[:n], bits, raw), n, bits), codes.reshape(-1)[:n])
+
+
+def test_quantised_wire_packs_codes_scales_dense_values_and_indices():
+    from flexdemo.quant import dequantize, quantize
+    from flexdemo.wire import WireLayout
+
+    k, chunks, dense = 4, 6, 5
+    wire = WireLayout(k * chunks, dense, torch.bfloat16, 12, value_bits=4, k=k)
+    # 5 dense bf16 values, 6 bf16 scales, 24 four-bit codes, 24 twelve-bit indices, padded to 8
+    assert wire.nbytes == -(-(5 * 2 + 6 * 2 + 12 + 36) // 8) * 8
+    vals = torch.randn(k * chunks + dense).bfloat16()
+    idx = torch.randint(0, 4096, (k * chunks,), dtype=torch.int32)
+    codes, scales = quantize(vals[: k * chunks].float().view(chunks, k), 4)
+    out = wire.pack(idx, vals, torch.empty(wire.nbytes, dtype=torch.uint8), codes.reshape(-1), scales)
+    got_idx, got = wire.unpack(torch.stack([out, out]))
+    assert torch.equal(got_idx[1], idx) and got.dtype == torch.float32
+    assert torch.equal(got[0, : k * chunks], dequantize(codes, scales, 4).reshape(-1))
+    assert torch.equal(got[1, k * chunks :], vals[k * chunks :].float())
+
+
+def test_quantised_payload_the_momentum_keeps_what_the_codes_lose():
+    """value_bits=4, one replica, sign off: after a step, residual + decoded update = lr x gradient (nothing lost
+    to quantisation), and the quantised update differs from the unquantised one (it did quantise)."""
+    torch.manual_seed(0)
+    init, grad = torch.randn(40, 24), torch.randn(40, 24)
+    applied = {}
+    for bits in (0, 4):
+        p = torch.nn.Parameter(init.clone())
+        p.grad = grad.clone()
+        opt = FlexDeMo([p], lr=0.1, chunk=8, topk=5, beta=0.9, sign=False, value_dtype="fp32", value_bits=bits)
+        opt.step()
+        applied[bits] = (init - p.detach()) / 0.1  # the decoded update (no weight decay): what was sent, lr x grad's
+        residual = opt.state[p]["delta"]
+        torch.testing.assert_close(residual + applied[bits], 0.1 * grad, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(applied[0], applied[4], atol=1e-4)
+    assert FlexDeMo([torch.nn.Parameter(init.clone())], chunk=8, topk=5, value_bits=4).wire.nbytes < \
+        FlexDeMo([torch.nn.Parameter(init.clone())], chunk=8, topk=5).wire.nbytes
+
+
+def test_bad_value_bits_is_refused():
+    with pytest.raises(ValueError, match=r"value_bits=3; allowed: 0, 2, 4, 8"):
+        DeMoConfig(value_bits=3)

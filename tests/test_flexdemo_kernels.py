@@ -542,3 +542,14 @@ def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(m
         p.grad = torch.randn(20, 24, device=DEVICE)
         FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", **{setting: value}).step()
     assert seen == expected
+
+
+def test_quantised_payload_on_the_triton_path_keeps_what_the_codes_lose():
+    """value_bits=4 after the Triton encode: residual + decoded update = lr x gradient, as on the torch path."""
+    torch.manual_seed(0)
+    init, grad = torch.randn(40, 48, device=DEVICE), torch.randn(40, 48, device=DEVICE)
+    p = torch.nn.Parameter(init.clone())
+    p.grad = grad.clone()
+    opt = FlexDeMo([p], lr=0.1, chunk=16, topk=6, beta=0.9, sign=False, value_bits=4, kernels="triton")
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["delta"] + (init - p.detach()) / 0.1, 0.1 * grad, rtol=1e-4, atol=1e-4)

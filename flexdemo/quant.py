@@ -1,0 +1,56 @@
+"""Fewer bits per sent coefficient: each chunk's k values as b-bit codes and one scale (SparseLoCo's idea).
+
+A chunk's scale is the largest |value| it sends, rounded to bf16 (2 bytes on the wire); code c in 0..2^b - 1 stands for
+(2c - (2^b - 1)) / (2^b - 1) x scale: 2^b levels spread evenly over [-scale, scale], none at zero (a top-k value is
+never small next to its chunk's largest). Encoder and decoder compute the dequantised value with the same fp32
+operations from the same code and bf16 scale, so the momentum can lose exactly what the replicas apply: the encoder
+adds the quantisation error back to it (error feedback).
+"""
+
+from __future__ import annotations
+
+import torch
+
+VALUE_BITS = (0, 2, 4, 8)  # 0: values in the wire dtype, unquantised
+
+
+def quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunks, k) -> codes (chunks, k) uint8 and scales (chunks,) fp32 holding bf16 values."""
+    levels = (1 << bits) - 1
+    v = values.float()
+    scale = v.abs().amax(dim=1).bfloat16().float()
+    unit = v / torch.where(scale > 0, scale, 1.0)[:, None]
+    codes = torch.round((unit * levels + levels) / 2).clamp_(0, levels).to(torch.uint8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes (..., chunks, k), scales (..., chunks) -> fp32 values (..., chunks, k)."""
+    levels = (1 << bits) - 1
+    return (2 * codes.float() - levels) / levels * scales[..., None]
+
+
+def codes_nbytes(n: int, bits: int) -> int:
+    return -(-n * bits // 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """(n,) uint8 codes < 2^bits -> ``out`` (codes_nbytes(n, bits),) uint8, 8 / bits codes per byte, first in the low
+    bits."""
+    per = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, per).to(torch.int32)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    out.copy_((groups << shifts).sum(dim=1).to(torch.uint8))
+    return out
+
+
+def unpack_codes(raw: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """uint8 (..., codes_nbytes(n, bits)) -> uint8 codes (..., n)."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=raw.device, dtype=torch.int32) * bits
+    codes = (raw.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*raw.shape[:-1], -1)[..., :n].to(torch.uint8)
