@@ -88,7 +88,7 @@ def worker(args) -> None:
         data=data_config(size),
         train=TrainConfig(steps=size.steps, seq_len=size.seq_len, micro_batch=size.global_batch // R,
                           eval_every=size.eval_every, eval_batches=size.eval_batches * R,  # the same windows at any R
-                          log_every=10, progress=False,
+                          log_every=10, progress=False, seed=args.seed,
                           save_every=size.save_every, save_model=False, device="auto"),
         optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
                           weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**(VARIANTS[args.optim] or {}))),
@@ -102,7 +102,7 @@ def worker(args) -> None:
     if rank == 0:
         val = {s: sum(v.values()) / len(v) for s, v in res.val.items()}
         tokens = size.steps * size.global_batch * size.seq_len
-        out = {"optim": args.optim, "lr": args.lr, "replicas": R, "val_loss": val[max(val)],
+        out = {"optim": args.optim, "lr": args.lr, "replicas": R, "seed": args.seed, "val_loss": val[max(val)],
                "best_val_loss": min(val.values()), "best_step": min(val, key=val.get), "val_curve": val,
                "val_by_domain": res.val[max(res.val)], "train_curve": res.losses, "comm": res.comm,
                "tokens": tokens, "epochs": tokens / (size.train_chars * len(size.domains)), "wall_s": time.perf_counter() - t0,
@@ -126,13 +126,13 @@ def build_data(size: Size) -> None:
     build_streams(data_config(size), ByteTokenizer(), 1 << 30)
 
 
-def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: list[str]) -> dict:
-    name = f"{optim}-lr{lr:g}-R{R}"
+def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: list[str], seed: int = 0) -> dict:
+    name = f"{optim}-lr{lr:g}-R{R}" + (f"-s{seed}" if seed else "")
     result = work / f"{name}.json"
     if result.is_file():  # resumable: a finished run is not repeated
         return json.loads(result.read_text())
     # an unfinished attempt resumes from its last checkpoint (train.resume=auto), if it saved one
-    cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R),
+    cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R), "--seed", str(seed),
            "--run-dir", str(work / name), "--result", str(result), "--set", *overrides]
     if R > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={R}", *cmd]
@@ -146,8 +146,35 @@ def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: lis
     return json.loads(result.read_text())
 
 
+def over_seeds(runs: list[dict]) -> list[dict]:
+    """One record per (optimizer, lr): losses averaged over its seeds, the per-seed losses kept (``seeds``); the
+    curves and the rest are the first seed's."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["replicas"], r["optim"], r["lr"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: r.get("seed", 0))
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("val_loss", "best_val_loss")}
+        out.append({**rs[0], **mean, "seeds": {r.get("seed", 0): r["val_loss"] for r in rs}})
+    return out
+
+
+def paired_ratio(f: dict, a: dict) -> dict | None:
+    """FlexDeMo / AdamW per seed (same seed: same initial weights), its mean and 95% t-interval; None for 1 seed."""
+    seeds = sorted(set(f["seeds"]) & set(a["seeds"]))
+    if len(seeds) < 2:
+        return None
+    from flexmore.study.regression import t_quantile
+
+    ratios = [f["seeds"][s] / a["seeds"][s] for s in seeds]
+    n, mean = len(ratios), sum(ratios) / len(ratios)
+    half = t_quantile(0.975, n - 1) * (sum((x - mean) ** 2 for x in ratios) / (n - 1)) ** 0.5 / n ** 0.5
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "per_seed": dict(zip(map(str, seeds), ratios))}
+
+
 def summarise(runs: list[dict], R: int) -> dict:
-    mine = [r for r in runs if r["replicas"] == R]
+    mine = over_seeds([r for r in runs if r["replicas"] == R])
     names = [o for o in VARIANTS if any(r["optim"] == o for r in mine)]
     best = {o: min((r for r in mine if r["optim"] == o), key=lambda r: r["val_loss"]) for o in names}
     comm = best["flexdemo"]["comm"]
@@ -161,7 +188,8 @@ def summarise(runs: list[dict], R: int) -> dict:
     out = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
                "best_step": b["best_step"], "epochs": b["epochs"], "lr_at_sweep_edge": edge(o, b["lr"])}
            for o, b in best.items()}
-    out["ratio"] = best["flexdemo"]["val_loss"] / best["adamw"]["val_loss"]
+    out["ratio"] = best["flexdemo"]["val_loss"] / best["adamw"]["val_loss"]  # of the means over seeds
+    out["ratio_over_seeds"] = paired_ratio(best["flexdemo"], best["adamw"])
     out["ratio_best"] = best["flexdemo"]["best_val_loss"] / best["adamw"]["best_val_loss"]
     def sent_bytes(r: dict) -> float:
         c = r["comm"]
@@ -199,7 +227,10 @@ def table(by_r: dict) -> str:
                 lines.append(f"| {R} | | | {o} {v['lr']:g}{'*' if s[o]['lr_at_sweep_edge'] else ''} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
                              f"{v['ratio']:.3f} | {v.get('bytes_per_step', 0):,.0f} | | {comp} |")
     note = "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
-    return "\n".join(lines) + (note if any("*" in line for line in lines[2:]) else "")
+    seeds = [f"R = {R}: FlexDeMo / AdamW over {q['n']} seeds {q['mean']:.3f}, 95% CI [{q['ci95'][0]:.3f}, "
+             f"{q['ci95'][1]:.3f}]" for R, s in by_r.items() if (q := s.get("ratio_over_seeds"))]
+    return ("\n".join(lines) + (note if any("*" in line for line in lines[2:]) else "")
+            + ("\n\n" + "\n".join(seeds) if seeds else ""))
 
 
 def plot(runs: list[dict], by_r: dict, path: Path) -> None:
@@ -233,6 +264,9 @@ def main() -> None:
     ap.add_argument("--replicas", nargs="+", type=int, default=[1])
     ap.add_argument("--out", default="outputs/parity")
     ap.add_argument("--set", nargs="*", default=[], help="override Size fields, e.g. steps=50 (a smoke run)")
+    ap.add_argument("--seeds", type=int, default=1, help="initial weights per (optimizer, lr): losses are averaged, "
+                    "and the FlexDeMo / AdamW ratio gets a 95%% interval over seeds")
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (one GPU has room for several at small)")
     ap.add_argument("--lrs", nargs="*", default=[], metavar="OPTIM=LR,LR", help="override a sweep, e.g. adamw=1e-3")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -260,13 +294,13 @@ def main() -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     build_data(size)
-    plan = [(optim, lr, R) for R in args.replicas for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
-            for lr in size.lrs.get(optim, size.lrs["flexdemo"])]
+    plan = [(optim, lr, R, seed) for R in args.replicas for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
+            for lr in size.lrs.get(optim, size.lrs["flexdemo"]) for seed in range(args.seeds)]
 
     def one(job):
-        optim, lr, R = job
-        r = run_one(args.size, optim, lr, R, out / "runs", args.set)
-        print(f"R={R} {optim} lr {lr:g}: val {r['val_loss']:.4f} (best {r['best_val_loss']:.4f} at step "
+        optim, lr, R, seed = job
+        r = run_one(args.size, optim, lr, R, out / "runs", args.set, seed)
+        print(f"R={R} {optim} lr {lr:g} seed {seed}: val {r['val_loss']:.4f} (best {r['best_val_loss']:.4f} at step "
               f"{r['best_step']}), {r['epochs']:.2f} epochs, {r['wall_s']:.0f}s", flush=True)
         return {**r, "size": args.size}
 
