@@ -328,3 +328,33 @@ def test_comm_line_states_bytes_across_and_inside_nodes_and_the_compression():
     # a dense bf16 ring all-reduce of this rank's half: 2 (R-1)/R x 500,000 x 2 B = 1 MB, 100x the payload
     assert line.startswith("across nodes 0.010 MB (100.0x less than a dense bf16 all-reduce, 1.000 MB)"), line
     assert line.endswith("inside a node 4.000 MB"), line  # (S-1)/S x 1e6 x (2 gathers x 2 B + 4 B)
+
+
+@pytest.mark.parametrize("backend,bound", [("nccl", True), ("gloo", False)])
+def test_only_nccl_is_bound_to_the_gpu_at_init(monkeypatch, backend, bound):
+    """A gloo default group bound to a GPU makes DeviceMesh split it, and splitting gloo fails (its options cannot be
+    deep-copied): with parallel.backend=gloo on a GPU (ranks sharing one), the group is left unbound."""
+    import torch.distributed as dist
+
+    from flexmore.parallel import mesh
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(mesh.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mesh.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(mesh.torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Stop):
+        mesh.init_parallel(2, 1, backend, "auto")
+    assert seen["backend"] == backend
+    assert seen["device_id"] == (torch.device("cuda", 0) if bound else None)  # rank 1 shares GPU 0

@@ -79,7 +79,9 @@ def init_parallel(replicate: int | None, shard: int | None, backend: str, device
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"parallel.backend={backend!r}; allowed: auto, nccl, gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None,
+        # device_id binds NCCL to its GPU; a gloo group bound to one has its sub-groups made by split_group, which
+        # deep-copies gloo's options and fails (cannot pickle _Options): ranks sharing a GPU run on gloo unbound
+        dist.init_process_group(backend=backend, device_id=device if use_cuda and backend == "nccl" else None,
                                 timeout=timedelta(seconds=timeout_s))
     mesh = init_device_mesh(device.type, (R, S), mesh_dim_names=("replicate", "shard"))
     slow = None
