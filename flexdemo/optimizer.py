@@ -246,12 +246,12 @@ class FlexDeMo(torch.optim.Optimizer):
     def decode_apply(self, gathered: torch.Tensor) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
         indices, values = self.wire.unpack(gathered)  # (replicas, n) each, values a view of the gathered bytes
-        adam = self.cfg.base_step != "direct"  # a base step with moments: decode, then step (adam or lion)
+        stepped = self.cfg.base_step != "direct"  # a base step with moments (adam, lion): decode, then step
         for group, plan in zip(self.param_groups, self._groups):
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
             directions = []
             for table, ps in plan.tables:
-                if adam:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured
+                if stepped:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured
                     bufs = [torch.zeros_like(local_tensor(p), dtype=torch.float32) for p in ps]
                     targets = [b.view(lay.rows, lay.cols) for b, lay in zip(bufs, table.layouts)]
                     directions += list(zip(ps, bufs))
@@ -269,7 +269,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 if self.cfg.sign:
                     update = update.sign()
                 locals_ = [local_tensor(p) for p in plan.dense]
-                if adam:
+                if stepped:
                     directions += list(zip(plan.dense, _views_like(update, locals_)))
                 else:
                     flat = torch.cat([x.reshape(-1).float() for x in locals_])
