@@ -37,7 +37,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
             # fewer bytes: quantised values (codes + a bf16 scale per chunk, the error kept in the momentum), smaller k
             "flexdemo-q4": {"value_bits": 4}, "flexdemo-q2": {"value_bits": 2},
-            "flexdemo-k16-q4": {"topk": 16, "value_bits": 4}}
+            "flexdemo-k16-q4": {"topk": 16, "value_bits": 4},
+            # the embedding, lm_head and 1-D tensors at a multiple of the learning rate (an optim setting)
+            "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0}}
+OPTIM_KEYS = ("edge_lr_scale",)  # variant keys that are optim settings, not DeMoConfig fields
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ def worker(args) -> None:
     if size.global_batch % R:
         raise SystemExit(f"global batch {size.global_batch} does not split over {R} replicas")
     demo = VARIANTS[args.optim] is not None
+    variant = dict(VARIANTS[args.optim] or {})
+    optim_extra = {k: variant.pop(k) for k in OPTIM_KEYS if k in variant}
     cfg = Config(
         model=load_preset(size.model),
         data=data_config(size),
@@ -91,7 +96,7 @@ def worker(args) -> None:
                           log_every=10, progress=False, seed=args.seed,
                           save_every=size.save_every, save_model=False, device="auto"),
         optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
-                          weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**(VARIANTS[args.optim] or {}))),
+                          weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**variant), **optim_extra),
         parallel=ParallelConfig(replicate=R, shard=1),
         logging=LoggingConfig(mode="disabled"),
         run_dir=args.run_dir,

@@ -52,6 +52,7 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # <= 0: off
+    edge_lr_scale: float = 1.0  # the embedding, lm_head and 1-D tensors at this multiple of lr (1: one group)
     adamw: AdamWConfig = field(default_factory=AdamWConfig)
     demo: DeMoConfig = field(default_factory=DeMoConfig)
 
@@ -63,6 +64,8 @@ class OptimConfig:
         _need(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}; allowed: 'cosine', 'constant'")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _need(self.edge_lr_scale > 0 and math.isfinite(self.edge_lr_scale),
+              f"optim.edge_lr_scale={self.edge_lr_scale} must be a finite number > 0")
         _need(not (self.demo.overlap and STRATEGIES[self.name].dense_sync),
               f"optim.demo.overlap=true overlaps FlexDeMo's exchange, but optim.name={self.name!r} has none; use "
               "optim=flexdemo or demo, or optim.demo.overlap=false")

@@ -129,6 +129,7 @@ def test_fault_settings_fail_at_start_up(override, match):
     ("optim.demo.base_step=sgd", "optim.demo.base_step='sgd'; allowed: direct, adam, lion"),
     ("optim.adamw.betas=[0.9,1.5]", r"optim.adamw.betas=\[0.9, 1.5\]: two values in \[0, 1\)"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+    ("optim.edge_lr_scale=0", "optim.edge_lr_scale=0.0 must be a finite number > 0"),
     ("optim.demo.adam_betas=[0.9,1.0]", r"optim.demo.adam_betas=\[0.9, 1.0\]: two values in \[0, 1\)"),
     ("optim.demo.adam_eps=0", "optim.demo.adam_eps=0.0 must be > 0"),
 ])

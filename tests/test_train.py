@@ -118,3 +118,30 @@ def test_missing_and_empty_data_paths(tmp_path):
     cfg = tiny_config(tmp_path, data={"source": "shards", "paths": [str(tmp_path / "nowhere")]})
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         train(cfg)
+
+
+def test_edge_lr_scale_moves_the_embedding_lm_head_and_1d_tensors_by_that_multiple():
+    """optim.edge_lr_scale=0.3 with FlexDeMo's sign update: the embedding, lm_head and norms step 0.3 x lr per
+    element, every other matrix lr; at 1 the groups are the usual two."""
+    import dataclasses
+
+    from flexdemo import FlexDeMo
+    from flexmore.model import build_model, load_preset
+    from flexmore.train.optim import LRSchedule, param_groups
+
+    model = build_model(dataclasses.replace(load_preset("tiny"), vocab_size=320), seed=0)
+    assert len(param_groups(model, 0.1)) == 2
+    groups = param_groups(model, 0.0, edge_lr_scale=0.3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    edge = {names[id(p)] for g in groups if g.get("lr_scale") == 0.3 for p in g["params"]}
+    assert {"embed.weight", "lm_head.weight", "norm.weight"} <= edge and not any(".attn.q_proj" in n for n in edge)
+    opt = FlexDeMo(groups, lr=1.0, chunk=16, topk=256, kernels="torch")  # k = s*s: every coefficient sent
+    LRSchedule.apply(opt, 0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = (p.detach() - before[n]).abs()
+        want = 0.003 if n in edge else 0.01
+        assert torch.allclose(moved[moved > 0], torch.tensor(want), rtol=1e-3), n

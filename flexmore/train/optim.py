@@ -13,21 +13,29 @@ from flexmore.config import OptimConfig
 from flexmore.parallel.strategy import get_strategy
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on 2-D weights except the embedding table; none on norms and biases. Frozen tensors are left out."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, edge_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on 2-D weights except the embedding table; none on norms and biases. Frozen tensors are left out.
+    With ``edge_lr_scale`` != 1 the embedding, lm_head and 1-D tensors (which a sign update moves as far per step
+    as any matrix) are groups of their own at that multiple of the learning rate (``lr_scale``)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.startswith("embed.") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = p.ndim >= 2 and not name.startswith("embed.")
+        edge = edge_lr_scale != 1.0 and (p.ndim < 2 or name.startswith(("embed.", "lm_head.")))
+        groups.setdefault((decay, edge), []).append(p)
+    out = [{"params": groups.get((True, False), []), "weight_decay": weight_decay},
+           {"params": groups.get((False, False), []), "weight_decay": 0.0}]
+    out += [{"params": groups[(decay, True)], "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": edge_lr_scale} for decay in (True, False) if groups.get((decay, True))]
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, replicate_group=None,
                     link: LinkCap | None = None) -> torch.optim.Optimizer:
     """AdamW (fused on GPU), or FlexDeMo exchanging over ``replicate_group`` (through ``link``, if capped) for demo /
     flexdemo."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.edge_lr_scale)
     if get_strategy(cfg.name).dense_sync:  # HSDP: plain AdamW on the all-reduced gradients
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adamw.betas), eps=cfg.adamw.eps, fused=device.type == "cuda")
 
@@ -53,4 +61,4 @@ class LRSchedule:
     @staticmethod
     def apply(optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
