@@ -39,8 +39,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-q4": {"value_bits": 4}, "flexdemo-q2": {"value_bits": 2},
             "flexdemo-k16-q4": {"topk": 16, "value_bits": 4},
             # the embedding, lm_head and 1-D tensors at a multiple of the learning rate (an optim setting)
-            "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0}}
-OPTIM_KEYS = ("edge_lr_scale",)  # variant keys that are optim settings, not DeMoConfig fields
+            "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0},
+            # the schedule: cosine to 0 instead of to 0.1 x lr (a sign step moves every element by lr, noise or not)
+            "flexdemo-min0": {"min_lr_ratio": 0.0}}
+OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio")  # variant keys that are optim settings, not DeMoConfig fields
 
 
 @dataclass(frozen=True)
