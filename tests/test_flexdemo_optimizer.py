@@ -143,7 +143,7 @@ def test_single_worker_has_no_exchange_and_reports_no_replicate_traffic():
     assert opt.last_comm["compression"] >= 64
 
 
-def _delayed_reference_run(rank: int, group, steps: int, flush: bool):
+def _delayed_reference_run(rank: int, group, steps: int, flush: bool, link=None):
     """A naive one-step-delayed FlexDeMo, driven by hand from the plain optimizer's phases, next to the overlapped
     optimizer; both see the same gradients. Returns (overlapped params, reference params)."""
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def _delayed_reference_run(rank: int, group, steps: int, flush: bool):
     init = [torch.randn(s) for s in shapes]
     kw = dict(lr=0.05, beta=0.9, topk=3, chunk=4, weight_decay=0.1)
     ps_o, ps_r = [torch.nn.Parameter(t.clone()) for t in init], [torch.nn.Parameter(t.clone()) for t in init]
-    opt_o = FlexDeMo(ps_o, replicate_group=group, overlap=True, **kw)
+    opt_o = FlexDeMo(ps_o, replicate_group=group, overlap=True, link=link, **kw)
     opt_r = FlexDeMo(ps_r, replicate_group=group, **kw)
     gen = torch.Generator().manual_seed(100 + rank)  # each replica its own gradients
     previous = None
@@ -185,18 +185,22 @@ def test_overlap_applies_each_update_one_step_late(flush):
 def job_overlap_two_replicas() -> list:
     import torch.distributed as dist
 
+    from flexdemo.link import LinkCap
+
     dist.init_process_group("gloo")
-    over, ref = _delayed_reference_run(dist.get_rank(), dist.group.WORLD, 5, flush=True)
-    return [over, ref]
+    link = LinkCap(gbps=1.0, latency_ms=20.0)  # overlapped: the link's time is waited out when the update is used
+    over, ref = _delayed_reference_run(dist.get_rank(), dist.group.WORLD, 5, flush=True, link=link)
+    return [over, ref, link.collectives, link.seconds]
 
 
 def test_overlap_over_two_gloo_replicas_is_bit_identical_and_equals_the_delayed_reference():
     from distributed import run_distributed_test
 
     results = run_distributed_test(job_overlap_two_replicas, 2)
-    (over0, ref0), (over1, _) = results
+    (over0, ref0, collectives, seconds), (over1, *_) = results
     for a, b, c in zip(over0, over1, ref0):
         assert torch.equal(a, b) and torch.equal(a, c)
+    assert collectives == 5 and seconds >= 5 * 0.020  # every exchange went through the capped link, in full
 
 
 def test_overlap_with_a_strategy_without_exchange_is_refused():
