@@ -358,3 +358,25 @@ def test_only_nccl_is_bound_to_the_gpu_at_init(monkeypatch, backend, bound):
         mesh.init_parallel(2, 1, backend, "auto")
     assert seen["backend"] == backend
     assert seen["device_id"] == (torch.device("cuda", 0) if bound else None)  # rank 1 shares GPU 0
+
+
+def job_one_rank_per_node(tmp: str) -> dict:
+    """FlexDeMo on 2 nodes x 1 rank (no FSDP: nothing to shard) and DeMo over the same 2 ranks (every rank a
+    replica): the same algorithm on the same tensors."""
+    from flexmore.train.loop import train
+
+    tmp = Path(tmp)
+    flex = train(tiny_config(tmp / "F", optim=DEMO, train={"steps": 6},
+                             parallel=ParallelConfig(replicate=2, shard=1, replicate_backend="gloo")))
+    demo = train(tiny_config(tmp / "D", optim={**DEMO, "name": "demo"}, train={"steps": 6}))
+    return {"flex": _local(flex.model), "demo": _local(demo.model), "sharded": any(
+        hasattr(p, "full_tensor") for p in flex.model.parameters())}
+
+
+def test_flexdemo_with_one_rank_per_node_is_demo_over_those_ranks(tmp_path):
+    """A shard group of one rank holds nothing to shard, so FlexDeMo runs on plain tensors (no FSDP collective: the
+    way ranks that share one GPU can run on gloo alone), bit-identical to DeMo over the same ranks."""
+    for r in run_distributed_test(job_one_rank_per_node, 2, str(tmp_path), local_world_size=1):
+        assert not r["sharded"]
+        for n, p in r["demo"].items():
+            assert torch.equal(r["flex"][n], p), n

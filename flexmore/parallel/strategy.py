@@ -26,10 +26,14 @@ class Strategy:
 
     def fsdp_mesh(self, ctx):
         """The mesh FSDP shards over: none for DeMo; the 2-D mesh for HSDP unless its all-reduce goes over the slow
-        (gloo) group, where FSDP stays inside the node as it does for FlexDeMo."""
+        (gloo) group, where FSDP stays inside the node as it does for FlexDeMo; and none where that would be a
+        shard group of one rank (nothing to shard), so a run of one rank per node issues no collective from FSDP
+        (ranks that share one GPU can then run on gloo alone)."""
         if not ctx.distributed or self.every_rank_a_replica:
             return None
-        return ctx.mesh if self.dense_sync and ctx.slow_replicate is None else ctx.mesh["shard"]
+        if self.dense_sync and ctx.slow_replicate is None:
+            return ctx.mesh
+        return ctx.mesh["shard"] if ctx.shard > 1 else None
 
     def comm_per_step(self, numel: int, replicate: int, shard: int, param_bytes: int, reduce_bytes: int,
                       reshard_after_forward: bool, demo_comm: dict | None = None) -> dict[str, float]:
