@@ -200,6 +200,10 @@ def test_a_finished_run_hands_over_a_model_folder_and_own_checkpoints_convert(tm
     c = load_model(tmp_path / "c")
     assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), c.state_dict().values()))
     assert json.loads((tmp_path / "c" / "config.json").read_text())["model"]["d_model"] == m.cfg.d_model
+    # the length it was trained at goes along: from the checkpoint's meta, as from the run's own model folder
+    from flexmore.store.modeldir import trained_info
+
+    assert trained_info(tmp_path / "c") == trained_info(run) == {"seq_len": 32}
 
 
 @pytest.mark.parametrize("override, match", [

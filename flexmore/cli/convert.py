@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flexmore.store.modeldir import load_model, save_model_dir, trained_info
+from flexmore.store.modeldir import load_model, save_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         model = load_model(args.checkpoint, trust_checkpoint=True)
-        trained = trained_info(args.checkpoint)
-        out = save_model_dir(model, args.out, overwrite=args.overwrite, extra={"trained": trained} if trained else None)
+        out = save_model_dir(model, args.out, overwrite=args.overwrite, trained_from=args.checkpoint)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from flexmore.cli import TRUST_HELP
 from flexmore.experts.hf import export_hf, export_olmo2
 from flexmore.experts.merge import merge, opt_out
 from flexmore.model import count_params
-from flexmore.store.modeldir import load_model, save_model_dir, trained_info
+from flexmore.store.modeldir import load_model, save_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.hf:
             out = export_hf(model, args.out, overwrite=args.overwrite, bias=args.hf_bias)
         else:
-            trained = trained_info(args.merged or args.base)  # the experts train at the base's length
-            out = save_model_dir(model, args.out, overwrite=args.overwrite,
-                                 extra={"trained": trained} if trained else None)
+            out = save_model_dir(model, args.out, overwrite=args.overwrite,  # experts train at the base's length
+                                 trained_from=args.merged or args.base)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"flexmore-merge: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import torch
 from flexmore.cli import TRUST_HELP
 from flexmore.data import load_tokenizer
 from flexmore.experts.router import MAX_SEQS, TuneConfig, centroid_router, load_sample, tune_router
-from flexmore.store.modeldir import load_model, save_model_dir, trained_info
+from flexmore.store.modeldir import load_model, save_model_dir
 
 
 def parse_sample(text: str) -> tuple[str, str]:
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             info = {"router": {"method": "centroid", **centroid_router(model, samples, device)}}
         else:
             info = {"router": {"method": "tuned", "seq_len": args.seq_len, **tune_router(model, samples, tc, device)}}
-        trained = trained_info(args.merged)
-        out = save_model_dir(model.cpu(), args.out, overwrite=args.overwrite,
-                             extra={**info, "trained": trained} if trained else info)
+        out = save_model_dir(model.cpu(), args.out, overwrite=args.overwrite, extra=info, trained_from=args.merged)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"flexmore-tune-router: error: {e}", file=sys.stderr)
         return 2

@@ -28,13 +28,17 @@ class UntrustedCheckpoint(ValueError):
 
 
 def save_model_dir(model: FlexOlmo, out: str | Path, overwrite: bool = False, extra: dict | None = None,
-                   state: dict[str, torch.Tensor] | None = None) -> Path:
+                   state: dict[str, torch.Tensor] | None = None, trained_from: str | Path | None = None) -> Path:
     """``extra``: JSON-able provenance kept in config.json beside the model config (e.g. how its router was fitted).
-    ``state``: the full state dict when ``model`` holds only shards (gathered by the caller)."""
+    ``state``: the full state dict when ``model`` holds only shards (gathered by the caller). ``trained_from``: the
+    model folder or checkpoint whose recorded training (``trained_info``) this one carries over."""
+    trained = trained_info(trained_from) if trained_from is not None else {}
+    extra = {**(extra or {}), **({"trained": trained} if trained else {})}
+
     def write(tmp: Path) -> None:
         sd = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
         save_file(sd, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg), **(extra or {})}, indent=1))
+        (tmp / CONFIG).write_text(json.dumps({"model": dataclasses.asdict(model.cfg), **extra}, indent=1))
 
     return atomic_dir(Path(out), write, overwrite)
 
