@@ -77,6 +77,14 @@ class _Exchange:
         return self.gathered.to(self.device)
 
 
+def _descend(params: list, steps: list[torch.Tensor], lr: float, decay: float) -> None:
+    """p = p * decay - lr * step, in fp32, stored in p's dtype (the base steps' common last move)."""
+    locals_ = [local_tensor(p) for p in params]
+    updated = torch._foreach_mul([x.float() for x in locals_], decay)
+    torch._foreach_add_(updated, steps, alpha=-lr)
+    torch._foreach_copy_(locals_, updated)
+
+
 @dataclass
 class _GroupPlan:
     tables: list  # (ChunkTable, params) per parameter dtype
@@ -239,13 +247,13 @@ class FlexDeMo(torch.optim.Optimizer):
         started = time.perf_counter()
         work = _all_gather_flat(out, send, group=self.group, async_op=not wait)
         # a ring all-gather: R - 1 messages of one payload each
-        hold = None if self.link is None else ((self.replicas - 1) * send.numel(), self.replicas - 1, started)
-        return _Exchange(out.view(self.replicas, -1), work, payload.device, hold and (self.link, *hold))
+        hold = None if self.link is None else (self.link, (self.replicas - 1) * send.numel(), self.replicas - 1, started)
+        return _Exchange(out.view(self.replicas, -1), work, payload.device, hold)
 
     @torch.no_grad()
     def decode_apply(self, gathered: torch.Tensor) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
-        indices, values = self.wire.unpack(gathered)  # (replicas, n) each, values a view of the gathered bytes
+        indices, values = self.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
         stepped = self.cfg.base_step != "direct"  # a base step with moments (adam, lion): decode, then step
         for group, plan in zip(self.param_groups, self._groups):
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
@@ -286,10 +294,7 @@ class FlexDeMo(torch.optim.Optimizer):
         torch._foreach_add_(step, directions, alpha=1 - b1)
         torch._foreach_sign_(step)
         torch._foreach_lerp_(m, directions, 1 - b2)
-        locals_ = [local_tensor(p) for p in params]
-        updated = torch._foreach_mul([x.float() for x in locals_], decay)
-        torch._foreach_add_(updated, step, alpha=-lr)
-        torch._foreach_copy_(locals_, updated)
+        _descend(params, step, lr, decay)
 
     def _adam_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
         """p = p * decay - lr * m / (sqrt(v) + eps), with m, v the moving moments of the decoded directions."""
@@ -301,11 +306,7 @@ class FlexDeMo(torch.optim.Optimizer):
         torch._foreach_addcmul_(v, directions, directions, value=1 - b2)
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, self.cfg.adam_eps)
-        step = torch._foreach_div(m, denom)
-        locals_ = [local_tensor(p) for p in params]
-        updated = torch._foreach_mul([x.float() for x in locals_], decay)
-        torch._foreach_add_(updated, step, alpha=-lr)
-        torch._foreach_copy_(locals_, updated)
+        _descend(params, torch._foreach_div(m, denom), lr, decay)
 
     @torch.no_grad()
     def step(self, closure=None):
