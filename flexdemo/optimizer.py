@@ -247,7 +247,8 @@ class FlexDeMo(torch.optim.Optimizer):
         started = time.perf_counter()
         work = _all_gather_flat(out, send, group=self.group, async_op=not wait)
         # a ring all-gather: R - 1 messages of one payload each
-        hold = None if self.link is None else (self.link, (self.replicas - 1) * send.numel(), self.replicas - 1, started)
+        R = self.replicas
+        hold = None if self.link is None else (self.link, (R - 1) * send.numel(), R - 1, started)
         return _Exchange(out.view(self.replicas, -1), work, payload.device, hold)
 
     @torch.no_grad()
