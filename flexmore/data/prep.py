@@ -79,8 +79,7 @@ def read_texts(path: Path, field: str = "text") -> Iterator[str]:
 
         with pa.memory_map(str(path)) as f:
             table = pa.ipc.open_stream(f).read_all()
-        if field not in table.column_names:
-            raise KeyError(f"{path} has no column {field!r} (columns: {table.column_names}); set --field")
+        _need_column(path, field, table.column_names)
         yield from table.column(field).to_pylist()
     elif path.suffix == ".parquet":
         try:
@@ -92,6 +91,11 @@ def read_texts(path: Path, field: str = "text") -> Iterator[str]:
             yield text
     else:
         raise ValueError(f"unsupported input {path}")
+
+
+def _need_column(path: Path, field: str, columns: list[str]) -> None:
+    if field not in columns:
+        raise KeyError(f"{path} has no column {field!r} (columns: {columns}); set --field")
 
 
 def _hf_dataset_texts(path: Path, field: str) -> Iterator[str]:
@@ -107,8 +111,7 @@ def _hf_dataset_texts(path: Path, field: str) -> Iterator[str]:
             raise ValueError(f"{path} is a DatasetDict without a 'train' split (splits: {sorted(ds)}); name the "
                              f"split's folder, e.g. {path / sorted(ds)[0]}")
         ds = ds["train"]
-    if field not in ds.column_names:
-        raise KeyError(f"{path} has no column {field!r} (columns: {ds.column_names}); set --field")
+    _need_column(path, field, ds.column_names)
     for text in ds[field]:
         yield text
 

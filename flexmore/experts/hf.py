@@ -132,12 +132,9 @@ def export_hf(model: FlexOlmo, out: str | Path, layout: str = "fused", overwrite
             raise ValueError(f"layer {i} has a learned expert bias ({[round(v, 4) for v in b.tolist()]}); transformers' "
                              "FlexOlmo has none: export with bias='drop' (flexmore-merge --hf-bias drop) to write the "
                              "model without it")
-    st = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-          "lm_head.weight": sd["lm_head.weight"]}
+    st = _hf_shared_state(sd, cfg.n_layers)
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        for ours, theirs in SHARED.items():
-            st[p + theirs] = sd[f"blocks.{i}.{ours}"]
         weights = []
         with torch.no_grad():
             for e, ex in enumerate(block.ffn.experts):
@@ -169,16 +166,23 @@ def export_olmo2(model: FlexOlmo, out: str | Path, overwrite: bool = False) -> P
                          f"{cfg.expert_names}: export it as FlexOlmo (export_hf, flexmore-merge --hf) or opt the "
                          "others out first")
     sd = model.state_dict()
-    st = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-          "lm_head.weight": sd["lm_head.weight"]}
+    st = _hf_shared_state(sd, cfg.n_layers)
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        for ours, theirs in SHARED.items():
-            st[p + theirs] = sd[f"blocks.{i}.{ours}"]
         for proj in PROJECTIONS:
             st[p + f"mlp.{proj}.weight"] = sd[f"blocks.{i}.ffn.experts.0.{proj}.weight"]
     return _write_hf(out, st, {**_hf_config(cfg), "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2"},
                      overwrite)
+
+
+def _hf_shared_state(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Our state under transformers' names for what OLMo 2 and FlexOlmo share: embedding, norms, attention, head."""
+    st = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(n_layers):
+        for ours, theirs in SHARED.items():
+            st[f"model.layers.{i}.{theirs}"] = sd[f"blocks.{i}.{ours}"]
+    return st
 
 
 def _hf_config(cfg: ModelConfig) -> dict:
