@@ -8,7 +8,12 @@ Breakdown (median ms per step; the phases are separated by device synchronisatio
 fwd_bwd_compute (probe steps with gradient sync off), fsdp_comm (the same steps with sync on, minus compute: the
 intra-node reduce-scatter, plus HSDP's inter-node all-reduce when it runs inside FSDP), replicate_allreduce (HSDP over
 the slow link), encode / exchange / decode (FlexDeMo), optimizer (AdamW), step (the whole step as trained).
-``--slow-link`` sends the inter-node traffic over a gloo/TCP group through host memory (parallel.replicate_backend).
+``--slow-link`` sends the inter-node traffic over a gloo/TCP group through host memory (parallel.replicate_backend);
+``--link-gbps G [--link-latency-ms L]`` also caps it (parallel.link_gbps). ``--overlap``: FlexDeMo's one-step-stale
+exchange (optim.demo.overlap), timed as whole steps only. Several ranks on one GPU (R "nodes" of one rank each):
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_hsdp.py --strategy flexdemo --replicate 2 --shard 1 \
+        --backend gloo --link-gbps 10 --link-latency-ms 1 --model base
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexdemo import DeMoConfig, FlexDeMo, local_tensor  # noqa: E402
+from flexdemo.link import LinkCap  # noqa: E402
 from flexmore.config import OptimConfig  # noqa: E402
 from flexmore.data import ByteTokenizer, SequenceLoader, TokenStream, embedded_path  # noqa: E402
 from flexmore.model import count_params, load_preset  # noqa: E402
@@ -58,6 +64,11 @@ def main() -> None:
     ap.add_argument("--replicate", type=int, default=2)
     ap.add_argument("--shard", type=int, default=2)
     ap.add_argument("--slow-link", action="store_true")
+    ap.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
+                    help="the main group's; gloo lets several ranks share one GPU (with --shard 1)")
+    ap.add_argument("--link-gbps", type=float, default=None, help="cap the inter-node link (implies --slow-link)")
+    ap.add_argument("--link-latency-ms", type=float, default=0.0)
+    ap.add_argument("--overlap", action="store_true", help="FlexDeMo: the exchange one step stale, under compute")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--probe", type=int, default=3)
@@ -68,8 +79,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.overlap and args.strategy != "flexdemo":
+        raise SystemExit(f"--overlap with --strategy {args.strategy}: only flexdemo has an exchange to overlap")
+    link = LinkCap(args.link_gbps, args.link_latency_ms) if args.link_gbps is not None else None
+    args.slow_link = args.slow_link or link is not None
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ctx = init_parallel(args.replicate, args.shard, "auto", "auto",
+    ctx = init_parallel(args.replicate, args.shard, args.backend, "auto",
                         replicate_backend="gloo" if args.slow_link else "auto")
     dev = ctx.device
     mp = dev.type == "cuda"
@@ -82,8 +97,8 @@ def main() -> None:
     model = build_parallel_model(cfg, ctx, args.strategy, seed=0, mixed_precision=mp)
     ocfg = OptimConfig(name=args.strategy, lr=args.lr or (1e-3 if args.strategy == "adamw" else 4e-4),
                        weight_decay=0.0 if args.strategy == "flexdemo" else 0.1, warmup_steps=args.warmup,
-                       demo=DeMoConfig(topk=args.topk, chunk=args.chunk))
-    opt = build_optimizer(model, ocfg, dev, ctx.replicate_group)
+                       demo=DeMoConfig(topk=args.topk, chunk=args.chunk, overlap=args.overlap))
+    opt = build_optimizer(model, ocfg, dev, ctx.replicate_group, link=link)
     sched = LRSchedule(ocfg, args.steps + args.warmup)
     params = [p for p in model.parameters() if p.requires_grad]
     clock = Clock(dev)
@@ -93,7 +108,8 @@ def main() -> None:
 
     def fwd_bwd(sync: bool) -> torch.Tensor:
         x, y = loader.next_step()[0]
-        model.set_requires_gradient_sync(sync)
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP-wrapped (not with a shard group of one rank)
+            model.set_requires_gradient_sync(sync)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mp):
             out = model(x.to(dev), y.to(dev))
         out.loss.backward()
@@ -106,10 +122,10 @@ def main() -> None:
         loss = fwd_bwd(True)
         t1 = clock()
         if args.strategy == "adamw" and ctx.slow_replicate is not None:
-            allreduce_replicas(params, ctx.slow_replicate)
+            allreduce_replicas(params, ctx.slow_replicate, link)
         t2 = clock()
         clip_gradients(params, 1.0)
-        if isinstance(opt, FlexDeMo):
+        if isinstance(opt, FlexDeMo) and not args.overlap:
             a = clock()
             payload = opt.encode()
             b = clock()
@@ -139,7 +155,10 @@ def main() -> None:
         fwd_bwd(False)
         times["fwd_bwd_nosync"].append(clock() - t0)
         opt.zero_grad(set_to_none=True)
-    model.set_requires_gradient_sync(True)
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(True)
+    if isinstance(opt, FlexDeMo):
+        opt.flush()  # the update still in flight (overlap), so the replicas' hashes compare every update
 
     counts = count_params(model)
     tokens_per_step = args.micro_batch * args.seq_len * ctx.world
@@ -155,7 +174,9 @@ def main() -> None:
     dist.all_gather_object(hashes, digest)
     same = all(hashes[r] == hashes[r % ctx.shard] for r in range(ctx.world))
     fb, nosync = median(times["fwd_bwd"]), median(times["fwd_bwd_nosync"])
-    res = {"strategy": args.strategy, "slow_link": args.slow_link, "model": args.model, "params": counts.total,
+    res = {"strategy": args.strategy, "slow_link": args.slow_link, "link_gbps": args.link_gbps,
+           "link_latency_ms": args.link_latency_ms if link else None, "overlap": args.overlap,
+           "link_achieved_gbps": link.achieved_gbps if link else None, "model": args.model, "params": counts.total,
            "replicate": ctx.replicate, "shard": ctx.shard, "device": torch.cuda.get_device_name() if mp else "cpu",
            "date": time.strftime("%Y-%m-%d"), "tokens_per_s": tokens_per_step / (median(times["step"]) / 1e3),
            "ms": {"step": median(times["step"]), "fwd_bwd_compute": nosync, "fsdp_comm": fb - nosync,

@@ -32,7 +32,8 @@ def publish(tmp: Path, out: Path, overwrite: bool = False) -> Path:
 
 
 def atomic_dir(out: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` then publish tmp_dir as ``out``; on any error nothing appears at ``out``."""
+    """Run ``write(tmp_dir)`` then publish tmp_dir as ``out``; on any error nothing appears at ``out``. Without
+    ``overwrite``, an ``out`` that another process published meanwhile is kept (concurrent sweep shards)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite to replace it")
@@ -41,7 +42,7 @@ def atomic_dir(out: str | Path, write: Callable[[Path], None], overwrite: bool =
     tmp.mkdir()
     try:
         write(tmp)
-        publish(tmp, out, overwrite=True)
+        publish(tmp, out, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -6,7 +6,7 @@
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
 # training runs and sweep cells are not recomputed.
-# PARALLEL=1 trains the three experts at once (a GPU with room for three runs).
+# PARALLEL=1 trains the three experts at once, SHARDS=N runs the sweep in N processes (a GPU with room for them).
 set -euo pipefail
 source "$(dirname "$0")/python.sh"
 SIZE=${SIZE:-small}
@@ -33,7 +33,18 @@ if [ "${PARALLEL:-0}" = 1 ]; then
 else
   for domain in math facts code; do expert "$domain"; done
 fi
-"$PY" -m flexmore.cli.sweep --base "$OUT/base" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
-  --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" ${PARAM_BUDGET:+--budget $PARAM_BUDGET} \
-  --tune-steps "$TUNE_STEPS" \
-  --val-domains public code math facts --out "$OUT/sweep"
+sweep() {
+  "$PY" -u -m flexmore.cli.sweep --base "$OUT/base/model" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
+    --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" --tune-steps "$TUNE_STEPS" \
+    --val-domains public code math facts --out "$OUT/sweep" "$@"
+}
+if [ "${SHARDS:-1}" -gt 1 ]; then  # SHARDS=N: N sweep processes share the GPU, then one pass adds design (c)
+  pids=()
+  # CPU threads split between the shards: N processes of all-core OpenMP (the SVDs of extraction) thrash each other
+  threads=$(( $(nproc) / SHARDS )); [ "$threads" -ge 1 ] || threads=1
+  for ((i = 0; i < SHARDS; i++)); do
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} sweep --shard "$i/$SHARDS" > "$OUT/sweep-$i.log" 2>&1 & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "a sweep shard failed: see $OUT/sweep-*.log" >&2; exit 1; }; done
+fi
+sweep ${PARAM_BUDGET:+--budget $PARAM_BUDGET}

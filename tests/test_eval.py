@@ -23,7 +23,11 @@ class Scripted(torch.nn.Module):
         self.scripts = {tuple(tok.encode(p)): tok.encode(s) + [tok.eos_id] for p, s in scripts.items()}
         self.cfg = ModelConfig(vocab_size=320, max_seq_len=512)
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x, attention_mask=None, cache=None):
+        if cache is not None:  # greedy's KV cache: keep the tokens themselves, answer for the new positions only
+            full = x if getattr(cache, "ids", None) is None else torch.cat([cache.ids, x], 1)
+            cache.ids = full
+            return type("Out", (), {"logits": self.forward(full, attention_mask).logits[:, -x.shape[1]:]})()
         B, T = x.shape
         logits = torch.zeros(B, T, 320)
         for b in range(B):
@@ -136,6 +140,46 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     batched = greedy(model, tok, prompts, 12, torch.device("cpu"), batch_size=4)
     alone = [greedy(model, tok, [p], 12, torch.device("cpu"))[0] for p in prompts]
     assert batched == alone and any(batched)
+
+
+def test_cached_decoding_gives_the_logits_of_the_whole_sequence():
+    """Left-padded MoE batch: the prompt, then one token at a time through the KV cache, against one forward pass
+    over everything (the uncached reference); then greedy's text against decoding without a cache."""
+    import dataclasses
+
+    from flexmore.eval.generate import greedy
+    from flexmore.model import build_model, load_preset
+    from flexmore.model.layers import KVCache
+
+    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=320, num_experts=3, top_k=2)
+    model = build_model(cfg, seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 320, (3, 14), generator=g)
+    valid = torch.ones(3, 14, dtype=torch.bool)
+    valid[1, :5] = valid[2, :2] = False  # left padding
+    with torch.no_grad():
+        full = model(ids, attention_mask=valid).logits
+        cache = KVCache(cfg.n_layers)
+        parts = [model(ids[:, :8], attention_mask=valid[:, :8], cache=cache).logits]
+        for t in range(8, 14):
+            parts.append(model(ids[:, t : t + 1], attention_mask=valid[:, : t + 1], cache=cache).logits)
+    assert cache.length == 14
+    torch.testing.assert_close(torch.cat(parts, 1)[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+    @torch.no_grad()
+    def uncached(prompt: str, n: int) -> str:
+        x = torch.tensor([ByteTokenizer().encode(prompt)])
+        out = []
+        for _ in range(n):
+            t = int(model(x).logits[0, -1].argmax())
+            if t == ByteTokenizer().eos_id:
+                break
+            out.append(t)
+            x = torch.cat([x, torch.tensor([[t]])], 1)
+        return ByteTokenizer().decode(out)
+
+    prompts = ["Q: a", "Question: longer prompt here?", "xyz"]
+    assert greedy(model, ByteTokenizer(), prompts, 10, torch.device("cpu")) == [uncached(p, 10) for p in prompts]
 
 
 @pytest.mark.parametrize("name", ["math_mc", "facts_mc"])

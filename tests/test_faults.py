@@ -412,3 +412,29 @@ def test_eval_beyond_the_models_length_is_refused(tmp_path, capsys):
     base = tmp_path / "base" / "run"
     assert eval_cli.main(["--model", str(base), "--seq-len", "100000", "--out", str(tmp_path / "e")]) != 0
     assert "--seq-len 100000 is beyond the model's max_seq_len=256" in capsys.readouterr().err
+
+
+def test_a_bad_sweep_shard_fails_before_any_work_naming_it(tmp_path, capsys):
+    from flexmore.cli import sweep
+
+    assert sweep.main(["--base", str(tmp_path), "--experts", str(tmp_path), "--shard", "3/3",
+                       "--out", str(tmp_path / "s")]) == 2
+    assert "--shard '3/3': allowed I/N" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_folder_another_writer_published_first_is_kept_not_replaced(tmp_path):
+    """Two sweep shards extracting the same low-rank expert: the second writer's copy is dropped, the first stays."""
+    from flexmore.atomic import atomic_dir
+
+    out = tmp_path / "art"
+
+    def write_late(tmp):
+        (tmp / "who").write_text("second")
+        atomic_dir(out, lambda t: (t / "who").write_text("first"))  # the other writer finishes meanwhile
+
+    atomic_dir(out, write_late)
+    assert (out / "who").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary folder left behind
+    with pytest.raises(FileExistsError):
+        atomic_dir(out, lambda t: None)

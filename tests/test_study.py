@@ -94,12 +94,28 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     (tmp_path / "sweep" / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     sweep_mod.run_sweep(*args)
     assert calls == [last_cell]
+    # shards into one new folder: disjoint (a)/(b) cells that together are all of them, then one pass adds (c) only
+    sharded = (*args[:-1], tmp_path / "sharded")
+    done = []
+    for i in range(2):
+        calls.clear()
+        sweep_mod.run_sweep(*sharded, shard=(i, 2))
+        done.append(set(calls))
+    assert done[0] and done[1] and not done[0] & done[1]
+    assert done[0] | done[1] == {r["model"] for r in rows if r["design"] in ("a", "b")}
+    calls.clear()
+    again = sweep_mod.run_sweep(*sharded)
+    assert [c.split(":")[0] for c in calls] == ["c"]
+    key = lambda r: (r["model"], r["task"], r["metric"])  # noqa: E731
+    assert {key(r): r["score"] for r in again} == {key(r): r["score"] for r in rows}
+    with pytest.raises(ValueError, match="shard 2/2"):
+        sweep_mod.run_sweep(*sharded, shard=(2, 2))
 
 
 def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
     env = {**os.environ, "SIZE": "tiny", "OUT": str(tmp_path / "study"), "BASE_STEPS": "20", "EXPERT_STEPS": "6",
            "SEQ": "32", "MB": "4", "CHARS": "100000", "N": "2", "MAXEXP": "2", "VALB": "1", "PARAM_BUDGET": "20000",
-           "TUNE_STEPS": "10", "PARALLEL": "1", "PYTHON": sys.executable}  # not on PATH: the script finds it
+           "TUNE_STEPS": "10", "PARALLEL": "1", "SHARDS": "2", "PYTHON": sys.executable}  # not on PATH: the script finds it
     done = subprocess.run(["bash", str(REPO / "launch" / "study.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

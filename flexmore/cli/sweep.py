@@ -15,7 +15,7 @@ from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
-from flexmore.experts.artifact import read_manifest
+from flexmore.experts.artifact import base_hash, read_manifest
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model import count_params
 from flexmore.store.modeldir import check_trusted, is_checkpoint, load_model, save_model_dir
@@ -48,6 +48,22 @@ def budget_choice(rows: list[dict], budget: int, params_of) -> tuple[dict, int, 
     return allocate(options, budget)
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise ValueError(f"--shard {text!r}: allowed I/N with 0 <= I < N, e.g. 0/3")
+    return int(i), int(n)
+
+
+def base_model_dir(model, path: Path, trained_from: Path) -> Path:
+    """The base as a model folder, rewritten only when it is another model than the one there (shards share it)."""
+    if path.is_dir() and base_hash(load_model(path).state_dict()) == base_hash(model.state_dict()):
+        return path
+    return save_model_dir(model, path, overwrite=path.exists(), trained_from=trained_from)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexmore-sweep", description=__doc__)
     ap.add_argument("--base", required=True)
@@ -71,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="router tuning: each owner's sample (shard folder or embedded:DOMAIN); default "
                          "embedded:<the expert's domain>, and embedded:public for public")
     ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="evaluate only every N-th cell of designs (a) and (b), from the I-th; run N shards at once "
+                         "into one --out, then once without --shard for (c) and the report")
     ap.add_argument("--out", required=True)
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
     ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
@@ -78,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        shard = parse_shard(args.shard)
         base = check_trusted(args.base, args.trust_checkpoint)
         if is_checkpoint(base):  # your own checkpoint, trusted: read once, then as a model folder like any other
-            base = save_model_dir(load_model(base, trust_checkpoint=True), out / "base-model", overwrite=True)
+            base = base_model_dir(load_model(base, trust_checkpoint=True), out / "base-model", base)
         tasks = build_tasks(args.tasks, args.n)
         tok = load_tokenizer(args.tokenizer)
         val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)
@@ -98,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             fit = RouterFit({n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()},
                             TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss,
                                        drop=args.drop))
-        rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit)
+        rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit, shard=shard)
+        if shard is not None:
+            print(f"shard {args.shard}: {len(rows)} rows in {out / 'results.jsonl'}; run once without --shard for "
+                  "design (c) and the report")
+            return 0
         if args.budget:
 
             full = {read_manifest(p).name: Path(p) for p in args.experts}

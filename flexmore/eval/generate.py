@@ -1,4 +1,4 @@
-"""Greedy decoding and log-likelihoods with our model (no KV cache: the models evaluated here are small)."""
+"""Greedy decoding (with a KV cache) and log-likelihoods with our model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from flexmore.data.tokenizer import Tokenizer
+from flexmore.model.layers import KVCache
 
 
 @torch.no_grad()
@@ -34,11 +35,12 @@ def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: 
                              device=device)
         gen: list[list[int]] = [[] for _ in chunk]
         done = [False] * len(chunk)
+        cache, step_in = KVCache(model.cfg.n_layers), x  # the prompt once, then one token per step
         for _ in range(max_new_tokens):
-            if x.shape[1] >= limit:
+            if valid.shape[1] >= limit:
                 break
-            nxt = model(x, attention_mask=valid).logits[:, -1].argmax(-1)
-            x = torch.cat([x, nxt[:, None]], dim=1)
+            nxt = model(step_in, attention_mask=valid, cache=cache).logits[:, -1].argmax(-1)
+            step_in = nxt[:, None]
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
             for j, t in enumerate(nxt.tolist()):
                 if done[j]:

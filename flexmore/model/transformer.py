@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmore.model.config import ModelConfig
-from flexmore.model.layers import Attention, RMSNorm, rope_tables
+from flexmore.model.layers import Attention, KVCache, RMSNorm, rope_tables
 from flexmore.model.moe import MoEFFN
 
 
@@ -23,8 +23,8 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg, device=device)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
 
-    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None):
-        h = x + self.post_attention_norm(self.attn(x, cos, sin, mask))
+    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None, cache=None):
+        h = x + self.post_attention_norm(self.attn(x, cos, sin, mask, cache))
         f, aux = self.ffn(h, hold, route_targets, present)
         return h + self.post_ffn_norm(f), aux
 
@@ -83,32 +83,40 @@ class FlexOlmo(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, hold_rows: torch.Tensor | None = None,
-                route_targets: torch.Tensor | None = None, present_rows: torch.Tensor | None = None) -> ModelOutput:
+                route_targets: torch.Tensor | None = None, present_rows: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
         """``attention_mask`` (B, T), True on real tokens, for left-padded batches (generation): keys that are padding
         are masked out. RoPE is relative, so a left-padded row gives the logits it would give unpadded.
         ``hold_rows`` (B,) bool: rows on which the non-public experts are held fixed (only the router learns there).
         ``route_targets`` (B,) long: the expert each row belongs to (-1: none); adds ``route_loss_weight`` x the
         router's cross-entropy against it, averaged over layers.
         ``present_rows`` (B, E) bool: the experts each row may use; the others are routed as if opted out.
+        ``cache``: ``input_ids`` continue the sequences whose keys it holds (greedy decoding without recomputing
+        the prefix); ``attention_mask`` then covers the cached tokens and the new ones.
 
         ``aux`` holds the router losses and routing statistics averaged over layers, and per layer (L, E):
         ``layer_expert_prob`` (mean router probability) and ``layer_expert_topk`` (fraction of tokens routed)."""
         T = input_ids.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(input_ids)
         mask = None
-        if attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if attention_mask is not None or start:
+            keys = start + T
+            if attention_mask is None:
+                attention_mask = torch.ones(input_ids.shape[0], keys, dtype=torch.bool, device=x.device)
+            causal = torch.ones(keys, keys, dtype=torch.bool, device=x.device).tril()[start:]
+            own = torch.eye(keys, dtype=torch.bool, device=x.device)[start:]
             # pads still see themselves, so no row is fully masked (their outputs are never used)
-            mask = (causal & attention_mask[:, None, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
+            mask = (causal & attention_mask[:, None, None, :].bool()) | own
         hold = None if hold_rows is None else hold_rows.to(x.device).bool().repeat_interleave(T)
         targets = None if route_targets is None else route_targets.to(x.device).long().repeat_interleave(T)
         present = None if present_rows is None else present_rows.to(x.device).bool().repeat_interleave(T, dim=0)
         aux_layers: dict[str, list[torch.Tensor]] = {}
-        for block in self.blocks:
-            x, aux = block(x, cos, sin, mask, hold, targets, present)
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, cos, sin, mask, hold, targets, present, None if cache is None else (cache, i))
             for k, v in aux.items():
                 aux_layers.setdefault(k, []).append(v)
         logits = self.lm_head(self.norm(x))

@@ -42,9 +42,14 @@ class ResultStore:
         rows = [{**r, "_cell": cell} for r in rows]
         text = "".join(json.dumps(r, default=str) + "\n" for r in rows + [{"_cell": cell, "_done": True}])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        # one write() on an O_APPEND descriptor: concurrent sweep shards never interleave their lines
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            data = text.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {self.path} (disk full?)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.rows += rows
         self.done.add(cell)

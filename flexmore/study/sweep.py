@@ -3,6 +3,8 @@
 (b) the mixture of all experts at one uniform rank (each rank, and full size),
 (c) the mixture of every expert at its best rank from (a).
 Cells already in ``results.jsonl`` are not recomputed, and extracted experts are reused, so a crashed sweep resumes.
+Shards (``shard=(i, n)``) split the cells of (a) and (b) between processes sharing one output folder (one GPU holds
+several small evaluations at once); a last unsharded pass adds (c).
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def selection_score(rows: list[dict], domain: str) -> float:
 
 def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
               tokenizer: Tokenizer, device: torch.device, out: str | Path, fit: RouterFit | None = None,
-              log=print) -> list[dict]:
+              log=print, shard: tuple[int, int] | None = None) -> list[dict]:
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard {shard[0]}/{shard[1]}: allowed i/n with 0 <= i < n")
     out = Path(out)
     base_path = latest_checkpoint(base_path)
     base = load_model(base_path)
@@ -111,13 +115,16 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
         if rank == FULL:
             return e.path
         path = out / "lowrank" / f"{e.name}-r{rank}"
-        if not (path / "manifest.json").is_file():
-            save_lowrank(path, public, *load_artifact(e.path), cfg.n_layers, [rank], overwrite=True)
+        if not path.is_dir():  # published whole (atomic); a shard that finished it first is kept
+            save_lowrank(path, public, *load_artifact(e.path), cfg.n_layers, [rank])
         return path
+
+    order = iter(range(total))
 
     def cell(design: str, choice: dict[str, int | str]) -> None:
         key = cell_key(design, choice, fit)
-        if key in store.done:
+        mine = shard is None or next(order) % shard[1] == shard[0]
+        if key in store.done or not mine:
             return
         by_name = {e.name: e for e in experts}
         model = build_mixture(base_path, {n: artifact(by_name[n], r) for n, r in choice.items()}, fit, device)
@@ -138,8 +145,8 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
             cell("a", {e.name: r})
     for r in ranks + [FULL]:  # (b)
         cell("b", {e.name: r for e in experts})
-    best = best_ranks(store.rows, experts)  # (c)
-    cell("c", best)
+    if shard is None:  # (c) needs every (a) cell
+        cell("c", best_ranks(store.rows, experts))
     return store.rows
 
 
