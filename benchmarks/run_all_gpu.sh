@@ -38,11 +38,14 @@ step profile sh -c "$NCU -k regex:_encode_kernel python3 benchmarks/profile_kern
 step optstep python3 benchmarks/bench_optimizer_step.py --model base 1b --kernel-choice $G/kernels.json --out $G/optstep.json
 step e2e python3 benchmarks/check_triton_e2e.py --out $G/e2e.json
 step experts python3 benchmarks/bench_experts.py --size small --out $G/experts.json
-step study env SIZE=small OUT=outputs/study bash launch/study.sh
-tar czf $G/study.tgz --exclude=checkpoints --exclude=expert --exclude=lowrank outputs/study 2>/dev/null
+step study env SIZE=small PARALLEL=1 SHARDS=${SHARDS:-3} OUT=outputs/study bash launch/study.sh
+step slow_link python3 benchmarks/bench_slow_link.py --model base --links uncapped 10 1 --out $G/slow_link
+tar czf $G/study.tgz --exclude=checkpoints --exclude=expert --exclude=lowrank --exclude=model --exclude=base-model \
+  outputs/study 2>/dev/null
 cat $G/*.txt > $OUT/logs.txt 2>/dev/null
 cp $G/env.txt $OUT/
 [ -e $G/profile.txt ] && cp $G/profile.txt $OUT/
 for f in kernels optstep e2e experts; do [ -e $G/$f.json ] && cp $G/$f.json $OUT/; done
 [ -e $G/study.tgz ] && cp $G/study.tgz $OUT/
+[ -d $G/slow_link ] && cp -r $G/slow_link $OUT/
 ls $G

@@ -6,6 +6,7 @@ The 4-rank runs happen once (module fixture, one spawn) and each test below chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -380,3 +381,29 @@ def test_flexdemo_with_one_rank_per_node_is_demo_over_those_ranks(tmp_path):
         assert not r["sharded"]
         for n, p in r["demo"].items():
             assert torch.equal(r["flex"][n], p), n
+
+
+def test_the_slow_link_benchmark_times_the_link_and_keeps_the_numbers(tmp_path):
+    """bench_slow_link at `tiny` on CPU (2 "nodes" of one rank): a capped AdamW step lasts at least its all-reduce over
+    the link, FlexDeMo's numbers do not depend on the link, and the ratios are the rows' own."""
+    out = tmp_path / "sl"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_slow_link.py"), "--model", "tiny", "--links",
+                           "uncapped", "0.5", "--steps", "4", "--slow-steps", "3", "--warmup", "1", "--micro-batch",
+                           "2", "--seq-len", "64", "--chunk", "16", "--topk", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    rows = {r["name"]: r for r in s["rows"]}
+    assert set(rows) == {"adamw-uncapped", "flexdemo-uncapped", "adamw-0.5", "flexdemo-0.5",
+                         "flexdemo-uncapped-overlap", "flexdemo-0.5-overlap"}
+    assert all(r["replicas_bit_identical"] for r in rows.values())
+    a = rows["adamw-0.5"]
+    floor_ms = 1e3 * (2 * 1e-3 + a["inter_node_bytes_per_step"] * 8 / 0.5e9)  # 2 (R - 1) messages of 1 ms + bytes
+    assert a["ms"]["replicate_allreduce"] >= floor_ms and a["link_achieved_gbps"] <= 0.5
+    assert rows["flexdemo-0.5"]["inter_node_bytes_per_step"] * 10 < a["inter_node_bytes_per_step"]
+    assert rows["flexdemo-0.5"]["final_loss"] == rows["flexdemo-uncapped"]["final_loss"]
+    assert rows["flexdemo-0.5-overlap"]["final_loss"] == rows["flexdemo-uncapped-overlap"]["final_loss"]
+    q = s["ratios"]["flexdemo-0.5"]
+    assert q["tokens_per_s_ratio"] == rows["flexdemo-0.5"]["tokens_per_s"] / a["tokens_per_s"]
+    assert q["final_loss_ratio"] == rows["flexdemo-0.5"]["final_loss"] / rows["adamw-uncapped"]["final_loss"]
+    assert q["bound"] > 1 and "flexdemo-0.5-overlap" in (out / "table.md").read_text()
