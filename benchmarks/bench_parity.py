@@ -33,6 +33,9 @@ DOMAINS = ["public", "code", "math", "facts"]
 VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"},
             "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
             "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096},  # diagnostics: less compression
+            # a check of the machinery: everything sent, no momentum, fp32 values: Adam (no weight decay, no bias
+            # correction) on the gradient itself, through the DCT and back
+            "flexdemo+adam-all": {"base_step": "adam", "sign": False, "topk": 4096, "beta": 0.0, "value_dtype": "fp32"},
             "flexdemo-b0.99": {"beta": 0.99}, "flexdemo-b0.9": {"beta": 0.9},
             "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
             # fewer bytes: quantised values (codes + a bf16 scale per chunk, the error kept in the momentum), smaller k
@@ -41,8 +44,11 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # the embedding, lm_head and 1-D tensors at a multiple of the learning rate (an optim setting)
             "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0},
             # the schedule: cosine to 0 instead of to 0.1 x lr (a sign step moves every element by lr, noise or not)
-            "flexdemo-min0": {"min_lr_ratio": 0.0}}
-OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio")  # variant keys that are optim settings, not DeMoConfig fields
+            "flexdemo-min0": {"min_lr_ratio": 0.0},
+            # decoupled weight decay (p *= 1 - lr * wd; DeMo's default is none; AdamW's here is 0.1), and AdamW without
+            "flexdemo-wd0.1": {"weight_decay": 0.1}, "flexdemo-wd1": {"weight_decay": 1.0},
+            "adamw-wd0": {"weight_decay": 0.0}}
+OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,9 @@ def worker(args) -> None:
     R = args.replicas[0]
     if size.global_batch % R:
         raise SystemExit(f"global batch {size.global_batch} does not split over {R} replicas")
-    demo = VARIANTS[args.optim] is not None
+    demo = args.optim.startswith("flexdemo")
     variant = dict(VARIANTS[args.optim] or {})
-    optim_extra = {k: variant.pop(k) for k in OPTIM_KEYS if k in variant}
+    optim_extra = {"weight_decay": 0.0 if demo else 0.1, **{k: variant.pop(k) for k in OPTIM_KEYS if k in variant}}
     cfg = Config(
         model=load_preset(size.model),
         data=data_config(size),
@@ -98,7 +104,7 @@ def worker(args) -> None:
                           log_every=10, progress=False, seed=args.seed,
                           save_every=size.save_every, save_model=False, device="auto"),
         optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
-                          weight_decay=0.0 if demo else 0.1, demo=DeMoConfig(**variant), **optim_extra),
+                          demo=DeMoConfig(**variant), **optim_extra),
         parallel=ParallelConfig(replicate=R, shard=1),
         logging=LoggingConfig(mode="disabled"),
         run_dir=args.run_dir,
@@ -302,7 +308,8 @@ def main() -> None:
     t0 = time.perf_counter()
     build_data(size)
     plan = [(optim, lr, R, seed) for R in args.replicas for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
-            for lr in size.lrs.get(optim, size.lrs["flexdemo"]) for seed in range(args.seeds)]
+            for lr in size.lrs.get(optim, size.lrs["flexdemo" if optim.startswith("flexdemo") else "adamw"])
+            for seed in range(args.seeds)]
 
     def one(job):
         optim, lr, R, seed = job
