@@ -47,7 +47,8 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-min0": {"min_lr_ratio": 0.0},
             # decoupled weight decay (p *= 1 - lr * wd; DeMo's default is none; AdamW's here is 0.1), and AdamW without
             "flexdemo-wd0.1": {"weight_decay": 0.1}, "flexdemo-wd1": {"weight_decay": 1.0},
-            "adamw-wd0": {"weight_decay": 0.0}}
+            "adamw-wd0": {"weight_decay": 0.0},
+            "flexdemo-raw": {"sign": False}}  # the decoded momentum itself, unsigned (SGD-like on its top-k)
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 
