@@ -36,23 +36,25 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def extract_lowrank(public: dict[str, torch.Tensor], expert: dict[str, torch.Tensor], n_layers: int,
-                    ranks: list[int]) -> tuple[dict[str, torch.Tensor], list[str], list[RankReport]]:
+                    ranks: list[int], device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[str],
+                                                                                  list[RankReport]]:
     """Artifact tensors of a rank-[g, u, d] low-rank expert from a full expert's tensors.
 
     ``public`` maps ``layers.{i}.{proj}.weight`` to the public FFN's weights; ``expert`` holds the full expert's
-    artifact tensors. Returns (tensors, projections stored dense, report rows).
+    artifact tensors. Returns (tensors, projections stored dense, report rows), on the CPU. ``device``: where the
+    SVDs run (a GPU's float64 keeps them off the CPU, which concurrent sweep shards share).
     """
     ranks = Ranks.of(ranks).as_list()
     out, report, dense_names = {}, [], set()
     for i in range(n_layers):
         for name, r in zip(PROJECTIONS, ranks):
             key = f"layers.{i}.{name}.weight"
-            w_pub, w_exp = public[key].float(), expert[key].float()
+            w_pub, w_exp = public[key].float().to(device), expert[key].float().to(device)
             delta = w_exp - w_pub
             out_f, in_f = delta.shape
             total = float((delta.double() ** 2).sum())
             if r >= min(out_f, in_f):
-                out[key] = w_exp.clone()  # exact: no SVD
+                out[key] = w_exp.cpu().clone()  # exact: no SVD
                 report.append(RankReport(i, name, r, 1.0, 0.0, True))
                 dense_names.add(name)
                 continue
@@ -61,10 +63,10 @@ def extract_lowrank(public: dict[str, torch.Tensor], expert: dict[str, torch.Ten
             err = float(torch.linalg.norm(delta.double() - b.double() @ a.double()) / max(total, 1e-300) ** 0.5) if total > 0 else 0.0
             dense = stored_dense(r, out_f, in_f)
             if dense:
-                out[key] = w_pub + b @ a
+                out[key] = (w_pub + b @ a).cpu()
                 dense_names.add(name)
             else:
-                out[f"layers.{i}.{name}.A"], out[f"layers.{i}.{name}.B"] = a.contiguous(), b.contiguous()
+                out[f"layers.{i}.{name}.A"], out[f"layers.{i}.{name}.B"] = a.cpu().contiguous(), b.cpu().contiguous()
             report.append(RankReport(i, name, r, energy, err, dense))
     for k, v in expert.items():  # router row, bias, public row: unchanged
         if not any(f".{p}." in k for p in PROJECTIONS):
@@ -74,12 +76,13 @@ def extract_lowrank(public: dict[str, torch.Tensor], expert: dict[str, torch.Ten
 
 def save_lowrank(out: str | Path, public: dict[str, torch.Tensor], expert: dict[str, torch.Tensor],
                  manifest: ExpertManifest, n_layers: int, ranks: list[int],
-                 overwrite: bool = False) -> tuple[Path, ExpertManifest, list[RankReport]]:
+                 overwrite: bool = False, device: torch.device | str = "cpu") -> tuple[Path, ExpertManifest,
+                                                                                       list[RankReport]]:
     """Extract a full expert at ``ranks`` and write it as the artifact ``out`` (named after the folder): the one place a
     low-rank artifact's manifest is made (provenance copied from the full expert's, the mean retained energy added).
     Returns (folder, manifest, report rows)."""
     out = Path(out)
-    tensors, dense, report = extract_lowrank(public, expert, n_layers, ranks)
+    tensors, dense, report = extract_lowrank(public, expert, n_layers, ranks, device)
     man = dataclasses.replace(
         manifest, name=out.name, kind="lowrank", ranks=Ranks.of(ranks).as_list(), dense_projections=dense,
         params=sum(v.numel() for k, v in tensors.items() if not k.endswith("router_public")),

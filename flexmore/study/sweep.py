@@ -116,7 +116,7 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
             return e.path
         path = out / "lowrank" / f"{e.name}-r{rank}"
         if not path.is_dir():  # published whole (atomic); a shard that finished it first is kept
-            save_lowrank(path, public, *load_artifact(e.path), cfg.n_layers, [rank])
+            save_lowrank(path, public, *load_artifact(e.path), cfg.n_layers, [rank], device=device)
         return path
 
     order = iter(range(total))
