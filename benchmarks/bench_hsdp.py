@@ -106,10 +106,12 @@ def main() -> None:
                                                      "decode", "optimizer", "fwd_bwd_nosync")}
     losses = []
 
+    # FSDP's switch; a model without FSDP (a shard group of one rank) has no intra-node reduction to switch off
+    set_gradient_sync = getattr(model, "set_requires_gradient_sync", lambda sync: None)
+
     def fwd_bwd(sync: bool) -> torch.Tensor:
         x, y = loader.next_step()[0]
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP-wrapped (not with a shard group of one rank)
-            model.set_requires_gradient_sync(sync)
+        set_gradient_sync(sync)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mp):
             out = model(x.to(dev), y.to(dev))
         out.loss.backward()
@@ -155,8 +157,7 @@ def main() -> None:
         fwd_bwd(False)
         times["fwd_bwd_nosync"].append(clock() - t0)
         opt.zero_grad(set_to_none=True)
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(True)
+    set_gradient_sync(True)
     if isinstance(opt, FlexDeMo):
         opt.flush()  # the update still in flight (overlap), so the replicas' hashes compare every update
 
