@@ -13,7 +13,7 @@ the slow link), encode / exchange / decode (FlexDeMo), optimizer (AdamW), step (
 exchange (optim.demo.overlap), timed as whole steps only. Several ranks on one GPU (R "nodes" of one rank each):
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_hsdp.py --strategy flexdemo --replicate 2 --shard 1 \
-        --backend gloo --link-gbps 10 --link-latency-ms 1 --model base
+        --link-gbps 10 --link-latency-ms 1 --model base
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=2)
     ap.add_argument("--slow-link", action="store_true")
     ap.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
-                    help="the main group's; gloo lets several ranks share one GPU (with --shard 1)")
+                    help="the main group's (auto: gloo when ranks outnumber GPUs, so several share one with --shard 1)")
     ap.add_argument("--link-gbps", type=float, default=None, help="cap the inter-node link (implies --slow-link)")
     ap.add_argument("--link-latency-ms", type=float, default=0.0)
     ap.add_argument("--overlap", action="store_true", help="FlexDeMo: the exchange one step stale, under compute")

@@ -106,9 +106,7 @@ def worker(args) -> None:
                           save_every=size.save_every, save_model=False, device="auto"),
         optim=OptimConfig(name="flexdemo" if demo else "adamw", lr=args.lr, warmup_steps=size.warmup,
                           demo=DeMoConfig(**variant), **optim_extra),
-        # more replicas than GPUs: the ranks share them over gloo, HSDP's all-reduce too (through host memory), so
-        # no FSDP collective runs on a shared GPU
-        parallel=ParallelConfig(replicate=R, shard=1, **shared_gpu_parallel(R)),
+        parallel=ParallelConfig(replicate=R, shard=1),  # more replicas than GPUs: gloo (parallel.backend=auto)
         logging=LoggingConfig(mode="disabled"),
         run_dir=args.run_dir,
     )
@@ -126,14 +124,6 @@ def worker(args) -> None:
                "params": count_params(res.model).total,
                "settings": dataclasses.asdict(cfg.optim)}
         Path(args.result).write_text(json.dumps(out, default=str))
-
-
-def shared_gpu_parallel(R: int) -> dict:
-    import torch
-
-    if torch.cuda.is_available() and R > torch.cuda.device_count():
-        return {"backend": "gloo", "replicate_backend": "gloo"}
-    return {}
 
 
 def data_config(size: Size):

@@ -1,8 +1,8 @@
 """FlexDeMo against HSDP AdamW over an inter-node link of chosen bandwidth: one `bench_hsdp.py` run per (strategy,
 link, overlap), then the table of tokens/s ratios beside a bound computed from the same runs' phase times and bytes.
 
-R "nodes" of one rank each share one GPU (the main group on gloo, no FSDP in a shard group of one rank), so the
-comparison runs on a single GPU; on a CPU it runs at `tiny` (the test suite does). The link is emulated
+R "nodes" of one rank each share one GPU (the process groups on gloo, picked by parallel.backend=auto; no FSDP in a
+shard group of one rank), so the comparison runs on a single GPU; on a CPU it runs at `tiny` (the test suite does). The link is emulated
 (`parallel.link_gbps`: each inter-node collective lasts at least latency + bytes / bandwidth).
 
     python benchmarks/bench_slow_link.py --model base --links uncapped 10 1 --out $OUT/slow_link     # one GPU
@@ -103,8 +103,8 @@ def main() -> int:
     ap.add_argument("--links", nargs="+", default=["uncapped", "10", "1"], help="Gbit/s, or 'uncapped' (gloo)")
     ap.add_argument("--latency-ms", type=float, default=1.0)
     ap.add_argument("--no-overlap", action="store_true", help="skip FlexDeMo's overlapped rows")
-    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl", "auto"],
-                    help="the main group's: gloo lets the R ranks share one GPU")
+    ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                    help="the main group's (auto: gloo when the R ranks share fewer GPUs, else NCCL)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--slow-steps", type=int, default=8, help="AdamW's steps on links under 5 Gbit/s (seconds each)")
     ap.add_argument("--warmup", type=int, default=3)

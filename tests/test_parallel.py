@@ -331,10 +331,12 @@ def test_comm_line_states_bytes_across_and_inside_nodes_and_the_compression():
     assert line.endswith("inside a node 4.000 MB"), line  # (S-1)/S x 1e6 x (2 gathers x 2 B + 4 B)
 
 
-@pytest.mark.parametrize("backend,bound", [("nccl", True), ("gloo", False)])
-def test_only_nccl_is_bound_to_the_gpu_at_init(monkeypatch, backend, bound):
+@pytest.mark.parametrize("backend,gpus,chosen,bound", [("nccl", 1, "nccl", True), ("gloo", 1, "gloo", False),
+                                                       ("auto", 1, "gloo", False), ("auto", 2, "nccl", True)])
+def test_only_nccl_is_bound_to_the_gpu_at_init(monkeypatch, backend, gpus, chosen, bound):
     """A gloo default group bound to a GPU makes DeviceMesh split it, and splitting gloo fails (its options cannot be
-    deep-copied): with parallel.backend=gloo on a GPU (ranks sharing one), the group is left unbound."""
+    deep-copied): with parallel.backend=gloo on a GPU (ranks sharing one), the group is left unbound. ``auto`` picks
+    gloo when the host has more ranks than GPUs (NCCL refuses two ranks on one GPU), NCCL otherwise."""
     import torch.distributed as dist
 
     from flexmore.parallel import mesh
@@ -349,7 +351,7 @@ def test_only_nccl_is_bound_to_the_gpu_at_init(monkeypatch, backend, bound):
         raise Stop
 
     monkeypatch.setattr(mesh.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(mesh.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(mesh.torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(mesh.torch.cuda, "set_device", lambda d: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", fake_init)
@@ -357,8 +359,32 @@ def test_only_nccl_is_bound_to_the_gpu_at_init(monkeypatch, backend, bound):
         monkeypatch.setenv(k, v)
     with pytest.raises(Stop):
         mesh.init_parallel(2, 1, backend, "auto")
-    assert seen["backend"] == backend
-    assert seen["device_id"] == (torch.device("cuda", 0) if bound else None)  # rank 1 shares GPU 0
+    assert seen["backend"] == chosen
+    assert seen["device_id"] == (torch.device("cuda", 1 % gpus) if bound else None)  # with 1 GPU, rank 1 shares it
+
+
+@pytest.mark.parametrize("gpus,slow", [(1, True), (2, False)])
+def test_ranks_sharing_a_gpu_send_hsdp_traffic_through_host_memory(monkeypatch, capsys, gpus, slow):
+    """With more ranks than GPUs and everything on auto, the replicate group is the gloo one (HSDP's all-reduce done
+    explicitly, so no FSDP collective runs on the shared GPU), and rank 0 says why."""
+    import torch.distributed as dist
+
+    from flexmore.parallel import mesh
+
+    groups = []
+    monkeypatch.setattr(mesh.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mesh.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(mesh.torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: None)
+    monkeypatch.setattr(mesh, "init_device_mesh", lambda *a, **kw: "mesh")
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: groups.append((ranks, kw["backend"])) or ("group", ranks))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    ctx = mesh.init_parallel(2, 1, "auto", "auto")
+    assert (ctx.slow_replicate == ("group", [0, 1])) == slow
+    assert groups == ([([0, 1], "gloo")] if slow else [])
+    assert ("2 ranks share 1 GPU(s)" in capsys.readouterr().out) == slow
 
 
 def job_one_rank_per_node(tmp: str) -> dict:

@@ -74,8 +74,15 @@ def init_parallel(replicate: int | None, shard: int | None, backend: str, device
         torch.cuda.set_device(device)
     if world == 1:
         return ParallelContext(1, 0, 0, 1, 1, device, None)
+    # more ranks on this host than GPUs (R "nodes" sharing one): NCCL refuses two ranks on one GPU, gloo does not
+    shared = use_cuda and local_world > torch.cuda.device_count()
     if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
+        backend = "nccl" if use_cuda and not shared else "gloo"
+        if shared and rank == 0:
+            print(f"parallel: {local_world} ranks share {torch.cuda.device_count()} GPU(s): the process groups run on "
+                  "gloo (parallel.backend=auto)", flush=True)
+    if replicate_backend == "auto" and shared and backend == "gloo":
+        replicate_backend = "gloo"  # HSDP's all-reduce through host memory too: no FSDP collective on a shared GPU
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"parallel.backend={backend!r}; allowed: auto, nccl, gloo")
     if not dist.is_initialized():
