@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from flexdemo.link import LinkCap  # noqa: E402
 
 
 def row_name(strategy: str, link: str, overlap: bool) -> str:
     return f"{strategy}-{link}" + ("-overlap" if overlap else "")
-
-
-def link_seconds(nbytes: float, messages: int, gbps: float, latency_ms: float) -> float:
-    return messages * latency_ms / 1e3 + nbytes * 8 / (gbps * 1e9)
 
 
 def bound(rows: dict, gbps: float, latency_ms: float, R: int) -> float | None:
@@ -39,11 +38,11 @@ def bound(rows: dict, gbps: float, latency_ms: float, R: int) -> float | None:
     a, f = rows.get(row_name("adamw", "uncapped", False)), rows.get(row_name("flexdemo", "uncapped", False))
     if a is None or f is None:
         return None
-    ms_a, ms_f = a["ms"], f["ms"]
-    t_a = (ms_a["fwd_bwd_compute"] + ms_a["optimizer"]) / 1e3 + link_seconds(
-        a["bytes"]["comm/replicate_sent_bytes"], 2 * (R - 1), gbps, latency_ms)
-    t_f = (ms_f["fwd_bwd_compute"] + ms_f["encode"] + ms_f["decode"]) / 1e3 + link_seconds(
-        f["bytes"]["comm/replicate_sent_bytes"], R - 1, gbps, latency_ms)
+    ms_a, ms_f, link = a["ms"], f["ms"], LinkCap(gbps, latency_ms)  # the time the emulation holds a collective for
+    t_a = (ms_a["fwd_bwd_compute"] + ms_a["optimizer"]) / 1e3 + link.seconds_for(
+        a["bytes"]["comm/replicate_sent_bytes"], 2 * (R - 1))
+    t_f = (ms_f["fwd_bwd_compute"] + ms_f["encode"] + ms_f["decode"]) / 1e3 + link.seconds_for(
+        f["bytes"]["comm/replicate_sent_bytes"], R - 1)
     return t_a / t_f
 
 
