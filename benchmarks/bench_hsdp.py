@@ -9,8 +9,8 @@ fwd_bwd_compute (probe steps with gradient sync off), fsdp_comm (the same steps 
 intra-node reduce-scatter, plus HSDP's inter-node all-reduce when it runs inside FSDP), replicate_allreduce (HSDP over
 the slow link), encode / exchange / decode (FlexDeMo), optimizer (AdamW), step (the whole step as trained).
 ``--slow-link`` sends the inter-node traffic over a gloo/TCP group through host memory (parallel.replicate_backend);
-``--link-gbps G [--link-latency-ms L]`` also caps it (parallel.link_gbps). ``--overlap``: FlexDeMo's one-step-stale
-exchange (optim.demo.overlap), timed as whole steps only. Several ranks on one GPU (R "nodes" of one rank each):
+``--link-gbps G [--link-latency-ms L]`` also caps it (parallel.link_gbps). ``--overlap stale|layerwise``: FlexDeMo's
+exchange under compute (optim.demo.overlap), timed as whole steps only. Several ranks on one GPU (R "nodes" of one rank each):
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_hsdp.py --strategy flexdemo --replicate 2 --shard 1 \
         --link-gbps 10 --link-latency-ms 1 --model base
@@ -68,7 +68,8 @@ def main() -> None:
                     help="the main group's (auto: gloo when ranks outnumber GPUs, so several share one with --shard 1)")
     ap.add_argument("--link-gbps", type=float, default=None, help="cap the inter-node link (implies --slow-link)")
     ap.add_argument("--link-latency-ms", type=float, default=0.0)
-    ap.add_argument("--overlap", action="store_true", help="FlexDeMo: the exchange one step stale, under compute")
+    ap.add_argument("--overlap", default="off", choices=["off", "stale", "layerwise"],
+                    help="FlexDeMo's exchange under compute: one step stale, or per layer before its next forward")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--probe", type=int, default=3)
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.overlap and args.strategy != "flexdemo":
+    if args.overlap != "off" and args.strategy != "flexdemo":
         raise SystemExit(f"--overlap with --strategy {args.strategy}: only flexdemo has an exchange to overlap")
     link = LinkCap(args.link_gbps, args.link_latency_ms) if args.link_gbps is not None else None
     args.slow_link = args.slow_link or link is not None
@@ -127,7 +128,7 @@ def main() -> None:
             allreduce_replicas(params, ctx.slow_replicate, link)
         t2 = clock()
         clip_gradients(params, 1.0)
-        if isinstance(opt, FlexDeMo) and not args.overlap:
+        if isinstance(opt, FlexDeMo) and args.overlap == "off":
             a = clock()
             payload = opt.encode()
             b = clock()

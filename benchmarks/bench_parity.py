@@ -48,7 +48,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # decoupled weight decay (p *= 1 - lr * wd; DeMo's default is none; AdamW's here is 0.1), and AdamW without
             "flexdemo-wd0.1": {"weight_decay": 0.1}, "flexdemo-wd1": {"weight_decay": 1.0},
             "adamw-wd0": {"weight_decay": 0.0},
-            "flexdemo-raw": {"sign": False}}  # the decoded momentum itself, unsigned (SGD-like on its top-k)
+            "flexdemo-raw": {"sign": False},  # the decoded momentum itself, unsigned (SGD-like on its top-k)
+            # the exchange overlapped with the next step's compute: each update applied one step late, or each
+            # layer's just before its next forward (the numbers of no overlap)
+            "flexdemo-overlap": {"overlap": "stale"}, "flexdemo-layerwise": {"overlap": "layerwise"}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -28,14 +28,16 @@ sys.path.insert(0, str(HERE.parent))
 
 from flexdemo.link import LinkCap  # noqa: E402
 
+OVERLAP_SUFFIX = {"off": "", "stale": "-overlap", "layerwise": "-layerwise"}
 
-def row_name(strategy: str, link: str, overlap: bool) -> str:
-    return f"{strategy}-{link}" + ("-overlap" if overlap else "")
+
+def row_name(strategy: str, link: str, overlap: str) -> str:
+    return f"{strategy}-{link}{OVERLAP_SUFFIX[overlap]}"
 
 
 def bound(rows: dict, gbps: float, latency_ms: float, R: int) -> float | None:
     """Predicted tokens/s FlexDeMo / AdamW at this link, from the uncapped runs (no overlap)."""
-    a, f = rows.get(row_name("adamw", "uncapped", False)), rows.get(row_name("flexdemo", "uncapped", False))
+    a, f = rows.get(row_name("adamw", "uncapped", "off")), rows.get(row_name("flexdemo", "uncapped", "off"))
     if a is None or f is None:
         return None
     ms_a, ms_f, link = a["ms"], f["ms"], LinkCap(gbps, latency_ms)  # the time the emulation holds a collective for
@@ -46,7 +48,7 @@ def bound(rows: dict, gbps: float, latency_ms: float, R: int) -> float | None:
     return t_a / t_f
 
 
-def summarize(rows: dict, links: list[str], latency_ms: float, R: int) -> dict:
+def summarize(rows: dict, links: list[str], latency_ms: float, R: int, overlaps: list[str]) -> dict:
     table = []
     for name, r in rows.items():
         table.append({"name": name, "strategy": r["strategy"], "link_gbps": r["link_gbps"], "overlap": r["overlap"],
@@ -56,12 +58,12 @@ def summarize(rows: dict, links: list[str], latency_ms: float, R: int) -> dict:
                       "link_achieved_gbps": r.get("link_achieved_gbps"), "ms": r["ms"]})
     ratios = {}
     # losses over the same tokens: the link changes no number, and AdamW runs fewer steps on the slowest links
-    a_loss = rows.get(row_name("adamw", "uncapped", False))
+    a_loss = rows.get(row_name("adamw", "uncapped", "off"))
     for link in links:
-        a = rows.get(row_name("adamw", link, False))
+        a = rows.get(row_name("adamw", link, "off"))
         if a is None:
             continue
-        for overlap in (False, True):
+        for overlap in ["off", *overlaps]:
             f = rows.get(row_name("flexdemo", link, overlap))
             if f is None:
                 continue
@@ -70,12 +72,11 @@ def summarize(rows: dict, links: list[str], latency_ms: float, R: int) -> dict:
                 "final_loss_ratio": f["final_loss"] / a_loss["final_loss"] if a_loss else None,
                 "bound": None if link == "uncapped" else bound(rows, float(link), latency_ms, R)}
     hidden = {}
-    for link in links:
-        if link == "uncapped":
-            continue
-        f, g = rows.get(row_name("flexdemo", link, True)), rows.get(row_name("flexdemo", "uncapped", True))
-        if f and g:  # the overlap goal: the capped step within 5% of the uncapped one
-            hidden[link] = f["ms"]["step"] / g["ms"]["step"]
+    for overlap in overlaps:
+        for link in links:
+            f, g = rows.get(row_name("flexdemo", link, overlap)), rows.get(row_name("flexdemo", "uncapped", overlap))
+            if link != "uncapped" and f and g:  # the overlap goal: the capped step within 5% of the uncapped one
+                hidden.setdefault(overlap, {})[link] = f["ms"]["step"] / g["ms"]["step"]
     return {"rows": table, "ratios": ratios, "overlap_step_vs_uncapped": hidden}
 
 
@@ -101,7 +102,8 @@ def main() -> int:
     ap.add_argument("--replicate", type=int, default=2)
     ap.add_argument("--links", nargs="+", default=["uncapped", "10", "1"], help="Gbit/s, or 'uncapped' (gloo)")
     ap.add_argument("--latency-ms", type=float, default=1.0)
-    ap.add_argument("--no-overlap", action="store_true", help="skip FlexDeMo's overlapped rows")
+    ap.add_argument("--overlaps", nargs="*", default=["stale", "layerwise"], choices=["stale", "layerwise"],
+                    help="FlexDeMo's overlapped rows (none: --overlaps with no value)")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                     help="the main group's (auto: gloo when the R ranks share fewer GPUs, else NCCL)")
     ap.add_argument("--steps", type=int, default=20)
@@ -120,8 +122,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    plan = [(s, link, False) for link in args.links for s in ("adamw", "flexdemo")]
-    plan += [] if args.no_overlap else [("flexdemo", link, True) for link in args.links]
+    plan = [(s, link, "off") for link in args.links for s in ("adamw", "flexdemo")]
+    plan += [("flexdemo", link, o) for o in args.overlaps for link in args.links]
     rows = {}
     for strategy, link, overlap in plan:
         name = row_name(strategy, link, overlap)
@@ -139,17 +141,18 @@ def main() -> int:
                    "--chunk", str(args.chunk), "--topk", str(args.topk), "--out", str(res)]
             cmd += ["--slow-link"] if link == "uncapped" else ["--link-gbps", link, "--link-latency-ms",
                                                                str(args.latency_ms)]
-            cmd += ["--overlap"] if overlap else []
+            cmd += ["--overlap", overlap]
             with open(out / f"{name}.log", "w") as log:
                 done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
             if done.returncode != 0:
                 print(f"{name}: failed (rc {done.returncode}), see {out / (name + '.log')}", file=sys.stderr)
                 continue
-        rows[name] = json.loads(res.read_text())
-        r = rows[name]
+        rows[name] = r = json.loads(res.read_text())
+        if isinstance(r["overlap"], bool):  # a row written when the only overlap was the stale one
+            r["overlap"] = "stale" if r["overlap"] else "off"
         print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s, step {r['ms']['step']:.1f} ms, loss {r['final_loss']:.4f}",
               flush=True)
-    summary = summarize(rows, args.links, args.latency_ms, args.replicate)
+    summary = summarize(rows, args.links, args.latency_ms, args.replicate, args.overlaps)
     first = next(iter(rows.values()), {})
     summary.update({"model": args.model, "replicate": args.replicate, "latency_ms": args.latency_ms,
                     "device": first.get("device"), "date": time.strftime("%Y-%m-%d"),

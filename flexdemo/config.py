@@ -12,6 +12,7 @@ from flexdemo.wire import WIRE_DTYPES, index_bits_for
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 BASE_STEPS = ("direct", "adam", "lion")
+OVERLAPS = ("off", "stale", "layerwise")
 
 
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
@@ -48,12 +49,17 @@ class DeMoConfig:
     base_step: str = "direct"
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
-    # One-step-stale exchange: step t's all-gather runs while step t + 1's forward and backward compute, and its
-    # update is applied at step t + 1 (Psyche's and bloc97's scheme). Hides the link's time; every update is one
-    # step late (the first step applies none; ``flush`` applies the last).
-    overlap: bool = False
+    # The exchange overlapped with the next step's compute. "stale": step t's all-gather runs while step t + 1's
+    # forward and backward compute, and its update is applied at step t + 1 (Psyche's and bloc97's scheme): every
+    # update one step late, which costs loss (measured). "layerwise": one all-gather per bucket of parameters (a
+    # layer), each bucket's update applied just before that layer's next forward (``FlexDeMo.attach``): the same
+    # numbers as "off", with the exchange hidden behind the forward of the layers before. ``flush`` applies what is
+    # in flight.
+    overlap: str = "off"
 
     def __post_init__(self) -> None:
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"overlap={self.overlap!r}; allowed: {', '.join(OVERLAPS)}")
         if self.base_step not in BASE_STEPS:
             raise ValueError(f"base_step={self.base_step!r}; allowed: {', '.join(BASE_STEPS)}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -21,6 +21,7 @@ class LinkCap:
     sent_bytes: float = 0.0
     seconds: float = 0.0
     collectives: int = 0
+    _free_at: float = 0.0  # when the collective held last is done with the link
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.gbps) and self.gbps > 0):
@@ -33,8 +34,10 @@ class LinkCap:
         return messages * self.latency_ms / 1e3 + nbytes * 8 / (self.gbps * 1e9)
 
     def hold(self, nbytes: float, messages: int, started: float) -> None:
-        """Wait until a collective that began at ``started`` (time.perf_counter) would have finished on this link."""
-        end = started + self.seconds_for(nbytes, messages)
+        """Wait until a collective that began at ``started`` (time.perf_counter) would have finished on this link;
+        collectives in flight together share it: one starts sending when the one held before it has finished."""
+        end = max(started, self._free_at) + self.seconds_for(nbytes, messages)
+        self._free_at = end
         now = time.perf_counter()
         if now < end:
             time.sleep(end - now)

@@ -5,7 +5,7 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
 
     delta = beta * delta + lr * grad                    (local, per replica: error feedback)
     send the top-k DCT coefficients of each chunk of delta, and remove them from delta
-    one all-gather of every replica's packed payload    (one collective per step, all parameters)
+    one all-gather of every replica's packed payload    (one collective per step; or one per layer, overlap=layerwise)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
     (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step)
 
@@ -92,6 +92,26 @@ class _GroupPlan:
     dense_slice: slice  # their values in the buffer
 
 
+@dataclass
+class _Bucket:
+    """Parameters exchanged in one all-gather: their payload layout (a wire of their own) and, per param group,
+    their launch plan. One bucket holds everything unless the exchange is split by layer (overlap="layerwise")."""
+
+    params: list
+    plans: dict  # id(param) -> ParamPlan, offsets within this bucket's wire
+    wire: WireLayout
+    groups: list  # a _GroupPlan per param group (possibly empty)
+
+
+@dataclass
+class _Pending:
+    """A bucket's exchange in flight, with the learning rates of the step that sent it (its update uses them)."""
+
+    bucket: int
+    exchange: "_Exchange"
+    rates: list  # (lr, weight decay) per param group
+
+
 def _grad_2d(p: torch.Tensor, lay: ChunkLayout) -> torch.Tensor | None:
     return local_tensor(p.grad).reshape(lay.rows, lay.cols) if p.grad is not None else None
 
@@ -134,7 +154,7 @@ class FlexDeMo(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, replicate_group: dist.ProcessGroup | None = None, lr: float = 1e-3,
                  config: DeMoConfig | None = None, kernel_options: KernelOptions | None = None,
-                 link: LinkCap | None = None, **overrides):
+                 link: LinkCap | None = None, buckets: list[list[torch.Tensor]] | None = None, **overrides):
         cfg = config or DeMoConfig()
         if overrides:
             cfg = DeMoConfig(**{**cfg.__dict__, **overrides})
@@ -146,8 +166,6 @@ class FlexDeMo(torch.optim.Optimizer):
         self.link = link  # a capped (emulated slow) link for the exchange
         self.replicas = dist.get_world_size(replicate_group) if replicate_group is not None else 1
         self.params = [p for g in self.param_groups for p in g["params"]]
-        self.plans, self.wire = plan_params([local_tensor(p).shape for p in self.params], cfg)
-        self._index = {id(p): i for i, p in enumerate(self.params)}
         for p in self.params:
             self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
             if cfg.base_step != "direct":  # identical on every replica: they see the same decoded direction
@@ -157,43 +175,84 @@ class FlexDeMo(torch.optim.Optimizer):
         device = local_tensor(self.params[0]).device
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
         self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
-        self._groups = [self._split_group(g["params"], device) for g in self.param_groups]
+        self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
+        self.plans = [next(b.plans[id(p)] for b in self.buckets if id(p) in b.plans) for p in self.params]
         self.last_comm: dict[str, float] = {}
-        self._in_flight: _Exchange | None = None  # overlap: the exchange whose update the next step applies
+        self._pending: list[_Pending] = []  # overlap: exchanges whose updates are not applied yet
 
-    def _split_group(self, params: list, device: torch.device) -> "_GroupPlan":
+    @property
+    def wire(self) -> WireLayout:
+        """The payload layout (one bucket; with several, each bucket has its own: ``buckets[i].wire``)."""
+        if len(self.buckets) != 1:
+            raise AttributeError(f"{len(self.buckets)} buckets: each has its own wire (buckets[i].wire)")
+        return self.buckets[0].wire
+
+    @property
+    def payload_nbytes(self) -> int:
+        return sum(b.wire.nbytes for b in self.buckets)
+
+    def _check_buckets(self, buckets: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+        """Every optimised parameter in exactly one bucket, in the order given (buckets of nothing dropped)."""
+        if buckets is None:
+            return [self.params]
+        mine = {id(p) for p in self.params}
+        seen: dict[int, int] = {}
+        for i, ps in enumerate(buckets):
+            for p in ps:
+                if id(p) not in mine:
+                    raise ValueError(f"bucket {i} holds a tensor of shape {tuple(p.shape)} that is not in the "
+                                     "optimizer's param groups")
+                if id(p) in seen:
+                    raise ValueError(f"a tensor of shape {tuple(p.shape)} is in buckets {seen[id(p)]} and {i}")
+                seen[id(p)] = i
+        missing = [tuple(p.shape) for p in self.params if id(p) not in seen]
+        if missing:
+            raise ValueError(f"{len(missing)} optimised tensors are in no bucket (shapes {missing[:3]}...)")
+        order = {id(p): j for j, p in enumerate(self.params)}  # group order within a bucket
+        return [sorted(ps, key=lambda p: order[id(p)]) for ps in buckets if ps]
+
+    def _make_bucket(self, params: list, device: torch.device) -> _Bucket:
+        plans, wire = plan_params([local_tensor(p).shape for p in params], self.cfg)
+        bucket = _Bucket(params, {id(p): pl for p, pl in zip(params, plans)}, wire, [])
+        ids = {id(p) for p in params}
+        bucket.groups = [self._split_group([p for p in g["params"] if id(p) in ids], bucket, device)
+                         for g in self.param_groups]
+        return bucket
+
+    def _split_group(self, params: list, bucket: _Bucket, device: torch.device) -> "_GroupPlan":
         """A param group's compressed tensors as one ChunkTable per parameter dtype (one launch each), and its
         dense tensors, which sit next to each other in the buffer."""
         by_dtype: dict[torch.dtype, list] = {}
         dense = []
         for p in params:
-            plan = self.plans[self._index[id(p)]]
+            plan = bucket.plans[id(p)]
             if plan.layout is not None:
                 by_dtype.setdefault(local_tensor(p).dtype, []).append(p)
             elif plan.num_dense:
                 dense.append(p)
         tables = []
         for ps in by_dtype.values():
-            plans = [self.plans[self._index[id(p)]] for p in ps]
+            plans = [bucket.plans[id(p)] for p in ps]
             table = ChunkTable.build([pl.layout for pl in plans], [pl.first_chunk for pl in plans], self.cfg.topk,
                                      device)
             tables.append((table, ps))
-        start = self.plans[self._index[id(dense[0])]].dense_offset if dense else 0
+        start = bucket.plans[id(dense[0])].dense_offset if dense else 0
         return _GroupPlan(tables, dense, slice(start, start + sum(local_tensor(p).numel() for p in dense)))
 
     # --- the three phases of a step, public so tests can simulate replicas without process groups ---
     @torch.no_grad()
-    def encode(self) -> torch.Tensor:
-        """Update the momenta and return this replica's packed payload (uint8)."""
-        cfg = self.cfg
+    def encode(self, bucket: int = 0) -> torch.Tensor:
+        """Update the momenta of a bucket's tensors and return this replica's packed payload for it (uint8)."""
+        cfg, b = self.cfg, self.buckets[bucket]
+        wire = b.wire
         device = local_tensor(self.params[0]).device
-        values = torch.empty(self.wire.num_sparse + self.wire.num_dense, dtype=cfg.wire_dtype, device=device)
-        indices = torch.empty(self.wire.num_sparse, dtype=torch.int32, device=device)
+        values = torch.empty(wire.num_sparse + wire.num_dense, dtype=cfg.wire_dtype, device=device)
+        indices = torch.empty(wire.num_sparse, dtype=torch.int32, device=device)
         codes = scales = None
         if cfg.value_bits:
-            codes = torch.empty(self.wire.num_sparse, dtype=torch.uint8, device=device)
-            scales = torch.empty(self.wire.num_sparse // cfg.topk, dtype=torch.float32, device=device)
-        for group, plan in zip(self.param_groups, self._groups):
+            codes = torch.empty(wire.num_sparse, dtype=torch.uint8, device=device)
+            scales = torch.empty(wire.num_sparse // cfg.topk, dtype=torch.float32, device=device)
+        for group, plan in zip(self.param_groups, b.groups):
             lr = group["lr"]
             for table, ps in plan.tables:
                 grads = [_grad_2d(p, lay) for p, lay in zip(ps, table.layouts)]
@@ -214,8 +273,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 sent = torch.cat([d.reshape(-1) for d in deltas]).to(cfg.wire_dtype)
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
-        return self.wire.pack(indices, values, torch.empty(self.wire.nbytes, dtype=torch.uint8, device=device),
-                              codes, scales)
+        return wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
 
     def _quantize(self, table: ChunkTable, deltas: list, values: torch.Tensor, indices: torch.Tensor,
                   codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -252,12 +310,15 @@ class FlexDeMo(torch.optim.Optimizer):
         return _Exchange(out.view(self.replicas, -1), work, payload.device, hold)
 
     @torch.no_grad()
-    def decode_apply(self, gathered: torch.Tensor) -> None:
-        """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step."""
-        indices, values = self.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
+    def decode_apply(self, gathered: torch.Tensor, bucket: int = 0, rates: list | None = None) -> None:
+        """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step; at the
+        param groups' learning rates and weight decays now, or at ``rates`` ((lr, wd) per group)."""
+        bk = self.buckets[bucket]
+        indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
         stepped = self.cfg.base_step != "direct"  # a base step with moments (adam, lion): decode, then step
-        for group, plan in zip(self.param_groups, self._groups):
-            lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        rates = rates or self._rates()
+        for (lr, wd), plan in zip(rates, bk.groups):
+            decay = 1.0 - lr * wd
             directions = []
             for table, ps in plan.tables:
                 if stepped:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured
@@ -309,40 +370,71 @@ class FlexDeMo(torch.optim.Optimizer):
         torch._foreach_add_(denom, self.cfg.adam_eps)
         _descend(params, torch._foreach_div(m, denom), lr, decay)
 
+    def _rates(self) -> list[tuple[float, float]]:
+        return [(g["lr"], g["weight_decay"]) for g in self.param_groups]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        payload = self.encode()
-        if self.cfg.overlap:  # apply the previous step's exchange; this one's runs during the next forward/backward
-            previous, self._in_flight = self._in_flight, self.start_exchange(payload)
-            if previous is not None:
-                self.decode_apply(previous.wait())
-        else:
-            self.decode_apply(self.exchange(payload))
+        rates = self._rates()
+        # stale: the previous step's updates, now; layerwise: those of layers that ran no forward since (none when
+        # attached: each was applied just before its layer's forward)
+        self.apply_pending()
+        payloads = [self.encode(i) for i in range(len(self.buckets))]
+        self._pending = [_Pending(i, self.start_exchange(x), rates) for i, x in enumerate(payloads)]
+        if self.cfg.overlap == "off":
+            self.apply_pending()
         self.last_comm = self.comm_bytes()
         return loss
 
     @torch.no_grad()
+    def apply_pending(self, bucket: int | None = None) -> None:
+        """Wait for the exchanges in flight and apply their updates, in bucket order: all of them, or those of
+        buckets up to ``bucket`` (a layer's hook: the exchanges arrive in the order they were started)."""
+        while self._pending and (bucket is None or self._pending[0].bucket <= bucket):
+            job = self._pending.pop(0)
+            self.decode_apply(job.exchange.wait(), job.bucket, job.rates)
+
     def flush(self) -> None:
-        """Apply the update still in flight (overlap): before a checkpoint, so it holds every update made, and at the
-        end of training. A no-op otherwise."""
-        if self._in_flight is not None:
-            previous, self._in_flight = self._in_flight, None
-            self.decode_apply(previous.wait())
+        """Apply the updates still in flight (overlap): before a checkpoint, so it holds every update made, and at
+        the end of training. A no-op otherwise."""
+        self.apply_pending()
+
+    def attach(self, modules: list[torch.nn.Module]) -> list:
+        """overlap="layerwise": ``modules[i]`` applies bucket i's update (and any before it) just before its forward.
+        Returns the hook handles."""
+        if len(modules) != len(self.buckets):
+            raise ValueError(f"{len(modules)} modules for {len(self.buckets)} buckets: one module per bucket")
+        handles = []
+        for i, m in enumerate(modules):
+            @torch.compiler.disable  # a compiled model calls it eagerly (it waits on a collective)
+            def hook(module, args, i=i):
+                self.apply_pending(i)
+                if self._sharded and torch.cuda.is_available() and local_tensor(self.params[0]).is_cuda:
+                    # FSDP2 may copy the shards into its all-gather on a stream of its own: the update must be in
+                    # memory before that copy reads it
+                    torch.cuda.current_stream().synchronize()
+            handles.append(m.register_forward_pre_hook(hook, prepend=True))
+        return handles
+
+    @property
+    def _sharded(self) -> bool:
+        return any(hasattr(p, "to_local") for p in self.params)
 
     def comm_bytes(self) -> dict[str, float]:
         """Per-rank bytes on the replicate group this step, and what a dense bf16 all-reduce would have cost."""
         R = self.replicas
         numel = sum(local_tensor(p).numel() for p in self.params)
-        sent = (R - 1) * self.wire.nbytes  # ring all-gather: each rank forwards R - 1 payloads
+        nbytes = self.payload_nbytes
+        sent = (R - 1) * nbytes  # ring all-gather: each rank forwards R - 1 payloads
         dense = 2 * (R - 1) / R * numel * 2 if R > 1 else 0.0  # ring all-reduce of bf16 gradients
         return {"replicate_sent_bytes": float(sent), "replicate_recv_bytes": float(sent),
-                "payload_bytes": float(self.wire.nbytes), "dense_bf16_payload_bytes": float(numel * 2),
+                "payload_bytes": float(nbytes), "dense_bf16_payload_bytes": float(numel * 2),
                 "dense_bf16_allreduce_bytes": float(dense),
-                "compression": float(numel * 2 / self.wire.nbytes) if self.wire.nbytes else float("inf")}
+                "compression": float(numel * 2 / nbytes) if nbytes else float("inf")}
 
 
 def DeMo(params: Iterable, lr: float = 1e-3, config: DeMoConfig | None = None, **overrides) -> FlexDeMo:

@@ -66,9 +66,9 @@ class OptimConfig:
         _need(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _need(self.edge_lr_scale > 0 and math.isfinite(self.edge_lr_scale),
               f"optim.edge_lr_scale={self.edge_lr_scale} must be a finite number > 0")
-        _need(not (self.demo.overlap and STRATEGIES[self.name].dense_sync),
-              f"optim.demo.overlap=true overlaps FlexDeMo's exchange, but optim.name={self.name!r} has none; use "
-              "optim=flexdemo or demo, or optim.demo.overlap=false")
+        _need(not (self.demo.overlap != "off" and STRATEGIES[self.name].dense_sync),
+              f"optim.demo.overlap={self.demo.overlap} overlaps FlexDeMo's exchange, but optim.name={self.name!r} has "
+              "none; use optim=flexdemo or demo, or optim.demo.overlap=off")
 
     def demo_config(self) -> DeMoConfig:
         return dataclasses.replace(self.demo, weight_decay=self.weight_decay)

@@ -2,7 +2,7 @@
 # The FlexMoRE study end to end on the embedded data, from nothing: a public base, full experts for math, facts and
 # code (each trained alone against the frozen base, with public negatives and the routing loss), the rank sweep (every
 # mixture of several experts with its router tuned first) and the report (table, plots, summary).
-#   SIZE=small launch/study.sh      # one GPU (~15 minutes on an H100), results in $OUT (default outputs/study)
+#   SIZE=small PARALLEL=1 SHARDS=3 launch/study.sh   # one GPU (~12 minutes on an H200), results in $OUT (default outputs/study)
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
 # training runs and sweep cells are not recomputed.

@@ -151,27 +151,27 @@ def _delayed_reference_run(rank: int, group, steps: int, flush: bool, link=None)
     init = [torch.randn(s) for s in shapes]
     kw = dict(lr=0.05, beta=0.9, topk=3, chunk=4, weight_decay=0.1)
     ps_o, ps_r = [torch.nn.Parameter(t.clone()) for t in init], [torch.nn.Parameter(t.clone()) for t in init]
-    opt_o = FlexDeMo(ps_o, replicate_group=group, overlap=True, link=link, **kw)
+    opt_o = FlexDeMo(ps_o, replicate_group=group, overlap="stale", link=link, **kw)
     opt_r = FlexDeMo(ps_r, replicate_group=group, **kw)
     gen = torch.Generator().manual_seed(100 + rank)  # each replica its own gradients
-    previous = None
+    previous = rates = None
     for step in range(steps):
         grads = [torch.randn(s, generator=gen) for s in shapes]
-        for group_lr, o in ((0.05 * (1 + step) / steps, opt_o), (0.05 * (1 + step) / steps, opt_r)):
+        for o in (opt_o, opt_r):
             for g in o.param_groups:
-                g["lr"] = group_lr  # a schedule: the delayed update must use the lr of the step that applies it
+                g["lr"] = 0.05 * (1 + step) / steps  # a schedule: a delayed update uses the lr of the step that sent it
         for p, q, g in zip(ps_o, ps_r, grads):
             p.grad, q.grad = g.clone(), g.clone()
         opt_o.step()
         payload = opt_r.encode()
         if previous is not None:
-            opt_r.decode_apply(previous)
-        previous = opt_r.exchange(payload)
+            opt_r.decode_apply(previous, rates=rates)
+        previous, rates = opt_r.exchange(payload), [(g["lr"], g["weight_decay"]) for g in opt_r.param_groups]
         if step == 0:
             assert all(torch.equal(p, t) for p, t in zip(ps_o, init))  # the first step applies nothing
     if flush:
         opt_o.flush()
-        opt_r.decode_apply(previous)
+        opt_r.decode_apply(previous, rates=rates)
     return [p.detach().clone() for p in ps_o], [p.detach().clone() for p in ps_r]
 
 
@@ -206,6 +206,24 @@ def test_overlap_over_two_gloo_replicas_is_bit_identical_and_equals_the_delayed_
 def test_overlap_with_a_strategy_without_exchange_is_refused():
     from flexmore.config import OptimConfig
 
-    with pytest.raises(ValueError, match=r"optim.demo.overlap=true overlaps FlexDeMo's exchange, but optim.name='adamw'"):
-        OptimConfig(name="adamw", demo=DeMoConfig(overlap=True))
-    assert OptimConfig(name="flexdemo", demo=DeMoConfig(overlap=True)).demo_config().overlap
+    for mode in ("stale", "layerwise"):
+        with pytest.raises(ValueError, match=rf"optim.demo.overlap={mode} overlaps FlexDeMo's exchange, but "
+                                             r"optim.name='adamw'"):
+            OptimConfig(name="adamw", demo=DeMoConfig(overlap=mode))
+        assert OptimConfig(name="flexdemo", demo=DeMoConfig(overlap=mode)).demo_config().overlap == mode
+    with pytest.raises(ValueError, match=r"overlap=True; allowed: off, stale, layerwise"):
+        DeMoConfig(overlap=True)
+
+
+def test_buckets_must_partition_the_optimised_tensors():
+    a, b, c = (torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3))
+    with pytest.raises(ValueError, match=r"in buckets 0 and 1"):
+        FlexDeMo([a, b], chunk=4, topk=2, buckets=[[a], [a, b]])
+    with pytest.raises(ValueError, match=r"1 optimised tensors are in no bucket"):
+        FlexDeMo([a, b], chunk=4, topk=2, buckets=[[a]])
+    with pytest.raises(ValueError, match=r"bucket 1 holds a tensor of shape \(8, 8\) that is not in the optimizer"):
+        FlexDeMo([a, b], chunk=4, topk=2, buckets=[[a, b], [c]])
+    opt = FlexDeMo([a, b], chunk=4, topk=2, buckets=[[b], [a]], overlap="layerwise")
+    with pytest.raises(ValueError, match=r"1 modules for 2 buckets"):
+        opt.attach([torch.nn.Linear(2, 2)])
+    assert opt.payload_nbytes == sum(bk.wire.nbytes for bk in opt.buckets) and len(opt.buckets) == 2

@@ -73,7 +73,12 @@ def job_four_ranks(tmp: str) -> dict:
     c2 = train(tiny_config(tmp / "C2", train={"steps": 6, "micro_batch": 2}, parallel=slow))
     out["C_slow"] = {"losses": c2.losses, "params": _full(c2.model)}
     a6 = train(tiny_config(tmp / "A6", optim=DEMO, train={"steps": 6, "eval_every": 6}, parallel=mesh22))
-    out["A6"] = {"params": _local(a6.model)}
+    out["A6"] = {"params": _local(a6.model), "losses": a6.losses}
+    # the same under FSDP with the exchange split by layer (overlap=layerwise) through the capped link
+    al = train(tiny_config(tmp / "AL", optim={**DEMO, "overlap": "layerwise"}, train={"steps": 6, "eval_every": 6},
+                           parallel=capped))
+    out["A_layerwise"] = {"params": _local(al.model), "losses": al.losses, "buckets": len(al.optimizer.buckets),
+                          "link": dataclasses.asdict(al.link)}
     # A with base_step=adam: 20 steps on the same mesh
     aa = train(tiny_config(tmp / "AA", optim={**DEMO, "base_step": "adam"}, train={"steps": STEPS, "eval_every": STEPS},
                            parallel=mesh22))
@@ -155,6 +160,18 @@ def test_slow_link_emulation_changes_the_transport_not_the_result(four):
             torch.testing.assert_close(r["C_slow"]["params"][n], p, rtol=1e-5, atol=1e-6)
         for s, loss in r["C"]["losses"].items():
             assert r["C_slow"]["losses"][s] == pytest.approx(loss, rel=1e-5)
+
+
+def test_layerwise_overlap_under_fsdp_gives_the_numbers_of_no_overlap(four):
+    """Under FSDP the root's tensors (embedding, norm, lm_head) make the first bucket, applied before the root
+    gathers them; each block's bucket before that block's forward. Same losses and shards as no overlap."""
+    for r in four[1]:
+        lw = r["A_layerwise"]
+        assert lw["buckets"] == 1 + 2  # the root's, then the tiny model's two blocks
+        assert lw["losses"] == r["A6"]["losses"]
+        for n, p in r["A6"]["params"].items():
+            assert torch.equal(lw["params"][n], p), n
+        assert lw["link"]["collectives"] == 6 * lw["buckets"]
 
 
 def test_flexdemo_with_one_replica_equals_single_worker_demo(four, tmp_path):
@@ -396,17 +413,41 @@ def job_one_rank_per_node(tmp: str) -> dict:
     flex = train(tiny_config(tmp / "F", optim=DEMO, train={"steps": 6},
                              parallel=ParallelConfig(replicate=2, shard=1, replicate_backend="gloo")))
     demo = train(tiny_config(tmp / "D", optim={**DEMO, "name": "demo"}, train={"steps": 6}))
+    # the exchange split by layer, each update applied just before its layer's next forward, through a capped link
+    layer = train(tiny_config(tmp / "L", optim={**DEMO, "overlap": "layerwise"}, train={"steps": 6},
+                              parallel=ParallelConfig(replicate=2, shard=1, link_gbps=0.02, link_latency_ms=3.0)))
     return {"flex": _local(flex.model), "demo": _local(demo.model), "sharded": any(
-        hasattr(p, "full_tensor") for p in flex.model.parameters())}
+        hasattr(p, "full_tensor") for p in flex.model.parameters()), "layerwise": _local(layer.model),
+        "flex_losses": flex.losses, "layerwise_losses": layer.losses, "link": dataclasses.asdict(layer.link),
+        "buckets": len(layer.optimizer.buckets), "layers": layer.model.cfg.n_layers}
 
 
-def test_flexdemo_with_one_rank_per_node_is_demo_over_those_ranks(tmp_path):
+@pytest.fixture(scope="module")
+def one_per_node(tmp_path_factory):
+    return run_distributed_test(job_one_rank_per_node, 2, str(tmp_path_factory.mktemp("one")), local_world_size=1)
+
+
+def test_flexdemo_with_one_rank_per_node_is_demo_over_those_ranks(one_per_node):
     """A shard group of one rank holds nothing to shard, so FlexDeMo runs on plain tensors (no FSDP collective: the
     way ranks that share one GPU can run on gloo alone), bit-identical to DeMo over the same ranks."""
-    for r in run_distributed_test(job_one_rank_per_node, 2, str(tmp_path), local_world_size=1):
+    for r in one_per_node:
         assert not r["sharded"]
         for n, p in r["demo"].items():
             assert torch.equal(r["flex"][n], p), n
+
+
+def test_layerwise_overlap_gives_the_numbers_of_no_overlap(one_per_node):
+    """overlap=layerwise: one all-gather per layer (embedding, each block, norm + lm_head), each update applied just
+    before its layer's next forward: the same losses and weights as no overlap, bit for bit, on both replicas, with
+    every bucket's collective through the capped link."""
+    results = one_per_node
+    for r in results:
+        assert r["buckets"] == r["layers"] + 2
+        assert r["layerwise_losses"] == r["flex_losses"]
+        for n, p in r["flex"].items():
+            assert torch.equal(r["layerwise"][n], p), n
+            assert torch.equal(results[0]["layerwise"][n], r["layerwise"][n]), n
+        assert r["link"]["collectives"] == 6 * r["buckets"]
 
 
 def test_the_slow_link_benchmark_times_the_link_and_keeps_the_numbers(tmp_path):
@@ -421,7 +462,8 @@ def test_the_slow_link_benchmark_times_the_link_and_keeps_the_numbers(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     rows = {r["name"]: r for r in s["rows"]}
     assert set(rows) == {"adamw-uncapped", "flexdemo-uncapped", "adamw-0.5", "flexdemo-0.5",
-                         "flexdemo-uncapped-overlap", "flexdemo-0.5-overlap"}
+                         "flexdemo-uncapped-overlap", "flexdemo-0.5-overlap", "flexdemo-uncapped-layerwise",
+                         "flexdemo-0.5-layerwise"}
     assert all(r["replicas_bit_identical"] for r in rows.values())
     a = rows["adamw-0.5"]
     floor_ms = 1e3 * (2 * 1e-3 + a["inter_node_bytes_per_step"] * 8 / 0.5e9)  # 2 (R - 1) messages of 1 ms + bytes
@@ -429,6 +471,9 @@ def test_the_slow_link_benchmark_times_the_link_and_keeps_the_numbers(tmp_path):
     assert rows["flexdemo-0.5"]["inter_node_bytes_per_step"] * 10 < a["inter_node_bytes_per_step"]
     assert rows["flexdemo-0.5"]["final_loss"] == rows["flexdemo-uncapped"]["final_loss"]
     assert rows["flexdemo-0.5-overlap"]["final_loss"] == rows["flexdemo-uncapped-overlap"]["final_loss"]
+    # layerwise overlap: the numbers of no overlap (the stale one's differ)
+    assert rows["flexdemo-0.5-layerwise"]["final_loss"] == rows["flexdemo-0.5"]["final_loss"]
+    assert set(s["overlap_step_vs_uncapped"]) == {"stale", "layerwise"}
     q = s["ratios"]["flexdemo-0.5"]
     assert q["tokens_per_s_ratio"] == rows["flexdemo-0.5"]["tokens_per_s"] / a["tokens_per_s"]
     assert q["final_loss_ratio"] == rows["flexdemo-0.5"]["final_loss"] / rows["adamw-uncapped"]["final_loss"]

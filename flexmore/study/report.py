@@ -262,7 +262,8 @@ def mixture_verdict(analysis: dict) -> str | None:
     if hi < 0:
         return f"{head} Contradicts the paper: the best-rank mixture is worse ({ci})."
     if -MATCH_MARGIN <= lo and hi <= MATCH_MARGIN:
-        return f"{head} Agrees with the paper: they match within {MATCH_MARGIN} ({ci})."
+        return (f"{head} Agrees with the paper: they match within {MATCH_MARGIN} (the interval lies inside "
+                f"+-{MATCH_MARGIN}); whether the best-rank mixture is better is not resolved at this size ({ci}).")
     return f"{head} Not resolved at this size ({ci})."
 
 

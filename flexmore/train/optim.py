@@ -39,7 +39,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, re
     if get_strategy(cfg.name).dense_sync:  # HSDP: plain AdamW on the all-reduced gradients
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adamw.betas), eps=cfg.adamw.eps, fused=device.type == "cuda")
 
-    return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=cfg.demo_config(), link=link)
+    demo = cfg.demo_config()
+    if demo.overlap != "layerwise":
+        return FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=demo, link=link)
+    trained = {id(p) for g in groups for p in g["params"]}
+    layers = [(m, [p for p in ps if id(p) in trained]) for m, ps in layer_buckets(model)]
+    layers = [(m, ps) for m, ps in layers if ps]
+    opt = FlexDeMo(groups, replicate_group=replicate_group, lr=cfg.lr, config=demo, link=link,
+                   buckets=[ps for _, ps in layers])
+    opt.attach([m for m, _ in layers])
+    return opt
+
+
+def layer_buckets(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """The exchange's buckets for overlap="layerwise", in forward order, each with the module whose forward needs
+    it first: the embedding (with any tensor outside the layers), each block, then the final norm with lm_head.
+    Under FSDP the root gathers the embedding, norm and lm_head before any forward of its own, so those make one
+    first bucket, applied before the model's forward."""
+    if not all(hasattr(model, a) for a in ("embed", "blocks", "norm", "lm_head")):
+        return [(model, list(model.parameters()))]  # another model: one bucket, applied before its forward
+    blocks = [(b, list(b.parameters())) for b in model.blocks]
+    tail = list(model.norm.parameters()) + list(model.lm_head.parameters())
+    placed = {id(p) for _, ps in blocks for p in ps} | {id(p) for p in tail}
+    head = [p for p in model.parameters() if id(p) not in placed]
+    if any(hasattr(p, "to_local") for p in model.parameters()):  # FSDP2: the root's parameters first
+        return [(model, head + tail)] + blocks
+    return [(model.embed, head)] + blocks + [(model.norm, tail)]
 
 
 class LRSchedule:
