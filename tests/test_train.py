@@ -145,3 +145,15 @@ def test_edge_lr_scale_moves_the_embedding_lm_head_and_1d_tensors_by_that_multip
         moved = (p.detach() - before[n]).abs()
         want = 0.003 if n in edge else 0.01
         assert torch.allclose(moved[moved > 0], torch.tensor(want), rtol=1e-3), n
+
+
+def test_layerwise_overlap_under_compile_trains_as_no_overlap(tmp_path):
+    """The layers' pre-forward hooks under train.compile: with a graph compiled before in the same process for a
+    model of the same shape (which had no hooks), the hooks must still run (the loop resets dynamo's cache)."""
+    losses = {}
+    for mode in ("off", "layerwise"):
+        cfg = tiny_config(tmp_path / mode, optim={"name": "flexdemo", "lr": 3e-3, "chunk": 16, "topk": 8,
+                                                  "overlap": mode}, train={"steps": 4, "compile": True})
+        losses[mode] = train(cfg).losses
+    assert losses["layerwise"] == pytest.approx(losses["off"], rel=1e-5)  # compiled graphs split at the hooks
+    assert losses["off"][2] != pytest.approx(losses["off"][1], rel=1e-3)  # the steps moved the weights

@@ -194,6 +194,10 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
 
     # --- steps ---
     params = [p for p in model.parameters() if p.requires_grad]
+    if tc.compile and cfg.optim.demo.overlap == "layerwise":
+        # the layers' forward hooks are not in dynamo's guards: a graph compiled earlier in this process for another
+        # model of the same shape (no hooks) would be reused and skip them
+        torch._dynamo.reset()
     step_model = torch.compile(model) if tc.compile else model
     fsdp = isinstance(model, FSDPModule)
     bar = None
