@@ -34,6 +34,28 @@ def local_shapes(model, shard: int, rank: int) -> list[torch.Size]:
     return out
 
 
+def comm_row(model, demo: DeMoConfig, R: int, S: int) -> dict:
+    """Bytes per step across nodes for R nodes of S shards: every shard rank has its own payload; the largest is
+    reported (the slowest link sets the pace)."""
+    N = sum(p.numel() for p in model.parameters())
+    payloads = [plan_params(local_shapes(model, S, r), demo)[1] for r in range(S)]
+    wire = max(payloads, key=lambda w: w.nbytes)
+    shard_numel = -(-N // S)
+    flex = (R - 1) * wire.nbytes  # ring all-gather: R - 1 payloads
+    hsdp_fp32 = 2 * (R - 1) / R * shard_numel * 4  # HSDP all-reduce of the fp32 gradient shard
+    dense_bf16 = 2 * (R - 1) / R * shard_numel * 2  # the same in bf16
+    return {"shard": S, "params_per_rank": shard_numel, "coeffs_sparse": wire.num_sparse,
+            "values_dense": wire.num_dense, "payload_bytes": wire.nbytes, "flexdemo_bytes": flex,
+            "hsdp_fp32_bytes": hsdp_fp32, "dense_bf16_bytes": dense_bf16,
+            "ratio_vs_hsdp_fp32": hsdp_fp32 / flex, "ratio_vs_dense_bf16": dense_bf16 / flex,
+            "bytes_per_coeff": (wire.nbytes - wire.num_dense * wire._item) / max(1, wire.num_sparse)}
+
+
+def meta_model(name: str, vocab: int = 259):
+    cfg = load_preset(name)
+    return build_model(dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(vocab)), device="meta")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="base")
@@ -47,27 +69,12 @@ def main() -> None:
     ap.add_argument("--value-bits", type=int, default=0, help="2 / 4 / 8: quantised values (0: --value-dtype)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    cfg = load_preset(args.model)
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(args.vocab))
-    model = build_model(cfg, device="meta")
+    model = meta_model(args.model, args.vocab)
     demo = DeMoConfig(topk=args.topk, chunk=args.chunk, value_dtype=args.value_dtype, index_bits=args.index_bits,
                       value_bits=args.value_bits)
     R = args.replicate
     N = sum(p.numel() for p in model.parameters())
-    rows = []
-    for S in args.shards:
-        # every shard rank has its own payload; report the largest (the slowest link sets the pace) and the sum
-        payloads = [plan_params(local_shapes(model, S, r), demo)[1] for r in range(S)]
-        wire = max(payloads, key=lambda w: w.nbytes)
-        shard_numel = -(-N // S)
-        flex = (R - 1) * wire.nbytes  # ring all-gather: R - 1 payloads
-        hsdp_fp32 = 2 * (R - 1) / R * shard_numel * 4  # HSDP all-reduce of the fp32 gradient shard
-        dense_bf16 = 2 * (R - 1) / R * shard_numel * 2  # the same in bf16
-        rows.append({"shard": S, "params_per_rank": shard_numel, "coeffs_sparse": wire.num_sparse,
-                     "values_dense": wire.num_dense, "payload_bytes": wire.nbytes, "flexdemo_bytes": flex,
-                     "hsdp_fp32_bytes": hsdp_fp32, "dense_bf16_bytes": dense_bf16,
-                     "ratio_vs_hsdp_fp32": hsdp_fp32 / flex, "ratio_vs_dense_bf16": dense_bf16 / flex,
-                     "bytes_per_coeff": (wire.nbytes - wire.num_dense * wire._item) / max(1, wire.num_sparse)})
+    rows = [comm_row(model, demo, R, S) for S in args.shards]
     head = {"model": args.model, "params": N, "replicate": R, **dataclasses.asdict(demo)}
     print(json.dumps(head))
     print(f"{'shard':>5}{'params/rank':>13}{'payload MB':>12}{'FlexDeMo MB':>13}{'HSDP fp32 MB':>14}{'dense bf16 MB':>15}"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_demo_comm: bytes for the goal's layout
 
 DOMAINS = ["public", "code", "math", "facts"]
 # FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings
@@ -40,7 +41,8 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
             # fewer bytes: quantised values (codes + a bf16 scale per chunk, the error kept in the momentum), smaller k
             "flexdemo-q4": {"value_bits": 4}, "flexdemo-q2": {"value_bits": 2},
-            "flexdemo-k16-q4": {"topk": 16, "value_bits": 4},
+            "flexdemo-k16-q4": {"topk": 16, "value_bits": 4}, "flexdemo-k16": {"topk": 16},
+            "flexdemo-k64": {"topk": 64}, "flexdemo-k16-q2": {"topk": 16, "value_bits": 2},
             # the embedding, lm_head and 1-D tensors at a multiple of the learning rate (an optim setting)
             "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0},
             # the schedule: cosine to 0 instead of to 0.1 x lr (a sign step moves every element by lr, noise or not)
@@ -213,13 +215,26 @@ def summarise(runs: list[dict], R: int) -> dict:
         return c.get("comm/replicate_sent_bytes", 0.0) if R > 1 else c.get("comm/payload_bytes", 0.0)
 
     out["variants"] = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
-                           "ratio": b["val_loss"] / best["adamw"]["val_loss"], "bytes_per_step": sent_bytes(b)}
+                           "ratio": b["val_loss"] / best["adamw"]["val_loss"], "bytes_per_step": sent_bytes(b),
+                           "ratio_over_seeds": paired_ratio(b, best["adamw"]),
+                           "base_2x2_x_dense_bf16": base_compression(b["settings"]["demo"])}
                        for o, b in best.items() if o != "adamw"}
     out["bytes_per_step"] = sent
     out["dense_bf16_bytes_per_step"] = dense
     out["settings"] = best["flexdemo"]["settings"]
     out["sweep"] = {o: {str(r["lr"]): r["val_loss"] for r in mine if r["optim"] == o} for o in names}
     return out
+
+
+def base_compression(demo: dict) -> float:
+    """The goal's yardstick for these settings: a dense bf16 all-reduce's bytes over FlexDeMo's for `base` on 2 nodes
+    x 2 GPUs (bench_demo_comm's count), whatever model this run trained."""
+    from bench_demo_comm import comm_row, meta_model
+
+    from flexdemo import DeMoConfig
+
+    wire = {k: demo[k] for k in ("topk", "chunk", "value_dtype", "index_bits", "value_bits")}
+    return comm_row(meta_model("base"), DeMoConfig(**wire), 2, 2)["ratio_vs_dense_bf16"]
 
 
 def dense_for_two(params: int) -> float:
@@ -229,7 +244,8 @@ def dense_for_two(params: int) -> float:
 
 def table(by_r: dict) -> str:
     lines = ["| R | AdamW lr | AdamW val (best) | FlexDeMo lr | FlexDeMo val (best) | ratio (best) | bytes/step "
-             "across nodes | dense bf16 | compression |", "|---|---|---|---|---|---|---|---|---|"]
+             "across nodes | dense bf16 | compression | `base` 2 × 2: × dense bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for R, s in by_r.items():
         dense = s["dense_bf16_bytes_per_step"]
         comp = f"{dense / s['bytes_per_step']:.1f}×" if dense and s["bytes_per_step"] else "—"
@@ -237,12 +253,14 @@ def table(by_r: dict) -> str:
         lines.append(f"| {R} | {s['adamw']['lr']:g}{star['adamw']} | {s['adamw']['val_loss']:.4f} ({s['adamw']['best_val_loss']:.4f}) "
                      f"| {s['flexdemo']['lr']:g}{star['flexdemo']} | {s['flexdemo']['val_loss']:.4f} "
                      f"({s['flexdemo']['best_val_loss']:.4f}) | {s['ratio']:.3f} ({s['ratio_best']:.3f}) | "
-                     f"{s['bytes_per_step']:,.0f} | {'—' if not dense else f'{dense:,.0f}'} | {comp} |")
+                     f"{s['bytes_per_step']:,.0f} | {'—' if not dense else f'{dense:,.0f}'} | {comp} | "
+                     f"{s['variants']['flexdemo']['base_2x2_x_dense_bf16']:.1f}× |")
         for o, v in s["variants"].items():
             if o != "flexdemo":
                 comp = f"{dense / v['bytes_per_step']:.1f}×" if dense and v.get("bytes_per_step") else "—"
                 lines.append(f"| {R} | | | {o} {v['lr']:g}{'*' if s[o]['lr_at_sweep_edge'] else ''} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
-                             f"{v['ratio']:.3f} | {v.get('bytes_per_step', 0):,.0f} | | {comp} |")
+                             f"{v['ratio']:.3f} | {v.get('bytes_per_step', 0):,.0f} | | {comp} | "
+                             f"{v['base_2x2_x_dense_bf16']:.1f}× |")
     note = "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
     seeds = [f"R = {R}: FlexDeMo / AdamW over {q['n']} seeds {q['mean']:.3f}, 95% CI [{q['ci95'][0]:.3f}, "
              f"{q['ci95'][1]:.3f}]" for R, s in by_r.items() if (q := s.get("ratio_over_seeds"))]

@@ -149,6 +149,24 @@ def study_rows() -> list[list[str]]:
             f"{b['diff']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]: {second}", dev, p["date"], src)]
 
 
+def pareto_rows() -> list[list[str]]:
+    """Loss against bytes: each wire setting's `tiny` loss (its own best rate, 2 seeds) beside the bytes it would
+    send for `base` on 2 nodes x 2 GPUs, where the goal is set."""
+    s = load("pareto_tiny/summary.json")
+    src = "`bench_parity.py --size tiny --seeds 2 --variants ...` (`pareto_tiny/summary.json`)"
+    d = s["variants"]["flexdemo"]
+    out = []
+    for o, label in (("flexdemo-q4", "values in 4 bits"), ("flexdemo-q2", "values in 2 bits"),
+                     ("flexdemo-k16", "k 16"), ("flexdemo-k16-q2", "k 16, values in 2 bits")):
+        v = s["variants"][o]
+        out.append(row(f"FlexDeMo wire, {label}: `tiny` validation loss (2 seeds); bytes for `base` 2 × 2",
+                       f"{v['val_loss']:.3f}; {v['base_2x2_x_dense_bf16']:.1f}× less than dense bf16",
+                       f"k 32 bf16 {d['val_loss']:.3f}; {d['base_2x2_x_dense_bf16']:.1f}×",
+                       f"{v['val_loss'] / d['val_loss']:.3f}× loss (goal ≥ 150× bytes at AdamW's loss)", "CPU",
+                       s["date"], src))
+    return out
+
+
 def slow_link_rows() -> list[list[str]]:
     s = load("slow_link/summary.json")
     rows_by = {r["name"]: r for r in s["rows"]}
@@ -182,7 +200,7 @@ def slow_link_rows() -> list[list[str]]:
 
 def table() -> str:
     head = ["figure", "value", "baseline (same run)", "ratio / goal", "device", "date", "command (result file)"]
-    rows = kernel_rows() + parity_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
+    rows = kernel_rows() + parity_rows() + pareto_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

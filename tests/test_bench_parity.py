@@ -1,0 +1,45 @@
+"""bench_parity's summary from run records (no training here): the best learning rate per optimizer, the ratios, and
+the bytes each variant's settings would send for `base` on 2 nodes x 2 GPUs (the goal's yardstick)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_parity  # noqa: E402
+from bench_demo_comm import comm_row, meta_model  # noqa: E402
+
+from flexdemo import DeMoConfig  # noqa: E402
+
+
+def _run(optim: str, lr: float, seed: int, loss: float, **demo) -> dict:
+    settings = {"demo": dataclasses.asdict(DeMoConfig(**demo))}
+    return {"optim": optim, "lr": lr, "replicas": 1, "seed": seed, "val_loss": loss, "best_val_loss": loss - 0.01,
+            "best_step": 300, "epochs": 0.4, "comm": {"comm/payload_bytes": 1000.0 / (2 if demo else 1)},
+            "settings": settings}
+
+
+def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
+    runs = []
+    for seed, noise in ((0, 0.0), (1, 0.02)):
+        runs += [_run("adamw", 0.1, seed, 1.30 + noise), _run("adamw", 0.3, seed, 1.40 + noise),
+                 _run("flexdemo", 0.03, seed, 1.80 + noise), _run("flexdemo", 0.1, seed, 1.70 + 2 * noise),
+                 _run("flexdemo-q4", 0.03, seed, 1.75 + noise, value_bits=4)]
+    s = bench_parity.summarise(runs, 1)
+    assert (s["adamw"]["lr"], s["flexdemo"]["lr"]) == (0.1, 0.1)
+    assert s["ratio"] == pytest.approx(1.72 / 1.31)
+    assert s["flexdemo"]["lr_at_sweep_edge"] and not s["flexdemo-q4"]["lr_at_sweep_edge"]  # one rate: no sweep
+    q = s["variants"]["flexdemo-q4"]["ratio_over_seeds"]
+    assert q["n"] == 2 and q["mean"] == pytest.approx((1.75 / 1.30 + 1.77 / 1.32) / 2)
+    base = meta_model("base")
+    want = {o: comm_row(base, cfg, 2, 2)["ratio_vs_dense_bf16"]
+            for o, cfg in (("flexdemo", DeMoConfig()), ("flexdemo-q4", DeMoConfig(value_bits=4)))}
+    for o, x in want.items():
+        assert s["variants"][o]["base_2x2_x_dense_bf16"] == pytest.approx(x)
+    assert want["flexdemo-q4"] > 1.5 * want["flexdemo"]  # 4-bit codes + a scale per chunk against bf16 values
+    assert f"{want['flexdemo-q4']:.1f}×" in bench_parity.table({1: s})
