@@ -43,6 +43,7 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-q4": {"value_bits": 4}, "flexdemo-q2": {"value_bits": 2},
             "flexdemo-k16-q4": {"topk": 16, "value_bits": 4}, "flexdemo-k16": {"topk": 16},
             "flexdemo-k64": {"topk": 64}, "flexdemo-k16-q2": {"topk": 16, "value_bits": 2},
+            "flexdemo-k28-q2": {"topk": 28, "value_bits": 2}, "flexdemo-k24-q2": {"topk": 24, "value_bits": 2},
             # the embedding, lm_head and 1-D tensors at a multiple of the learning rate (an optim setting)
             "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0},
             # the schedule: cosine to 0 instead of to 0.1 x lr (a sign step moves every element by lr, noise or not)

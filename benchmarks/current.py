@@ -157,7 +157,8 @@ def pareto_rows() -> list[list[str]]:
     d = s["variants"]["flexdemo"]
     out = []
     for o, label in (("flexdemo-q4", "values in 4 bits"), ("flexdemo-q2", "values in 2 bits"),
-                     ("flexdemo-k16", "k 16"), ("flexdemo-k16-q2", "k 16, values in 2 bits")):
+                     ("flexdemo-k28-q2", "k 28, values in 2 bits"), ("flexdemo-k24-q2", "k 24, values in 2 bits"),
+                     ("flexdemo-k16-q2", "k 16, values in 2 bits")):
         v = s["variants"][o]
         out.append(row(f"FlexDeMo wire, {label}: `tiny` validation loss (2 seeds); bytes for `base` 2 × 2",
                        f"{v['val_loss']:.3f}; {v['base_2x2_x_dense_bf16']:.1f}× less than dense bf16",
