@@ -8,6 +8,7 @@ Two views, same run:
   copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
 
     python benchmarks/bench_optimizer_step.py --model base --out results.json
+    python benchmarks/bench_optimizer_step.py --model base 1b --profile $OUT/profile   # where the step's time goes
 """
 
 from __future__ import annotations
@@ -96,8 +97,35 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
         rows += [{"what": f"{tag}: {kernels} encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
                  {"what": f"{tag}: {kernels} decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec,
                   "x_floor": dec / floor_dec},
-                 {"what": f"{tag}: {kernels} (encode + decode) / AdamW", "ms": float("nan"), "ratio": (enc + dec) / ad}]
+                 {"what": f"{tag}: {kernels} (encode + decode) / AdamW", "ms": enc + dec, "ratio": (enc + dec) / ad}]
     return rows
+
+
+def profile_step(model_name: str, out: Path) -> dict:
+    """Where a FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the step
+    itself (equal: host-bound), and torch.profiler's table of host ops (``out``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_preset(model_name)
+    shapes = [p.shape for p in build_model(dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259)),
+                                           device="meta").parameters()]
+    demo = flexdemo(params_with_grads(shapes), kernels="triton")
+    for _ in range(10):
+        demo.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        demo.step()
+    host = (time.perf_counter() - t0) / 20 * 1e3
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - t0) / 20 * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            demo.step()
+        torch.cuda.synchronize()
+    out.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
+    return {"what": f"{model_name}: FlexDeMo triton step, host enqueue time (profile: {out.name})", "ms": host,
+            "step_ms": total}
 
 
 def kernel_choice(path: str) -> KernelOptions:
@@ -114,6 +142,8 @@ def main() -> None:
     ap.add_argument("--tensor", type=int, nargs=2, default=[4096, 11008])
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernel-choice", default=None, help="bench_flexdemo_kernels.py's JSON: use its fastest variants")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile each model's FlexDeMo step: host enqueue time, and a table of ops per model")
     args = ap.parse_args()
     global CHOICE
     CHOICE = kernel_choice(args.kernel_choice) if args.kernel_choice else None
@@ -122,6 +152,9 @@ def main() -> None:
     rows = []
     for m in args.model:
         rows += model_rows(m)
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            rows.append(profile_step(m, Path(args.profile) / f"profile_{m}.txt"))
     rows += tensor_rows(tuple(args.tensor), torch.float32, bw)
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "copy_bandwidth_GBps": bw / 1e9, "triton_variants": None if CHOICE is None else dataclasses.asdict(CHOICE)}
@@ -129,6 +162,7 @@ def main() -> None:
     for r in rows:
         extra = f"  floor {r['floor_ms']:.3f} ms ({r['x_floor']:.1f}x)" if "floor_ms" in r else ""
         extra += f"  ratio {r['ratio']:.2f}" if "ratio" in r else ""
+        extra += f"  (the step itself {r['step_ms']:.3f} ms)" if "step_ms" in r else ""
         print(f"{r['what']:<55}{r['ms']:>9.3f} ms{extra}")
     if args.out:
         Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=1))

@@ -35,7 +35,8 @@ step tests python3 -m pytest -q -rs tests/test_flexdemo_kernels.py
 step kernels python3 benchmarks/bench_flexdemo_kernels.py --out $G/kernels.json
 NCU="ncu --clock-control none -s 2 -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats"
 step profile sh -c "$NCU -k regex:_encode_kernel python3 benchmarks/profile_kernels.py; $NCU -k regex:_decode_kernel python3 benchmarks/profile_kernels.py"
-step optstep python3 benchmarks/bench_optimizer_step.py --model base 1b --kernel-choice $G/kernels.json --out $G/optstep.json
+step optstep python3 benchmarks/bench_optimizer_step.py --model base 1b --kernel-choice $G/kernels.json --out $G/optstep.json \
+  --profile $G/optstep_profile
 step e2e python3 benchmarks/check_triton_e2e.py --out $G/e2e.json
 step experts python3 benchmarks/bench_experts.py --size small --out $G/experts.json
 step study env SIZE=small PARALLEL=1 SHARDS=${SHARDS:-3} OUT=outputs/study bash launch/study.sh
@@ -48,4 +49,5 @@ cp $G/env.txt $OUT/
 for f in kernels optstep e2e experts; do [ -e $G/$f.json ] && cp $G/$f.json $OUT/; done
 [ -e $G/study.tgz ] && cp $G/study.tgz $OUT/
 [ -d $G/slow_link ] && cp -r $G/slow_link $OUT/
+[ -d $G/optstep_profile ] && cp -r $G/optstep_profile $OUT/
 ls $G
