@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ def comm_row(model, demo: DeMoConfig, R: int, S: int) -> dict:
             "bytes_per_coeff": (wire.nbytes - wire.num_dense * wire._item) / max(1, wire.num_sparse)}
 
 
+@functools.lru_cache(maxsize=None)  # shapes only (meta): one build per preset serves every settings compared
 def meta_model(name: str, vocab: int = 259):
     cfg = load_preset(name)
     return build_model(dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(vocab)), device="meta")
