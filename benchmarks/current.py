@@ -76,6 +76,7 @@ def mixture_rows() -> list[list[str]]:
     dev, date = s["provenance"]["device"].split(" (")[0].replace("NVIDIA ", ""), s["provenance"]["date"]
     src = "`bench_mixture.py --size small` (`mixture_small/optout.json`)"
     gaps, routes = m["gap_recovery"].values(), m["routing_own"].values()
+    alone, n = s["alone"][next(iter(s["recipes"]))], s["size"]["mc_items"]
     return [
         row("merged mixture (math, facts, code; default recipe): public loss", f"{m['losses']['public']:.3f}",
             f"public base {base['public']:.3f}", f"+{m['losses']['public'] - base['public']:.3f} (goal ≤ +0.05)",
@@ -84,10 +85,21 @@ def mixture_rows() -> list[list[str]]:
             "each expert alone = 1", "goal ≥ 0.9", dev, date, src),
         row("merged mixture: router mass on each domain's own expert", f"{min(routes):.3f}–{max(routes):.3f}", "—",
             "goal ≥ 0.7", dev, date, src),
+        *[row(f"merged mixture: `{task}` against the {dom} expert alone ({n} items)", f"{m['tasks'][task]:.3f}",
+              f"alone {alone[dom]['tasks'][task]:.3f}",
+              f"{m['tasks'][task] - alone[dom]['tasks'][task]:+.3f} ± {mc_half(m['tasks'][task], alone[dom]['tasks'][task], n):.3f} "
+              "(95%, unpaired; goal within 0.02)", dev, date, src)
+          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
         row("merged mixture: largest loss change of another domain when one expert opts out",
             f"{m['opt_out_max_change']:.3f} (harm {m['opt_out_max_increase']:.3f})", "—", "goal ≤ 0.02 (missed)",
             dev, date, src),
     ]
+
+
+def mc_half(p: float, q: float, n: int) -> float:
+    """Half-width of the 95% interval of a difference of two accuracies over n items each (unpaired: an upper bound
+    for the same items scored twice)."""
+    return Z95 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
 
 
 def recipe_rows() -> list[list[str]]:
