@@ -86,9 +86,7 @@ def mixture_rows() -> list[list[str]]:
         row("merged mixture: router mass on each domain's own expert", f"{min(routes):.3f}–{max(routes):.3f}", "—",
             "goal ≥ 0.7", dev, date, src),
         *[row(f"merged mixture: `{task}` against the {dom} expert alone ({n} items)", f"{m['tasks'][task]:.3f}",
-              f"alone {alone[dom]['tasks'][task]:.3f}",
-              f"{m['tasks'][task] - alone[dom]['tasks'][task]:+.3f} ± {mc_half(m['tasks'][task], alone[dom]['tasks'][task], n):.3f} "
-              "(95%, unpaired; goal within 0.02)", dev, date, src)
+              f"alone {alone[dom]['tasks'][task]:.3f}", mc_difference(m, alone[dom], task, n), dev, date, src)
           for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
         row("merged mixture: largest loss change of another domain when one expert opts out",
             f"{m['opt_out_max_change']:.3f} (harm {m['opt_out_max_increase']:.3f})", "—", "goal ≤ 0.02 (missed)",
@@ -96,10 +94,16 @@ def mixture_rows() -> list[list[str]]:
     ]
 
 
-def mc_half(p: float, q: float, n: int) -> float:
-    """Half-width of the 95% interval of a difference of two accuracies over n items each (unpaired: an upper bound
-    for the same items scored twice)."""
-    return Z95 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+def mc_difference(mix: dict, alone: dict, task: str, n: int) -> str:
+    """The mixture's accuracy minus the expert's alone with its 95% interval: item by item where the result holds
+    the items (``tasks_vs_alone``), else from the two accuracies (unpaired: wider than the paired one)."""
+    paired = mix.get("tasks_vs_alone", {}).get(task)
+    if paired:
+        lo, hi = paired["ci95"]
+        return f"{paired['diff']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] (paired; goal ≥ −0.02)"
+    p, q = mix["tasks"][task], alone["tasks"][task]
+    half = Z95 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+    return f"{p - q:+.3f} ± {half:.3f} (95%, unpaired; goal within 0.02)"
 
 
 def recipe_rows() -> list[list[str]]:

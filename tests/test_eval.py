@@ -266,3 +266,24 @@ def test_lm_eval_harness_on_a_local_task_gives_our_own_scores(tmp_path, monkeypa
     ours = score_task(model, ByteTokenizer(), task, torch.device("cpu"))["acc"]
     assert len(theirs) == 24 and res["results"]["local_mc"]["acc,none"] == pytest.approx(ours)
     assert sum(theirs) / 24 == pytest.approx(ours)
+
+
+def test_choice_outcomes_are_the_items_behind_the_accuracy_and_compare_paired():
+    import statistics
+
+    from flexmore.eval.evaluate import choice_outcomes, paired_difference
+
+    task = {t.name: t for t in embedded_tasks(n=8)}["math_mc"]
+    wrong = {1, 4, 5}
+    scripts = {it["question"]: " " + it["choices"][(it["answer"] + (i in wrong)) % 4] for i, it in enumerate(task.items)}
+    right, _ = choice_outcomes(Scripted(scripts), ByteTokenizer(), task, torch.device("cpu"))
+    assert right == [i not in wrong for i in range(8)]
+    assert score_task(Scripted(scripts), ByteTokenizer(), task, torch.device("cpu"))["acc"] == 5 / 8
+    a, b = [True, True, False, False, True], [True, False, False, True, False]
+    d = [0.0, 1.0, 0.0, -1.0, 1.0]
+    half = 1.959964 * statistics.stdev(d) / len(d) ** 0.5
+    got = paired_difference(a, b)
+    assert got["diff"] == pytest.approx(0.2) and got["discordant"] == 3
+    assert got["ci95"] == pytest.approx([0.2 - half, 0.2 + half])
+    with pytest.raises(ValueError, match="paired items: 5 against 4"):
+        paired_difference(a, b[:4])

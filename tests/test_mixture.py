@@ -237,3 +237,17 @@ def test_a_model_folder_from_before_the_softplus_bias_loads_with_the_same_routin
     old = load_model(tmp_path / "m")
     torch.testing.assert_close(old.blocks[0].ffn.expert_bias(), torch.tensor([-0.5, -3.0]))
     assert old.blocks[1].ffn.expert_bias()[0].item() > -1e-11 and abs(old.blocks[1].ffn.expert_bias()[1] + 1) < 1e-6
+
+
+def test_a_mixtures_tasks_are_compared_with_each_domains_expert_alone_item_by_item():
+    from types import SimpleNamespace
+
+    from flexmore.study import mixture as M
+
+    tasks = [SimpleNamespace(name="math_mc", domain="math"), SimpleNamespace(name="facts_mc", domain="facts")]
+    alone = {"math": {"task_items": {"math_mc": "1100", "facts_mc": "0000"}},
+             "facts": {"task_items": {"math_mc": "1111", "facts_mc": "0011"}}}
+    got = M.tasks_vs_alone({"math_mc": "1010", "facts_mc": "0111"}, tasks, alone)
+    assert got["math_mc"]["diff"] == 0.0 and got["math_mc"]["discordant"] == 2  # against math's expert, not facts'
+    assert got["facts_mc"]["diff"] == 0.25 and got["facts_mc"]["discordant"] == 1
+    assert M.task_scores({"math_mc": "1010"}) == {"math_mc": 0.5}

@@ -26,19 +26,38 @@ def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, ba
                progress: bool = False) -> dict[str, float]:
     """Batches are wide because decoding has no KV cache: a step's cost is mostly launches, so fewer steps win."""
     if task.kind == "choice":
-        flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
-                                device, batch_size=2 * batch_size, progress=f"{task.name} (choices)" if progress else None)
-        acc = acc_norm = 0.0
-        start = 0
-        for it in task.items:
-            scores = flat[start : start + len(it["choices"])]
-            start += len(it["choices"])
-            acc += float(max(range(len(scores)), key=lambda i: scores[i][0]) == it["answer"])
-            acc_norm += float(max(range(len(scores)), key=lambda i: scores[i][0] / max(1, scores[i][1])) == it["answer"])
-        return {"acc": acc / len(task.items), "acc_norm": acc_norm / len(task.items)}
+        right, right_norm = choice_outcomes(model, tokenizer, task, device, batch_size, progress)
+        return {"acc": sum(right) / len(task.items), "acc_norm": sum(right_norm) / len(task.items)}
     gens = greedy(model, tokenizer, [it["question"] for it in task.items], task.max_new_tokens, device,
                   stop=stop_rule(task), batch_size=batch_size, progress=f"{task.name} (generation)" if progress else None)
     return {"exact_match": sum(exact_match(g, it["answer"]) for g, it in zip(gens, task.items)) / len(task.items)}
+
+
+def choice_outcomes(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 256,
+                    progress: bool = False) -> tuple[list[bool], list[bool]]:
+    """Per item of a multiple-choice task: is the highest log-likelihood the gold choice (and per token: _norm)?
+    Two models scored on the same items compare item by item (a paired difference)."""
+    flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
+                            device, batch_size=2 * batch_size, progress=f"{task.name} (choices)" if progress else None)
+    right, right_norm = [], []
+    start = 0
+    for it in task.items:
+        scores = flat[start : start + len(it["choices"])]
+        start += len(it["choices"])
+        right.append(max(range(len(scores)), key=lambda i: scores[i][0]) == it["answer"])
+        right_norm.append(max(range(len(scores)), key=lambda i: scores[i][0] / max(1, scores[i][1])) == it["answer"])
+    return right, right_norm
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = 1.959964) -> dict:
+    """Accuracy of a minus b over the same items, with the 95% interval of that mean difference (normal)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired items: {len(a)} against {len(b)}; the same non-empty items are needed")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n, mean = len(d), sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    half = z * sd / n ** 0.5
+    return {"diff": mean, "ci95": [mean - half, mean + half], "n": n, "discordant": sum(1 for x in d if x)}
 
 
 def evaluate_model(model, tokenizer: Tokenizer, tasks: list[Task], val_sets: dict, device: torch.device,

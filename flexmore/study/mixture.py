@@ -20,7 +20,7 @@ import torch
 
 from flexmore.config import Config, DataConfig, ExpertConfig, LoggingConfig, OptimConfig, TrainConfig
 from flexmore.data import ByteTokenizer, TokenStream, embedded_path, eval_batches
-from flexmore.eval.evaluate import score_task
+from flexmore.eval.evaluate import choice_outcomes, paired_difference
 from flexmore.eval.routing import routing_mass, routing_stats
 from flexmore.eval.tasks import embedded_tasks
 from flexmore.eval.validation import evaluate
@@ -150,8 +150,18 @@ class Evaluator:
     def losses(self, model) -> dict[str, float]:
         return evaluate(model.to(self.device), self.val, self.device, "auto")
 
+    def task_items(self, model) -> dict[str, str]:
+        """Per task, each item's outcome as a string of 0/1 (compact in the summary; kept for paired comparisons)."""
+        return {t.name: "".join("1" if r else "0" for r in choice_outcomes(model.to(self.device), self.tok, t,
+                                                                          self.device)[0]) for t in self.tasks}
+
     def task_scores(self, model) -> dict[str, float]:
-        return {t.name: score_task(model.to(self.device), self.tok, t, self.device)["acc"] for t in self.tasks}
+        return task_scores(self.task_items(model))
+
+    def scored(self, model) -> dict:
+        """The tasks' accuracies and their per-item outcomes."""
+        items = self.task_items(model)
+        return {"tasks": task_scores(items), "task_items": items}
 
     def routing(self, model) -> dict[str, dict[str, float]]:
         return routing_mass(routing_stats(model.to(self.device), self.val, self.device))
@@ -163,7 +173,8 @@ class Evaluator:
         own = {d: route[d].get(d, float("nan")) for d in route}  # each domain's own expert (public: the public one)
         row = {"losses": losses, "gap_recovery": {d: gap_recovery(base_losses[d], alone[d]["losses"][d], losses[d])
                                                   for d in self.domains},
-               "routing_own": own, "routing": route, "tasks": self.task_scores(model)}
+               "routing_own": own, "routing": route, **self.scored(model)}
+        row["tasks_vs_alone"] = tasks_vs_alone(row["task_items"], self.tasks, alone)
         if with_opt_out and len(self.domains) > 1:
             row["opt_out"], above = {}, []
             for drop in self.domains:
@@ -179,6 +190,20 @@ class Evaluator:
         return row
 
 
+def task_scores(items: dict[str, str]) -> dict[str, float]:
+    return {t: o.count("1") / len(o) for t, o in items.items()}
+
+
+def tasks_vs_alone(items: dict[str, str], tasks: list, alone: dict) -> dict:
+    """Each task of a domain against that domain's expert alone, item by item (the goal: within 0.02 of it)."""
+    out = {}
+    for t in tasks:
+        mine = alone.get(t.domain, {}).get("task_items", {}).get(t.name)
+        if mine is not None and t.name in items:
+            out[t.name] = paired_difference([c == "1" for c in items[t.name]], [c == "1" for c in mine])
+    return out
+
+
 # name -> (routing-loss weight, x the size's steps, probability an expert is absent from a row)
 TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0), "tuned+route+drop": (1.0, 1.0, 0.25)}
 
@@ -189,7 +214,7 @@ def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_
     alone = {}
     for d, art in artifacts.items():
         m = merge(base, [art])
-        alone[d] = {"losses": ev.losses(m), "tasks": ev.task_scores(m), "routing": ev.routing(m)}
+        alone[d] = {"losses": ev.losses(m), **ev.scored(m), "routing": ev.routing(m)}
     mixtures = {}
     merged = merge(base, [artifacts[d] for d in ev.domains])
     mixtures["merged"] = ev.describe(merged, base_losses, alone)
