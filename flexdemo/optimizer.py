@@ -97,7 +97,6 @@ class _Bucket:
     """Parameters exchanged in one all-gather: their payload layout (a wire of their own) and, per param group,
     their launch plan. One bucket holds everything unless the exchange is split by layer (overlap="layerwise")."""
 
-    params: list
     plans: dict  # id(param) -> ParamPlan, offsets within this bucket's wire
     wire: WireLayout
     groups: list  # a _GroupPlan per param group (possibly empty)
@@ -176,7 +175,8 @@ class FlexDeMo(torch.optim.Optimizer):
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
         self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
-        self.plans = [next(b.plans[id(p)] for b in self.buckets if id(p) in b.plans) for p in self.params]
+        plans = {k: pl for b in self.buckets for k, pl in b.plans.items()}
+        self.plans = [plans[id(p)] for p in self.params]
         self.last_comm: dict[str, float] = {}
         self._pending: list[_Pending] = []  # overlap: exchanges whose updates are not applied yet
 
@@ -213,7 +213,7 @@ class FlexDeMo(torch.optim.Optimizer):
 
     def _make_bucket(self, params: list, device: torch.device) -> _Bucket:
         plans, wire = plan_params([local_tensor(p).shape for p in params], self.cfg)
-        bucket = _Bucket(params, {id(p): pl for p, pl in zip(params, plans)}, wire, [])
+        bucket = _Bucket({id(p): pl for p, pl in zip(params, plans)}, wire, [])
         ids = {id(p) for p in params}
         bucket.groups = [self._split_group([p for p in g["params"] if id(p) in ids], bucket, device)
                          for g in self.param_groups]
@@ -408,21 +408,18 @@ class FlexDeMo(torch.optim.Optimizer):
         Returns the hook handles."""
         if len(modules) != len(self.buckets):
             raise ValueError(f"{len(modules)} modules for {len(self.buckets)} buckets: one module per bucket")
+        # FSDP2 may copy the shards into its all-gather on a stream of its own: on a GPU the update must be in
+        # memory before that copy reads it
+        sync = any(hasattr(p, "to_local") for p in self.params) and local_tensor(self.params[0]).is_cuda
         handles = []
         for i, m in enumerate(modules):
             @torch.compiler.disable  # a compiled model calls it eagerly (it waits on a collective)
             def hook(module, args, i=i):
                 self.apply_pending(i)
-                if self._sharded and torch.cuda.is_available() and local_tensor(self.params[0]).is_cuda:
-                    # FSDP2 may copy the shards into its all-gather on a stream of its own: the update must be in
-                    # memory before that copy reads it
+                if sync:
                     torch.cuda.current_stream().synchronize()
             handles.append(m.register_forward_pre_hook(hook, prepend=True))
         return handles
-
-    @property
-    def _sharded(self) -> bool:
-        return any(hasattr(p, "to_local") for p in self.params)
 
     def comm_bytes(self) -> dict[str, float]:
         """Per-rank bytes on the replicate group this step, and what a dense bf16 all-reduce would have cost."""

@@ -24,7 +24,7 @@ def stop_rule(task: Task):
 
 def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 256,
                progress: bool = False) -> dict[str, float]:
-    """Batches are wide because decoding has no KV cache: a step's cost is mostly launches, so fewer steps win."""
+    """Batches are wide: a decoding step's cost is mostly launches, so fewer, wider steps win."""
     if task.kind == "choice":
         right, right_norm = choice_outcomes(model, tokenizer, task, device, batch_size, progress)
         return {"acc": sum(right) / len(task.items), "acc_norm": sum(right_norm) / len(task.items)}
