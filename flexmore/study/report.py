@@ -234,14 +234,29 @@ def paper_verdict(analysis: dict) -> str | None:
     fr, fk = cats["reasoning"].get("fit"), cats["knowledge"].get("fit")
     if not fr or not fk:
         return f"{head} No verdict: too few ranks to fit a slope."
-    d = fr["slope"] - fk["slope"]
-    half = Z95 * math.hypot(fr["se"], fk["se"])
-    ci = f"slope difference reasoning - knowledge {d:+.4f}, 95% CI {interval(d - half, d + half)}"
-    if d - half > 0:
-        return f"{head} This agrees with the paper ({ci})."
-    if d + half < 0:
-        return f"{head} This contradicts the paper ({ci})."
-    return f"{head} Not resolved at this size ({ci})."
+    d, lo, hi = slope_difference(cats)
+    ci = f"slope difference reasoning - knowledge {d:+.4f}, 95% CI {interval(lo, hi)}"
+    return {"above": f"{head} This agrees with the paper ({ci}).",
+            "below": f"{head} This contradicts the paper ({ci})."}.get(outcome(lo, hi),
+                                                                       f"{head} Not resolved at this size ({ci}).")
+
+
+def slope_difference(cats: dict) -> tuple[float, float, float]:
+    """Reasoning's score slope per doubling of rank minus knowledge's, and its 95% interval (the fits' own SEs)."""
+    fr, fk = cats["reasoning"]["fit"], cats["knowledge"]["fit"]
+    d, half = fr["slope"] - fk["slope"], Z95 * math.hypot(fr["se"], fk["se"])
+    return d, d - half, d + half
+
+
+def outcome(lo: float, hi: float, margin: float | None = None) -> str:
+    """What a 95% interval of a difference says: "above" / "below" zero, "within" +-margin, or "unresolved"."""
+    if lo > 0:
+        return "above"
+    if hi < 0:
+        return "below"
+    if margin is not None and -margin <= lo and hi <= margin:
+        return "within"
+    return "unresolved"
 
 
 def mixture_verdict(analysis: dict) -> str | None:
@@ -257,14 +272,11 @@ def mixture_verdict(analysis: dict) -> str | None:
         return f"{head} No verdict: no interval (validation losses only, or task item counts unknown)."
     lo, hi = b["ci95"]
     ci = f"difference {b['diff']:+.4f}, 95% CI {interval(lo, hi)}"
-    if lo > 0:
-        return f"{head} Agrees with the paper: the best-rank mixture is better ({ci})."
-    if hi < 0:
-        return f"{head} Contradicts the paper: the best-rank mixture is worse ({ci})."
-    if -MATCH_MARGIN <= lo and hi <= MATCH_MARGIN:
-        return (f"{head} Agrees with the paper: they match within {MATCH_MARGIN} (the interval lies inside "
-                f"+-{MATCH_MARGIN}); whether the best-rank mixture is better is not resolved at this size ({ci}).")
-    return f"{head} Not resolved at this size ({ci})."
+    return {"above": f"{head} Agrees with the paper: the best-rank mixture is better ({ci}).",
+            "below": f"{head} Contradicts the paper: the best-rank mixture is worse ({ci}).",
+            "within": f"{head} Agrees with the paper: they match within {MATCH_MARGIN} (the interval lies inside "
+                      f"+-{MATCH_MARGIN}); whether the best-rank mixture is better is not resolved at this size ({ci})."
+            }.get(outcome(lo, hi, MATCH_MARGIN), f"{head} Not resolved at this size ({ci}).")
 
 
 def write_report(rows: list[dict], out: str | Path, energy: dict | None = None) -> dict:
