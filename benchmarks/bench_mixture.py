@@ -44,7 +44,13 @@ def main() -> None:
     ap.add_argument("--tune", nargs="*", default=None, metavar="NAME=ROUTE_LOSS:STEPS_FACTOR[:DROP]",
                     help="router tunings to compare (default: tuned=0:1 tuned+route=1:1 tuned+route+drop=1:1:0.25); DROP: probability that an "
                          "expert is absent from a tuning row")
+    ap.add_argument("--routings", nargs="*", default=[], metavar="NAME",
+                    help=f"also evaluate each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
+                         "top-k with renormalised weights)")
     args = ap.parse_args()
+    unknown = [r for r in args.routings if r not in mixture.ROUTINGS]
+    if unknown:
+        raise SystemExit(f"--routings {unknown}: allowed {', '.join(mixture.ROUTINGS)}")
     size = mixture.SIZES[args.size]
     for kv in args.set:
         k, v = kv.split("=")
@@ -88,7 +94,8 @@ def main() -> None:
             tunings[name] = (*vals, 0.0)[:3]
     summary = mixture.run(size, [mixture.RECIPES[r] for r in args.recipes], args.domains, work, device,
                           default=args.default, tasks=not args.no_tasks, centroid_for=args.centroid_for,
-                          out=out / "summary.json", tunings=tunings)
+                          out=out / "summary.json", tunings=tunings,
+                          routings={r: mixture.ROUTINGS[r] for r in args.routings})
     summary["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     summary["torch"] = torch.__version__
     summary["wall_s"] = time.perf_counter() - t0

@@ -71,10 +71,11 @@ def kernel_rows() -> list[list[str]]:
 
 
 def mixture_rows() -> list[list[str]]:
-    s = load("mixture_small/optout.json")
+    s = load("mixture_small/routings.json")  # the newest run of the default recipe
     m, base = s["mixtures"][s["default"]], s["base"]["losses"]
     dev, date = s["provenance"]["device"].split(" (")[0].replace("NVIDIA ", ""), s["provenance"]["date"]
-    src = "`bench_mixture.py --size small` (`mixture_small/optout.json`)"
+    src = "`bench_mixture.py --size small --routings top1 top2` (`mixture_small/routings.json`)"
+    top2 = s["mixtures"][f"{s['default']}@top2"]
     gaps, routes = m["gap_recovery"].values(), m["routing_own"].values()
     alone, n = s["alone"][next(iter(s["recipes"]))], s["size"]["mc_items"]
     return [
@@ -91,6 +92,9 @@ def mixture_rows() -> list[list[str]]:
         row("merged mixture: largest loss change of another domain when one expert opts out",
             f"{m['opt_out_max_change']:.3f} (harm {m['opt_out_max_increase']:.3f})", "—", "goal ≤ 0.02 (missed)",
             dev, date, src),
+        row("the same, each token routed to its top-2 experts (weights renormalised)",
+            f"{top2['opt_out_max_change']:.3f} (harm {top2['opt_out_max_increase']:.3f})",
+            f"public {top2['losses']['public']:.3f}", "goal ≤ 0.02 (missed)", dev, date, src),
     ]
 
 
@@ -180,6 +184,17 @@ def pareto_rows() -> list[list[str]]:
                        f"k 32 bf16 {d['val_loss']:.3f}; {d['base_2x2_x_dense_bf16']:.1f}×",
                        f"{v['val_loss'] / d['val_loss']:.3f}× loss (goal ≥ 150× bytes at AdamW's loss)", "CPU",
                        s["date"], src))
+    g = load("pareto_small/summary.json")
+    seeds = g["repeats"]["seed1_same_call"]
+    mean, d = seeds["mean_over_seeds_0_1"], g["variants"]["flexdemo"]
+    for o, label in (("flexdemo-q2", "values in 2 bits"), ("flexdemo-k28-q2", "k 28, values in 2 bits")):
+        v = g["variants"][o]
+        out.append(row(f"FlexDeMo wire, {label}: `small` validation loss (lr 3e-4, mean of 2 seeds); bytes for "
+                       "`base` 2 × 2", f"{mean[o + '@3e-4']:.3f}; {v['base_2x2_x_dense_bf16']:.1f}×",
+                       f"k 32 bf16 {mean['flexdemo@3e-4']:.3f}; {d['base_2x2_x_dense_bf16']:.1f}×",
+                       f"{mean[o + '@3e-4'] / mean['flexdemo@3e-4']:.3f}× loss (AdamW {mean['adamw@5e-4']:.3f})",
+                       g["device"].replace("NVIDIA ", ""), g["date"],
+                       "`bench_parity.py --size small --seeds 2 --variants ...` (`pareto_small/summary.json`)"))
     return out
 
 

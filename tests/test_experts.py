@@ -15,10 +15,11 @@ from conftest import tiny_config
 
 from flexmore.experts.artifact import base_hash, load_artifact, save_artifact
 from flexmore.experts.extract import extract_lowrank
-from flexmore.experts.merge import merge, opt_out
+from flexmore.experts.merge import merge, opt_out, reroute
 from flexmore.experts.training import frozen_hash, train_expert
 from flexmore.experts.upcycle import expert_config, upcycle
 from flexmore.model.experts import LowRankSwiGLU, break_even_rank
+from flexmore.model.moe import bias_to_raw
 from flexmore.store.modeldir import load_model
 from flexmore.train.loop import train
 
@@ -132,6 +133,28 @@ def test_opt_out_drops_exactly_that_expert(world):
         opt_out(both, ["poetry"])
     with pytest.raises(ValueError, match="public expert 'public' cannot be opted out"):
         opt_out(both, ["public"])
+
+
+def test_renormalised_top_k_makes_an_unchosen_expert_invisible_to_opt_out(world):
+    """With top-k renormalised, opting out an expert that no token ranks in its top-k leaves every output as it
+    was; with FlexOlmo's every-expert softmax the same opt-out moves every token."""
+    tmp, base_dir = world
+    both = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    with torch.no_grad():  # plant a router that never ranks math (expert 1) above the other two
+        for blk in both.blocks:
+            blk.ffn.bias_raw.copy_(bias_to_raw(torch.tensor([-5.0, -0.5])))
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        for k in (1, 2):
+            routed = reroute(both, k, renormalize=True)
+            assert routed.cfg.top_k == k and routed.cfg.norm_topk_prob
+            # the same experts and weights up to rounding (the softmax is over 2 experts instead of 3)
+            torch.testing.assert_close(opt_out(routed, ["math"])(x).logits, routed(x).logits, rtol=0, atol=1e-5)
+        assert (opt_out(both, ["math"])(x).logits - both(x).logits).abs().max() > 1e-4
+        # the top-k of all experts, renormalised, is the unrenormalised every-expert model
+        torch.testing.assert_close(reroute(both, 3, renormalize=True)(x).logits, both(x).logits)
+    with pytest.raises(ValueError, match=r"top_k=4: the model has 3 experts; allowed 1..3"):
+        reroute(both, 4, renormalize=True)
 
 
 def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):

@@ -94,6 +94,18 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
     return model
 
 
+def reroute(model: FlexOlmo, top_k: int, renormalize: bool) -> FlexOlmo:
+    """The same merged model routing each token to its ``top_k`` most probable experts, their weights renormalised
+    to sum to 1 or not. With renormalisation an expert outside a token's top-k does not touch it, so opting that
+    expert out cannot change the token's output (FlexOlmo's default is every expert, unrenormalised)."""
+    cfg = model.cfg
+    if not 1 <= top_k <= cfg.num_experts:
+        raise ValueError(f"top_k={top_k}: the model has {cfg.num_experts} experts; allowed 1..{cfg.num_experts}")
+    new = build_model(dataclasses.replace(cfg, top_k=top_k, norm_topk_prob=renormalize), device="cpu")
+    new.load_state_dict(model.state_dict())
+    return new
+
+
 def opt_out(model: FlexOlmo, drop: list[str]) -> FlexOlmo:
     """The merged model without the named experts (their FFNs, router rows and biases); no retraining."""
     cfg = model.cfg

@@ -24,7 +24,7 @@ from flexmore.eval.evaluate import choice_outcomes, paired_difference
 from flexmore.eval.routing import routing_mass, routing_stats
 from flexmore.eval.tasks import embedded_tasks
 from flexmore.eval.validation import evaluate
-from flexmore.experts.merge import merge, opt_out
+from flexmore.experts.merge import merge, opt_out, reroute
 from flexmore.experts.router import TuneConfig, centroid_router, load_sample, tune_router
 from flexmore.experts.training import train_expert
 from flexmore.model import load_preset
@@ -206,11 +206,15 @@ def tasks_vs_alone(items: dict[str, str], tasks: list, alone: dict) -> dict:
 
 # name -> (routing-loss weight, x the size's steps, probability an expert is absent from a row)
 TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0), "tuned+route+drop": (1.0, 1.0, 0.25)}
+# routings evaluated besides each tuned mixture's own (every expert, unrenormalised): name -> (top-k, renormalise)
+ROUTINGS = {"top1": (1, True), "top2": (2, True)}
 
 
 def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_losses: dict,
-                    centroid: bool = False, tunings: dict[str, tuple[float, float, float]] = TUNINGS) -> tuple[dict, dict]:
-    """(alone: domain -> its two-expert model's losses and tasks, mixtures: name -> description)."""
+                    centroid: bool = False, tunings: dict[str, tuple[float, float, float]] = TUNINGS,
+                    routings: dict[str, tuple[int, bool]] | None = None) -> tuple[dict, dict]:
+    """(alone: domain -> its two-expert model's losses and tasks, mixtures: name -> description; ``name@routing``:
+    a tuned mixture evaluated with one of ``routings``)."""
     alone = {}
     for d, art in artifacts.items():
         m = merge(base, [art])
@@ -224,6 +228,9 @@ def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_
                         route_loss=route_loss, drop=drop)
         info = tune_router(tuned, ev.samples, tc, ev.device, log=None)
         mixtures[name] = {**ev.describe(tuned, base_losses, alone), "tuning": info}
+        for rname, (k, renorm) in (routings or {}).items():
+            mixtures[f"{name}@{rname}"] = {**ev.describe(reroute(tuned, k, renorm), base_losses, alone),
+                                           "routing_rule": {"top_k": k, "renormalize": renorm}}
     if centroid:
         c = merge(base, [artifacts[d] for d in ev.domains])
         centroid_router(c, ev.samples, ev.device)
@@ -239,7 +246,8 @@ def oracle(base_losses: dict, alone: dict, domains: list[str]) -> dict:
 
 def run(size: Size, recipes: list[Recipe], domains: list[str], work: Path, device: torch.device,
         default: str, tasks: bool = True, centroid_for: str | None = None, out: Path | None = None,
-        tunings: dict[str, tuple[float, float, float]] = TUNINGS) -> dict:
+        tunings: dict[str, tuple[float, float, float]] = TUNINGS,
+        routings: dict[str, tuple[int, bool]] | None = None) -> dict:
     """Everything, in one process: the summary (keys ``base``, ``alone``, ``mixtures``, ``default``), also written
     to ``out`` after each recipe (a cut run keeps what it finished)."""
     base = train_base(size, work)
@@ -251,7 +259,8 @@ def run(size: Size, recipes: list[Recipe], domains: list[str], work: Path, devic
                "recipes": {r.name: r.expert_fields() for r in recipes}}
     for r in recipes:
         arts = train_experts(size, base, r, domains, work)
-        alone, mixes = evaluate_recipe(ev, base, arts, base_losses, centroid=r.name == centroid_for, tunings=tunings)
+        alone, mixes = evaluate_recipe(ev, base, arts, base_losses, centroid=r.name == centroid_for, tunings=tunings,
+                                       routings=routings)
         summary["alone"][r.name] = alone
         for k, v in mixes.items():
             summary["mixtures"][f"{r.name}/{k}"] = v
