@@ -142,16 +142,18 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     assert batched == alone and any(batched)
 
 
-def test_cached_decoding_gives_the_logits_of_the_whole_sequence():
+@pytest.mark.parametrize("context", ["token", "prefix"])
+def test_cached_decoding_gives_the_logits_of_the_whole_sequence(context):
     """Left-padded MoE batch: the prompt, then one token at a time through the KV cache, against one forward pass
-    over everything (the uncached reference); then greedy's text against decoding without a cache."""
+    over everything (the uncached reference); then greedy's text against decoding without a cache. Prefix routing
+    carries its running sums in the cache."""
     import dataclasses
 
     from flexmore.eval.generate import greedy
     from flexmore.model import build_model, load_preset
     from flexmore.model.layers import KVCache
 
-    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=320, num_experts=3, top_k=2)
+    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=320, num_experts=3, top_k=2, route_context=context)
     model = build_model(cfg, seed=2).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 320, (3, 14), generator=g)

@@ -157,6 +157,57 @@ def test_renormalised_top_k_makes_an_unchosen_expert_invisible_to_opt_out(world)
         reroute(both, 4, renormalize=True)
 
 
+def test_prefix_routing_gives_each_sequence_its_experts_two_expert_model(world):
+    """route_context="prefix": with facts never preferred (its bias far below), the three-expert mixture is the
+    math expert's own two-expert model, and opting facts out changes nothing; token routing differs from both."""
+    tmp, base_dir = world
+    alone = merge(base_dir, [tmp / "math" / "expert"])
+    both = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    with torch.no_grad():
+        for blk, own in zip(both.blocks, alone.blocks):
+            blk.ffn.bias_raw.copy_(torch.cat([own.ffn.bias_raw, bias_to_raw(torch.tensor([-40.0]))]))
+    prefix = reroute(both, context="prefix")
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(prefix(x).logits, alone(x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(opt_out(prefix, ["facts"])(x).logits, prefix(x).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="route_context='sequence'; allowed: token, prefix"):
+        dataclasses.replace(both.cfg, route_context="sequence")
+    from flexmore.experts.hf import export_hf
+
+    with pytest.raises(ValueError, match="route_context='prefix': transformers' FlexOlmo routes each token by itself"):
+        export_hf(prefix, tmp / "hf-prefix", bias="drop")
+    assert not (tmp / "hf-prefix").exists()
+
+
+def test_prefix_choice_is_the_most_router_probability_so_far(world):
+    """The prefix rule against a loop over each row's tokens: the non-public expert with the most router
+    probability summed over the real tokens so far; the KV cache's running sums give the same choice."""
+    from flexmore.model.layers import KVCache
+
+    tmp, base_dir = world
+    ffn = reroute(merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"]), context="prefix").blocks[0].ffn
+    g = torch.Generator().manual_seed(3)
+    B, T, E = 3, 9, 3
+    logits = torch.randn(B * T, E, generator=g) * 2
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False
+    weights, ids = ffn.prefix_routing(logits, B, valid, None)
+    lg = logits.view(B, T, E)
+    for b in range(B):
+        for t in range(T):
+            real = [s for s in range(t + 1) if valid[b, s]]
+            mass = [sum(float(torch.softmax(lg[b, s], 0)[e]) for s in real) for e in (1, 2)]
+            want = 1 + max(range(2), key=lambda i: (mass[i], -i))
+            assert ids.view(B, T, 2)[b, t].tolist() == [0, want]
+            two = torch.softmax(torch.stack([lg[b, t, 0], lg[b, t, want]]), 0)
+            torch.testing.assert_close(weights.view(B, T, 2)[b, t], two)
+    cache = KVCache(1)
+    first = ffn.prefix_routing(lg[:, :5].reshape(-1, E), B, valid[:, :5], (cache, 0))[1]
+    rest = ffn.prefix_routing(lg[:, 5:].reshape(-1, E), B, valid[:, 5:], (cache, 0))[1]
+    assert torch.equal(torch.cat([first.view(B, 5, 2), rest.view(B, 4, 2)], 1), ids.view(B, T, 2))
+
+
 def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):
     tmp, base_dir = world
     from flexmore.cli.lowrank import public_ffn

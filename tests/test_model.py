@@ -148,9 +148,11 @@ def test_sequence_longer_than_max_fails():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_left_padded_rows_give_their_unpadded_logits():
-    """The attention mask hides pad keys and RoPE is relative: a left-padded row equals the same tokens alone."""
-    model = build_model(cfg_with(num_experts=2, top_k=2)).eval()
+@pytest.mark.parametrize("experts, context", [(2, "token"), (3, "prefix")])
+def test_left_padded_rows_give_their_unpadded_logits(experts, context):
+    """The attention mask hides pad keys and RoPE is relative: a left-padded row equals the same tokens alone (with
+    prefix routing, the pads are left out of the sequence's running mean too)."""
+    model = build_model(cfg_with(num_experts=experts, top_k=2, route_context=context)).eval()
     a, b = torch.randint(0, 96, (1, 9)), torch.randint(0, 96, (1, 5))
     x = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
     valid = torch.ones(2, 9, dtype=torch.bool)

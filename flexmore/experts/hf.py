@@ -125,6 +125,9 @@ def export_hf(model: FlexOlmo, out: str | Path, layout: str = "fused", overwrite
     if bias not in BIAS_EXPORT:
         raise ValueError(f"bias={bias!r}; allowed: {', '.join(BIAS_EXPORT)}")
     cfg = model.cfg
+    if cfg.route_context != "token":
+        raise ValueError(f"route_context={cfg.route_context!r}: transformers' FlexOlmo routes each token by itself; "
+                         "export the model with route_context='token' (merge.reroute(model, context='token'))")
     sd = model.state_dict()
     for i, block in enumerate(model.blocks):
         b = block.ffn.expert_bias()

@@ -94,14 +94,20 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
     return model
 
 
-def reroute(model: FlexOlmo, top_k: int, renormalize: bool) -> FlexOlmo:
-    """The same merged model routing each token to its ``top_k`` most probable experts, their weights renormalised
-    to sum to 1 or not. With renormalisation an expert outside a token's top-k does not touch it, so opting that
-    expert out cannot change the token's output (FlexOlmo's default is every expert, unrenormalised)."""
+def reroute(model: FlexOlmo, top_k: int | None = None, renormalize: bool | None = None,
+            context: str | None = None) -> FlexOlmo:
+    """The same merged model with another routing rule (None: keep the model's): each token to its ``top_k`` most
+    probable experts, their weights renormalised to sum to 1 or not; or ``context="prefix"``, the public expert and
+    the one its sequence so far prefers (ModelConfig.route_context). With renormalisation, or by prefix, an expert a
+    token does not use cannot change it, so opting that expert out leaves the token as it was (FlexOlmo's default
+    is every expert, unrenormalised)."""
     cfg = model.cfg
-    if not 1 <= top_k <= cfg.num_experts:
-        raise ValueError(f"top_k={top_k}: the model has {cfg.num_experts} experts; allowed 1..{cfg.num_experts}")
-    new = build_model(dataclasses.replace(cfg, top_k=top_k, norm_topk_prob=renormalize), device="cpu")
+    k = cfg.top_k if top_k is None else top_k
+    if not 1 <= k <= cfg.num_experts:
+        raise ValueError(f"top_k={k}: the model has {cfg.num_experts} experts; allowed 1..{cfg.num_experts}")
+    new_cfg = dataclasses.replace(cfg, top_k=k, norm_topk_prob=cfg.norm_topk_prob if renormalize is None else renormalize,
+                                  route_context=cfg.route_context if context is None else context)
+    new = build_model(new_cfg, device="cpu")
     new.load_state_dict(model.state_dict())
     return new
 

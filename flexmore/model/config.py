@@ -8,6 +8,9 @@ from typing import Optional
 from flexmore.model.experts import Ranks
 
 
+ROUTE_CONTEXTS = ("token", "prefix")
+
+
 @dataclass
 class ModelConfig:
     """An OLMo2 / FlexOlmo decoder. ``num_experts == 1`` is the dense model."""
@@ -28,6 +31,11 @@ class ModelConfig:
     num_experts: int = 1
     top_k: int = 1
     norm_topk_prob: bool = False  # FlexOlmo: softmax over all experts, top-k, no renormalisation
+    # "token": each token routed by its own router logits (FlexOlmo). "prefix": each token uses the public expert and
+    # one other, the one with the most router probability over the sequence so far (a domain decided by context),
+    # mixed by the token's own softmax over the two: a sequence of one domain gets that expert's two-expert model,
+    # and opting another expert out cannot change it.
+    route_context: str = "token"
     expert_bias: bool = False  # learned bias b < 0 (b = -softplus(raw)) on the non-public experts' logits
     expert_bias_init: float = -1.0  # b of a fresh expert
     router_z_loss_weight: float = 0.0
@@ -59,6 +67,8 @@ class ModelConfig:
             not self.expert_names or len(self.expert_names) == self.num_experts,
             f"expert_names has {len(self.expert_names)} names for num_experts={self.num_experts}",
         )
+        need(self.route_context in ROUTE_CONTEXTS,
+             f"route_context={self.route_context!r}; allowed: {', '.join(ROUTE_CONTEXTS)}")
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
         need(self.expert_bias_init < 0, f"expert_bias_init={self.expert_bias_init} must be < 0 (b = -softplus(raw))")
         if self.expert_kinds:
@@ -113,6 +123,6 @@ class ModelConfig:
         """What must match between a checkpoint and the model that loads it."""
         d = asdict(self)
         for k in ("name", "init_std", "router_z_loss_weight", "lb_loss_weight", "norm_topk_prob", "vocab_multiple",
-                  "expert_bias_init", "route_loss_weight"):
+                  "expert_bias_init", "route_loss_weight", "route_context"):
             d.pop(k)
         return d

@@ -48,6 +48,7 @@ class KVCache:
 
     def __init__(self, n_layers: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.routes: list[torch.Tensor | None] = [None] * n_layers  # route_context="prefix": router mass so far
 
     @property
     def length(self) -> int:

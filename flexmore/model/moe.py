@@ -54,6 +54,7 @@ class MoEFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.top_k, cfg.norm_topk_prob
+        self.route_context = cfg.route_context
         experts = [build_expert("full", cfg.d_model, cfg.d_ffn, device)]
         for e in range(1, cfg.num_experts):
             experts.append(build_expert(cfg.expert_kind(e), cfg.d_model, cfg.d_ffn, device, public=experts[0],
@@ -100,19 +101,46 @@ class MoEFFN(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights, ids
 
+    def prefix_routing(self, logits: torch.Tensor, batch: int, valid: torch.Tensor | None,
+                       cache: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """route_context="prefix": (weights (N, 2), ids (N, 2)) = the public expert and, per token, the expert with
+        the most router probability summed over its sequence so far (padding left out; with a KV cache, the sums of
+        the tokens before), the two mixed by the token's softmax over their logits."""
+        probs = torch.softmax(logits, dim=-1).view(batch, -1, self.num_experts)[..., 1:]
+        if valid is not None:
+            probs = probs * valid[..., None].to(probs.dtype)
+        total = probs.cumsum(1)
+        if cache is not None:
+            kv, layer = cache
+            if kv.routes[layer] is not None:
+                total = total + kv.routes[layer][:, None]
+            kv.routes[layer] = total[:, -1]
+        choice = total.argmax(-1) + 1  # ties: the lowest index
+        ids = torch.stack([torch.zeros_like(choice), choice], dim=-1).view(-1, 2)
+        weights = torch.softmax(logits.gather(1, ids), dim=-1)
+        return weights, ids
+
     def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None, route_targets: torch.Tensor | None = None,
-                present: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                present: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                cache: tuple | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``hold`` (N,) bool over the flattened tokens: there the non-public experts' outputs are detached, so those
         tokens train the router (and bias) but not the experts (public negatives in router-only mode).
         ``route_targets`` (N,) long: the expert each token belongs to (-1: none), for the routing loss
         (``route_loss``: cross-entropy of the router's softmax against it).
-        ``present`` (N, E) bool: the experts each token may use (router tuning that rehearses opt-outs)."""
+        ``present`` (N, E) bool: the experts each token may use (router tuning that rehearses opt-outs).
+        ``valid`` (B, T) bool: real tokens (False: padding), and ``cache`` (KVCache, layer): for prefix routing."""
         if self.router is None:
             return self.experts[0](x), {}
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router_logits(x, present)
-        weights, ids = self.routing(logits)
+        if self.route_context == "prefix":
+            if len(shape) != 3:
+                raise ValueError(f"route_context='prefix' routes by sequence: the input must be (B, T, d), got "
+                                 f"{tuple(shape)}")
+            weights, ids = self.prefix_routing(logits, shape[0], valid, cache)
+        else:
+            weights, ids = self.routing(logits)
         N, k = ids.shape
 
         def run(e: int, expert: Expert, xs: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
@@ -144,7 +172,7 @@ class MoEFFN(nn.Module):
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         probs = torch.softmax(logits, dim=-1)
         chosen = torch.zeros_like(probs).scatter_(1, ids, 1.0).mean(0)
-        counts = chosen / self.top_k
+        counts = chosen / ids.shape[1]
         lb = self.num_experts * (counts.detach() * probs.mean(0)).sum()
         aux = {"router_z_loss": z, "lb_loss": lb, "expert_load": counts.detach(),
                "expert_prob": probs.mean(0).detach(), "expert_topk": chosen.detach()}

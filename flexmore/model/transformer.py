@@ -23,9 +23,9 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg, device=device)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
 
-    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None, cache=None, valid=None):
         h = x + self.post_attention_norm(self.attn(x, cos, sin, mask, cache))
-        f, aux = self.ffn(h, hold, route_targets, present)
+        f, aux = self.ffn(h, hold, route_targets, present, valid, cache)
         return h + self.post_ffn_norm(f), aux
 
 
@@ -114,9 +114,10 @@ class FlexOlmo(nn.Module):
         hold = None if hold_rows is None else hold_rows.to(x.device).bool().repeat_interleave(T)
         targets = None if route_targets is None else route_targets.to(x.device).long().repeat_interleave(T)
         present = None if present_rows is None else present_rows.to(x.device).bool().repeat_interleave(T, dim=0)
+        valid = None if attention_mask is None else attention_mask[:, start:].to(x.device).bool()  # the new tokens
         aux_layers: dict[str, list[torch.Tensor]] = {}
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, mask, hold, targets, present, None if cache is None else (cache, i))
+            x, aux = block(x, cos, sin, mask, hold, targets, present, None if cache is None else (cache, i), valid)
             for k, v in aux.items():
                 aux_layers.setdefault(k, []).append(v)
         logits = self.lm_head(self.norm(x))

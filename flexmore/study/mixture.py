@@ -206,13 +206,14 @@ def tasks_vs_alone(items: dict[str, str], tasks: list, alone: dict) -> dict:
 
 # name -> (routing-loss weight, x the size's steps, probability an expert is absent from a row)
 TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0), "tuned+route+drop": (1.0, 1.0, 0.25)}
-# routings evaluated besides each tuned mixture's own (every expert, unrenormalised): name -> (top-k, renormalise)
-ROUTINGS = {"top1": (1, True), "top2": (2, True)}
+# routings evaluated besides each tuned mixture's own (every expert, unrenormalised): name -> merge.reroute's arguments
+ROUTINGS = {"top1": {"top_k": 1, "renormalize": True}, "top2": {"top_k": 2, "renormalize": True},
+            "prefix": {"context": "prefix"}}
 
 
 def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_losses: dict,
                     centroid: bool = False, tunings: dict[str, tuple[float, float, float]] = TUNINGS,
-                    routings: dict[str, tuple[int, bool]] | None = None) -> tuple[dict, dict]:
+                    routings: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """(alone: domain -> its two-expert model's losses and tasks, mixtures: name -> description; ``name@routing``:
     a tuned mixture evaluated with one of ``routings``)."""
     alone = {}
@@ -228,9 +229,9 @@ def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_
                         route_loss=route_loss, drop=drop)
         info = tune_router(tuned, ev.samples, tc, ev.device, log=None)
         mixtures[name] = {**ev.describe(tuned, base_losses, alone), "tuning": info}
-        for rname, (k, renorm) in (routings or {}).items():
-            mixtures[f"{name}@{rname}"] = {**ev.describe(reroute(tuned, k, renorm), base_losses, alone),
-                                           "routing_rule": {"top_k": k, "renormalize": renorm}}
+        for rname, rule in (routings or {}).items():
+            mixtures[f"{name}@{rname}"] = {**ev.describe(reroute(tuned, **rule), base_losses, alone),
+                                           "routing_rule": rule}
     if centroid:
         c = merge(base, [artifacts[d] for d in ev.domains])
         centroid_router(c, ev.samples, ev.device)
@@ -247,7 +248,7 @@ def oracle(base_losses: dict, alone: dict, domains: list[str]) -> dict:
 def run(size: Size, recipes: list[Recipe], domains: list[str], work: Path, device: torch.device,
         default: str, tasks: bool = True, centroid_for: str | None = None, out: Path | None = None,
         tunings: dict[str, tuple[float, float, float]] = TUNINGS,
-        routings: dict[str, tuple[int, bool]] | None = None) -> dict:
+        routings: dict[str, dict] | None = None) -> dict:
     """Everything, in one process: the summary (keys ``base``, ``alone``, ``mixtures``, ``default``), also written
     to ``out`` after each recipe (a cut run keeps what it finished)."""
     base = train_base(size, work)
