@@ -54,7 +54,9 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-raw": {"sign": False},  # the decoded momentum itself, unsigned (SGD-like on its top-k)
             # the exchange overlapped with the next step's compute: each update applied one step late, or each
             # layer's just before its next forward (the numbers of no overlap)
-            "flexdemo-overlap": {"overlap": "stale"}, "flexdemo-layerwise": {"overlap": "layerwise"}}
+            "flexdemo-overlap": {"overlap": "stale"}, "flexdemo-layerwise": {"overlap": "layerwise"},
+            # Nesterov-style look-ahead: the top-k of delta + nu * lr * grad sent, delta minus that kept
+            "flexdemo-nest0.5": {"nesterov": 0.5}, "flexdemo-nest1": {"nesterov": 1.0}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

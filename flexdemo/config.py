@@ -56,8 +56,14 @@ class DeMoConfig:
     # numbers as "off", with the exchange hidden behind the forward of the layers before. ``flush`` applies what is
     # in flight.
     overlap: str = "off"
+    # Nesterov-style look-ahead: each step sends the top-k of delta + nesterov * lr * grad (the fresh gradient counted
+    # once more) and keeps delta minus what was sent, so the momentum leads the update and error feedback pays the
+    # lead back the next step. 0: DeMo.
+    nesterov: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.nesterov >= 0 and self.nesterov < float("inf")):
+            raise ValueError(f"nesterov={self.nesterov} must be a finite number >= 0")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"overlap={self.overlap!r}; allowed: {', '.join(OVERLAPS)}")
         if self.base_step not in BASE_STEPS:

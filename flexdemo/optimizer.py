@@ -260,20 +260,32 @@ class FlexDeMo(torch.optim.Optimizer):
                 if len(present) > 1:  # one gradient dtype per launch: the kernel reads them as fp32 anyway
                     grads = [g.float() if g is not None else None for g in grads]
                 deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
-                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr, values, indices,
-                                 self.kernel_options)
+                # with a look-ahead the kernel works on delta + nesterov * lr * grad, taken back below
+                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr * (1 + cfg.nesterov), values,
+                                 indices, self.kernel_options)
                 if cfg.value_bits:
                     self._quantize(table, deltas, values, indices, codes, scales)
+                self._take_back_lead(deltas, grads, lr)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)
-                with_grad = [(d, local_tensor(p.grad).float()) for d, p in zip(deltas, plan.dense) if p.grad is not None]
+                grads = [local_tensor(p.grad) if p.grad is not None else None for p in plan.dense]
+                with_grad = [(d, g.float()) for d, g in zip(deltas, grads) if g is not None]
                 if with_grad:
-                    torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad], alpha=lr)
+                    torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad],
+                                        alpha=lr * (1 + cfg.nesterov))
                 sent = torch.cat([d.reshape(-1) for d in deltas]).to(cfg.wire_dtype)
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
+                self._take_back_lead(deltas, grads, lr)
         return wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
+
+    def _take_back_lead(self, deltas: list, grads: list, lr: float) -> None:
+        """Nesterov look-ahead: the residual keeps delta minus what was sent, not the look-ahead's extra gradient."""
+        if self.cfg.nesterov:
+            with_grad = [(d, g.float()) for d, g in zip(deltas, grads) if g is not None]
+            if with_grad:
+                torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad], alpha=-self.cfg.nesterov * lr)
 
     def _quantize(self, table: ChunkTable, deltas: list, values: torch.Tensor, indices: torch.Tensor,
                   codes: torch.Tensor, scales: torch.Tensor) -> None:

@@ -21,8 +21,9 @@ def naive_dct(n: int) -> torch.Tensor:
 class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
-    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None):
+    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0):
         self.params = [p.detach().double().clone() for p in params]
+        self.nesterov = nesterov  # send from delta + nesterov * lr * grad; keep delta minus what was sent
         self.lr, self.beta, self.k, self.s, self.wd, self.sign = lr, beta, k, s, wd, sign
         self.D = naive_dct(s)
         self.adam = adam  # (beta1, beta2, eps): the decoded direction is an Adam step's gradient
@@ -37,9 +38,10 @@ class NaiveDeMo:
     def encode_one(self, delta, grad):
         """Returns {chunk (ci, cj) or 'dense': {position: value}} and updates delta in place."""
         delta.mul_(self.beta).add_(grad.double(), alpha=self.lr)
+        ahead = delta + self.nesterov * self.lr * grad.double()
         if delta.ndim == 1:
-            msg = {"dense": {i: delta[i].item() for i in range(delta.numel())}}
-            delta.zero_()
+            msg = {"dense": {i: ahead[i].item() for i in range(delta.numel())}}
+            delta.sub_(ahead)
             return msg
         s, msg = self.s, {}
         rows, cols = delta.shape
@@ -47,13 +49,14 @@ class NaiveDeMo:
             for cj in range(0, cols, s):
                 block = torch.zeros(s, s, dtype=torch.float64)
                 r, c = min(s, rows - ci), min(s, cols - cj)
-                block[:r, :c] = delta[ci : ci + r, cj : cj + c]
+                block[:r, :c] = ahead[ci : ci + r, cj : cj + c]
                 C = (self.D @ block @ self.D.T).flatten()
                 chosen = sorted(range(s * s), key=lambda j: -abs(C[j].item()))[: self.k]
                 msg[(ci, cj)] = {j: C[j].item() for j in chosen}
+                sent = torch.zeros(s * s, dtype=torch.float64)
                 for j in chosen:
-                    C[j] = 0.0
-                delta[ci : ci + r, cj : cj + c] = (self.D.T @ C.view(s, s) @ self.D)[:r, :c]
+                    sent[j] = C[j]
+                delta[ci : ci + r, cj : cj + c] -= (self.D.T @ sent.view(s, s) @ self.D)[:r, :c]
         return msg
 
     def apply(self, msgs_per_param):
@@ -94,9 +97,11 @@ class NaiveDeMo:
             p.sub_(self.lr * self.m[i] / (self.v[i].sqrt() + eps))
 
 
-@pytest.mark.parametrize("sign, base_step", [(True, "direct"), (False, "direct"), (True, "adam"), (False, "adam"),
-                                             (False, "lion")])
-def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step):
+@pytest.mark.parametrize("sign, base_step, nesterov", [(True, "direct", 0.0), (False, "direct", 0.0),
+                                                       (True, "adam", 0.0), (False, "adam", 0.0),
+                                                       (False, "lion", 0.0), (True, "direct", 0.9),
+                                                       (False, "direct", 0.9)])
+def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov):
     torch.manual_seed(0)
     shapes = [(13, 10), (8, 8), (7,)]
     init = [torch.randn(s) for s in shapes]
@@ -104,10 +109,10 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step):
     # every replica holds the same parameters and its own momentum
     reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(R)]
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
-                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3) for ps in reps]
+                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3, nesterov=nesterov) for ps in reps]
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
     naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
-                      lion=(0.8, 0.9) if base_step == "lion" else None)
+                      lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov)
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
     for step in range(steps):
         grads = [[torch.randn(sh) for sh in shapes] for _ in range(R)]

@@ -7,7 +7,6 @@ from typing import Optional
 
 from flexmore.model.experts import Ranks
 
-
 ROUTE_CONTEXTS = ("token", "prefix")
 
 
