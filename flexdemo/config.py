@@ -13,6 +13,7 @@ DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 BASE_STEPS = ("direct", "adam", "lion")
 OVERLAPS = ("off", "stale", "layerwise")
+TENSOR_SCALES = ("none", "adam_rms")
 
 
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
@@ -60,8 +61,18 @@ class DeMoConfig:
     # once more) and keeps delta minus what was sent, so the momentum leads the update and error feedback pays the
     # lead back the next step. 0: DeMo.
     nesterov: float = 0.0
+    # Each tensor's step (direct base step) times a scale: "adam_rms", the RMS over the tensor (each rank's shard)
+    # of the update Adam would make from the local gradient (moments at ``adam_betas``, ``adam_eps``), averaged over
+    # the replicas (one fp32 per tensor at the end of the payload), so a tensor whose gradient is mostly noise takes
+    # smaller steps. "none": DeMo.
+    tensor_scale: str = "none"
 
     def __post_init__(self) -> None:
+        if self.tensor_scale not in TENSOR_SCALES:
+            raise ValueError(f"tensor_scale={self.tensor_scale!r}; allowed: {', '.join(TENSOR_SCALES)}")
+        if self.tensor_scale != "none" and self.base_step != "direct":
+            raise ValueError(f"tensor_scale={self.tensor_scale!r} scales the direct step; base_step="
+                             f"{self.base_step!r} has its own (use base_step=direct)")
         if not (self.nesterov >= 0 and self.nesterov < float("inf")):
             raise ValueError(f"nesterov={self.nesterov} must be a finite number >= 0")
         if self.overlap not in OVERLAPS:

@@ -7,7 +7,8 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     send the top-k DCT coefficients of each chunk of delta, and remove them from delta
     one all-gather of every replica's packed payload    (one collective per step; or one per layer, overlap=layerwise)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
-    (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step)
+    (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step; tensor_scale=adam_rms:
+    each tensor's step times the replicas' mean RMS of the Adam update of their own gradients, sent with the payload)
 
 Encode and decode + apply run as Triton kernels on CUDA (``kernels``), one launch per param group and dtype for all
 compressed tensors, with torch twins for the CPU.
@@ -100,6 +101,7 @@ class _Bucket:
     plans: dict  # id(param) -> ParamPlan, offsets within this bucket's wire
     wire: WireLayout
     groups: list  # a _GroupPlan per param group (possibly empty)
+    members: list  # its parameters in optimizer order (tensor_scale: one scale each, after the wire's bytes)
 
 
 @dataclass
@@ -171,6 +173,9 @@ class FlexDeMo(torch.optim.Optimizer):
                 self.state[p]["exp_avg"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
             if cfg.base_step == "adam":
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
+            if cfg.tensor_scale != "none":  # this replica's own: moments of its local gradient
+                for key in ("grad_avg", "grad_avg_sq"):
+                    self.state[p][key] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
         self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
@@ -189,7 +194,11 @@ class FlexDeMo(torch.optim.Optimizer):
 
     @property
     def payload_nbytes(self) -> int:
-        return sum(b.wire.nbytes for b in self.buckets)
+        return sum(b.wire.nbytes + self._scale_nbytes(b) for b in self.buckets)
+
+    def _scale_nbytes(self, b: _Bucket) -> int:
+        """tensor_scale: one fp32 per tensor after the wire's bytes."""
+        return 4 * len(b.members) if self.cfg.tensor_scale != "none" else 0
 
     def _check_buckets(self, buckets: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
         """Every optimised parameter in exactly one bucket, in the order given (buckets of nothing dropped)."""
@@ -213,7 +222,7 @@ class FlexDeMo(torch.optim.Optimizer):
 
     def _make_bucket(self, params: list, device: torch.device) -> _Bucket:
         plans, wire = plan_params([local_tensor(p).shape for p in params], self.cfg)
-        bucket = _Bucket({id(p): pl for p, pl in zip(params, plans)}, wire, [])
+        bucket = _Bucket({id(p): pl for p, pl in zip(params, plans)}, wire, [], list(params))
         ids = {id(p) for p in params}
         bucket.groups = [self._split_group([p for p in g["params"] if id(p) in ids], bucket, device)
                          for g in self.param_groups]
@@ -278,7 +287,25 @@ class FlexDeMo(torch.optim.Optimizer):
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
                 self._take_back_lead(deltas, grads, lr)
-        return wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
+        payload = wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
+        if cfg.tensor_scale != "none":
+            payload = torch.cat([payload, self._local_scales(b).view(torch.uint8)])
+        return payload
+
+    def _local_scales(self, b: _Bucket) -> torch.Tensor:
+        """tensor_scale="adam_rms": per member, the RMS of m / (sqrt(v) + eps) after this step's gradient (fp32)."""
+        b1, b2 = self.cfg.adam_betas
+        st = [self.state[p] for p in b.members]
+        live = [(s, local_tensor(p.grad).float()) for s, p in zip(st, b.members) if p.grad is not None]
+        if live:
+            grads = [g for _, g in live]
+            torch._foreach_lerp_([s["grad_avg"] for s, _ in live], grads, 1 - b1)
+            torch._foreach_mul_([s["grad_avg_sq"] for s, _ in live], b2)
+            torch._foreach_addcmul_([s["grad_avg_sq"] for s, _ in live], grads, grads, value=1 - b2)
+        denom = torch._foreach_add(torch._foreach_sqrt([s["grad_avg_sq"] for s in st]), self.cfg.adam_eps)
+        norms = torch._foreach_norm(torch._foreach_div([s["grad_avg"] for s in st], denom))
+        sizes = torch.tensor([max(local_tensor(p).numel(), 1) for p in b.members], dtype=torch.float32)
+        return (torch.stack(norms).float() / sizes.to(norms[0].device).sqrt()).contiguous()
 
     def _take_back_lead(self, deltas: list, grads: list, lr: float) -> None:
         """Nesterov look-ahead: the residual keeps delta minus what was sent, not the look-ahead's extra gradient."""
@@ -326,8 +353,19 @@ class FlexDeMo(torch.optim.Optimizer):
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step; at the
         param groups' learning rates and weight decays now, or at ``rates`` ((lr, wd) per group)."""
         bk = self.buckets[bucket]
+        scale = None
+        if self.cfg.tensor_scale != "none":  # the replicas' scales, averaged in replica order 0..R-1
+            at = bk.wire.nbytes
+            each = gathered[:, at : at + self._scale_nbytes(bk)].contiguous().view(torch.float32)
+            mean = each[0].clone()
+            for r in range(1, each.shape[0]):
+                mean += each[r]
+            mean /= each.shape[0]
+            scale = dict(zip((id(p) for p in bk.members), mean.unbind()))
+            gathered = gathered[:, :at]
         indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
-        stepped = self.cfg.base_step != "direct"  # a base step with moments (adam, lion): decode, then step
+        # a base step with moments (adam, lion), or a scaled direct step: decode, then step
+        stepped = self.cfg.base_step != "direct" or scale is not None
         rates = rates or self._rates()
         for (lr, wd), plan in zip(rates, bk.groups):
             decay = 1.0 - lr * wd
@@ -356,7 +394,11 @@ class FlexDeMo(torch.optim.Optimizer):
                 else:
                     flat = torch.cat([x.reshape(-1).float() for x in locals_])
                     torch._foreach_copy_(locals_, _views_like(flat * decay - lr * update, locals_))
-            if directions:
+            if directions and scale is not None:
+                steps = [d for _, d in directions]
+                torch._foreach_mul_(steps, [scale[id(p)] for p, _ in directions])
+                _descend([p for p, _ in directions], steps, lr, decay)
+            elif directions:
                 step = self._adam_step if self.cfg.base_step == "adam" else self._lion_step
                 step([p for p, _ in directions], [d for _, d in directions], lr, decay)
 

@@ -135,6 +135,8 @@ def test_fault_settings_fail_at_start_up(override, match):
     ("optim.edge_lr_scale=0", "optim.edge_lr_scale=0.0 must be a finite number > 0"),
     ("optim.demo.adam_betas=[0.9,1.0]", r"optim.demo.adam_betas=\[0.9, 1.0\]: two values in \[0, 1\)"),
     ("optim.demo.adam_eps=0", "optim.demo.adam_eps=0.0 must be > 0"),
+    ("optim.demo.nesterov=-0.5", "optim.demo.nesterov=-0.5 must be a finite number >= 0"),
+    ("optim.demo.tensor_scale=rms", "optim.demo.tensor_scale='rms'; allowed: none, adam_rms"),
 ])
 def test_each_optimizers_settings_are_checked_under_their_own_key(override, match):
     with pytest.raises(ValueError, match=match):

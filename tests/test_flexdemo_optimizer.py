@@ -21,8 +21,13 @@ def naive_dct(n: int) -> torch.Tensor:
 class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
-    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0):
+    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0, scale=None, replicas=1):
         self.params = [p.detach().double().clone() for p in params]
+        # scale = (beta1, beta2, eps): each tensor's step x the replicas' mean RMS of m / (sqrt(v) + eps), m and v
+        # each replica's moments of its own gradient (``gm``, ``gv``; ``observe`` updates them)
+        self.scale = scale
+        self.gm = [[torch.zeros_like(p) for p in self.params] for _ in range(replicas)]
+        self.gv = [[torch.zeros_like(p) for p in self.params] for _ in range(replicas)]
         self.nesterov = nesterov  # send from delta + nesterov * lr * grad; keep delta minus what was sent
         self.lr, self.beta, self.k, self.s, self.wd, self.sign = lr, beta, k, s, wd, sign
         self.D = naive_dct(s)
@@ -59,6 +64,18 @@ class NaiveDeMo:
                 delta[ci : ci + r, cj : cj + c] -= (self.D.T @ sent.view(s, s) @ self.D)[:r, :c]
         return msg
 
+    def observe(self, replica, grads):
+        """tensor_scale: one replica's gradients into its own moments."""
+        b1, b2, _ = self.scale
+        for i, g in enumerate(grads):
+            self.gm[replica][i] = b1 * self.gm[replica][i] + (1 - b1) * g.double()
+            self.gv[replica][i] = b2 * self.gv[replica][i] + (1 - b2) * g.double() ** 2
+
+    def tensor_scale(self, i):
+        eps = self.scale[2]
+        rms = [float((m[i] / (v[i].sqrt() + eps)).pow(2).mean().sqrt()) for m, v in zip(self.gm, self.gv)]
+        return sum(rms) / len(rms)
+
     def apply(self, msgs_per_param):
         """msgs_per_param[i] = list over replicas of that param's message."""
         for i, (p, msgs) in enumerate(zip(self.params, msgs_per_param)):
@@ -89,7 +106,7 @@ class NaiveDeMo:
                 self.m[i] = b2 * self.m[i] + (1 - b2) * d
                 continue
             if self.adam is None:
-                p.sub_(self.lr * d)
+                p.sub_(self.lr * d * (self.tensor_scale(i) if self.scale else 1.0))
                 continue
             b1, b2, eps = self.adam
             self.m[i] = b1 * self.m[i] + (1 - b1) * d
@@ -97,11 +114,11 @@ class NaiveDeMo:
             p.sub_(self.lr * self.m[i] / (self.v[i].sqrt() + eps))
 
 
-@pytest.mark.parametrize("sign, base_step, nesterov", [(True, "direct", 0.0), (False, "direct", 0.0),
-                                                       (True, "adam", 0.0), (False, "adam", 0.0),
-                                                       (False, "lion", 0.0), (True, "direct", 0.9),
-                                                       (False, "direct", 0.9)])
-def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov):
+@pytest.mark.parametrize("sign, base_step, nesterov, scale", [
+    (True, "direct", 0.0, "none"), (False, "direct", 0.0, "none"), (True, "adam", 0.0, "none"),
+    (False, "adam", 0.0, "none"), (False, "lion", 0.0, "none"), (True, "direct", 0.9, "none"),
+    (False, "direct", 0.9, "none"), (True, "direct", 0.0, "adam_rms"), (False, "direct", 0.0, "adam_rms")])
+def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale):
     torch.manual_seed(0)
     shapes = [(13, 10), (8, 8), (7,)]
     init = [torch.randn(s) for s in shapes]
@@ -109,10 +126,12 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     # every replica holds the same parameters and its own momentum
     reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(R)]
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
-                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3, nesterov=nesterov) for ps in reps]
+                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3, nesterov=nesterov, tensor_scale=scale)
+            for ps in reps]
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
     naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
-                      lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov)
+                      lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov,
+                      scale=(0.8, 0.9, 1e-3) if scale != "none" else None, replicas=R)
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
     for step in range(steps):
         grads = [[torch.randn(sh) for sh in shapes] for _ in range(R)]
@@ -123,6 +142,9 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
         for o in opts:
             o.decode_apply(gathered)
         msgs = [[naive.encode_one(naive_deltas[r][i], grads[r][i]) for r in range(R)] for i in range(len(shapes))]
+        if scale != "none":
+            for r in range(R):
+                naive.observe(r, grads[r])
         naive.apply(msgs)
         for r in range(R):
             for p, q in zip(reps[r], naive.params):
@@ -232,3 +254,22 @@ def test_buckets_must_partition_the_optimised_tensors():
     with pytest.raises(ValueError, match=r"1 modules for 2 buckets"):
         opt.attach([torch.nn.Linear(2, 2)])
     assert opt.payload_nbytes == sum(bk.wire.nbytes for bk in opt.buckets) and len(opt.buckets) == 2
+
+
+def test_tensor_scale_is_checked_and_sent_as_one_float_per_tensor():
+    from flexdemo import DeMoConfig
+
+    with pytest.raises(ValueError, match="tensor_scale='adam_rms' scales the direct step; base_step='adam'"):
+        DeMoConfig(tensor_scale="adam_rms", base_step="adam")
+    ps = [torch.nn.Parameter(torch.randn(70, 66)), torch.nn.Parameter(torch.randn(9))]
+    plain, scaled = FlexDeMo(ps, lr=0.01), FlexDeMo(ps, lr=0.01, tensor_scale="adam_rms")
+    assert scaled.payload_nbytes == plain.payload_nbytes + 4 * len(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in ps]
+    scaled.step()
+    # after one gradient m = (1 - b1) g and v = (1 - b2) g^2, so every element moves by lr * (1 - b1) / sqrt(1 - b2)
+    b1, b2 = scaled.cfg.adam_betas
+    for p, b in zip(ps, before):
+        torch.testing.assert_close((p.detach() - b).abs(), torch.full_like(b, 0.01 * (1 - b1) / (1 - b2) ** 0.5),
+                                   rtol=1e-4, atol=1e-7)

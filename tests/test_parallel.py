@@ -82,6 +82,9 @@ def job_four_ranks(tmp: str) -> dict:
     # A with the other update rules, base_step=adam and the Nesterov look-ahead: 20 steps on the same mesh
     aa = train(tiny_config(tmp / "AA", optim={**DEMO, "base_step": "adam", "nesterov": 0.5},
                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
+    asc = train(tiny_config(tmp / "AS", optim={**DEMO, "tensor_scale": "adam_rms"},
+                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
+    out["A_scaled"] = {"params": _local(asc.model), "delta": _residuals(asc)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
@@ -100,7 +103,7 @@ def four(tmp_path_factory):
     return tmp, run_distributed_test(job_four_ranks, 4, str(tmp), local_world_size=4)
 
 
-@pytest.mark.parametrize("run", ["A", "A_rules"])
+@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled"])
 def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four, run):
     _, ranks = four
     for shard in (0, 1):  # ranks shard and shard + 2 own the same shard on the two "nodes"

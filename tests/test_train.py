@@ -40,9 +40,11 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_resume_with_flexdemos_adam_base_step_is_bit_identical(tmp_path, capsys):
-    """The Adam moments of base_step=adam are checkpointed with the residuals: stop at 5, resume, same as straight."""
-    optim = {"name": "flexdemo", "lr": 1e-3, "chunk": 16, "topk": 8, "base_step": "adam", "weight_decay": 0.0}
+@pytest.mark.parametrize("rule, key", [({"base_step": "adam"}, "exp_avg"), ({"tensor_scale": "adam_rms"}, "grad_avg")])
+def test_resume_with_flexdemos_moments_is_bit_identical(tmp_path, capsys, rule, key):
+    """The moments of base_step=adam, or of tensor_scale, are checkpointed with the residuals: stop at 5, resume,
+    same as straight."""
+    optim = {"name": "flexdemo", "lr": 1e-3, "chunk": 16, "topk": 8, "weight_decay": 0.0, **rule}
     full = train(tiny_config(tmp_path / "a", optim=optim))
     out = capsys.readouterr().out  # what a step sends, at start-up and measured at the end
     payload = f"{full.comm['comm/payload_bytes'] / 1e6:,.3f} MB"
@@ -54,7 +56,7 @@ def test_resume_with_flexdemos_adam_base_step_is_bit_identical(tmp_path, capsys)
     assert rest.resumed_from == 5 and all(rest.losses[s] == full.losses[s] for s in range(6, 13))
     for (n, p), (_, q) in zip(full.model.named_parameters(), rest.model.named_parameters()):
         assert torch.equal(p, q), n
-    m = rest.optimizer.state[next(iter(rest.model.parameters()))]["exp_avg"]
+    m = rest.optimizer.state[next(iter(rest.model.parameters()))][key]
     assert m.abs().sum() > 0
 
 

@@ -24,7 +24,9 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-STATES = ("delta", "exp_avg", "exp_avg_sq")  # the residual, and the base step's moments (adam, lion; the same on every replica)
+# the residual, the base step's moments (adam, lion; the same on every replica), and tensor_scale's moments of the
+# local gradient (each replica its own, like the residual)
+STATES = ("delta", "exp_avg", "exp_avg_sq", "grad_avg", "grad_avg_sq")
 
 
 def residual_state(opt: FlexDeMo, model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
