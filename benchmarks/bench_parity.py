@@ -56,9 +56,9 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # layer's just before its next forward (the numbers of no overlap)
             "flexdemo-overlap": {"overlap": "stale"}, "flexdemo-layerwise": {"overlap": "layerwise"},
             # Nesterov-style look-ahead: the top-k of delta + nu * lr * grad sent, delta minus that kept
+            "flexdemo-nest0.5": {"nesterov": 0.5}, "flexdemo-nest1": {"nesterov": 1.0},
             # each tensor's step x the replicas' mean RMS of the Adam update of their own gradients
-            "flexdemo-scaled": {"tensor_scale": "adam_rms"},
-            "flexdemo-nest0.5": {"nesterov": 0.5}, "flexdemo-nest1": {"nesterov": 1.0}}
+            "flexdemo-scaled": {"tensor_scale": "adam_rms"}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -117,6 +117,14 @@ def _grad_2d(p: torch.Tensor, lay: ChunkLayout) -> torch.Tensor | None:
     return local_tensor(p.grad).reshape(lay.rows, lay.cols) if p.grad is not None else None
 
 
+def _replica_mean(rows: torch.Tensor) -> torch.Tensor:
+    """The mean of (replicas, n) rows, summed in replica order 0..R-1: the same bits on every replica."""
+    mean = rows[0].clone()
+    for r in range(1, rows.shape[0]):
+        mean += rows[r]
+    return mean / rows.shape[0]
+
+
 def _views_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Split a flat tensor into views shaped like ``like``, in order."""
     return [v.view_as(x) for v, x in zip(flat.split([x.numel() for x in like]), like)]
@@ -357,11 +365,7 @@ class FlexDeMo(torch.optim.Optimizer):
         if self.cfg.tensor_scale != "none":  # the replicas' scales, averaged in replica order 0..R-1
             at = bk.wire.nbytes
             each = gathered[:, at : at + self._scale_nbytes(bk)].contiguous().view(torch.float32)
-            mean = each[0].clone()
-            for r in range(1, each.shape[0]):
-                mean += each[r]
-            mean /= each.shape[0]
-            scale = dict(zip((id(p) for p in bk.members), mean.unbind()))
+            scale = dict(zip((id(p) for p in bk.members), _replica_mean(each).unbind()))
             gathered = gathered[:, :at]
         indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
         # a base step with moments (adam, lion), or a scaled direct step: decode, then step
@@ -382,10 +386,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
                                        self.cfg.sign, self.kernel_options)
             if plan.dense:
-                update = values[0, plan.dense_slice].float().clone()
-                for r in range(1, values.shape[0]):
-                    update += values[r, plan.dense_slice].float()
-                update /= values.shape[0]
+                update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:
                     update = update.sign()
                 locals_ = [local_tensor(p) for p in plan.dense]
