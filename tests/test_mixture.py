@@ -251,3 +251,21 @@ def test_a_mixtures_tasks_are_compared_with_each_domains_expert_alone_item_by_it
     assert got["math_mc"]["diff"] == 0.0 and got["math_mc"]["discordant"] == 2  # against math's expert, not facts'
     assert got["facts_mc"]["diff"] == 0.25 and got["facts_mc"]["discordant"] == 1
     assert M.task_scores({"math_mc": "1010"}) == {"math_mc": 0.5}
+
+
+def test_bad_routing_settings_fail_before_any_work(tmp_path):
+    """An unknown --routings name stops bench_mixture before it trains anything; prefix routing refuses a batch
+    without its sequence axis."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixture.py"
+    done = subprocess.run([sys.executable, str(bench), "--size", "tiny", "--routings", "top3",
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--routings ['top3']: allowed top1, top2, prefix" in done.stderr
+    assert not (tmp_path / "w").exists()
+    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=64, num_experts=3, top_k=2, route_context="prefix")
+    ffn = build_model(cfg).blocks[0].ffn
+    with pytest.raises(ValueError, match=r"route_context='prefix' routes by sequence: the input must be \(B, T, d\)"):
+        ffn(torch.randn(5, cfg.d_model))
