@@ -305,37 +305,40 @@ def test_decode_default_is_the_bf16x3_decomposition_everywhere(replicas):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("replicas", [1, 3])
-def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas):
+@pytest.mark.parametrize("replicas, lr", [(1, 0.01), (3, 0.01), (2, -1.0)])  # -1: how a base step reads the direction
+def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas, lr):
     torch.manual_seed(5)
     lay = ChunkLayout(37, 21, 16)
     idx, vals = random_payload(lay, 5, replicas, torch.bfloat16)
     p0 = torch.randn(37, 21, device=DEVICE).to(dtype)
     a, b = p0.clone(), p0.clone()
-    decode_apply_reference(a, idx, vals, lay, 5, lr=0.01, decay=0.999, sign=True)
-    decode_apply_triton(b, idx, vals, lay, 5, lr=0.01, decay=0.999, sign=True)
+    decode_apply_reference(a, idx, vals, lay, 5, lr=lr, decay=0.999, sign=True)
+    decode_apply_triton(b, idx, vals, lay, 5, lr=lr, decay=0.999, sign=True)
     near_zero = decode_mean(idx, vals, lay, 5).abs() < 1e-6
     assert b.dtype == dtype
     # A GPU contracts p * decay - lr * u into one FMA, one rounding fewer than torch's three ops, so the two may differ
     # by the fp32 rounding of the operands (2 ulps of |p| + lr, whatever cancellation leaves) plus one ulp of the
     # parameter's dtype. The interpreter does not contract: there they agree bit for bit.
-    bound = torch.finfo(dtype).eps * a.float().abs() + 2 * torch.finfo(torch.float32).eps * (p0.float().abs() + 0.01)
+    bound = torch.finfo(dtype).eps * a.float().abs() + 2 * torch.finfo(torch.float32).eps * (p0.float().abs() + abs(lr))
     err = (b.float() - a.float()).abs()
     assert (err <= bound)[~near_zero].all(), (err - bound).max()
     if DEVICE == "cpu":
         assert torch.equal(a[~near_zero], b[~near_zero])
 
 
-@pytest.mark.parametrize("replicas, base_step", [(1, "direct"), (2, "direct"), (3, "direct"), (2, "adam")])
-def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas, base_step):
+@pytest.mark.parametrize("replicas, base_step, rule", [(1, "direct", {}), (2, "direct", {}), (3, "direct", {}),
+                                                      (2, "adam", {}), (2, "adam", {"sign": True}),
+                                                      (2, "direct", {"sign": True, "tensor_scale": "adam_rms"})])
+def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas, base_step, rule):
     torch.manual_seed(0)
     shapes = [(37, 21), (32, 48), (9,)]
     init = [torch.randn(s, device=DEVICE) * 0.1 for s in shapes]
     opts = {}
     for kernels in ("torch", "triton"):
         reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(replicas)]
-        opts[kernels] = (reps, [FlexDeMo(ps, lr=0.01, chunk=16, topk=6, beta=0.9, weight_decay=0.1, sign=False,
-                                         kernels=kernels, base_step=base_step) for ps in reps])
+        opts[kernels] = (reps, [FlexDeMo(ps, lr=0.01, chunk=16, topk=6, beta=0.9, weight_decay=0.1,
+                                         kernels=kernels, base_step=base_step, **{"sign": False, **rule})
+                                for ps in reps])
     for step in range(3):
         grads = [[torch.randn(s, device=DEVICE) for s in shapes] for _ in range(replicas)]
         for reps, os_ in opts.values():

@@ -74,9 +74,10 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
         q = (local % gc) * S + si[None, :]
     mask = (r < n_rows) & (q < n_cols)
     p = tl.load(pp + r * sp + q, mask=mask, other=0.0).to(tl.float32)
-    if SIGN:  # lr * sign(update): lr with the update's sign bit, 0 where the update is 0
+    if SIGN:  # lr * sign(update): lr's bits with the update's sign bit xor-ed in (lr may be negative: a stepped
+        # base step decodes with lr = -1 into zeros), 0 where the update is 0
         lr_bits = (tl.zeros((), tl.float32) + lr).to(tl.int32, bitcast=True)
-        step = ((upd.to(tl.int32, bitcast=True) & -2147483648) | lr_bits).to(tl.float32, bitcast=True)
+        step = ((upd.to(tl.int32, bitcast=True) & -2147483648) ^ lr_bits).to(tl.float32, bitcast=True)
         p = p * decay - tl.where(upd == 0, 0.0, step)
     else:
         p = p * decay - lr * upd
