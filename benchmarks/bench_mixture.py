@@ -46,8 +46,8 @@ def main() -> None:
                          "expert is absent from a tuning row")
     ap.add_argument("--routings", nargs="*", default=[], metavar="NAME",
                     help=f"also evaluate each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
-                         "top-k with renormalised weights; prefix: the public expert and the one its sequence "
-                         "so far prefers)")
+                         "top-k with renormalised weights; prefix / sequence: the public expert and the one its "
+                         "sequence so far prefers, per layer / over all layers)")
     args = ap.parse_args()
     unknown = [r for r in args.routings if r not in mixture.ROUTINGS]
     if unknown:

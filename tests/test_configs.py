@@ -66,9 +66,9 @@ def test_unknown_key_and_wrong_type_fail():
 def test_semantic_checks_run_at_start_up():
     with pytest.raises(ValueError, match="top_k=3 is larger than num_experts=2"):
         composed("model.num_experts=2", "model.top_k=3")
-    with pytest.raises(ValueError, match="route_context='sequence'; allowed: token, prefix"):
-        composed("model.route_context=sequence")
-    assert composed("model.route_context=prefix").model.route_context == "prefix"
+    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence"):
+        composed("model.route_context=document")
+    assert composed("model.route_context=sequence").model.route_context == "sequence"
     with pytest.raises(ValueError, match="train.seq_len=4096 is larger than the model's max_seq_len=256"):
         composed("train.seq_len=4096")
     with pytest.raises(ValueError, match="data domain 'poetry' is not an embedded domain"):

@@ -158,21 +158,23 @@ def test_renormalised_top_k_makes_an_unchosen_expert_invisible_to_opt_out(world)
 
 
 def test_prefix_routing_gives_each_sequence_its_experts_two_expert_model(world):
-    """route_context="prefix": with facts never preferred (its bias far below), the three-expert mixture is the
-    math expert's own two-expert model, and opting facts out changes nothing; token routing differs from both."""
+    """route_context="prefix" / "sequence": with facts never preferred (its bias far below), the three-expert
+    mixture is the math expert's own two-expert model, and opting facts out changes nothing."""
     tmp, base_dir = world
     alone = merge(base_dir, [tmp / "math" / "expert"])
     both = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
     with torch.no_grad():
         for blk, own in zip(both.blocks, alone.blocks):
             blk.ffn.bias_raw.copy_(torch.cat([own.ffn.bias_raw, bias_to_raw(torch.tensor([-40.0]))]))
-    prefix = reroute(both, context="prefix")
     x = torch.randint(0, 256, (2, 11))
-    with torch.no_grad():
-        torch.testing.assert_close(prefix(x).logits, alone(x).logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(opt_out(prefix, ["facts"])(x).logits, prefix(x).logits, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="route_context='sequence'; allowed: token, prefix"):
-        dataclasses.replace(both.cfg, route_context="sequence")
+    for context in ("prefix", "sequence"):
+        routed = reroute(both, context=context)
+        with torch.no_grad():
+            torch.testing.assert_close(routed(x).logits, alone(x).logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(opt_out(routed, ["facts"])(x).logits, routed(x).logits, rtol=0, atol=1e-6)
+    prefix = reroute(both, context="prefix")
+    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence"):
+        dataclasses.replace(both.cfg, route_context="document")
     from flexmore.experts.hf import export_hf
 
     with pytest.raises(ValueError, match="route_context='prefix': transformers' FlexOlmo routes each token by itself"):
@@ -206,6 +208,51 @@ def test_prefix_choice_is_the_most_router_probability_so_far(world):
     first = ffn.prefix_routing(lg[:, :5].reshape(-1, E), B, valid[:, :5], (cache, 0))[1]
     rest = ffn.prefix_routing(lg[:, 5:].reshape(-1, E), B, valid[:, 5:], (cache, 0))[1]
     assert torch.equal(torch.cat([first.view(B, 5, 2), rest.view(B, 4, 2)], 1), ids.view(B, T, 2))
+
+
+def test_sequence_choice_is_the_most_router_probability_over_all_layers_so_far(world):
+    """route_context="sequence" against a loop: for each row and token, the token-routed mixture run on that row's
+    real tokens up to it, its router probabilities (captured per layer) summed over layers and tokens; the choice is
+    the non-public expert with the most, and every layer of that token uses it with the public expert."""
+    tmp, base_dir = world
+    token = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    seq = reroute(token, context="sequence")
+    captured = []
+    for blk in token.blocks:
+        def grab(x, present=None, _f=blk.ffn, _orig=blk.ffn.router_logits):
+            out = _orig(x, present)
+            captured.append(torch.softmax(out, -1))
+            return out
+        blk.ffn.router_logits = grab
+    chosen = []
+    original = seq.sequence_choice
+    seq.sequence_choice = lambda *a: chosen.append(original(*a)) or chosen[-1]
+    g = torch.Generator().manual_seed(4)
+    B, T = 3, 10
+    x = torch.randint(0, 256, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[2, :4] = False
+    with torch.no_grad():
+        out = seq(x, attention_mask=valid).logits
+        ids = chosen[0].view(B, T)
+        for b in range(B):
+            real = valid[b].nonzero().squeeze(1)
+            captured.clear()
+            token(x[b : b + 1, real])
+            mass = torch.stack(captured).sum(0)[:, 1:].cumsum(0)  # (tokens, E - 1): over layers, then tokens
+            want = mass.argmax(-1) + 1
+            assert ids[b, real].tolist() == want.tolist()
+    assert len(set(ids[valid].tolist())) == 2  # both experts are chosen somewhere: the rule is exercised
+    # every layer of a token uses the public expert and its choice: where a row chose e at every token so far, its
+    # logits are those of e's choice forced everywhere (attention sees the earlier tokens, so only there)
+    for e in (1, 2):
+        pair = reroute(token, context="sequence")
+        pair.sequence_choice = lambda *a, _e=e: torch.full((B * T,), _e)
+        with torch.no_grad():
+            forced = pair(x, attention_mask=valid).logits
+        same = ((ids == e) | ~valid).int().cumprod(1).bool() & valid
+        assert same.any()
+        torch.testing.assert_close(out[same], forced[same], rtol=1e-5, atol=1e-5)
 
 
 def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):

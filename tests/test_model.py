@@ -148,10 +148,10 @@ def test_sequence_longer_than_max_fails():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-@pytest.mark.parametrize("experts, context", [(2, "token"), (3, "prefix")])
+@pytest.mark.parametrize("experts, context", [(2, "token"), (3, "prefix"), (3, "sequence")])
 def test_left_padded_rows_give_their_unpadded_logits(experts, context):
     """The attention mask hides pad keys and RoPE is relative: a left-padded row equals the same tokens alone (with
-    prefix routing, the pads are left out of the sequence's running mean too)."""
+    prefix or sequence routing, the pads are left out of the sequence's running sums too)."""
     model = build_model(cfg_with(num_experts=experts, top_k=2, route_context=context)).eval()
     a, b = torch.randint(0, 96, (1, 9)), torch.randint(0, 96, (1, 5))
     x = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])

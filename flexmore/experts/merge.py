@@ -97,10 +97,10 @@ def merge(base_path: str | Path, artifact_paths: list[str | Path], top_k: int | 
 def reroute(model: FlexOlmo, top_k: int | None = None, renormalize: bool | None = None,
             context: str | None = None) -> FlexOlmo:
     """The same merged model with another routing rule (None: keep the model's): each token to its ``top_k`` most
-    probable experts, their weights renormalised to sum to 1 or not; or ``context="prefix"``, the public expert and
-    the one its sequence so far prefers (ModelConfig.route_context). With renormalisation, or by prefix, an expert a
-    token does not use cannot change it, so opting that expert out leaves the token as it was (FlexOlmo's default
-    is every expert, unrenormalised)."""
+    probable experts, their weights renormalised to sum to 1 or not; or ``context="prefix"`` / ``"sequence"``, the
+    public expert and the one its sequence so far prefers, per layer or over all layers (ModelConfig.route_context).
+    With renormalisation, or by prefix or sequence, an expert a token does not use cannot change it, so opting that
+    expert out leaves the token as it was (FlexOlmo's default is every expert, unrenormalised)."""
     cfg = model.cfg
     k = cfg.top_k if top_k is None else top_k
     if not 1 <= k <= cfg.num_experts:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from flexmore.model.experts import Ranks
 
-ROUTE_CONTEXTS = ("token", "prefix")
+ROUTE_CONTEXTS = ("token", "prefix", "sequence")
 
 
 @dataclass
@@ -33,7 +33,9 @@ class ModelConfig:
     # "token": each token routed by its own router logits (FlexOlmo). "prefix": each token uses the public expert and
     # one other, the one with the most router probability over the sequence so far (a domain decided by context),
     # mixed by the token's own softmax over the two: a sequence of one domain gets that expert's two-expert model,
-    # and opting another expert out cannot change it.
+    # and opting another expert out cannot change it. "sequence": the same pair, but the other expert is chosen once
+    # for every layer, by the router probability summed over all layers (of a first, token-routed pass) and over the
+    # sequence so far, so one layer's poor router cannot send a whole sequence to the wrong expert (two passes).
     route_context: str = "token"
     expert_bias: bool = False  # learned bias b < 0 (b = -softplus(raw)) on the non-public experts' logits
     expert_bias_init: float = -1.0  # b of a fresh expert

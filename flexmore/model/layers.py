@@ -49,6 +49,9 @@ class KVCache:
     def __init__(self, n_layers: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.routes: list[torch.Tensor | None] = [None] * n_layers  # route_context="prefix": router mass so far
+        # route_context="sequence": the token-routed pass's own keys, and its router mass so far (over all layers)
+        self.shadow: KVCache | None = None
+        self.sequence_routes: torch.Tensor | None = None
 
     @property
     def length(self) -> int:

@@ -44,6 +44,13 @@ class Router(nn.Module):
         return F.linear(x, self.weight)
 
 
+def with_public(logits: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (N, 2), ids (N, 2)): the public expert and ``choice`` (N,), mixed by the token's softmax over the
+    two logits (the prefix and sequence rules)."""
+    ids = torch.stack([torch.zeros_like(choice), choice], dim=-1)
+    return torch.softmax(logits.gather(1, ids), dim=-1), ids
+
+
 class MoEFFN(nn.Module):
     """Routes each token to top-k experts and sums their outputs weighted by the (unrenormalised) router probability.
 
@@ -115,20 +122,19 @@ class MoEFFN(nn.Module):
             if kv.routes[layer] is not None:
                 total = total + kv.routes[layer][:, None]
             kv.routes[layer] = total[:, -1]
-        choice = total.argmax(-1) + 1  # ties: the lowest index
-        ids = torch.stack([torch.zeros_like(choice), choice], dim=-1).view(-1, 2)
-        weights = torch.softmax(logits.gather(1, ids), dim=-1)
-        return weights, ids
+        return with_public(logits, total.argmax(-1).view(-1) + 1)  # ties: the lowest index
 
     def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None, route_targets: torch.Tensor | None = None,
                 present: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                cache: tuple | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cache: tuple | None = None, choice: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``hold`` (N,) bool over the flattened tokens: there the non-public experts' outputs are detached, so those
         tokens train the router (and bias) but not the experts (public negatives in router-only mode).
         ``route_targets`` (N,) long: the expert each token belongs to (-1: none), for the routing loss
         (``route_loss``: cross-entropy of the router's softmax against it).
         ``present`` (N, E) bool: the experts each token may use (router tuning that rehearses opt-outs).
-        ``valid`` (B, T) bool: real tokens (False: padding), and ``cache`` (KVCache, layer): for prefix routing."""
+        ``valid`` (B, T) bool: real tokens (False: padding), and ``cache`` (KVCache, layer): for prefix routing.
+        ``choice`` (N,) long, route_context="sequence": each token's non-public expert (``FlexOlmo.sequence_choice``);
+        without it the layer routes by token and reports each token's probabilities (``token_probs``) for the choice."""
         if self.router is None:
             return self.experts[0](x), {}
         shape = x.shape
@@ -139,6 +145,8 @@ class MoEFFN(nn.Module):
                 raise ValueError(f"route_context='prefix' routes by sequence: the input must be (B, T, d), got "
                                  f"{tuple(shape)}")
             weights, ids = self.prefix_routing(logits, shape[0], valid, cache)
+        elif choice is not None:
+            weights, ids = with_public(logits, choice)
         else:
             weights, ids = self.routing(logits)
         N, k = ids.shape
@@ -150,7 +158,7 @@ class MoEFFN(nn.Module):
         if k == self.num_experts:  # every expert sees every token (FlexOlmo's 2-of-2): no gather, no graph breaks
             w = weights.new_zeros(N, k).scatter_(1, ids, weights).to(x.dtype)
             y = sum(run(e, expert, x, hold) * w[:, e, None] for e, expert in enumerate(self.experts))
-            return y.view(shape), self.aux_losses(logits, ids, route_targets)
+            return y.view(shape), self._aux(logits, ids, route_targets, choice)
         # Each (token, slot) is written once, then the k slots are summed in a fixed order: deterministic on GPU too.
         out = x.new_zeros(N * k, shape[-1])
         flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
@@ -162,7 +170,13 @@ class MoEFFN(nn.Module):
             tok = slots // k
             out[slots] = run(e, expert, x[tok], None if hold is None else hold[tok]) * flat_w[slots, None].to(x.dtype)
         y = out.view(N, k, -1).sum(1).view(shape)
-        return y, self.aux_losses(logits, ids, route_targets)
+        return y, self._aux(logits, ids, route_targets, choice)
+
+    def _aux(self, logits, ids, route_targets, choice) -> dict[str, torch.Tensor]:
+        aux = self.aux_losses(logits, ids, route_targets)
+        if self.route_context == "sequence" and choice is None:  # the first pass: what the choice is made from
+            aux["token_probs"] = torch.softmax(logits, dim=-1).detach()
+        return aux
 
     def aux_losses(self, logits: torch.Tensor, ids: torch.Tensor,
                    route_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

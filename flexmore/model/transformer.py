@@ -23,9 +23,10 @@ class Block(nn.Module):
         self.ffn = MoEFFN(cfg, device=device)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device)
 
-    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None, cache=None, valid=None):
+    def forward(self, x, cos, sin, mask=None, hold=None, route_targets=None, present=None, cache=None, valid=None,
+                choice=None):
         h = x + self.post_attention_norm(self.attn(x, cos, sin, mask, cache))
-        f, aux = self.ffn(h, hold, route_targets, present, valid, cache)
+        f, aux = self.ffn(h, hold, route_targets, present, valid, cache, choice)
         return h + self.post_ffn_norm(f), aux
 
 
@@ -115,11 +116,10 @@ class FlexOlmo(nn.Module):
         targets = None if route_targets is None else route_targets.to(x.device).long().repeat_interleave(T)
         present = None if present_rows is None else present_rows.to(x.device).bool().repeat_interleave(T, dim=0)
         valid = None if attention_mask is None else attention_mask[:, start:].to(x.device).bool()  # the new tokens
-        aux_layers: dict[str, list[torch.Tensor]] = {}
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, mask, hold, targets, present, None if cache is None else (cache, i), valid)
-            for k, v in aux.items():
-                aux_layers.setdefault(k, []).append(v)
+        choice = None
+        if self.cfg.route_context == "sequence" and self.cfg.is_moe:
+            choice = self.sequence_choice(x, cos, sin, mask, present, cache, valid)
+        x, aux_layers = self._blocks(x, cos, sin, mask, hold, targets, present, cache, valid, choice)
         logits = self.lm_head(self.norm(x))
         aux_mean = {k: sum(v) / len(self.blocks) for k, v in aux_layers.items()}
         for k in ("expert_prob", "expert_topk"):
@@ -135,6 +135,38 @@ class FlexOlmo(nn.Module):
         if "route_loss" in aux_mean and self.cfg.route_loss_weight:
             loss = loss + self.cfg.route_loss_weight * aux_mean["route_loss"]
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux=aux_mean)
+
+
+    def _blocks(self, x, cos, sin, mask, hold, targets, present, cache, valid, choice):
+        aux_layers: dict[str, list[torch.Tensor]] = {}
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, cos, sin, mask, hold, targets, present, None if cache is None else (cache, i), valid,
+                           choice)
+            for k, v in aux.items():
+                aux_layers.setdefault(k, []).append(v)
+        return x, aux_layers
+
+    @torch.no_grad()
+    def sequence_choice(self, x, cos, sin, mask, present, cache, valid) -> torch.Tensor:
+        """route_context="sequence": each token's non-public expert (N,), the one with the most router probability
+        summed over every layer of a token-routed pass and over the real tokens of its sequence so far (itself
+        included; ties: the lowest index). With a KV cache, that pass keeps its own keys and the sums
+        (``KVCache.shadow``, ``sequence_routes``), so decoding token by token chooses as one pass over everything."""
+        shadow = None
+        if cache is not None:
+            cache.shadow = cache.shadow or KVCache(self.cfg.n_layers)
+            shadow = cache.shadow
+        _, aux = self._blocks(x, cos, sin, mask, None, None, present, shadow, valid, None)
+        B, T = x.shape[:2]
+        probs = torch.stack(aux["token_probs"]).sum(0).view(B, T, -1)[..., 1:]
+        if valid is not None:
+            probs = probs * valid[..., None].to(probs.dtype)
+        total = probs.cumsum(1)
+        if cache is not None:
+            if cache.sequence_routes is not None:
+                total = total + cache.sequence_routes[:, None]
+            cache.sequence_routes = total[:, -1]
+        return total.argmax(-1).view(-1) + 1
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> FlexOlmo:

@@ -208,7 +208,7 @@ def tasks_vs_alone(items: dict[str, str], tasks: list, alone: dict) -> dict:
 TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0), "tuned+route+drop": (1.0, 1.0, 0.25)}
 # routings evaluated besides each tuned mixture's own (every expert, unrenormalised): name -> merge.reroute's arguments
 ROUTINGS = {"top1": {"top_k": 1, "renormalize": True}, "top2": {"top_k": 2, "renormalize": True},
-            "prefix": {"context": "prefix"}}
+            "prefix": {"context": "prefix"}, "sequence": {"context": "sequence"}}
 
 
 def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_losses: dict,
