@@ -160,6 +160,15 @@ def parity_rows() -> list[list[str]]:
                     f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                     f"{g['ratio']:.3f} (goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"],
                     "`bench_parity.py --size small` (`parity/summary.json`)"))
+    g = load("parity_scaled_small/summary.json")  # two seeds, the default and the per-tensor scaled sign step
+    src = "`bench_parity.py --size small --seeds 2 --variants adamw flexdemo flexdemo-scaled` " \
+          "(`parity_scaled_small/`)"
+    for name, label in (("flexdemo", "default"), ("flexdemo-scaled", "sign step × replicas' Adam RMS per tensor")):
+        v, lo_hi = g["variants"][name], g["variants"][name]["ratio_over_seeds"]["ci95"]
+        rows.append(row(f"FlexDeMo ({label}) / AdamW validation loss, `small`, R = 1, mean of 2 seeds",
+                        f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
+                        f"(lr {g['adamw']['lr']:g})", f"{v['ratio']:.3f}, 95% CI [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}] "
+                        "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"], src))
     s = load("parity_tiny/summary.json")
     src = "`bench_parity.py --size tiny --replicas 1 2 4` (`parity_tiny/summary.json`)"
     for R, r in s["by_replicas"].items():
