@@ -297,6 +297,23 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     assert load_model(tmp_path / "m2").cfg.expert_names == ["public", "math-r2"]
     assert merge_cli(["--merged", str(tmp_path / "merged"), "--drop", "nobody", "--out", str(tmp_path / "m3")]) == 2
     assert "no such expert" in capsys.readouterr().err and not (tmp_path / "m3").exists()
+    # a routing rule written into the folder: it loads with the rule and gives reroute's logits
+    assert merge_cli(["--merged", str(tmp_path / "merged"), "--route-context", "sequence", "--out",
+                      str(tmp_path / "seq")]) == 0
+    assert "routed by sequence" in capsys.readouterr().out
+    seq = load_model(tmp_path / "seq")
+    assert seq.cfg.route_context == "sequence" and seq.cfg.top_k == 2
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x).logits, reroute(merged, context="sequence")(x).logits, rtol=0, atol=0)
+        assert not torch.allclose(seq(x).logits, merged(x).logits)
+    assert merge_cli(["--merged", str(tmp_path / "merged"), "--renormalize", "--out", str(tmp_path / "renorm")]) == 0
+    assert load_model(tmp_path / "renorm").cfg.norm_topk_prob
+    with pytest.raises(SystemExit):  # argparse names the allowed rules before anything is read
+        merge_cli(["--merged", str(tmp_path / "merged"), "--route-context", "document", "--out", str(tmp_path / "m4")])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'document'" in err and all(c in err for c in ("token", "prefix", "sequence"))
+    assert not (tmp_path / "m4").exists()
 
 
 def test_bad_artifacts_are_rejected_with_the_artifact_named(world, tmp_path):

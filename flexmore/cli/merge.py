@@ -7,8 +7,9 @@ import sys
 
 from flexmore.cli import TRUST_HELP
 from flexmore.experts.hf import export_hf, export_olmo2
-from flexmore.experts.merge import merge, opt_out
+from flexmore.experts.merge import merge, opt_out, reroute
 from flexmore.model import count_params
+from flexmore.model.config import ROUTE_CONTEXTS
 from flexmore.store.modeldir import load_model, save_model_dir
 
 
@@ -19,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merged", help="instead of --base/--experts: an already merged model folder")
     ap.add_argument("--drop", nargs="*", default=[], help="names of experts to opt out")
     ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
+    ap.add_argument("--renormalize", action="store_true", help="top-k weights renormalised to sum to 1")
+    ap.add_argument("--route-context", choices=ROUTE_CONTEXTS, default=None,
+                    help="token: each token by its own router (FlexOlmo, the default); prefix / sequence: the public "
+                         "expert and the one its sequence so far prefers, per layer / over all layers (two passes; "
+                         "the smallest opt-out change measured; no transformers export)")
     ap.add_argument("--out", required=True, help="output model folder")
     ap.add_argument("--hf", action="store_true", help="write transformers' format instead: FlexOlmo, or OLMo 2 for a dense model")
     ap.add_argument("--hf-bias", choices=["error", "drop"], default="error",
@@ -38,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --base and --experts, or --merged")
         if args.drop:
             model = opt_out(model, args.drop)
+        if args.renormalize or args.route_context:
+            model = reroute(model, renormalize=args.renormalize or None, context=args.route_context)
         if args.hf and model.cfg.num_experts == 1:  # a dense model: transformers' OLMo 2
             out = export_olmo2(model, args.out, overwrite=args.overwrite)
             print("a dense model: written as transformers' Olmo2ForCausalLM")
@@ -50,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flexmore-merge: error: {e}", file=sys.stderr)
         return 2
     c = count_params(model)
-    print(f"wrote {out}: experts {model.cfg.expert_names or ['public']}, top-k {model.cfg.top_k}; {c.describe()}")
+    routing = "" if model.cfg.route_context == "token" else f", routed by {model.cfg.route_context}"
+    print(f"wrote {out}: experts {model.cfg.expert_names or ['public']}, top-k {model.cfg.top_k}{routing}; "
+          f"{c.describe()}")
     return 0
 
 
