@@ -104,6 +104,23 @@ def test_router_tuning_changes_the_router_and_nothing_else(route_loss):
     assert torch.equal(ffn2.experts[1].up_proj.weight, ffn.experts[2].up_proj.weight)
 
 
+def test_router_tuning_of_a_sequence_routed_model_is_token_routed_tuning():
+    """A model routed by prefix or sequence is tuned as FlexOlmo tunes (each token by its router, every expert):
+    the same router as tuning its token-routed twin; its own rule is back afterwards."""
+    from flexmore.experts.merge import reroute
+
+    token = mixture_model()
+    tc = TuneConfig(steps=4, lr=1e-2, micro_batch=6)
+    for context in ("prefix", "sequence"):
+        routed = reroute(token, context=context)
+        tune_router(routed, samples(["public", "a", "b"]), tc, torch.device("cpu"), log=None)
+        assert routed.cfg.route_context == context and all(b.ffn.route_context == context for b in routed.blocks)
+        twin = reroute(token, context="token")
+        tune_router(twin, samples(["public", "a", "b"]), tc, torch.device("cpu"), log=None)
+        for (k, v), w in zip(routed.state_dict().items(), twin.state_dict().values()):
+            assert torch.equal(v, w), k
+
+
 def test_an_absent_expert_is_routed_exactly_as_when_it_is_opted_out():
     """Tuning that rehearses opt-outs masks experts per row; a masked row must give the opted-out model's logits (the
     independent reference: the model rebuilt without that expert), and an unmasked row the full model's."""

@@ -9,7 +9,7 @@ each owner contributes (a few thousand sequences at most): no owner's full data 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -101,8 +101,11 @@ def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfi
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
     top_k = {id(b.ffn): b.ffn.top_k for b in model.blocks}
+    cfg = model.cfg
+    model.cfg = replace(cfg, route_context="token")  # a prefix / sequence rule is tuned as token routing
     for b in model.blocks:
         b.ffn.top_k = b.ffn.num_experts  # FlexOlmo tunes with every expert active
+        b.ffn.route_context = "token"
     losses = []
     try:
         for step in range(tc.steps):
@@ -132,8 +135,10 @@ def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfi
             if log and (step + 1) % max(1, tc.steps // 5) == 0:
                 log(f"router tuning step {step + 1}/{tc.steps}: loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     finally:
+        model.cfg = cfg
         for b in model.blocks:
             b.ffn.top_k = top_k[id(b.ffn)]
+            b.ffn.route_context = cfg.route_context
         for p in model.parameters():
             p.requires_grad_(False)
     after = frozen_part_hash(model)
