@@ -84,6 +84,9 @@ SIZES = {
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
                   {"adamw": [2.5e-4, 5e-4, 1e-3, 3e-3], "flexdemo": [1e-4, 2e-4, 3e-4, 1e-3, 2e-3],
                    "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
+    # ten times as long on CPU (0.26 epochs, data seen at most once): does the gap close with training length?
+    "tiny-long": Size("tiny", 3000, 300, 128, 16, 6_000_000, 500, 4,
+                      {"adamw": [3e-2, 1e-1], "flexdemo": [1e-2, 3e-2]}),
     # 4,000 steps on data seen at most once: the code domain (the standard library, ~9M tokens) would repeat, so the
     # three generated domains carry the run
     "small-long": Size("small", 4000, 200, 512, 32, 22_000_000, 500, 8,

@@ -126,7 +126,8 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None, route_targets: torch.Tensor | None = None,
                 present: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                cache: tuple | None = None, choice: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cache: tuple | None = None,
+                choice: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``hold`` (N,) bool over the flattened tokens: there the non-public experts' outputs are detached, so those
         tokens train the router (and bias) but not the experts (public negatives in router-only mode).
         ``route_targets`` (N,) long: the expert each token belongs to (-1: none), for the routing loss

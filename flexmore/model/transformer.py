@@ -136,7 +136,6 @@ class FlexOlmo(nn.Module):
             loss = loss + self.cfg.route_loss_weight * aux_mean["route_loss"]
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux=aux_mean)
 
-
     def _blocks(self, x, cos, sin, mask, hold, targets, present, cache, valid, choice):
         aux_layers: dict[str, list[torch.Tensor]] = {}
         for i, block in enumerate(self.blocks):
