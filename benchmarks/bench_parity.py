@@ -9,6 +9,7 @@ all-reduce's. Writes summary.json (top-level keys for the first R: adamw, flexde
 dense_bf16_bytes_per_step, settings; every R under by_replicas), table.md and curves.png.
 
     python benchmarks/bench_parity.py --size tiny --replicas 1 2 4 --out outputs/parity-tiny      # CPU
+    python benchmarks/bench_parity.py --size tiny-long --replicas 1 --jobs 2 --out outputs/parity-tiny-long  # CPU, 10x
     python benchmarks/bench_parity.py --size small --replicas 1 --jobs 6 --out $OUT/parity        # one GPU
     python benchmarks/bench_parity.py --size small-long --replicas 1 --jobs 4 --out $OUT/parity-long
 """

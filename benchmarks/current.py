@@ -169,6 +169,15 @@ def parity_rows() -> list[list[str]]:
                         f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
                         f"(lr {g['adamw']['lr']:g})", f"{v['ratio']:.3f}, 95% CI [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}] "
                         "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"], src))
+    for rel, label in (("parity_tiny_long/summary.json", "R = 1, mean of 2 seeds"),
+                       ("parity_tiny_long/summary_r2.json", "R = 2, one seed")):
+        g = load(rel)
+        a, f, over = g["adamw"], g["flexdemo"], g["ratio_over_seeds"]
+        spread = f", per seed {' / '.join(f'{x:.3f}' for x in over['per_seed'].values())}" if over else ""
+        rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny-long` ({g['size']['steps']} steps), {label}",
+                        f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
+                        f"{g['ratio']:.3f}{spread} (goal ≤ 1.02)", "CPU", g["date"],
+                        f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
     s = load("parity_tiny/summary.json")
     src = "`bench_parity.py --size tiny --replicas 1 2 4` (`parity_tiny/summary.json`)"
     for R, r in s["by_replicas"].items():
