@@ -51,6 +51,19 @@ def with_public(logits: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tenso
     return torch.softmax(logits.gather(1, ids), dim=-1), ids
 
 
+def most_so_far(mass: torch.Tensor, valid: torch.Tensor | None,
+                carried: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the non-public expert (N,) with the most ``mass`` (B, T, E - 1) summed over the real tokens of its
+    sequence so far (``valid`` (B, T); ``carried`` (B, E - 1): the sums of the tokens before, from a KV cache), ties
+    to the lowest index; and the sums at the last token, to carry on."""
+    if valid is not None:
+        mass = mass * valid[..., None].to(mass.dtype)
+    total = mass.cumsum(1)
+    if carried is not None:
+        total = total + carried[:, None]
+    return total.argmax(-1).view(-1) + 1, total[:, -1]
+
+
 class MoEFFN(nn.Module):
     """Routes each token to top-k experts and sums their outputs weighted by the (unrenormalised) router probability.
 
@@ -114,15 +127,10 @@ class MoEFFN(nn.Module):
         the most router probability summed over its sequence so far (padding left out; with a KV cache, the sums of
         the tokens before), the two mixed by the token's softmax over their logits."""
         probs = torch.softmax(logits, dim=-1).view(batch, -1, self.num_experts)[..., 1:]
-        if valid is not None:
-            probs = probs * valid[..., None].to(probs.dtype)
-        total = probs.cumsum(1)
+        choice, sums = most_so_far(probs, valid, None if cache is None else cache[0].routes[cache[1]])
         if cache is not None:
-            kv, layer = cache
-            if kv.routes[layer] is not None:
-                total = total + kv.routes[layer][:, None]
-            kv.routes[layer] = total[:, -1]
-        return with_public(logits, total.argmax(-1).view(-1) + 1)  # ties: the lowest index
+            cache[0].routes[cache[1]] = sums
+        return with_public(logits, choice)
 
     def forward(self, x: torch.Tensor, hold: torch.Tensor | None = None, route_targets: torch.Tensor | None = None,
                 present: torch.Tensor | None = None, valid: torch.Tensor | None = None,

@@ -10,7 +10,7 @@ from torch import nn
 
 from flexmore.model.config import ModelConfig
 from flexmore.model.layers import Attention, KVCache, RMSNorm, rope_tables
-from flexmore.model.moe import MoEFFN
+from flexmore.model.moe import MoEFFN, most_so_far
 
 
 class Block(nn.Module):
@@ -157,15 +157,11 @@ class FlexOlmo(nn.Module):
             shadow = cache.shadow
         _, aux = self._blocks(x, cos, sin, mask, None, None, present, shadow, valid, None)
         B, T = x.shape[:2]
-        probs = torch.stack(aux["token_probs"]).sum(0).view(B, T, -1)[..., 1:]
-        if valid is not None:
-            probs = probs * valid[..., None].to(probs.dtype)
-        total = probs.cumsum(1)
+        mass = torch.stack(aux["token_probs"]).sum(0).view(B, T, -1)[..., 1:]
+        choice, sums = most_so_far(mass, valid, None if cache is None else cache.sequence_routes)
         if cache is not None:
-            if cache.sequence_routes is not None:
-                total = total + cache.sequence_routes[:, None]
-            cache.sequence_routes = total[:, -1]
-        return total.argmax(-1).view(-1) + 1
+            cache.sequence_routes = sums
+        return choice
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> FlexOlmo:
