@@ -219,7 +219,7 @@ def test_sequence_choice_is_the_most_router_probability_over_all_layers_so_far(w
     seq = reroute(token, context="sequence")
     captured = []
     for blk in token.blocks:
-        def grab(x, present=None, _f=blk.ffn, _orig=blk.ffn.router_logits):
+        def grab(x, present=None, _orig=blk.ffn.router_logits):
             out = _orig(x, present)
             captured.append(torch.softmax(out, -1))
             return out
