@@ -172,14 +172,14 @@ def test_prefix_routing_gives_each_sequence_its_experts_two_expert_model(world):
         with torch.no_grad():
             torch.testing.assert_close(routed(x).logits, alone(x).logits, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(opt_out(routed, ["facts"])(x).logits, routed(x).logits, rtol=0, atol=1e-6)
-    prefix = reroute(both, context="prefix")
     with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence"):
         dataclasses.replace(both.cfg, route_context="document")
     from flexmore.experts.hf import export_hf
 
-    with pytest.raises(ValueError, match="route_context='prefix': transformers' FlexOlmo routes each token by itself"):
-        export_hf(prefix, tmp / "hf-prefix", bias="drop")
-    assert not (tmp / "hf-prefix").exists()
+    for context in ("prefix", "sequence"):
+        with pytest.raises(ValueError, match=f"route_context='{context}': transformers' FlexOlmo routes each token"):
+            export_hf(reroute(both, context=context), tmp / f"hf-{context}", bias="drop")
+        assert not (tmp / f"hf-{context}").exists()
 
 
 def test_prefix_choice_is_the_most_router_probability_so_far(world):
