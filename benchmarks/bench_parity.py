@@ -59,7 +59,11 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # Nesterov-style look-ahead: the top-k of delta + nu * lr * grad sent, delta minus that kept
             "flexdemo-nest0.5": {"nesterov": 0.5}, "flexdemo-nest1": {"nesterov": 1.0},
             # each tensor's step x the replicas' mean RMS of the Adam update of their own gradients
-            "flexdemo-scaled": {"tensor_scale": "adam_rms"}}
+            "flexdemo-scaled": {"tensor_scale": "adam_rms"},
+            # each replica's own Adam update compressed with error feedback (uncompressed and unsigned: AdamW), applied
+            # unsigned or signed; weight decay as AdamW's here
+            "flexdemo-adamw": {"precondition": "adam", "sign": False, "weight_decay": 0.1},
+            "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

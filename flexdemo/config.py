@@ -14,6 +14,7 @@ DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's preci
 BASE_STEPS = ("direct", "adam", "lion")
 OVERLAPS = ("off", "stale", "layerwise")
 TENSOR_SCALES = ("none", "adam_rms")
+PRECONDITIONS = ("none", "adam")
 
 
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
@@ -66,8 +67,18 @@ class DeMoConfig:
     # the replicas (one fp32 per tensor at the end of the payload), so a tensor whose gradient is mostly noise takes
     # smaller steps. "none": DeMo.
     tensor_scale: str = "none"
+    # What each replica folds into its momentum: "none" (DeMo) its gradient, times lr; "adam" its own Adam update of
+    # the gradient, m / (sqrt(v) + eps) from moments of its local gradient (``adam_betas``, ``adam_eps``), lr then
+    # applied at the step. The error feedback then compresses Adam's steps instead of gradients: with everything
+    # sent, sign=False and one replica, FlexDeMo is Adam (without bias correction) with decoupled weight decay.
+    precondition: str = "none"
 
     def __post_init__(self) -> None:
+        if self.precondition not in PRECONDITIONS:
+            raise ValueError(f"precondition={self.precondition!r}; allowed: {', '.join(PRECONDITIONS)}")
+        if self.precondition != "none" and self.base_step != "direct":
+            raise ValueError(f"precondition={self.precondition!r} already folds Adam's steps into the momentum; "
+                             f"base_step={self.base_step!r} would take moments again (use base_step=direct)")
         if self.tensor_scale not in TENSOR_SCALES:
             raise ValueError(f"tensor_scale={self.tensor_scale!r}; allowed: {', '.join(TENSOR_SCALES)}")
         if self.tensor_scale != "none" and self.base_step != "direct":

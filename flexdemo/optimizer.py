@@ -8,7 +8,8 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     one all-gather of every replica's packed payload    (one collective per step; or one per layer, overlap=layerwise)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
     (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step; tensor_scale=adam_rms:
-    each tensor's step times the replicas' mean RMS of the Adam update of their own gradients, sent with the payload)
+    each tensor's step times the replicas' mean RMS of the Adam update of their own gradients, sent with the payload;
+    precondition=adam: each replica folds its own Adam update m / (sqrt(v) + eps) into delta instead of lr * grad)
 
 Encode and decode + apply run as Triton kernels on CUDA (``kernels``), one launch per param group and dtype for all
 compressed tensors, with torch twins for the CPU.
@@ -113,8 +114,8 @@ class _Pending:
     rates: list  # (lr, weight decay) per param group
 
 
-def _grad_2d(p: torch.Tensor, lay: ChunkLayout) -> torch.Tensor | None:
-    return local_tensor(p.grad).reshape(lay.rows, lay.cols) if p.grad is not None else None
+def _as_2d(g: torch.Tensor | None, lay: ChunkLayout) -> torch.Tensor | None:
+    return g.reshape(lay.rows, lay.cols) if g is not None else None
 
 
 def _replica_mean(rows: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 self.state[p]["exp_avg"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
             if cfg.base_step == "adam":
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
-            if cfg.tensor_scale != "none":  # this replica's own: moments of its local gradient
+            if cfg.tensor_scale != "none" or cfg.precondition != "none":  # this replica's own moments
                 for key in ("grad_avg", "grad_avg_sq"):
                     self.state[p][key] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
@@ -269,10 +270,14 @@ class FlexDeMo(torch.optim.Optimizer):
         if cfg.value_bits:
             codes = torch.empty(wire.num_sparse, dtype=torch.uint8, device=device)
             scales = torch.empty(wire.num_sparse // cfg.topk, dtype=torch.float32, device=device)
+        local = None  # the replica's own gradient moments (tensor_scale, precondition)
+        if cfg.tensor_scale != "none" or cfg.precondition != "none":
+            local = self._observe(b)
         for group, plan in zip(self.param_groups, b.groups):
-            lr = group["lr"]
+            # precondition: the momentum folds in Adam updates, lr-free (lr is applied at the step)
+            lr = group["lr"] if cfg.precondition == "none" else 1.0
             for table, ps in plan.tables:
-                grads = [_grad_2d(p, lay) for p, lay in zip(ps, table.layouts)]
+                grads = [_as_2d(self._folded(p, local), lay) for p, lay in zip(ps, table.layouts)]
                 present = {g.dtype for g in grads if g is not None}
                 if len(present) > 1:  # one gradient dtype per launch: the kernel reads them as fp32 anyway
                     grads = [g.float() if g is not None else None for g in grads]
@@ -286,7 +291,7 @@ class FlexDeMo(torch.optim.Optimizer):
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)
-                grads = [local_tensor(p.grad) if p.grad is not None else None for p in plan.dense]
+                grads = [self._folded(p, local) for p in plan.dense]
                 with_grad = [(d, g.float()) for d, g in zip(deltas, grads) if g is not None]
                 if with_grad:
                     torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad],
@@ -297,11 +302,13 @@ class FlexDeMo(torch.optim.Optimizer):
                 self._take_back_lead(deltas, grads, lr)
         payload = wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
         if cfg.tensor_scale != "none":
-            payload = torch.cat([payload, self._local_scales(b).view(torch.uint8)])
+            payload = torch.cat([payload, self._local_scales(b, local).view(torch.uint8)])
         return payload
 
-    def _local_scales(self, b: _Bucket) -> torch.Tensor:
-        """tensor_scale="adam_rms": per member, the RMS of m / (sqrt(v) + eps) after this step's gradient (fp32)."""
+    def _observe(self, b: _Bucket) -> dict[int, torch.Tensor]:
+        """This step's gradients into this replica's own moments; returns id(p) -> m / (sqrt(v) + eps) (fp32, the
+        local shard's shape) for every member, the update Adam would make (no bias correction: the warm-up covers
+        the first steps)."""
         b1, b2 = self.cfg.adam_betas
         st = [self.state[p] for p in b.members]
         live = [(s, local_tensor(p.grad).float()) for s, p in zip(st, b.members) if p.grad is not None]
@@ -311,7 +318,18 @@ class FlexDeMo(torch.optim.Optimizer):
             torch._foreach_mul_([s["grad_avg_sq"] for s, _ in live], b2)
             torch._foreach_addcmul_([s["grad_avg_sq"] for s, _ in live], grads, grads, value=1 - b2)
         denom = torch._foreach_add(torch._foreach_sqrt([s["grad_avg_sq"] for s in st]), self.cfg.adam_eps)
-        norms = torch._foreach_norm(torch._foreach_div([s["grad_avg"] for s in st], denom))
+        return dict(zip((id(p) for p in b.members), torch._foreach_div([s["grad_avg"] for s in st], denom)))
+
+    def _folded(self, p: torch.Tensor, local: dict | None) -> torch.Tensor | None:
+        """What ``p``'s momentum folds in this step: its local gradient, or (precondition=adam) its local Adam update;
+        None when it has no gradient."""
+        if p.grad is None:
+            return None
+        return local[id(p)] if self.cfg.precondition != "none" else local_tensor(p.grad)
+
+    def _local_scales(self, b: _Bucket, local: dict[int, torch.Tensor]) -> torch.Tensor:
+        """tensor_scale="adam_rms": per member, the RMS of its local Adam update (fp32)."""
+        norms = torch._foreach_norm([local[id(p)] for p in b.members])
         sizes = torch.tensor([max(local_tensor(p).numel(), 1) for p in b.members], dtype=torch.float32)
         return (torch.stack(norms).float() / sizes.to(norms[0].device).sqrt()).contiguous()
 

@@ -66,7 +66,7 @@ def test_unknown_key_and_wrong_type_fail():
 def test_semantic_checks_run_at_start_up():
     with pytest.raises(ValueError, match="top_k=3 is larger than num_experts=2"):
         composed("model.num_experts=2", "model.top_k=3")
-    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence"):
+    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence, likelihood, posterior"):
         composed("model.route_context=document")
     assert composed("model.route_context=sequence").model.route_context == "sequence"
     with pytest.raises(ValueError, match="train.seq_len=4096 is larger than the model's max_seq_len=256"):
@@ -137,6 +137,7 @@ def test_fault_settings_fail_at_start_up(override, match):
     ("optim.demo.adam_eps=0", "optim.demo.adam_eps=0.0 must be > 0"),
     ("optim.demo.nesterov=-0.5", "optim.demo.nesterov=-0.5 must be a finite number >= 0"),
     ("optim.demo.tensor_scale=rms", "optim.demo.tensor_scale='rms'; allowed: none, adam_rms"),
+    ("optim.demo.precondition=sgd", "optim.demo.precondition='sgd'; allowed: none, adam"),
 ])
 def test_each_optimizers_settings_are_checked_under_their_own_key(override, match):
     with pytest.raises(ValueError, match=match):

@@ -328,7 +328,8 @@ def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas, lr):
 
 @pytest.mark.parametrize("replicas, base_step, rule", [(1, "direct", {}), (2, "direct", {}), (3, "direct", {}),
                                                       (2, "adam", {}), (2, "adam", {"sign": True}),
-                                                      (2, "direct", {"sign": True, "tensor_scale": "adam_rms"})])
+                                                      (2, "direct", {"sign": True, "tensor_scale": "adam_rms"}),
+                                                      (2, "direct", {"precondition": "adam"})])
 def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas, base_step, rule):
     torch.manual_seed(0)
     shapes = [(37, 21), (32, 48), (9,)]

@@ -40,10 +40,12 @@ class NaiveDeMo:
     def new_deltas(params):
         return [torch.zeros_like(p, dtype=torch.float64) for p in params]
 
-    def encode_one(self, delta, grad):
-        """Returns {chunk (ci, cj) or 'dense': {position: value}} and updates delta in place."""
-        delta.mul_(self.beta).add_(grad.double(), alpha=self.lr)
-        ahead = delta + self.nesterov * self.lr * grad.double()
+    def encode_one(self, delta, grad, fold=None):
+        """Returns {chunk (ci, cj) or 'dense': {position: value}} and updates delta in place; ``fold`` multiplies
+        grad as it enters delta (default lr)."""
+        fold = self.lr if fold is None else fold
+        delta.mul_(self.beta).add_(grad.double(), alpha=fold)
+        ahead = delta + self.nesterov * fold * grad.double()
         if delta.ndim == 1:
             msg = {"dense": {i: ahead[i].item() for i in range(delta.numel())}}
             delta.sub_(ahead)
@@ -71,9 +73,12 @@ class NaiveDeMo:
             self.gm[replica][i] = b1 * self.gm[replica][i] + (1 - b1) * g.double()
             self.gv[replica][i] = b2 * self.gv[replica][i] + (1 - b2) * g.double() ** 2
 
+    def local_update(self, replica, i):
+        """The Adam update of one replica's own moments (no bias correction)."""
+        return self.gm[replica][i] / (self.gv[replica][i].sqrt() + self.scale[2])
+
     def tensor_scale(self, i):
-        eps = self.scale[2]
-        rms = [float((m[i] / (v[i].sqrt() + eps)).pow(2).mean().sqrt()) for m, v in zip(self.gm, self.gv)]
+        rms = [float(self.local_update(r, i).pow(2).mean().sqrt()) for r in range(len(self.gm))]
         return sum(rms) / len(rms)
 
     def apply(self, msgs_per_param):
@@ -106,7 +111,7 @@ class NaiveDeMo:
                 self.m[i] = b2 * self.m[i] + (1 - b2) * d
                 continue
             if self.adam is None:
-                p.sub_(self.lr * d * (self.tensor_scale(i) if self.scale else 1.0))
+                p.sub_(self.lr * d * self.tensor_scale(i))
                 continue
             b1, b2, eps = self.adam
             self.m[i] = b1 * self.m[i] + (1 - b1) * d
@@ -114,24 +119,35 @@ class NaiveDeMo:
             p.sub_(self.lr * self.m[i] / (self.v[i].sqrt() + eps))
 
 
-@pytest.mark.parametrize("sign, base_step, nesterov, scale", [
-    (True, "direct", 0.0, "none"), (False, "direct", 0.0, "none"), (True, "adam", 0.0, "none"),
-    (False, "adam", 0.0, "none"), (False, "lion", 0.0, "none"), (True, "direct", 0.9, "none"),
-    (False, "direct", 0.9, "none"), (True, "direct", 0.0, "adam_rms"), (False, "direct", 0.0, "adam_rms")])
-def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale):
+@pytest.mark.parametrize("sign, base_step, nesterov, scale, precondition", [
+    (True, "direct", 0.0, "none", "none"), (False, "direct", 0.0, "none", "none"), (True, "adam", 0.0, "none", "none"),
+    (False, "adam", 0.0, "none", "none"), (False, "lion", 0.0, "none", "none"), (True, "direct", 0.9, "none", "none"),
+    (False, "direct", 0.9, "none", "none"), (True, "direct", 0.0, "adam_rms", "none"),
+    (False, "direct", 0.0, "adam_rms", "none"), (False, "direct", 0.0, "none", "adam"),
+    (True, "direct", 0.0, "none", "adam"), (True, "direct", 0.9, "adam_rms", "adam")])
+def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
     torch.manual_seed(0)
-    shapes = [(13, 10), (8, 8), (7,)]
+    # ragged edges of 2 rows and 2 columns (an edge of 1 row makes coefficients (0, j) and (2, j) tie exactly in
+    # the DCT, and fp32 and float64 pick differently among ties)
+    shapes = [(14, 10), (8, 8), (7,)]
     init = [torch.randn(s) for s in shapes]
     R, steps, lr, beta, k, s, wd = 2, 4, 0.05, 0.9, 3, 4, 0.1
     # every replica holds the same parameters and its own momentum
     reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(R)]
+    # a first Adam update is +-(1 - b1) / sqrt(1 - b2) everywhere, whose DCT coefficients tie: a large eps keeps
+    # the top-k away from ties that fp32 and float64 would break differently
+    eps = 0.5 if precondition != "none" else 1e-3
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
-                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=1e-3, nesterov=nesterov, tensor_scale=scale)
+                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=eps, nesterov=nesterov, tensor_scale=scale,
+                     precondition=precondition)
             for ps in reps]
+    local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
     naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
                       lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov,
-                      scale=(0.8, 0.9, 1e-3) if scale != "none" else None, replicas=R)
+                      scale=(0.8, 0.9, eps) if local else None, replicas=R)
+    if scale == "none":
+        naive.tensor_scale = lambda i: 1.0
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
     for step in range(steps):
         grads = [[torch.randn(sh) for sh in shapes] for _ in range(R)]
@@ -141,10 +157,14 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
         gathered = torch.stack([o.encode() for o in opts])  # what the all-gather would deliver
         for o in opts:
             o.decode_apply(gathered)
-        msgs = [[naive.encode_one(naive_deltas[r][i], grads[r][i]) for r in range(R)] for i in range(len(shapes))]
-        if scale != "none":
+        if local:
             for r in range(R):
                 naive.observe(r, grads[r])
+        if precondition == "adam":  # each replica folds its own Adam update, lr-free
+            msgs = [[naive.encode_one(naive_deltas[r][i], naive.local_update(r, i), fold=1.0) for r in range(R)]
+                    for i in range(len(shapes))]
+        else:
+            msgs = [[naive.encode_one(naive_deltas[r][i], grads[r][i]) for r in range(R)] for i in range(len(shapes))]
         naive.apply(msgs)
         for r in range(R):
             for p, q in zip(reps[r], naive.params):
@@ -254,6 +274,40 @@ def test_buckets_must_partition_the_optimised_tensors():
     with pytest.raises(ValueError, match=r"1 modules for 2 buckets"):
         opt.attach([torch.nn.Linear(2, 2)])
     assert opt.payload_nbytes == sum(bk.wire.nbytes for bk in opt.buckets) and len(opt.buckets) == 2
+
+
+def test_uncompressed_unsigned_precondition_is_adam_with_decoupled_weight_decay():
+    """Everything sent in fp32 (k = all: the plan sends it densely), no residual left (beta 0), one replica:
+    precondition=adam is Adam (no bias correction) with AdamW's decoupled weight decay, against a plain float64 Adam
+    over 6 steps. (The compressed path is checked against the naive DeMo above.)"""
+    torch.manual_seed(0)
+    shapes = [(16, 12), (10,)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().double().clone() for p in ps]
+    m, v = [torch.zeros_like(r) for r in ref], [torch.zeros_like(r) for r in ref]
+    lr, wd, (b1, b2), eps = 0.01, 0.1, (0.9, 0.95), 1e-8
+    opt = FlexDeMo(ps, lr=lr, chunk=4, topk=16, beta=0.0, sign=False, value_dtype="fp32", weight_decay=wd,
+                   precondition="adam", adam_betas=(b1, b2), adam_eps=eps)
+    assert [p.layout for p in opt.plans] == [None, None]
+    for _ in range(6):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * g.double()
+            v[i] = b2 * v[i] + (1 - b2) * g.double() ** 2
+            ref[i] = ref[i] * (1 - lr * wd) - lr * m[i] / (v[i].sqrt() + eps)
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach().double(), r, atol=2e-6, rtol=1e-6)
+
+
+def test_precondition_is_checked():
+    with pytest.raises(ValueError, match="precondition='sgd'; allowed: none, adam"):
+        DeMoConfig(precondition="sgd")
+    with pytest.raises(ValueError, match="precondition='adam' already folds Adam's steps into the momentum; "
+                                         "base_step='lion' would take moments again"):
+        DeMoConfig(precondition="adam", base_step="lion")
 
 
 def test_tensor_scale_is_checked_and_sent_as_one_float_per_tensor():

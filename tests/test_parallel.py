@@ -82,7 +82,8 @@ def job_four_ranks(tmp: str) -> dict:
     # A with the other update rules, base_step=adam and the Nesterov look-ahead: 20 steps on the same mesh
     aa = train(tiny_config(tmp / "AA", optim={**DEMO, "base_step": "adam", "nesterov": 0.5},
                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
-    asc = train(tiny_config(tmp / "AS", optim={**DEMO, "tensor_scale": "adam_rms"},
+    # the per-tensor scale and the preconditioned momentum (each replica's own Adam update), together
+    asc = train(tiny_config(tmp / "AS", optim={**DEMO, "tensor_scale": "adam_rms", "precondition": "adam"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_scaled"] = {"params": _local(asc.model), "delta": _residuals(asc)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}

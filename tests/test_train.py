@@ -40,10 +40,11 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("rule, key", [({"base_step": "adam"}, "exp_avg"), ({"tensor_scale": "adam_rms"}, "grad_avg")])
+@pytest.mark.parametrize("rule, key", [({"base_step": "adam"}, "exp_avg"), ({"tensor_scale": "adam_rms"}, "grad_avg"),
+                                       ({"precondition": "adam", "sign": False}, "grad_avg_sq")])
 def test_resume_with_flexdemos_moments_is_bit_identical(tmp_path, capsys, rule, key):
-    """The moments of base_step=adam, or of tensor_scale, are checkpointed with the residuals: stop at 5, resume,
-    same as straight."""
+    """The moments of base_step=adam, of tensor_scale or of precondition are checkpointed with the residuals: stop
+    at 5, resume, same as straight."""
     optim = {"name": "flexdemo", "lr": 1e-3, "chunk": 16, "topk": 8, "weight_decay": 0.0, **rule}
     full = train(tiny_config(tmp_path / "a", optim=optim))
     out = capsys.readouterr().out  # what a step sends, at start-up and measured at the end
