@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--routings", nargs="*", default=[], metavar="NAME",
                     help=f"also evaluate each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
                          "top-k with renormalised weights; prefix / sequence: the public expert and the one its "
-                         "sequence so far prefers, per layer / over all layers)")
+                         "sequence so far prefers, per layer / over all layers; likelihood: the two-expert model "
+                         "that predicted the sequence so far best)")
     args = ap.parse_args()
     unknown = [r for r in args.routings if r not in mixture.ROUTINGS]
     if unknown:

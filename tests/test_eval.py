@@ -142,7 +142,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     assert batched == alone and any(batched)
 
 
-@pytest.mark.parametrize("context", ["token", "prefix", "sequence"])
+@pytest.mark.parametrize("context", ["token", "prefix", "sequence", "likelihood", "posterior"])
 def test_cached_decoding_gives_the_logits_of_the_whole_sequence(context):
     """Left-padded MoE batch: the prompt, then one token at a time through the KV cache, against one forward pass
     over everything (the uncached reference); then greedy's text against decoding without a cache. Prefix routing

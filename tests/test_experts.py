@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def test_prefix_routing_gives_each_sequence_its_experts_two_expert_model(world):
         with torch.no_grad():
             torch.testing.assert_close(routed(x).logits, alone(x).logits, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(opt_out(routed, ["facts"])(x).logits, routed(x).logits, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence"):
+    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence, likelihood, posterior"):
         dataclasses.replace(both.cfg, route_context="document")
     from flexmore.experts.hf import export_hf
 
@@ -255,6 +256,86 @@ def test_sequence_choice_is_the_most_router_probability_over_all_layers_so_far(w
         torch.testing.assert_close(out[same], forced[same], rtol=1e-5, atol=1e-5)
 
 
+def test_likelihood_routing_takes_each_token_from_the_two_expert_model_that_predicted_its_prefix_best(world):
+    """route_context="likelihood" against a loop over each row's real tokens: every expert's own two-expert model
+    (the merged model with the other expert opted out) scores the tokens so far; each token's logits are those of
+    the model with the highest log-likelihood (ties: the first). An expert that no token chooses can be opted out
+    without changing anything, and an opted-out expert is never chosen."""
+    tmp, base_dir = world
+    token = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    routed = reroute(token, context="likelihood")
+    two = {1: opt_out(token, ["facts"]), 2: opt_out(token, ["math"])}
+    g = torch.Generator().manual_seed(5)
+    B, T = 4, 12
+    x = torch.randint(0, 256, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[2, :4] = False
+    chosen = torch.zeros(B, T, dtype=torch.long)
+    with torch.no_grad():
+        out = routed(x, attention_mask=valid).logits
+        for b in range(B):
+            real = valid[b].nonzero().squeeze(1)
+            xs = x[b : b + 1, real]
+            own = {e: m(xs).logits[0] for e, m in two.items()}
+            for t in range(len(real)):
+                score = {e: sum(float(torch.log_softmax(lg[s - 1], -1)[xs[0, s]]) for s in range(1, t + 1))
+                         for e, lg in own.items()}
+                e = max(score, key=lambda k: (score[k], -k))
+                chosen[b, real[t]] = e
+                torch.testing.assert_close(out[b, real[t]], own[e][t], rtol=1e-4, atol=1e-4)
+        assert set(chosen[valid].tolist()) == {1, 2}  # both are chosen somewhere: the rule is exercised
+        # facts opted out: only math's model is left, everywhere
+        torch.testing.assert_close(opt_out(routed, ["facts"])(x).logits, two[1](x).logits, rtol=1e-4, atol=1e-4)
+        # opting out through ``present_rows`` (per row) never chooses the absent expert
+        present = torch.ones(B, 3, dtype=torch.bool)
+        present[0, 2] = False
+        got = routed(x, attention_mask=valid, present_rows=present).logits
+        torch.testing.assert_close(got[0], two[1](x[:1]).logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1:][valid[1:]], out[1:][valid[1:]], rtol=0, atol=0)
+    # text that facts' model writes itself (greedy), which math's model (its FFN made random) predicts poorly: after
+    # the first token (no evidence: a tie, to the first) nothing chooses math, so opting it out changes no other token
+    with torch.no_grad():
+        for blk in routed.blocks:
+            for prm in blk.ffn.experts[1].parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g))
+        text = x[:, :1]
+        for _ in range(T - 1):
+            text = torch.cat([text, two[2](text).logits[:, -1:].argmax(-1)], 1)
+        out = routed(text).logits
+        rest = opt_out(routed, ["math"])(text).logits
+    torch.testing.assert_close(rest[:, 1:], out[:, 1:], rtol=0, atol=1e-5)
+    assert (rest[:, 0] - out[:, 0]).abs().max() > 1e-3  # the first token did use math
+
+
+def test_posterior_routing_is_the_bayesian_mixture_of_the_two_expert_models(world):
+    """route_context="posterior" against a loop: each token's log-probabilities are log sum_e w_e p_e, p_e from each
+    expert's own two-expert model and w = softmax over e of its log-likelihood of the real tokens so far; the
+    sequence's log-likelihood is then within log 2 of its better model's."""
+    tmp, base_dir = world
+    token = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    routed = reroute(token, context="posterior")
+    two = [opt_out(token, ["facts"]), opt_out(token, ["math"])]
+    g = torch.Generator().manual_seed(6)
+    B, T = 3, 10
+    x = torch.randint(0, 256, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False
+    with torch.no_grad():
+        out = routed(x, attention_mask=valid).logits
+        for b in range(B):
+            real = valid[b].nonzero().squeeze(1)
+            xs = x[b : b + 1, real]
+            logp = torch.stack([torch.log_softmax(m(xs).logits[0].double(), -1) for m in two])  # (2, t, V)
+            gains = torch.zeros(2, len(real), dtype=torch.float64)
+            gains[:, 1:] = logp[:, :-1].gather(-1, xs[0, 1:].expand(2, -1)[..., None]).squeeze(-1)
+            w = torch.softmax(gains.cumsum(1), 0)  # (2, t)
+            want = torch.log((w[..., None] * logp.exp()).sum(0))
+            torch.testing.assert_close(torch.log_softmax(out[b, real].double(), -1), want, rtol=1e-4, atol=1e-4)
+            mix = float(torch.log_softmax(out[b, real[:-1]], -1).gather(-1, xs[0, 1:, None]).sum())
+            best = float(gains.sum(1).max())
+            assert best - math.log(2) - 1e-3 <= mix <= best + 1e-3
+
+
 def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):
     tmp, base_dir = world
     from flexmore.cli.lowrank import public_ffn
@@ -312,7 +393,7 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     with pytest.raises(SystemExit):  # argparse names the allowed rules before anything is read
         merge_cli(["--merged", str(tmp_path / "merged"), "--route-context", "document", "--out", str(tmp_path / "m4")])
     err = capsys.readouterr().err
-    assert "invalid choice: 'document'" in err and all(c in err for c in ("token", "prefix", "sequence"))
+    assert "invalid choice: 'document'" in err and all(c in err for c in ("token", "prefix", "sequence", "likelihood", "posterior"))
     assert not (tmp_path / "m4").exists()
 
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 from flexmore.model.experts import Ranks
 
-ROUTE_CONTEXTS = ("token", "prefix", "sequence")
+ROUTE_CONTEXTS = ("token", "prefix", "sequence", "likelihood", "posterior")
+BY_LIKELIHOOD = ("likelihood", "posterior")  # rules that run every two-expert model and weigh them by their fit
 
 
 @dataclass
@@ -36,6 +37,12 @@ class ModelConfig:
     # and opting another expert out cannot change it. "sequence": the same pair, but the other expert is chosen once
     # for every layer, by the router probability summed over all layers (of a first, token-routed pass) and over the
     # sequence so far, so one layer's poor router cannot send a whole sequence to the wrong expert (two passes).
+    # "likelihood": no router decides the expert: one pass per non-public expert e, every token on the pair (public,
+    # e), i.e. e's two-expert model; each token takes its logits from the pass whose model gave the sequence's real
+    # tokens so far the highest likelihood (the domain posterior of DEMix / BTM ensembles, made a hard choice), so a
+    # sequence another expert predicts worse is never touched by it (E - 1 passes). "posterior": the same passes,
+    # each token's next-token distribution the mixture of theirs weighted by that posterior (uniform prior): a
+    # Bayesian mixture, whose log-likelihood of a sequence is within log(E - 1) of its best two-expert model's.
     route_context: str = "token"
     expert_bias: bool = False  # learned bias b < 0 (b = -softplus(raw)) on the non-public experts' logits
     expert_bias_init: float = -1.0  # b of a fresh expert

@@ -52,9 +52,16 @@ class KVCache:
         # route_context="sequence": the token-routed pass's own keys, and its router mass so far (over all layers)
         self.shadow: KVCache | None = None
         self.sequence_routes: torch.Tensor | None = None
+        # route_context="likelihood" / "posterior": each expert's pass's keys, its log-likelihood of the real tokens
+        # so far (E - 1, B), and its log-probabilities at the last token (E - 1, B, V), which score the next input
+        self.passes: list[KVCache] | None = None
+        self.likelihood: torch.Tensor | None = None
+        self.last_logp: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
+        if self.layers[0] is None and self.passes:  # routing by likelihood: only the passes hold keys
+            return self.passes[0].length
         return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

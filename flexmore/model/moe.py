@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexmore.model.config import ModelConfig
+from flexmore.model.config import BY_LIKELIHOOD, ModelConfig
 from flexmore.model.experts import Expert, build_expert
 
 BIAS_FLOOR = 1e-12  # |b| below this is stored as this: b = 0 exactly has no finite raw value
@@ -142,7 +142,8 @@ class MoEFFN(nn.Module):
         (``route_loss``: cross-entropy of the router's softmax against it).
         ``present`` (N, E) bool: the experts each token may use (router tuning that rehearses opt-outs).
         ``valid`` (B, T) bool: real tokens (False: padding), and ``cache`` (KVCache, layer): for prefix routing.
-        ``choice`` (N,) long, route_context="sequence": each token's non-public expert (``FlexOlmo.sequence_choice``);
+        ``choice`` (N,) long, route_context="sequence" (or "likelihood" / "posterior"): each token's non-public expert
+        (``FlexOlmo.sequence_choice``; the likelihood rule's pass of one expert);
         without it the layer routes by token and reports each token's probabilities (``token_probs``) for the choice."""
         if self.router is None:
             return self.experts[0](x), {}
@@ -167,7 +168,7 @@ class MoEFFN(nn.Module):
         if k == self.num_experts:  # every expert sees every token (FlexOlmo's 2-of-2): no gather, no graph breaks
             w = weights.new_zeros(N, k).scatter_(1, ids, weights).to(x.dtype)
             y = sum(run(e, expert, x, hold) * w[:, e, None] for e, expert in enumerate(self.experts))
-            return y.view(shape), self._aux(logits, ids, route_targets, choice)
+            return y.view(shape), self._aux(logits, ids, weights, route_targets, choice)
         # Each (token, slot) is written once, then the k slots are summed in a fixed order: deterministic on GPU too.
         out = x.new_zeros(N * k, shape[-1])
         flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
@@ -179,12 +180,14 @@ class MoEFFN(nn.Module):
             tok = slots // k
             out[slots] = run(e, expert, x[tok], None if hold is None else hold[tok]) * flat_w[slots, None].to(x.dtype)
         y = out.view(N, k, -1).sum(1).view(shape)
-        return y, self._aux(logits, ids, route_targets, choice)
+        return y, self._aux(logits, ids, weights, route_targets, choice)
 
-    def _aux(self, logits, ids, route_targets, choice) -> dict[str, torch.Tensor]:
+    def _aux(self, logits, ids, weights, route_targets, choice) -> dict[str, torch.Tensor]:
         aux = self.aux_losses(logits, ids, route_targets)
         if self.route_context == "sequence" and choice is None:  # the first pass: what the choice is made from
             aux["token_probs"] = torch.softmax(logits, dim=-1).detach()
+        if self.route_context in BY_LIKELIHOOD and choice is not None:  # each token's weights on (public, its e)
+            aux["token_weights"] = torch.zeros_like(logits).scatter_(1, ids, weights.to(logits.dtype)).detach()
         return aux
 
     def aux_losses(self, logits: torch.Tensor, ids: torch.Tensor,

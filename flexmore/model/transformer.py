@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexmore.model.config import ModelConfig
+from flexmore.model.config import BY_LIKELIHOOD, ModelConfig
 from flexmore.model.layers import Attention, KVCache, RMSNorm, rope_tables
 from flexmore.model.moe import MoEFFN, most_so_far
 
@@ -116,11 +116,14 @@ class FlexOlmo(nn.Module):
         targets = None if route_targets is None else route_targets.to(x.device).long().repeat_interleave(T)
         present = None if present_rows is None else present_rows.to(x.device).bool().repeat_interleave(T, dim=0)
         valid = None if attention_mask is None else attention_mask[:, start:].to(x.device).bool()  # the new tokens
-        choice = None
-        if self.cfg.route_context == "sequence" and self.cfg.is_moe:
-            choice = self.sequence_choice(x, cos, sin, mask, present, cache, valid)
-        x, aux_layers = self._blocks(x, cos, sin, mask, hold, targets, present, cache, valid, choice)
-        logits = self.lm_head(self.norm(x))
+        if self.cfg.route_context in BY_LIKELIHOOD and self.cfg.is_moe:
+            logits, aux_layers = self.likelihood_route(input_ids, x, cos, sin, mask, present, cache, valid)
+        else:
+            choice = None
+            if self.cfg.route_context == "sequence" and self.cfg.is_moe:
+                choice = self.sequence_choice(x, cos, sin, mask, present, cache, valid)
+            x, aux_layers = self._blocks(x, cos, sin, mask, hold, targets, present, cache, valid, choice)
+            logits = self.lm_head(self.norm(x))
         aux_mean = {k: sum(v) / len(self.blocks) for k, v in aux_layers.items()}
         for k in ("expert_prob", "expert_topk"):
             if k in aux_layers:
@@ -162,6 +165,61 @@ class FlexOlmo(nn.Module):
         if cache is not None:
             cache.sequence_routes = sums
         return choice
+
+
+    def likelihood_route(self, input_ids, x, cos, sin, mask, present, cache, valid):
+        """route_context="likelihood" / "posterior": (logits (B, T, V), per-layer aux). One pass per non-public
+        expert e with every token on the pair (public, e); each pass's model scores the real tokens of the sequence
+        so far (each token included: log p_e(x_t | x_<t)). "likelihood": each token's logits come from the pass with
+        the highest score (ties to the lowest index, so with no evidence yet, a sequence's first real token, expert
+        1's pass). "posterior": its log-probabilities are those of the passes' mixture weighted by softmax(score)
+        (uniform prior). An opted-out expert (``present``) gets no weight. With a KV cache every pass keeps its own
+        keys, and the scores and the last token's log-probabilities are carried, so decoding token by token gives
+        what one pass over everything gives."""
+        B, T = input_ids.shape
+        E = self.cfg.num_experts
+        if cache is not None and cache.passes is None:
+            cache.passes = [KVCache(self.cfg.n_layers) for _ in range(E - 1)]
+        logits, weights = [], []
+        for e in range(1, E):
+            pair = torch.full((B * T,), e, dtype=torch.long, device=x.device)
+            kv = None if cache is None else cache.passes[e - 1]
+            h, aux = self._blocks(x, cos, sin, mask, None, None, present, kv, valid, pair)
+            logits.append(self.lm_head(self.norm(h)))
+            weights.append(torch.stack(aux["token_weights"]))  # (L, N, E)
+        logits = torch.stack(logits)  # (E - 1, B, T, V)
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            real = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
+            gain = torch.zeros(E - 1, B, T, device=x.device)  # log p_e(x_t | x_<t), where both tokens are real
+            nxt = input_ids[None, :, 1:, None].expand(E - 1, B, T - 1, 1)
+            gain[:, :, 1:] = logp[:, :, :-1].gather(-1, nxt).squeeze(-1) * (real[:, 1:] & real[:, :-1])
+            if cache is not None and cache.last_logp is not None:  # the first new token, scored by the last old one
+                first = cache.last_logp.gather(-1, input_ids[None, :, :1].expand(E - 1, B, 1)).squeeze(-1)
+                gain[:, :, 0] = first * real[:, 0]
+            score = gain.cumsum(2)
+            if cache is not None and cache.likelihood is not None:
+                score = score + cache.likelihood[:, :, None]
+            if present is not None:  # (N, E), the same for every token of a row
+                score = score.masked_fill(~present.view(B, T, E)[:, :1, 1:].permute(2, 0, 1), float("-inf"))
+            if cache is not None:
+                cache.likelihood = score[:, :, -1].masked_fill(score[:, :, -1].isinf(), 0.0)
+                cache.last_logp = logp[:, :, -1] * real[None, :, -1, None]
+            if self.cfg.route_context == "likelihood":  # one pass per token: ties to the first maximum
+                share = torch.zeros_like(score).scatter_(0, score.argmax(0, keepdim=True), 1.0)
+            else:  # (E - 1, B, T): each pass's weight per token; every expert opted out: all passes are public's
+                share = torch.softmax(score.masked_fill(score.isinf().all(0), 0.0), dim=0)
+        if self.cfg.route_context == "likelihood":
+            V = logits.shape[-1]
+            out = logits.gather(0, share.argmax(0)[None, :, :, None].expand(1, B, T, V)).squeeze(0)
+        else:  # log sum_e w_e p_e: log-probabilities (what cross-entropy and argmax read as logits)
+            out = torch.logsumexp(torch.log_softmax(logits.float(), -1) + share.log()[..., None], dim=0)
+        # per layer, the weight each expert gets: each pass's pair weights times the pass's share
+        flat = share.view(E - 1, 1, B * T, 1)
+        mass = (torch.stack(weights) * flat).sum(0)  # (L, N, E)
+        held = torch.cat([torch.ones_like(flat[:1, 0]), flat[:, 0]]).squeeze(-1).T  # (N, E): public 1, e its share
+        aux_layers = {"expert_prob": list(mass.mean(1)), "expert_topk": [held.mean(0)] * len(self.blocks)}
+        return out, aux_layers
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> FlexOlmo:

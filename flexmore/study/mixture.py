@@ -208,30 +208,36 @@ def tasks_vs_alone(items: dict[str, str], tasks: list, alone: dict) -> dict:
 TUNINGS = {"tuned": (0.0, 1.0, 0.0), "tuned+route": (1.0, 1.0, 0.0), "tuned+route+drop": (1.0, 1.0, 0.25)}
 # routings evaluated besides each tuned mixture's own (every expert, unrenormalised): name -> merge.reroute's arguments
 ROUTINGS = {"top1": {"top_k": 1, "renormalize": True}, "top2": {"top_k": 2, "renormalize": True},
-            "prefix": {"context": "prefix"}, "sequence": {"context": "sequence"}}
+            "prefix": {"context": "prefix"}, "sequence": {"context": "sequence"},
+            "likelihood": {"context": "likelihood"}, "posterior": {"context": "posterior"}}
 
 
 def evaluate_recipe(ev: Evaluator, base: Path, artifacts: dict[str, Path], base_losses: dict,
                     centroid: bool = False, tunings: dict[str, tuple[float, float, float]] = TUNINGS,
                     routings: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """(alone: domain -> its two-expert model's losses and tasks, mixtures: name -> description; ``name@routing``:
-    a tuned mixture evaluated with one of ``routings``)."""
+    the merged or a tuned mixture evaluated with one of ``routings``)."""
     alone = {}
     for d, art in artifacts.items():
         m = merge(base, [art])
         alone[d] = {"losses": ev.losses(m), **ev.scored(m), "routing": ev.routing(m)}
     mixtures = {}
+
+    def rerouted(name: str, model) -> None:
+        for rname, rule in (routings or {}).items():
+            mixtures[f"{name}@{rname}"] = {**ev.describe(reroute(model, **rule), base_losses, alone),
+                                           "routing_rule": rule}
+
     merged = merge(base, [artifacts[d] for d in ev.domains])
     mixtures["merged"] = ev.describe(merged, base_losses, alone)
+    rerouted("merged", merged)  # the owners' own router rows: a pair (public, e) is e's two-expert model as trained
     for name, (route_loss, steps, drop) in tunings.items():
         tuned = merge(base, [artifacts[d] for d in ev.domains])
         tc = TuneConfig(steps=round(ev.size.tune_steps * steps), lr=ev.size.tune_lr, micro_batch=ev.size.micro_batch,
                         route_loss=route_loss, drop=drop)
         info = tune_router(tuned, ev.samples, tc, ev.device, log=None)
         mixtures[name] = {**ev.describe(tuned, base_losses, alone), "tuning": info}
-        for rname, rule in (routings or {}).items():
-            mixtures[f"{name}@{rname}"] = {**ev.describe(reroute(tuned, **rule), base_losses, alone),
-                                           "routing_rule": rule}
+        rerouted(name, tuned)
     if centroid:
         c = merge(base, [artifacts[d] for d in ev.domains])
         centroid_router(c, ev.samples, ev.device)
