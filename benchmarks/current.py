@@ -80,42 +80,70 @@ def kernel_rows() -> list[list[str]]:
 
 
 def mixture_rows() -> list[list[str]]:
-    s = load("mixture_small/routings.json")  # the newest run of the default recipe
+    s = load("mixture_small/likelihood.json")  # the newest run; its default: the README workflow's mixture
     m, base = s["mixtures"][s["default"]], s["base"]["losses"]
     dev, date = s["provenance"]["device"].split(" (")[0].replace("NVIDIA ", ""), s["provenance"]["date"]
-    src = "`bench_mixture.py --size small --routings top2 prefix sequence` (`mixture_small/routings.json`)"
-    top2, seq = s["mixtures"][f"{s['default']}@top2"], s["mixtures"][f"{s['default']}@sequence"]
-    gaps, routes = m["gap_recovery"].values(), m["routing_own"].values()
+    src = "`bench_mixture.py --size small --routings sequence likelihood posterior` (`mixture_small/likelihood.json`)"
+    token = s["mixtures"][s["default"].split("@")[0]]
+    seq, post = (s["mixtures"][f"{s['default'].split('@')[0]}@{r}"] for r in ("sequence", "posterior"))
     alone, n = s["alone"][next(iter(s["recipes"]))], s["size"]["mc_items"]
-    return [
-        row("merged mixture (math, facts, code; default recipe): public loss", f"{m['losses']['public']:.3f}",
-            f"public base {base['public']:.3f}", f"+{m['losses']['public'] - base['public']:.3f} (goal ≤ +0.05)",
-            dev, date, src),
-        row("merged mixture: gap recovery per expert domain", f"{min(gaps):.3f}–{max(gaps):.3f}",
-            "each expert alone = 1", "goal ≥ 0.9", dev, date, src),
-        row("merged mixture: router mass on each domain's own expert", f"{min(routes):.3f}–{max(routes):.3f}", "—",
-            "goal ≥ 0.7", dev, date, src),
+
+    def spread(d: dict) -> str:
+        return f"{min(d.values()):.3f}–{max(d.values()):.3f}"
+
+    def missed(d: dict) -> str:
+        low = [k for k, v in d.items() if v < 0.7]
+        return "goal ≥ 0.7" + (f" (missed: {', '.join(low)})" if low else "")
+
+    rows = [
+        row("merged mixture (math, facts, code; default recipe, router tuned, routed by likelihood): public loss",
+            f"{m['losses']['public']:.3f}", f"public base {base['public']:.3f}",
+            f"+{m['losses']['public'] - base['public']:.3f} (goal ≤ +0.05)", dev, date, src),
+        row("merged mixture: gap recovery per expert domain", spread(m["gap_recovery"]), "each expert alone = 1",
+            "goal ≥ 0.9", dev, date, src),
+        row("merged mixture: largest loss change of another domain when one expert opts out",
+            f"{m['opt_out_max_change']:.3f} (harm {m['opt_out_max_increase']:.3f})",
+            f"token-routed {token['opt_out_max_change']:.3f}", optout_goal(m), dev, date, src),
+        row("merged mixture: weight on each domain's own expert (the chosen pair's softmax)", spread(m["routing_own"]),
+            f"token-routed {spread(token['routing_own'])}", missed(m["routing_own"]), dev, date, src),
         *[row(f"merged mixture: `{task}` against the {dom} expert alone ({n} items)", f"{m['tasks'][task]:.3f}",
               f"alone {alone[dom]['tasks'][task]:.3f}", mc_difference(m, alone[dom], task, n), dev, date, src)
           for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-        row("merged mixture: largest loss change of another domain when one expert opts out",
-            f"{m['opt_out_max_change']:.3f} (harm {m['opt_out_max_increase']:.3f})", "—",
-            optout_goal(m), dev, date, src),
-        row("the same, each token routed to its top-2 experts (weights renormalised)",
-            f"{top2['opt_out_max_change']:.3f} (harm {top2['opt_out_max_increase']:.3f})",
-            f"public {top2['losses']['public']:.3f}", optout_goal(top2), dev, date, src),
+        *[row(f"the same mixture routed by token (FlexOlmo's rule): `{task}` against the {dom} expert alone",
+              f"{token['tasks'][task]:.3f}", f"alone {alone[dom]['tasks'][task]:.3f}",
+              mc_difference(token, alone[dom], task, n), dev, date, src)
+          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
+        row("the same mixture routed by token: public loss; largest opt-out change",
+            f"{token['losses']['public']:.3f}; {token['opt_out_max_change']:.3f}", f"public base {base['public']:.3f}",
+            optout_goal(token), dev, date, src),
         row("the same, sequence routing (`route_context=sequence`): largest opt-out change",
             f"{seq['opt_out_max_change']:.3f} (harm {seq['opt_out_max_increase']:.3f})",
-            f"public {seq['losses']['public']:.3f}, gap recovery {min(seq['gap_recovery'].values()):.3f}–"
-            f"{max(seq['gap_recovery'].values()):.3f}", optout_goal(seq), dev, date, src),
-        row("sequence routing: weight on each domain's own expert (the token's softmax over the public and the "
-            "chosen expert)", f"{min(seq['routing_own'].values()):.3f}–{max(seq['routing_own'].values()):.3f}", "—",
-            "goal ≥ 0.7" + (" (missed: " + ", ".join(d for d, v in seq["routing_own"].items() if v < 0.7) + ")"
-                            if min(seq["routing_own"].values()) < 0.7 else ""), dev, date, src),
-        *[row(f"sequence routing: `{task}` against the {dom} expert alone ({n} items)", f"{seq['tasks'][task]:.3f}",
-              f"alone {alone[dom]['tasks'][task]:.3f}", mc_difference(seq, alone[dom], task, n), dev, date, src)
+            f"public {seq['losses']['public']:.3f}, gap recovery {spread(seq['gap_recovery'])}", optout_goal(seq),
+            dev, date, src),
+        row("the same, posterior routing (`route_context=posterior`, the Bayesian mixture): largest opt-out change",
+            f"{post['opt_out_max_change']:.3f} (harm {post['opt_out_max_increase']:.3f})",
+            f"public {post['losses']['public']:.3f}, gap recovery {spread(post['gap_recovery'])}", optout_goal(post),
+            dev, date, src),
+    ]
+    f = load("mixture_small/likelihood_first.json")  # the first run of the same command, its own base and experts
+    fm, fa = f["mixtures"]["negatives+route+bias/tuned+route+drop25@likelihood"], f["alone"]["negatives+route+bias"]
+    fsrc = "`bench_mixture.py --size small --routings sequence likelihood` (`mixture_small/likelihood_first.json`)"
+    rows += [
+        row("routed by likelihood, first run: public loss; gap recovery; largest opt-out change",
+            f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
+            f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, f["provenance"]["date"], fsrc),
+        *[row(f"routed by likelihood, first run: `{task}` against the {dom} expert alone", f"{fm['tasks'][task]:.3f}",
+              f"alone {fa[dom]['tasks'][task]:.3f}", mc_difference(fm, fa[dom], task, n), dev, f["provenance"]["date"],
+              fsrc)
           for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
     ]
+    r = load("mixture_small/routings.json")  # an earlier run: top-2 with renormalised weights
+    top2 = r["mixtures"][f"{r['default']}@top2"]
+    rows.append(row("token routing to the top-2 experts, weights renormalised (an earlier run): largest opt-out change",
+                    f"{top2['opt_out_max_change']:.3f} (harm {top2['opt_out_max_increase']:.3f})",
+                    f"public {top2['losses']['public']:.3f}", optout_goal(top2), dev, r["provenance"]["date"],
+                    "`bench_mixture.py --size small --routings top2 prefix sequence` (`mixture_small/routings.json`)"))
+    return rows
 
 
 def optout_goal(m: dict) -> str:

@@ -305,6 +305,8 @@ def test_likelihood_routing_takes_each_token_from_the_two_expert_model_that_pred
         rest = opt_out(routed, ["math"])(text).logits
     torch.testing.assert_close(rest[:, 1:], out[:, 1:], rtol=0, atol=1e-5)
     assert (rest[:, 0] - out[:, 0]).abs().max() > 1e-3  # the first token did use math
+    with pytest.raises(ValueError, match="route_context='likelihood' evaluates a merged mixture; train with"):
+        routed(x, route_targets=torch.zeros(B, dtype=torch.long))
 
 
 def test_posterior_routing_is_the_bayesian_mixture_of_the_two_expert_models(world):

@@ -60,7 +60,7 @@ def test_readme_cpu_workflow_runs_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "WANDB_MODE": "disabled"}
     commands = [line.split("#")[0].strip() for line in readme_block("readme-cpu-workflow").splitlines()]
     commands = [c for c in commands if c]
-    assert len(commands) == 8 and commands[0].startswith("flexmore-train")
+    assert len(commands) == 9 and commands[0].startswith("flexmore-train")
     outs = []
     for cmd in commands:
         done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -68,7 +68,9 @@ def test_readme_cpu_workflow_runs_as_written(tmp_path):
         outs.append(done.stdout)
     out = tmp_path / "outputs" / "tiny"
     assert (out / "no-facts" / "config.json").is_file()
-    rows = json.loads((out / "eval" / "tuned.json").read_text())
+    for folder in ("routed", "no-facts"):  # the routing rule travels through the opt-out
+        assert json.loads((out / folder / "config.json").read_text())["model"]["route_context"] == "likelihood"
+    rows = json.loads((out / "eval" / "routed.json").read_text())
     losses = {r["task"]: r["score"] for r in rows if r["metric"] == "loss"}
     assert set(losses) == {"val/public", "val/code", "val/math", "val/facts"}
     assert "validation at seq_len 128: the length the model was trained at" in done.stdout

@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--renormalize", action="store_true", help="top-k weights renormalised to sum to 1")
     ap.add_argument("--route-context", choices=ROUTE_CONTEXTS, default=None,
                     help="token: each token by its own router (FlexOlmo, the default); prefix / sequence: the public "
-                         "expert and the one its sequence so far prefers, per layer / over all layers (two passes; "
-                         "the smallest opt-out change measured; no transformers export)")
+                         "expert and the one its sequence so far prefers, per layer / over all layers (two passes); "
+                         "likelihood / posterior: every expert's two-expert model, each token from the one that "
+                         "predicted its sequence so far best / their posterior mixture (E - 1 passes; the smallest "
+                         "opt-out change measured); none but token has a transformers export")
     ap.add_argument("--out", required=True, help="output model folder")
     ap.add_argument("--hf", action="store_true", help="write transformers' format instead: FlexOlmo, or OLMo 2 for a dense model")
     ap.add_argument("--hf-bias", choices=["error", "drop"], default="error",

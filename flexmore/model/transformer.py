@@ -117,6 +117,9 @@ class FlexOlmo(nn.Module):
         present = None if present_rows is None else present_rows.to(x.device).bool().repeat_interleave(T, dim=0)
         valid = None if attention_mask is None else attention_mask[:, start:].to(x.device).bool()  # the new tokens
         if self.cfg.route_context in BY_LIKELIHOOD and self.cfg.is_moe:
+            if hold_rows is not None or route_targets is not None:  # nothing routes by the router there to train
+                raise ValueError(f"route_context={self.cfg.route_context!r} evaluates a merged mixture; train with "
+                                 "route_context='token' (router tuning switches to it by itself)")
             logits, aux_layers = self.likelihood_route(input_ids, x, cos, sin, mask, present, cache, valid)
         else:
             choice = None
