@@ -63,7 +63,8 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # each replica's own Adam update compressed with error feedback (uncompressed and unsigned: AdamW), applied
             # unsigned or signed; weight decay as AdamW's here
             "flexdemo-adamw": {"precondition": "adam", "sign": False, "weight_decay": 0.1},
-            "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1}}
+            "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1},
+            "flexdemo-adamw-k64": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 64}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -211,6 +211,15 @@ def test_prefix_choice_is_the_most_router_probability_so_far(world):
     assert torch.equal(torch.cat([first.view(B, 5, 2), rest.view(B, 4, 2)], 1), ids.view(B, T, 2))
 
 
+def padded_tokens(seed: int, B: int, T: int, row: int, pad: int):
+    """Random byte tokens (B, T), row ``row`` left-padded by ``pad``: (tokens, real-token mask, the generator)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[row, :pad] = False
+    return x, valid, g
+
+
 def test_sequence_choice_is_the_most_router_probability_over_all_layers_so_far(world):
     """route_context="sequence" against a loop: for each row and token, the token-routed mixture run on that row's
     real tokens up to it, its router probabilities (captured per layer) summed over layers and tokens; the choice is
@@ -228,11 +237,8 @@ def test_sequence_choice_is_the_most_router_probability_over_all_layers_so_far(w
     chosen = []
     original = seq.sequence_choice
     seq.sequence_choice = lambda *a: chosen.append(original(*a)) or chosen[-1]
-    g = torch.Generator().manual_seed(4)
     B, T = 3, 10
-    x = torch.randint(0, 256, (B, T), generator=g)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[2, :4] = False
+    x, valid, _ = padded_tokens(4, B, T, row=2, pad=4)
     with torch.no_grad():
         out = seq(x, attention_mask=valid).logits
         ids = chosen[0].view(B, T)
@@ -265,11 +271,8 @@ def test_likelihood_routing_takes_each_token_from_the_two_expert_model_that_pred
     token = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
     routed = reroute(token, context="likelihood")
     two = {1: opt_out(token, ["facts"]), 2: opt_out(token, ["math"])}
-    g = torch.Generator().manual_seed(5)
     B, T = 4, 12
-    x = torch.randint(0, 256, (B, T), generator=g)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[2, :4] = False
+    x, valid, g = padded_tokens(5, B, T, row=2, pad=4)
     chosen = torch.zeros(B, T, dtype=torch.long)
     with torch.no_grad():
         out = routed(x, attention_mask=valid).logits
@@ -317,11 +320,8 @@ def test_posterior_routing_is_the_bayesian_mixture_of_the_two_expert_models(worl
     token = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
     routed = reroute(token, context="posterior")
     two = [opt_out(token, ["facts"]), opt_out(token, ["math"])]
-    g = torch.Generator().manual_seed(6)
     B, T = 3, 10
-    x = torch.randint(0, 256, (B, T), generator=g)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, :3] = False
+    x, valid, _ = padded_tokens(6, B, T, row=1, pad=3)
     with torch.no_grad():
         out = routed(x, attention_mask=valid).logits
         for b in range(B):
