@@ -169,7 +169,6 @@ class FlexOlmo(nn.Module):
             cache.sequence_routes = sums
         return choice
 
-
     def likelihood_route(self, input_ids, x, cos, sin, mask, present, cache, valid):
         """route_context="likelihood" / "posterior": (logits (B, T, V), per-layer aux). One pass per non-public
         expert e with every token on the pair (public, e); each pass's model scores the real tokens of the sequence
