@@ -64,7 +64,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # unsigned or signed; weight decay as AdamW's here
             "flexdemo-adamw": {"precondition": "adam", "sign": False, "weight_decay": 0.1},
             "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1},
-            "flexdemo-adamw-k64": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 64}}
+            "flexdemo-adamw-k64": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 64},
+            # a check of the machinery: everything sent in fp32, so this is Adam without bias correction
+            "flexdemo-adamw-all": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 4096,
+                                   "value_dtype": "fp32"}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 
