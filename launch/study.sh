@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The FlexMoRE study end to end on the embedded data, from nothing: a public base, full experts for math, facts and
 # code (each trained alone against the frozen base, with public negatives and the routing loss), the rank sweep (every
-# mixture of several experts with its router tuned first) and the report (table, plots, summary).
+# mixture of several experts with its router tuned, then routed by likelihood as the README workflow does; ROUTE=token
+# for FlexOlmo's rule) and the report (table, plots, summary).
 #   SIZE=small PARALLEL=1 SHARDS=3 launch/study.sh   # one GPU (~12 minutes on an H200), results in $OUT (default outputs/study)
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
@@ -36,7 +37,7 @@ fi
 sweep() {
   "$PY" -u -m flexmore.cli.sweep --base "$OUT/base/model" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
     --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" --tune-steps "$TUNE_STEPS" \
-    --val-domains public code math facts --out "$OUT/sweep" "$@"
+    --val-domains public code math facts --route-context "${ROUTE:-likelihood}" --out "$OUT/sweep" "$@"
 }
 if [ "${SHARDS:-1}" -gt 1 ]; then  # SHARDS=N: N sweep processes share the GPU, then one pass adds design (c)
   pids=()

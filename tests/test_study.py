@@ -124,12 +124,25 @@ def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
         assert (sweep / f).is_file(), f
     rows = json.loads((sweep / "table.json").read_text())
     assert {r["design"] for r in rows} == {"a", "b", "c", "alloc"}
-    # every mixture of several experts had its router tuned; single experts keep their own
+    # every mixture of several experts had its router tuned, then was routed by likelihood; single experts keep
+    # their own router (a two-expert model: every rule is the same)
     assert {r["router"] for r in rows if r["design"] != "a"} == {"tuned"}
-    assert {r["router"] for r in rows if r["design"] == "a"} == {"merged"}
+    assert {r["routing"] for r in rows if r["design"] != "a"} == {"likelihood"}
+    assert {(r["router"], r["routing"]) for r in rows if r["design"] == "a"} == {("merged", "token")}
+    assert all("+tuned+likelihood:" in r["model"] for r in rows if r["design"] != "a")
     assert set(json.loads((sweep / "analysis.json").read_text())["categories"]) >= {"reasoning", "knowledge", "loss"}
     alloc = [r for r in rows if r["design"] == "alloc"][0]
     assert alloc["expert_params"] <= 20000
+
+
+def test_sweep_refuses_an_unknown_routing_rule_before_any_work(tmp_path, capsys):
+    from flexmore.cli.sweep import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--base", str(tmp_path / "none"), "--experts", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+              "--route-context", "document"])
+    assert e.value.code == 2 and "invalid choice: 'document'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_analysis_counts_each_expert_on_its_own_domain_and_reads_the_verdict():

@@ -18,11 +18,21 @@ from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.experts.artifact import base_hash, read_manifest
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model import count_params
+from flexmore.model.config import ROUTE_CONTEXTS
 from flexmore.store.modeldir import check_trusted, is_checkpoint, load_model, save_model_dir
 from flexmore.study.allocate import allocate
 from flexmore.study.report import write_report
 from flexmore.study.results import ResultStore
-from flexmore.study.sweep import FULL, RouterFit, build_mixture, cell_key, router_label, run_sweep, selection_score
+from flexmore.study.sweep import (
+    FULL,
+    RouterFit,
+    build_mixture,
+    cell_key,
+    router_label,
+    routing_label,
+    run_sweep,
+    selection_score,
+)
 
 
 def energy_curves(out: Path) -> dict[str, dict[int, float]]:
@@ -87,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="router tuning: each owner's sample (shard folder or embedded:DOMAIN); default "
                          "embedded:<the expert's domain>, and embedded:public for public")
     ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
+    ap.add_argument("--route-context", choices=ROUTE_CONTEXTS, default="token",
+                    help="the routing rule of every mixture of several experts (after tuning): token (FlexOlmo's) or "
+                         "another ModelConfig.route_context, e.g. likelihood (the README workflow's)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="evaluate only every N-th cell of designs (a) and (b), from the I-th; run N shards at once "
                          "into one --out, then once without --shard for (c) and the report")
@@ -118,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             fit = RouterFit({n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()},
                             TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss,
                                        drop=args.drop))
-        rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit, shard=shard)
+        rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit, shard=shard,
+                         context=args.route_context)
         if shard is not None:
             print(f"shard {args.shard}: {len(rows)} rows in {out / 'results.jsonl'}; run once without --shard for "
                   "design (c) and the report")
@@ -133,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             choice, used, value = budget_choice(rows, args.budget,
                                                 lambda n, r: read_manifest(artifact_of(n, r)).params)
             store = ResultStore(out / "results.jsonl")
-            key = cell_key("alloc", choice, fit)
+            key = cell_key("alloc", choice, fit, args.route_context)
             if key not in store.done:
-                model = build_mixture(base, {n: artifact_of(n, r) for n, r in choice.items()}, fit, device)
+                model = build_mixture(base, {n: artifact_of(n, r) for n, r in choice.items()}, fit, device,
+                                      args.route_context)
                 c = count_params(model)
                 store.add(key, evaluate_model(model, tok, tasks, val, device, {
                     "model": key, "design": "alloc", "mixture": "+".join(choice), "ranks": choice, "rank": "mixed",
                     "params": c.total, "active_params": c.active, "budget": args.budget, "expert_params": used,
-                    "router": router_label(choice, fit)}))
+                    "router": router_label(choice, fit), "routing": routing_label(choice, args.route_context)}))
             rows = store.rows
             print(f"budget {args.budget:,}: ranks {choice} use {used:,} expert parameters")
     except (FileNotFoundError, ValueError) as e:

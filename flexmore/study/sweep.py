@@ -20,7 +20,7 @@ from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.tasks import Task
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.extract import save_lowrank
-from flexmore.experts.merge import merge
+from flexmore.experts.merge import merge, reroute
 from flexmore.experts.router import TuneConfig, tune_router
 from flexmore.model import count_params
 from flexmore.model.experts import PROJECTIONS
@@ -51,14 +51,17 @@ class RouterFit:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
-def build_mixture(base_path: Path, artifacts: dict[str, Path], fit: RouterFit | None, device: torch.device):
-    """Merge ``artifacts`` (expert name -> artifact folder, any rank) onto the base; tune the router when there is
-    more than one expert and a ``fit``."""
+def build_mixture(base_path: Path, artifacts: dict[str, Path], fit: RouterFit | None, device: torch.device,
+                  context: str = "token"):
+    """Merge ``artifacts`` (expert name -> artifact folder, any rank) onto the base; when there is more than one
+    expert, tune the router (with a ``fit``) and route by ``context`` (ModelConfig.route_context)."""
     model = merge(base_path, list(artifacts.values()))
     if fit is not None and len(artifacts) > 1:
         merged_names = model.cfg.expert_names[1:]  # the artifacts' own names (e.g. math-r8)
         samples = {"public": fit.samples["public"], **{m: fit.samples[e] for e, m in zip(artifacts, merged_names)}}
         tune_router(model, samples, fit.tune, device, log=None)
+    if routing_label(artifacts, context) != "token":
+        model = reroute(model, context=context)
     return model.to(device)
 
 
@@ -67,9 +70,16 @@ def router_label(choice: dict, fit: RouterFit | None) -> str:
     return "tuned" if fit is not None and len(choice) > 1 else "merged"
 
 
-def cell_key(design: str, choice: dict, fit: RouterFit | None) -> str:
+def routing_label(choice: dict, context: str) -> str:
+    """A cell's routing rule: ``context`` for a mixture of several experts; one expert (a two-expert model, where
+    every rule gives the same output) is routed by token."""
+    return context if len(choice) > 1 else "token"
+
+
+def cell_key(design: str, choice: dict, fit: RouterFit | None, context: str = "token") -> str:
     tuned = "+tuned" if router_label(choice, fit) == "tuned" else ""
-    return design + tuned + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
+    routed = "" if routing_label(choice, context) == "token" else f"+{context}"
+    return design + tuned + routed + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
 
 
 def selection_stats(rows: list[dict], domain: str) -> tuple[float, float | None]:
@@ -88,7 +98,7 @@ def selection_score(rows: list[dict], domain: str) -> float:
 
 def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
               tokenizer: Tokenizer, device: torch.device, out: str | Path, fit: RouterFit | None = None,
-              log=print, shard: tuple[int, int] | None = None) -> list[dict]:
+              log=print, shard: tuple[int, int] | None = None, context: str = "token") -> list[dict]:
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard {shard[0]}/{shard[1]}: allowed i/n with 0 <= i < n")
     out = Path(out)
@@ -122,17 +132,17 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
     order = iter(range(total))
 
     def cell(design: str, choice: dict[str, int | str]) -> None:
-        key = cell_key(design, choice, fit)
+        key = cell_key(design, choice, fit, context)
         mine = shard is None or next(order) % shard[1] == shard[0]
         if key in store.done or not mine:
             return
         by_name = {e.name: e for e in experts}
-        model = build_mixture(base_path, {n: artifact(by_name[n], r) for n, r in choice.items()}, fit, device)
+        model = build_mixture(base_path, {n: artifact(by_name[n], r) for n, r in choice.items()}, fit, device, context)
         c = count_params(model)
         labels = {"model": key, "design": design, "mixture": "+".join(choice), "expert": "+".join(choice),
                   "rank": next(iter(set(choice.values()))) if len(set(choice.values())) == 1 else "mixed",
                   "ranks": dict(choice), "params": c.total, "active_params": c.active,
-                  "router": router_label(choice, fit)}
+                  "router": router_label(choice, fit), "routing": routing_label(choice, context)}
         store.add(key, evaluate_model(model, tokenizer, tasks, val_sets, device, labels))
         timing["new"] += 1
         if log:
