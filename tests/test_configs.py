@@ -66,7 +66,8 @@ def test_unknown_key_and_wrong_type_fail():
 def test_semantic_checks_run_at_start_up():
     with pytest.raises(ValueError, match="top_k=3 is larger than num_experts=2"):
         composed("model.num_experts=2", "model.top_k=3")
-    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence, likelihood, posterior"):
+    allowed = "token, prefix, sequence, likelihood, posterior"
+    with pytest.raises(ValueError, match=f"route_context='document'; allowed: {allowed}"):
         composed("model.route_context=document")
     assert composed("model.route_context=sequence").model.route_context == "sequence"
     with pytest.raises(ValueError, match="train.seq_len=4096 is larger than the model's max_seq_len=256"):

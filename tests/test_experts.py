@@ -173,11 +173,12 @@ def test_prefix_routing_gives_each_sequence_its_experts_two_expert_model(world):
         with torch.no_grad():
             torch.testing.assert_close(routed(x).logits, alone(x).logits, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(opt_out(routed, ["facts"])(x).logits, routed(x).logits, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="route_context='document'; allowed: token, prefix, sequence, likelihood, posterior"):
+    allowed = "token, prefix, sequence, likelihood, posterior"
+    with pytest.raises(ValueError, match=f"route_context='document'; allowed: {allowed}"):
         dataclasses.replace(both.cfg, route_context="document")
     from flexmore.experts.hf import export_hf
 
-    for context in ("prefix", "sequence"):
+    for context in ("prefix", "sequence", "likelihood", "posterior"):
         with pytest.raises(ValueError, match=f"route_context='{context}': transformers' FlexOlmo routes each token"):
             export_hf(reroute(both, context=context), tmp / f"hf-{context}", bias="drop")
         assert not (tmp / f"hf-{context}").exists()
@@ -395,7 +396,8 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     with pytest.raises(SystemExit):  # argparse names the allowed rules before anything is read
         merge_cli(["--merged", str(tmp_path / "merged"), "--route-context", "document", "--out", str(tmp_path / "m4")])
     err = capsys.readouterr().err
-    assert "invalid choice: 'document'" in err and all(c in err for c in ("token", "prefix", "sequence", "likelihood", "posterior"))
+    assert "invalid choice: 'document'" in err
+    assert all(c in err for c in ("token", "prefix", "sequence", "likelihood", "posterior"))
     assert not (tmp_path / "m4").exists()
 
 
