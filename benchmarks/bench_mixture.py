@@ -45,7 +45,7 @@ def main() -> None:
                     help="router tunings to compare (default: tuned=0:1 tuned+route=1:1 tuned+route+drop=1:1:0.25); DROP: probability that an "
                          "expert is absent from a tuning row")
     ap.add_argument("--routings", nargs="*", default=[], metavar="NAME",
-                    help=f"also evaluate each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
+                    help=f"also evaluate the merged and each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
                          "top-k with renormalised weights; prefix / sequence: the public expert and the one its "
                          "sequence so far prefers, per layer / over all layers; likelihood: the two-expert model "
                          "that predicted the sequence so far best)")

@@ -84,8 +84,8 @@ def mixture_rows() -> list[list[str]]:
     m, base = s["mixtures"][s["default"]], s["base"]["losses"]
     dev, date = s["provenance"]["device"].split(" (")[0].replace("NVIDIA ", ""), s["provenance"]["date"]
     src = "`bench_mixture.py --size small --routings sequence likelihood posterior` (`mixture_small/likelihood.json`)"
-    token = s["mixtures"][s["default"].split("@")[0]]
-    seq, post = (s["mixtures"][f"{s['default'].split('@')[0]}@{r}"] for r in ("sequence", "posterior"))
+    tuned = s["default"].split("@")[0]  # the tuned mixture the default reroutes
+    token, seq, post = (s["mixtures"][tuned + r] for r in ("", "@sequence", "@posterior"))
     alone, n = s["alone"][next(iter(s["recipes"]))], s["size"]["mc_items"]
 
     def spread(d: dict) -> str:
