@@ -102,7 +102,7 @@ def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfi
     gen = torch.Generator().manual_seed(tc.seed)
     top_k = {id(b.ffn): b.ffn.top_k for b in model.blocks}
     cfg = model.cfg
-    model.cfg = replace(cfg, route_context="token")  # a prefix / sequence rule is tuned as token routing
+    model.cfg = replace(cfg, route_context="token")  # any other rule (prefix, sequence, likelihood, ...) is tuned as token routing
     for b in model.blocks:
         b.ffn.top_k = b.ffn.num_experts  # FlexOlmo tunes with every expert active
         b.ffn.route_context = "token"

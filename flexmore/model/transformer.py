@@ -190,8 +190,8 @@ class FlexOlmo(nn.Module):
             logits.append(self.lm_head(self.norm(h)))
             weights.append(torch.stack(aux["token_weights"]))  # (L, N, E)
         logits = torch.stack(logits)  # (E - 1, B, T, V)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         with torch.no_grad():
-            logp = torch.log_softmax(logits.float(), dim=-1)
             real = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
             gain = torch.zeros(E - 1, B, T, device=x.device)  # log p_e(x_t | x_<t), where both tokens are real
             nxt = input_ids[None, :, 1:, None].expand(E - 1, B, T - 1, 1)
@@ -215,7 +215,7 @@ class FlexOlmo(nn.Module):
             V = logits.shape[-1]
             out = logits.gather(0, share.argmax(0)[None, :, :, None].expand(1, B, T, V)).squeeze(0)
         else:  # log sum_e w_e p_e: log-probabilities (what cross-entropy and argmax read as logits)
-            out = torch.logsumexp(torch.log_softmax(logits.float(), -1) + share.log()[..., None], dim=0)
+            out = torch.logsumexp(logp + share.log()[..., None], dim=0)
         # per layer, the weight each expert gets: each pass's pair weights times the pass's share
         flat = share.view(E - 1, 1, B * T, 1)
         mass = (torch.stack(weights) * flat).sum(0)  # (L, N, E)
