@@ -65,6 +65,9 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-adamw": {"precondition": "adam", "sign": False, "weight_decay": 0.1},
             "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1},
             "flexdemo-adamw-k64": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 64},
+            # what is not sent decays faster (Adam's own m already averages the gradient)
+            "flexdemo-adamw-b0.99": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.99},
+            "flexdemo-adamw-b0.9": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.9},
             # a check of the machinery: everything sent in fp32, so this is Adam without bias correction
             "flexdemo-adamw-all": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 4096,
                                    "value_dtype": "fp32"}}

@@ -339,6 +339,70 @@ def test_posterior_routing_is_the_bayesian_mixture_of_the_two_expert_models(worl
             assert best - math.log(2) - 1e-3 <= mix <= best + 1e-3
 
 
+@pytest.mark.parametrize("rule", ["likelihood", "posterior"])
+def test_route_evidence_counts_only_the_marked_tokens(world, rule):
+    """``route_evidence`` (what multiple-choice scoring marks: the context) against a loop: each two-expert model's
+    score sums log p_e(x_t | x_<t) over the marked real tokens only, so after the last marked token the choice (or
+    the posterior's weights) stays what the context made it, whatever the following tokens are."""
+    tmp, base_dir = world
+    routed = reroute(merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"]), context=rule)
+    two = [opt_out(routed, ["facts"]), opt_out(routed, ["math"])]
+    B, T = 3, 14
+    x, valid, _ = padded_tokens(7, B, T, row=1, pad=3)
+    marked = [4, 6, 14]  # real tokens that count, per row (the last: all of them)
+    first = (~valid).sum(1)
+    evidence = torch.arange(T)[None] < (first + torch.tensor(marked))[:, None]
+    with torch.no_grad():
+        out = routed(x, attention_mask=valid, route_evidence=evidence).logits
+        assert not torch.allclose(out, routed(x, attention_mask=valid).logits)  # the marking changes something
+        for b in range(B):
+            real = valid[b].nonzero().squeeze(1)
+            xs = x[b : b + 1, real]
+            logp = torch.stack([torch.log_softmax(m(xs).logits[0].double(), -1) for m in two])  # (2, t, V)
+            gains = torch.zeros(2, len(real), dtype=torch.float64)
+            gains[:, 1:] = logp[:, :-1].gather(-1, xs[0, 1:].expand(2, -1)[..., None]).squeeze(-1)
+            gains[:, marked[b]:] = 0.0
+            score = gains.cumsum(1)
+            if rule == "likelihood":
+                pick = (score[1] > score[0]).long()  # ties to the first
+                want = logp[pick, torch.arange(len(real))]
+            else:
+                want = torch.log((torch.softmax(score, 0)[..., None] * logp.exp()).sum(0))
+            torch.testing.assert_close(torch.log_softmax(out[b, real].double(), -1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_choices_are_scored_by_the_two_expert_model_their_context_chose(world):
+    """Multiple-choice scoring (``evidence="context"``) of a mixture routed by likelihood: every continuation is
+    scored by the one two-expert model that gave its context the highest likelihood, the same for every choice."""
+    from flexmore.data import ByteTokenizer
+    from flexmore.eval.generate import request_logprobs
+
+    tmp, base_dir = world
+    routed = reroute(merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"]), context="likelihood")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # math's FFN made random: facts' model wins any context with evidence
+        for blk in routed.blocks:
+            for prm in blk.ffn.experts[1].parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g))
+    two = [opt_out(routed, ["facts"]), opt_out(routed, ["math"])]
+    tok, cpu = ByteTokenizer(), torch.device("cpu")
+    contexts = ["Problem: Compute 3 + 4.", "Kelvor Dun was born in", "Q"]  # "Q": no evidence, a tie, to math
+    reqs = [(c, cont) for c in contexts for cont in (" 7", " the city of Ardun", " qzx 9!")]
+    got = request_logprobs(routed, tok, reqs, cpu, batch_size=5, evidence="context")
+    chose = []
+    for (c, cont), (lp, n) in zip(reqs, got):
+        fit = [request_logprobs(m, tok, [(c[0], c[1:])], cpu)[0][0] if len(c) > 1 else 0.0 for m in two]
+        chosen = two[int(fit[1] > fit[0])]  # ties (a one-token context: no evidence) to the first
+        want, m = request_logprobs(chosen, tok, [(c, cont)], cpu)[0]
+        assert n == m and lp == pytest.approx(want, abs=1e-4)
+        chose.append(int(fit[1] > fit[0]))
+    assert set(chose) == {0, 1}  # each model chosen for some context
+    # every token as evidence instead: after "Q" the continuation's own tokens choose, and the score changes
+    assert abs(request_logprobs(routed, tok, reqs[-1:], cpu)[0][0] - got[-1][0]) > 0.1
+    with pytest.raises(ValueError, match="evidence='prompt': 'all' or 'context'"):
+        request_logprobs(routed, tok, reqs, cpu, evidence="prompt")
+
+
 def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):
     tmp, base_dir = world
     from flexmore.cli.lowrank import public_ffn

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from flexmore.data.tokenizer import Tokenizer
+from flexmore.model.config import BY_LIKELIHOOD
 from flexmore.model.layers import KVCache
 
 
@@ -69,12 +70,18 @@ def continuation_logprobs(model, tokenizer: Tokenizer, context: str, continuatio
 
 @torch.no_grad()
 def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, str]], device: torch.device,
-                     batch_size: int = 512, progress: str | None = None) -> list[tuple[float, int]]:
+                     batch_size: int = 512, progress: str | None = None,
+                     evidence: str = "all") -> list[tuple[float, int]]:
     """(sum of log p(continuation | context), number of continuation tokens) for each (context, continuation) pair.
 
     Pairs are right-padded into batches: the model is causal, so padding after a sequence leaves its logits as they
     are alone (tested). A sequence longer than the model's context keeps its last max_seq_len + 1 tokens.
+    ``evidence="context"``: a mixture routed by likelihood chooses its expert from the context alone, as when choices
+    are compared (each choice's own tokens would otherwise pick the expert that likes them best); "all": every token.
     """
+    if evidence not in ("all", "context"):
+        raise ValueError(f"evidence={evidence!r}: 'all' or 'context'")
+    by_context = evidence == "context" and getattr(getattr(model, "cfg", None), "route_context", None) in BY_LIKELIHOOD
     model.eval()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
     seqs = []
@@ -82,15 +89,19 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
         ids = tokenizer.encode(cont)
         if ids:  # an empty context conditions on a document boundary
             x = ((tokenizer.encode(context) or [tokenizer.eos_id]) + ids)[-model.cfg.max_seq_len - 1:]
-            seqs.append((i, x, min(len(ids), len(x) - 1)))
+            seqs.append((i, x, min(len(ids), len(x) - 1), max(0, len(x) - len(ids))))  # ..., context tokens kept
     seqs.sort(key=lambda s: len(s[1]))
     bar = progress_bar(progress, len(seqs))
     for b0 in range(0, len(seqs), batch_size):
         chunk = seqs[b0 : b0 + batch_size]
-        width = max(len(x) for _, x, _ in chunk)
-        x = torch.tensor([x + [tokenizer.eos_id] * (width - len(x)) for _, x, _ in chunk], device=device)
-        logp = torch.log_softmax(model(x[:, :-1]).logits.float(), -1)
-        for row, (i, ids, n) in enumerate(chunk):
+        width = max(len(x) for _, x, _, _ in chunk)
+        x = torch.tensor([x + [tokenizer.eos_id] * (width - len(x)) for _, x, _, _ in chunk], device=device)
+        kw = {}
+        if by_context:
+            kw["route_evidence"] = torch.arange(width - 1, device=device) < torch.tensor([c for *_, c in chunk],
+                                                                                           device=device)[:, None]
+        logp = torch.log_softmax(model(x[:, :-1], **kw).logits.float(), -1)
+        for row, (i, ids, n, _) in enumerate(chunk):
             pos = torch.arange(len(ids) - 1 - n, len(ids) - 1, device=device)
             out[i] = (float(logp[row, pos, x[row, pos + 1]].sum()), n)
         bar.update(len(chunk))

@@ -85,7 +85,7 @@ class FlexOlmo(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, hold_rows: torch.Tensor | None = None,
                 route_targets: torch.Tensor | None = None, present_rows: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, route_evidence: torch.Tensor | None = None) -> ModelOutput:
         """``attention_mask`` (B, T), True on real tokens, for left-padded batches (generation): keys that are padding
         are masked out. RoPE is relative, so a left-padded row gives the logits it would give unpadded.
         ``hold_rows`` (B,) bool: rows on which the non-public experts are held fixed (only the router learns there).
@@ -94,6 +94,9 @@ class FlexOlmo(nn.Module):
         ``present_rows`` (B, E) bool: the experts each row may use; the others are routed as if opted out.
         ``cache``: ``input_ids`` continue the sequences whose keys it holds (greedy decoding without recomputing
         the prefix); ``attention_mask`` then covers the cached tokens and the new ones.
+        ``route_evidence`` (B, T) bool, route_context "likelihood" / "posterior" only: the tokens whose likelihood
+        chooses the expert (default: every real token). Scoring given continuations marks the context only, so a
+        continuation cannot pick the expert that scores it; other rules ignore it.
 
         ``aux`` holds the router losses and routing statistics averaged over layers, and per layer (L, E):
         ``layer_expert_prob`` (mean router probability) and ``layer_expert_topk`` (fraction of tokens routed)."""
@@ -120,7 +123,8 @@ class FlexOlmo(nn.Module):
             if hold_rows is not None or route_targets is not None:  # nothing routes by the router there to train
                 raise ValueError(f"route_context={self.cfg.route_context!r} evaluates a merged mixture; train with "
                                  "route_context='token' (router tuning switches to it by itself)")
-            logits, aux_layers = self.likelihood_route(input_ids, x, cos, sin, mask, present, cache, valid)
+            evidence = None if route_evidence is None else route_evidence.to(x.device).bool()
+            logits, aux_layers = self.likelihood_route(input_ids, x, cos, sin, mask, present, cache, valid, evidence)
         else:
             choice = None
             if self.cfg.route_context == "sequence" and self.cfg.is_moe:
@@ -169,13 +173,14 @@ class FlexOlmo(nn.Module):
             cache.sequence_routes = sums
         return choice
 
-    def likelihood_route(self, input_ids, x, cos, sin, mask, present, cache, valid):
+    def likelihood_route(self, input_ids, x, cos, sin, mask, present, cache, valid, evidence=None):
         """route_context="likelihood" / "posterior": (logits (B, T, V), per-layer aux). One pass per non-public
         expert e with every token on the pair (public, e); each pass's model scores the real tokens of the sequence
         so far (each token included: log p_e(x_t | x_<t)). "likelihood": each token's logits come from the pass with
         the highest score (ties to the lowest index, so with no evidence yet, a sequence's first real token, expert
         1's pass). "posterior": its log-probabilities are those of the passes' mixture weighted by softmax(score)
-        (uniform prior). An opted-out expert (``present``) gets no weight. With a KV cache every pass keeps its own
+        (uniform prior); only the tokens marked in ``evidence`` (default all) add to the scores. An opted-out expert
+        (``present``) gets no weight. With a KV cache every pass keeps its own
         keys, and the scores and the last token's log-probabilities are carried, so decoding token by token gives
         what one pass over everything gives."""
         B, T = input_ids.shape
@@ -193,12 +198,13 @@ class FlexOlmo(nn.Module):
         logp = torch.log_softmax(logits.float(), dim=-1)
         with torch.no_grad():
             real = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
+            counted = real if evidence is None else real & evidence
             gain = torch.zeros(E - 1, B, T, device=x.device)  # log p_e(x_t | x_<t), where both tokens are real
             nxt = input_ids[None, :, 1:, None].expand(E - 1, B, T - 1, 1)
-            gain[:, :, 1:] = logp[:, :, :-1].gather(-1, nxt).squeeze(-1) * (real[:, 1:] & real[:, :-1])
+            gain[:, :, 1:] = logp[:, :, :-1].gather(-1, nxt).squeeze(-1) * (counted[:, 1:] & real[:, :-1])
             if cache is not None and cache.last_logp is not None:  # the first new token, scored by the last old one
                 first = cache.last_logp.gather(-1, input_ids[None, :, :1].expand(E - 1, B, 1)).squeeze(-1)
-                gain[:, :, 0] = first * real[:, 0]
+                gain[:, :, 0] = first * counted[:, 0]
             score = gain.cumsum(2)
             if cache is not None and cache.likelihood is not None:
                 score = score + cache.likelihood[:, :, None]
