@@ -2,7 +2,8 @@
 
 A public base, then experts for math, facts and code trained alone against it under each recipe (flexmore.study.mixture:
 FlexOlmo's as before, the working bias, public negatives and their combinations); per recipe the merged mixture as is,
-with its router tuned on a small proxy mix, the nearest-centroid router and the oracle. Writes summary.json (keys base,
+with its router tuned on a small proxy mix, the nearest-centroid router and the oracle, and the merged mixture routed
+by likelihood (the README workflow's; ``--routings`` names the rules evaluated). Writes summary.json (keys base,
 alone, mixtures, default) and table.md.
 
     python benchmarks/bench_mixture.py --size small --out $OUT/mixture     # GPU (recipes trained in parallel)
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--size", choices=list(mixture.SIZES), default="small")
     ap.add_argument("--recipes", nargs="+", default=list(mixture.RECIPES), choices=list(mixture.RECIPES))
     ap.add_argument("--domains", nargs="+", default=["math", "facts", "code"])
-    ap.add_argument("--default", default="negatives+route+bias/tuned+route+drop",
+    ap.add_argument("--default", default="negatives+route+bias/merged@likelihood",
                     help="the mixture the README's workflow makes")
     ap.add_argument("--centroid-for", default="negatives+route+bias")
     ap.add_argument("--work", default="outputs/bench-mixture")
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--tune", nargs="*", default=None, metavar="NAME=ROUTE_LOSS:STEPS_FACTOR[:DROP]",
                     help="router tunings to compare (default: tuned=0:1 tuned+route=1:1 tuned+route+drop=1:1:0.25); DROP: probability that an "
                          "expert is absent from a tuning row")
-    ap.add_argument("--routings", nargs="*", default=[], metavar="NAME",
+    ap.add_argument("--routings", nargs="*", default=["likelihood"], metavar="NAME",
                     help=f"also evaluate the merged and each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
                          "top-k with renormalised weights; prefix / sequence: the public expert and the one its "
                          "sequence so far prefers, per layer / over all layers; likelihood: the two-expert model "

@@ -80,12 +80,11 @@ def kernel_rows() -> list[list[str]]:
 
 
 def mixture_rows() -> list[list[str]]:
-    s = load("mixture_small/likelihood.json")  # the newest run; its default: the README workflow's mixture
+    s = load("mixture_small/merged_likelihood.json")  # the newest run; its default: the README workflow's mixture
     m, base = s["mixtures"][s["default"]], s["base"]["losses"]
     dev, date = s["provenance"]["device"].split(" (")[0].replace("NVIDIA ", ""), s["provenance"]["date"]
-    src = "`bench_mixture.py --size small --routings sequence likelihood posterior` (`mixture_small/likelihood.json`)"
-    tuned = s["default"].split("@")[0]  # the tuned mixture the default reroutes
-    token, seq, post = (s["mixtures"][tuned + r] for r in ("", "@sequence", "@posterior"))
+    src = "`bench_mixture.py --size small --routings likelihood posterior` (`mixture_small/merged_likelihood.json`)"
+    token, post = (s["mixtures"][s["default"].split("@")[0] + r] for r in ("", "@posterior"))
     alone, n = s["alone"][next(iter(s["recipes"]))], s["size"]["mc_items"]
 
     def spread(d: dict) -> str:
@@ -93,10 +92,10 @@ def mixture_rows() -> list[list[str]]:
 
     def missed(d: dict) -> str:
         low = [k for k, v in d.items() if v < 0.7]
-        return "goal ≥ 0.7" + (f" (missed: {', '.join(low)})" if low else "")
+        return "goal ≥ 0.7" + (f" (missed: {', '.join(low)})" if low else " (met)")
 
     rows = [
-        row("merged mixture (math, facts, code; default recipe, router tuned, routed by likelihood): public loss",
+        row("merged mixture (math, facts, code; default recipe, no router tuning, routed by likelihood): public loss",
             f"{m['losses']['public']:.3f}", f"public base {base['public']:.3f}",
             f"+{m['losses']['public'] - base['public']:.3f} (goal ≤ +0.05)", dev, date, src),
         row("merged mixture: gap recovery per expert domain", spread(m["gap_recovery"]), "each expert alone = 1",
@@ -109,33 +108,50 @@ def mixture_rows() -> list[list[str]]:
         *[row(f"merged mixture: `{task}` against the {dom} expert alone ({n} items)", f"{m['tasks'][task]:.3f}",
               f"alone {alone[dom]['tasks'][task]:.3f}", mc_difference(m, alone[dom], task, n), dev, date, src)
           for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-        *[row(f"the same mixture routed by token (FlexOlmo's rule): `{task}` against the {dom} expert alone",
-              f"{token['tasks'][task]:.3f}", f"alone {alone[dom]['tasks'][task]:.3f}",
-              mc_difference(token, alone[dom], task, n), dev, date, src)
-          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-        row("the same mixture routed by token: public loss; largest opt-out change",
+        row("the same merged mixture routed by token (FlexOlmo's rule, untuned): public loss; largest opt-out change",
             f"{token['losses']['public']:.3f}; {token['opt_out_max_change']:.3f}", f"public base {base['public']:.3f}",
             optout_goal(token), dev, date, src),
-        row("the same, sequence routing (`route_context=sequence`): largest opt-out change",
-            f"{seq['opt_out_max_change']:.3f} (harm {seq['opt_out_max_increase']:.3f})",
-            f"public {seq['losses']['public']:.3f}, gap recovery {spread(seq['gap_recovery'])}", optout_goal(seq),
-            dev, date, src),
         row("the same, posterior routing (`route_context=posterior`, the Bayesian mixture): largest opt-out change",
             f"{post['opt_out_max_change']:.3f} (harm {post['opt_out_max_increase']:.3f})",
             f"public {post['losses']['public']:.3f}, gap recovery {spread(post['gap_recovery'])}", optout_goal(post),
             dev, date, src),
     ]
-    f = load("mixture_small/likelihood_first.json")  # the first run of the same command, its own base and experts
-    fm, fa = f["mixtures"]["negatives+route+bias/tuned+route+drop25@likelihood"], f["alone"]["negatives+route+bias"]
-    fsrc = "`bench_mixture.py --size small --routings sequence likelihood` (`mixture_small/likelihood_first.json`)"
+    t = load("mixture_small/mc_by_template.json")["facts_by_template"]["established by"]  # same base and experts
+    rows.append(row("`facts_mc`, questions on companies' founders: mixture right (the facts model wins the question)",
+                    f"{t['likelihood/context']:.3f} ({t['facts_wins_question']:.2f} of {t['n']:.0f})",
+                    f"facts expert alone {t['facts']:.3f}", f"{t['likelihood/context'] - t['facts']:+.3f}", dev, date,
+                    "`mc_routing.py` (`mixture_small/mc_by_template.json`)"))
+    f = load("mixture_small/merged_likelihood_first.json")  # the first run of the same command, its own experts
+    fm, fa = f["mixtures"][f["default"]], f["alone"]["negatives+route+bias"]
+    fsrc = "`bench_mixture.py --size small --routings likelihood posterior` (`mixture_small/merged_likelihood_first.json`)"
     rows += [
-        row("routed by likelihood, first run: public loss; gap recovery; largest opt-out change",
+        row("merged mixture routed by likelihood, first run: public loss; gap recovery; largest opt-out change",
             f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
             f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, f["provenance"]["date"], fsrc),
-        *[row(f"routed by likelihood, first run: `{task}` against the {dom} expert alone", f"{fm['tasks'][task]:.3f}",
-              f"alone {fa[dom]['tasks'][task]:.3f}", mc_difference(fm, fa[dom], task, n), dev, f["provenance"]["date"],
-              fsrc)
+        row("merged mixture routed by likelihood, first run: weight on each domain's own expert",
+            spread(fm["routing_own"]), f"token-routed {spread(f['mixtures']['negatives+route+bias/merged']['routing_own'])}",
+            missed(fm["routing_own"]), dev, f["provenance"]["date"], fsrc),
+        *[row(f"merged mixture routed by likelihood, first run (every token as evidence): `{task}` against the {dom} "
+              "expert alone", f"{fm['tasks'][task]:.3f}", f"alone {fa[dom]['tasks'][task]:.3f}",
+              mc_difference(fm, fa[dom], task, n), dev, f["provenance"]["date"], fsrc)
           for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
+    ]
+    r = load("mixture_small/likelihood.json")  # an earlier run: the router tuned first, then each rule
+    tuned = r["default"].split("@")[0]
+    tok, seq, lik = (r["mixtures"][tuned + x] for x in ("", "@sequence", "@likelihood"))
+    ra, rdate = r["alone"][next(iter(r["recipes"]))], r["provenance"]["date"]
+    rsrc = "`bench_mixture.py --size small --routings sequence likelihood posterior` (`mixture_small/likelihood.json`)"
+    rows += [
+        row("router tuned, then routed by likelihood (an earlier run): `math_mc` against the math expert alone",
+            f"{lik['tasks']['math_mc']:.3f}", f"alone {ra['math']['tasks']['math_mc']:.3f}",
+            mc_difference(lik, ra["math"], "math_mc", n), dev, rdate, rsrc),
+        row("router tuned, routed by token (FlexOlmo's workflow; same run): public loss; largest opt-out change",
+            f"{tok['losses']['public']:.3f}; {tok['opt_out_max_change']:.3f}",
+            f"public base {r['base']['losses']['public']:.3f}", optout_goal(tok), dev, rdate, rsrc),
+        row("router tuned, sequence routing (`route_context=sequence`; same run): largest opt-out change",
+            f"{seq['opt_out_max_change']:.3f} (harm {seq['opt_out_max_increase']:.3f})",
+            f"public {seq['losses']['public']:.3f}, gap recovery {spread(seq['gap_recovery'])}", optout_goal(seq),
+            dev, rdate, rsrc),
     ]
     r = load("mixture_small/routings.json")  # an earlier run: top-2 with renormalised weights
     top2 = r["mixtures"][f"{r['default']}@top2"]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The FlexMoRE study end to end on the embedded data, from nothing: a public base, full experts for math, facts and
 # code (each trained alone against the frozen base, with public negatives and the routing loss), the rank sweep (every
-# mixture of several experts with its router tuned, then routed by likelihood as the README workflow does; ROUTE=token
-# for FlexOlmo's rule) and the report (table, plots, summary).
+# mixture of several experts routed by likelihood as the README workflow does, each pair with its owner's own router;
+# ROUTE=token for FlexOlmo's rule, whose mixtures get their router tuned first, TUNE_STEPS) and the report (table,
+# plots, summary).
 #   SIZE=small PARALLEL=1 SHARDS=3 launch/study.sh   # one GPU (~12 minutes on an H200), results in $OUT (default outputs/study)
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
@@ -14,12 +15,17 @@ SIZE=${SIZE:-small}
 OUT=${OUT:-outputs/study}
 if [ "$SIZE" = tiny ]; then
   : "${MODEL:=tiny}" "${BASE_STEPS:=150}" "${EXPERT_STEPS:=60}" "${SEQ:=64}" "${MB:=8}" "${CHARS:=400000}"
-  : "${N:=8}" "${MAXEXP:=5}" "${VALB:=2}" "${COMPILE:=false}" "${TUNE_STEPS:=100}"
+  : "${N:=8}" "${MAXEXP:=5}" "${VALB:=2}" "${COMPILE:=false}" "${TUNED:=100}"
 else
   : "${MODEL:=small}" "${BASE_STEPS:=2000}" "${EXPERT_STEPS:=600}" "${SEQ:=512}" "${MB:=32}" "${CHARS:=32000000}"
   : "${N:=500}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=false}"  # compiling 4 runs costs more than it saves
-  : "${TUNE_STEPS:=200}"
+  : "${TUNED:=200}"
 fi
+ROUTE=${ROUTE:-likelihood}
+case "$ROUTE" in  # routed by likelihood, each pair is its owner's two-expert model as trained: nothing to tune
+  likelihood|posterior) : "${TUNE_STEPS:=0}" ;;
+  *) : "${TUNE_STEPS:=$TUNED}" ;;
+esac
 COMMON="train.seq_len=$SEQ train.micro_batch=$MB train.compile=$COMPILE train.eval_every=0 train.progress=false \
 logging.mode=${WANDB_MODE:-disabled} data.train_chars=$CHARS train.save_every=${SAVE_EVERY:-500}"  # a cut run resumes
 "$PY" -m flexmore.cli.train model="$MODEL" train.steps="$BASE_STEPS" optim.lr=1e-3 $COMMON hydra.run.dir="$OUT/base"
@@ -37,7 +43,7 @@ fi
 sweep() {
   "$PY" -u -m flexmore.cli.sweep --base "$OUT/base/model" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
     --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" --tune-steps "$TUNE_STEPS" \
-    --val-domains public code math facts --route-context "${ROUTE:-likelihood}" --out "$OUT/sweep" "$@"
+    --val-domains public code math facts --route-context "$ROUTE" --out "$OUT/sweep" "$@"
 }
 if [ "${SHARDS:-1}" -gt 1 ]; then  # SHARDS=N: N sweep processes share the GPU, then one pass adds design (c)
   pids=()

@@ -244,6 +244,26 @@ def test_tiny_mixture_keeps_its_experts_gains(tmp_path):
     for d in ["math", "facts", "code"]:  # negatives keep each two-expert model near the public model
         assert s["alone"]["negatives+route+bias"][d]["losses"]["public"] <= base["public"] + 0.35
     assert json.loads(json.dumps(s, allow_nan=False))  # the summary is valid JSON
+    # benchmarks/mc_routing.py on these experts: with the question as the only evidence, a task whose questions one
+    # two-expert model wins every time is scored exactly as that model alone scores it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mc_routing.py"
+    done = subprocess.run([sys.executable, str(script), "--work", str(tmp_path), "--n", "12",
+                           "--out", str(tmp_path / "mc.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    mc = json.loads((tmp_path / "mc.json").read_text())
+    swept = 0
+    for task in ("math_mc", "facts_mc"):
+        wins = mc[task]["question_winner"]
+        assert sum(wins.values()) == 12
+        for d, n in wins.items():
+            if n == 12:
+                swept += 1
+                assert mc[task]["likelihood/context"] == mc[task][d], (task, mc[task])
+    assert swept >= 1  # math's questions: measured won by math's model every time
 
 
 def test_a_model_folder_from_before_the_softplus_bias_loads_with_the_same_routing(tmp_path):
@@ -276,6 +296,18 @@ def test_a_mixtures_tasks_are_compared_with_each_domains_expert_alone_item_by_it
     assert got["math_mc"]["diff"] == 0.0 and got["math_mc"]["discordant"] == 2  # against math's expert, not facts'
     assert got["facts_mc"]["diff"] == 0.25 and got["facts_mc"]["discordant"] == 1
     assert M.task_scores({"math_mc": "1010"}) == {"math_mc": 0.5}
+
+
+def test_mc_routing_names_what_it_could_not_find(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mc_routing.py"
+    done = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "not found (run bench_mixture.py with --work first)" in done.stderr
+    assert str(tmp_path / "none" / "base" / "model") in done.stderr and not (tmp_path / "o").exists()
 
 
 def test_bad_routing_settings_fail_before_any_work(tmp_path):

@@ -63,9 +63,9 @@ def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: 
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer: Tokenizer, context: str, continuations: Sequence[str],
-                          device: torch.device) -> list[tuple[float, int]]:
+                          device: torch.device, evidence: str = "all") -> list[tuple[float, int]]:
     """(sum of log p(continuation tokens | context), number of tokens) for each continuation."""
-    return request_logprobs(model, tokenizer, [(context, c) for c in continuations], device)
+    return request_logprobs(model, tokenizer, [(context, c) for c in continuations], device, evidence=evidence)
 
 
 @torch.no_grad()

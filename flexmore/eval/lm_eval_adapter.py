@@ -33,15 +33,18 @@ class FlexmoreLM(LM):
         self.tok = load_tokenizer(tokenizer)
 
     def loglikelihood(self, requests):
+        """A mixture routed by likelihood picks its expert from the context, as our own multiple-choice scoring."""
         out = []
         for req in requests:
             context, continuation = req.args
-            (lp, _), = continuation_logprobs(self.model, self.tok, context, [continuation], self.dev)
+            (lp, _), = continuation_logprobs(self.model, self.tok, context, [continuation], self.dev, evidence="context")
             ctx_ids = self.tok.encode(context)
             ids = self.tok.encode(continuation)
             with torch.no_grad():
                 x = torch.tensor([ctx_ids + ids], device=self.dev)
-                greedy_ids = self.model(x[:, :-1]).logits[0, -len(ids):].argmax(-1).tolist() if ids else []
+                evidence = torch.arange(x.shape[1] - 1, device=self.dev)[None] < len(ctx_ids)
+                logits = self.model(x[:, :-1], route_evidence=evidence).logits
+                greedy_ids = logits[0, -len(ids):].argmax(-1).tolist() if ids else []
             out.append((lp, greedy_ids == ids))
         return out
 
