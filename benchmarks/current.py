@@ -222,6 +222,17 @@ def parity_rows() -> list[list[str]]:
                         f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                         f"{g['ratio']:.3f}{spread} (goal ≤ 1.02)", "CPU", g["date"],
                         f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
+    for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
+        g = load(f"parity_precondition_small/run{run}.json")
+        v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]
+        extra = g["variants"].get("flexdemo-adamw-all")
+        sent = f"; everything sent {extra['ratio']:.3f}" if extra else ""
+        rows.append(row(f"FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small`, R = 1, run {run}",
+                        f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
+                        f"(lr {g['adamw']['lr']:g}); default {d['ratio']:.3f}{sent}", f"{v['ratio']:.3f} (goal ≤ 1.02)",
+                        g["device"].replace("NVIDIA ", ""), g["date"],
+                        f"`bench_parity.py --size small --variants adamw flexdemo flexdemo-adamw ...` "
+                        f"(`parity_precondition_small/run{run}.json`)"))
     s = load("parity_tiny/summary.json")
     src = "`bench_parity.py --size tiny --replicas 1 2 4` (`parity_tiny/summary.json`)"
     for R, r in s["by_replicas"].items():
