@@ -68,6 +68,9 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # what is not sent decays faster (Adam's own m already averages the gradient)
             "flexdemo-adamw-b0.99": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.99},
             "flexdemo-adamw-b0.9": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.9},
+            "flexdemo-adamw-b0.9999": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.9999},
+            # sent values in fp32 instead of bf16 (what the everything-sent check also changes)
+            "flexdemo-adamw-fp32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "value_dtype": "fp32"},
             # a check of the machinery: everything sent in fp32, so this is Adam without bias correction
             "flexdemo-adamw-all": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 4096,
                                    "value_dtype": "fp32"}}

@@ -221,6 +221,14 @@ def padded_tokens(seed: int, B: int, T: int, row: int, pad: int):
     return x, valid, g
 
 
+def scored_by_each(models, xs):
+    """Each model's log-probabilities (M, t, V) on one row of real tokens, and log p(x_s | x_<s) (M, t), 0 at s = 0."""
+    logp = torch.stack([torch.log_softmax(m(xs).logits[0].double(), -1) for m in models])
+    gains = torch.zeros(len(models), xs.shape[1], dtype=torch.float64)
+    gains[:, 1:] = logp[:, :-1].gather(-1, xs[0, 1:].expand(len(models), -1)[..., None]).squeeze(-1)
+    return logp, gains
+
+
 def test_sequence_choice_is_the_most_router_probability_over_all_layers_so_far(world):
     """route_context="sequence" against a loop: for each row and token, the token-routed mixture run on that row's
     real tokens up to it, its router probabilities (captured per layer) summed over layers and tokens; the choice is
@@ -328,9 +336,7 @@ def test_posterior_routing_is_the_bayesian_mixture_of_the_two_expert_models(worl
         for b in range(B):
             real = valid[b].nonzero().squeeze(1)
             xs = x[b : b + 1, real]
-            logp = torch.stack([torch.log_softmax(m(xs).logits[0].double(), -1) for m in two])  # (2, t, V)
-            gains = torch.zeros(2, len(real), dtype=torch.float64)
-            gains[:, 1:] = logp[:, :-1].gather(-1, xs[0, 1:].expand(2, -1)[..., None]).squeeze(-1)
+            logp, gains = scored_by_each(two, xs)
             w = torch.softmax(gains.cumsum(1), 0)  # (2, t)
             want = torch.log((w[..., None] * logp.exp()).sum(0))
             torch.testing.assert_close(torch.log_softmax(out[b, real].double(), -1), want, rtol=1e-4, atol=1e-4)
@@ -358,9 +364,7 @@ def test_route_evidence_counts_only_the_marked_tokens(world, rule):
         for b in range(B):
             real = valid[b].nonzero().squeeze(1)
             xs = x[b : b + 1, real]
-            logp = torch.stack([torch.log_softmax(m(xs).logits[0].double(), -1) for m in two])  # (2, t, V)
-            gains = torch.zeros(2, len(real), dtype=torch.float64)
-            gains[:, 1:] = logp[:, :-1].gather(-1, xs[0, 1:].expand(2, -1)[..., None]).squeeze(-1)
+            logp, gains = scored_by_each(two, xs)
             gains[:, marked[b]:] = 0.0
             score = gains.cumsum(1)
             if rule == "likelihood":
