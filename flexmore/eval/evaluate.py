@@ -37,7 +37,7 @@ def choice_outcomes(model, tokenizer: Tokenizer, task: Task, device: torch.devic
                     progress: bool = False, evidence: str = "context") -> tuple[list[bool], list[bool]]:
     """Per item of a multiple-choice task: is the highest log-likelihood the gold choice (and per token: _norm)?
     Two models scored on the same items compare item by item (a paired difference). A mixture routed by likelihood
-    picks its expert from the question, the same for every choice (``evidence``, as request_logprobs')."""
+    picks its expert from the question, the same for every choice (``evidence``: see request_logprobs)."""
     flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
                             device, batch_size=2 * batch_size, progress=f"{task.name} (choices)" if progress else None,
                             evidence=evidence)

@@ -180,9 +180,8 @@ class FlexOlmo(nn.Module):
         the highest score (ties to the lowest index, so with no evidence yet, a sequence's first real token, expert
         1's pass). "posterior": its log-probabilities are those of the passes' mixture weighted by softmax(score)
         (uniform prior); only the tokens marked in ``evidence`` (default all) add to the scores. An opted-out expert
-        (``present``) gets no weight. With a KV cache every pass keeps its own
-        keys, and the scores and the last token's log-probabilities are carried, so decoding token by token gives
-        what one pass over everything gives."""
+        (``present``) gets no weight. With a KV cache every pass keeps its own keys, and the scores and the last
+        token's log-probabilities are carried, so decoding token by token gives what one pass over everything gives."""
         B, T = input_ids.shape
         E = self.cfg.num_experts
         if cache is not None and cache.passes is None:
