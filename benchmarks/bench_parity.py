@@ -65,6 +65,11 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-adamw": {"precondition": "adam", "sign": False, "weight_decay": 0.1},
             "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1},
             "flexdemo-adamw-k64": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 64},
+            "flexdemo-adamw-k512": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 512},
+            # no error feedback: what is not sent is dropped (beta 0), so nothing is applied late
+            "flexdemo-adamw-b0": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.0},
+            "flexdemo-adamw-k512-b0": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 512,
+                                       "beta": 0.0},
             # what is not sent decays faster (Adam's own m already averages the gradient)
             "flexdemo-adamw-b0.99": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.99},
             "flexdemo-adamw-b0.9": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.9},

@@ -43,3 +43,14 @@ def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
         assert s["variants"][o]["base_2x2_x_dense_bf16"] == pytest.approx(x)
     assert want["flexdemo-q4"] > 1.5 * want["flexdemo"]  # 4-bit codes + a scale per chunk against bf16 values
     assert f"{want['flexdemo-q4']:.1f}×" in bench_parity.table({1: s})
+
+
+def test_every_variant_is_a_valid_setting():
+    """A variant's fields are DeMoConfig's or optim settings, and each validates at construction (a typo would
+    otherwise fail only inside a run)."""
+    for name, variant in bench_parity.VARIANTS.items():
+        if variant is None:
+            continue
+        fields = {k: v for k, v in variant.items() if k not in bench_parity.OPTIM_KEYS}
+        DeMoConfig(**fields)
+        assert name.startswith(("flexdemo", "adamw")), name
