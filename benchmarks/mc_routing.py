@@ -57,26 +57,24 @@ def main() -> None:
         m = reroute(merged, context=rule).to(device)
         right[f"{rule}/{evidence}"] = {t.name: choice_outcomes(m, tok, t, device, evidence=evidence)[0]
                                          for t in tasks}
-    summary = {}
-    for t in tasks:
-        scores = torch.tensor([question[d][t.name] for d in args.domains])  # (experts, items)
-        winner = scores.argmax(0)
+    summary, winners = {}, {}
+    for t in tasks:  # each item's best two-expert model on the question
+        winners[t.name] = winner = torch.tensor([question[d][t.name] for d in args.domains]).argmax(0)
         row = {k: sum(v[t.name]) / len(t.items) for k, v in right.items()}
         row["question_winner"] = {d: int((winner == i).sum()) for i, d in enumerate(args.domains)}
         own = right[t.domain][t.name]
         for rule, evidence in RULES:
-            row[f"discordant_vs_own:{rule}/{evidence}"] = sum(a != b for a, b in zip(right[f"{rule}/{evidence}"][t.name],
-                                                                                    own))
+            name = f"{rule}/{evidence}"
+            row[f"discordant_vs_own:{name}"] = sum(a != b for a, b in zip(right[name][t.name], own))
         summary[t.name] = row
     facts = next((t for t in tasks if t.name == "facts_mc"), None)
     if facts is not None and "facts" in args.domains:
         fi = args.domains.index("facts")
-        scores = torch.tensor([question[d]["facts_mc"] for d in args.domains])
         by = defaultdict(lambda: defaultdict(float))
         for i, it in enumerate(facts.items):
             row = by[" ".join(it["question"].split()[-2:])]
             row["n"] += 1
-            row["facts_wins_question"] += float(int(scores[:, i].argmax()) == fi)
+            row["facts_wins_question"] += float(int(winners["facts_mc"][i]) == fi)
             for name, v in right.items():
                 row[name] += v["facts_mc"][i]
         summary["facts_by_template"] = {k: {c: (v if c == "n" else v / row["n"]) for c, v in row.items()}

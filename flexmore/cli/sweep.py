@@ -28,8 +28,7 @@ from flexmore.study.sweep import (
     RouterFit,
     build_mixture,
     cell_key,
-    router_label,
-    routing_label,
+    how_routed,
     run_sweep,
     selection_score,
 )
@@ -98,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                          "embedded:<the expert's domain>, and embedded:public for public")
     ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
     ap.add_argument("--route-context", choices=ROUTE_CONTEXTS, default="token",
-                    help="the routing rule of every mixture of several experts (after tuning): token (FlexOlmo's) or "
-                         "another ModelConfig.route_context, e.g. likelihood (the README workflow's)")
+                    help="the routing rule of every mixture of several experts (after tuning, if --tune-steps > 0): "
+                         "token (FlexOlmo's) or another ModelConfig.route_context, e.g. likelihood (the README "
+                         "workflow's)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="evaluate only every N-th cell of designs (a) and (b), from the I-th; run N shards at once "
                          "into one --out, then once without --shard for (c) and the report")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 store.add(key, evaluate_model(model, tok, tasks, val, device, {
                     "model": key, "design": "alloc", "mixture": "+".join(choice), "ranks": choice, "rank": "mixed",
                     "params": c.total, "active_params": c.active, "budget": args.budget, "expert_params": used,
-                    "router": router_label(choice, fit), "routing": routing_label(choice, args.route_context)}))
+                    **how_routed(choice, fit, args.route_context)}))
             rows = store.rows
             print(f"budget {args.budget:,}: ranks {choice} use {used:,} expert parameters")
     except (FileNotFoundError, ValueError) as e:

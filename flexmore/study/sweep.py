@@ -76,6 +76,11 @@ def routing_label(choice: dict, context: str) -> str:
     return context if len(choice) > 1 else "token"
 
 
+def how_routed(choice: dict, fit: RouterFit | None, context: str) -> dict[str, str]:
+    """A cell's ``router`` and ``routing`` columns."""
+    return {"router": router_label(choice, fit), "routing": routing_label(choice, context)}
+
+
 def cell_key(design: str, choice: dict, fit: RouterFit | None, context: str = "token") -> str:
     tuned = "+tuned" if router_label(choice, fit) == "tuned" else ""
     routed = "" if routing_label(choice, context) == "token" else f"+{context}"
@@ -142,7 +147,7 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
         labels = {"model": key, "design": design, "mixture": "+".join(choice), "expert": "+".join(choice),
                   "rank": next(iter(set(choice.values()))) if len(set(choice.values())) == 1 else "mixed",
                   "ranks": dict(choice), "params": c.total, "active_params": c.active,
-                  "router": router_label(choice, fit), "routing": routing_label(choice, context)}
+                  **how_routed(choice, fit, context)}
         store.add(key, evaluate_model(model, tokenizer, tasks, val_sets, device, labels))
         timing["new"] += 1
         if log:
