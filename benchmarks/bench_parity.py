@@ -151,7 +151,8 @@ def worker(args) -> None:
         tokens = size.steps * size.global_batch * size.seq_len
         out = {"optim": args.optim, "lr": args.lr, "replicas": R, "seed": args.seed, "val_loss": val[max(val)],
                "best_val_loss": min(val.values()), "best_step": min(val, key=val.get), "val_curve": val,
-               "val_by_domain": res.val[max(res.val)], "train_curve": res.losses, "comm": res.comm,
+               "val_by_domain": res.val[max(res.val)], "val_curve_by_domain": res.val,  # step -> domain -> loss
+               "train_curve": res.losses, "comm": res.comm,
                "tokens": tokens, "epochs": tokens / (size.train_chars * len(size.domains)), "wall_s": time.perf_counter() - t0,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "params": count_params(res.model).total,

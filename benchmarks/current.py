@@ -136,6 +136,22 @@ def mixture_rows() -> list[list[str]]:
               mc_difference(fm, fa[dom], task, n), dev, f["provenance"]["date"], fsrc)
           for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
     ]
+    f = load("mixture_small/merged_likelihood_third.json")  # a third run (likelihood only), its own experts
+    fm, fa, fdate = f["mixtures"][f["default"]], f["alone"]["negatives+route+bias"], f["provenance"]["date"]
+    fsrc = "`bench_mixture.py --size small --routings likelihood` (`mixture_small/merged_likelihood_third.json`)"
+    rows += [
+        row("merged mixture routed by likelihood, third run: public loss; gap recovery; largest opt-out change",
+            f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
+            f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, fdate, fsrc),
+        row("merged mixture routed by likelihood, third run: weight on each domain's own expert (facts tokens on "
+            f"code's pair: {fm['routing']['facts']['code']:.3f})", spread(fm["routing_own"]),
+            f"token-routed {spread(f['mixtures']['negatives+route+bias/merged']['routing_own'])}",
+            missed(fm["routing_own"]), dev, fdate, fsrc),
+        *[row(f"merged mixture routed by likelihood, third run: `{task}` against the {dom} expert alone",
+              f"{fm['tasks'][task]:.3f}", f"alone {fa[dom]['tasks'][task]:.3f}", mc_difference(fm, fa[dom], task, n),
+              dev, fdate, fsrc)
+          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
+    ]
     r = load("mixture_small/likelihood.json")  # an earlier run: the router tuned first, then each rule
     tuned = r["default"].split("@")[0]
     tok, seq, lik = (r["mixtures"][tuned + x] for x in ("", "@sequence", "@likelihood"))
@@ -222,6 +238,22 @@ def parity_rows() -> list[list[str]]:
                         f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                         f"{g['ratio']:.3f}{spread} (goal ≤ 1.02)", "CPU", g["date"],
                         f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
+    g = load("parity_small_long/summary.json")  # 4,000 steps, data seen once; one rate per optimizer, no sweep
+    a, f, by = g["adamw"], g["flexdemo"], g["val_by_domain"]
+    doms = " / ".join(f"{d} {by['flexdemo'][d] / by['adamw'][d]:.3f}" for d in by["adamw"])
+    rows.append(row(f"FlexDeMo / AdamW validation loss, `small-long` ({g['size']['steps']} steps, {a['epochs']:.2f} "
+                    "epochs), R = 1, one rate each (no sweep)", f"{f['val_loss']:.3f} (lr {f['lr']:g}; best "
+                    f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
+                    f"{a['best_val_loss']:.3f})", f"{g['ratio']:.3f}, best {g['ratio_best']:.3f}; per domain {doms} "
+                    "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"],
+                    "`bench_parity.py --size small-long --lrs adamw=5e-4 flexdemo=3e-4 ...` "
+                    "(`parity_small_long/summary.json`)"))
+    v = g["variants"]["flexdemo-adamw"]
+    rows.append(row("FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small-long`, R = 1",
+                    f"{v['val_loss']:.3f} (lr {v['lr']:g}; best {v['best_val_loss']:.3f})",
+                    f"AdamW {a['val_loss']:.3f}", f"{v['ratio']:.3f} (facts {by['flexdemo-adamw']['facts']:.3f} "
+                    f"against {by['adamw']['facts']:.3f})", g["device"].replace("NVIDIA ", ""), g["date"],
+                    "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)"))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

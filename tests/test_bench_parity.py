@@ -4,6 +4,7 @@ the bytes each variant's settings would send for `base` on 2 nodes x 2 GPUs (the
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,21 @@ def test_every_variant_is_a_valid_setting():
         fields = {k: v for k, v in variant.items() if k not in bench_parity.OPTIM_KEYS}
         DeMoConfig(**fields)
         assert name.startswith(("flexdemo", "adamw")), name
+
+
+def test_a_run_records_each_domain_at_each_evaluation(tmp_path, monkeypatch):
+    """The worker's record: per-domain validation at every evaluation, whose mean is the curve the ratio reads (a
+    domain that overfits can then be told apart from the optimizer)."""
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["bench_parity.py", "--worker", "--size", "tiny", "--optim", "flexdemo",
+                                      "--lr", "0.01", "--set", "steps=4", "warmup=1", "eval_every=2", "eval_batches=1",
+                                      "--run-dir", str(tmp_path / "run"), "--result", str(out)])
+    monkeypatch.setitem(bench_parity.SIZES, "tiny", bench_parity.SIZES["tiny"])  # main() writes the overridden size
+    bench_parity.main()
+    r = json.loads(out.read_text())
+    by = r["val_curve_by_domain"]
+    assert sorted(int(s) for s in by) == [2, 4]
+    for step, losses in by.items():
+        assert set(losses) == set(bench_parity.SIZES["tiny"].domains)
+        assert r["val_curve"][step] == pytest.approx(sum(losses.values()) / len(losses))
+    assert r["val_by_domain"] == by["4"] and r["val_loss"] == r["val_curve"]["4"]
