@@ -2,7 +2,9 @@
 
 Floor = bytes each element must move once over the copy bandwidth measured in the same run:
 encode reads the gradient and reads + writes the fp32 momentum (12 B/element); decode + apply reads + writes the
-parameter (8 B fp32, 4 B bf16). Also: one fused torch.optim.AdamW step on the same tensor, and the payload size.
+parameter (8 B fp32, 4 B bf16). Also: one fused torch.optim.AdamW step on the same tensor (its floor: read the
+parameter, gradient and both moments, write the parameter and both moments: 7 elements of the parameter's dtype),
+and the payload size.
 
     python benchmarks/bench_flexdemo_kernels.py --out results.json
 """
@@ -51,6 +53,14 @@ def decode_name(o: KernelOptions) -> str:
     return f"triton {o.decode_precision} w{o.decode_warps}"
 
 
+def memory_floors_ms(n: int, grad_bytes: int, param_bytes: int, bw: float) -> dict[str, float]:
+    """Per op, the time to move each element's bytes once at ``bw`` (bytes/s): encode reads the gradient and reads +
+    writes the fp32 momentum; decode + apply reads + writes the parameter; fused AdamW reads the parameter, gradient
+    and two moments and writes the parameter and moments (all in the parameter's dtype)."""
+    per_element = {"encode": grad_bytes + 8, "decode": 2 * param_bytes, "adamw": 7 * param_bytes}
+    return {op: n * b / bw * 1e3 for op, b in per_element.items()}
+
+
 def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int, bw: float) -> list[dict]:
     """One row per implementation of encode and of decode + apply (Triton: every variant), and the AdamW step."""
     lay = ChunkLayout(rows, cols, s)
@@ -63,7 +73,7 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
     param = torch.randn(rows, cols, device="cuda", dtype=dtype)
     encode_triton(grad, delta, lay, 0.999, 1e-4, k, vals, idx32)
     gi, gv = idx32.repeat(replicas, 1), vals.repeat(replicas, 1)
-    floors = {"encode": (n * grad.element_size() + 8 * n) / bw * 1e3, "decode": 2 * n * param.element_size() / bw * 1e3}
+    floors = memory_floors_ms(n, grad.element_size(), param.element_size(), bw)
     compiled_enc = torch.compile(encode_reference)
     compiled_dec = torch.compile(decode_apply_reference)
     impls = [
@@ -82,7 +92,9 @@ def case(rows: int, cols: int, dtype: torch.dtype, k: int, s: int, replicas: int
     p_adam.grad = grad.clone()
     adam = torch.optim.AdamW([p_adam], lr=1e-4, fused=True)
     tag = f"{rows}x{cols} {str(dtype).replace('torch.', '')}"
-    out = [{"case": tag, "op": "adamw", "impl": "fused AdamW", "ms": ms(adam.step)}]
+    t_adam = ms(adam.step)
+    out = [{"case": tag, "op": "adamw", "impl": "fused AdamW", "ms": t_adam, "x_floor": t_adam / floors["adamw"],
+            "floor_ms": floors["adamw"]}]
     for op, name, fn in impls:
         try:
             t_ms = ms(fn)
@@ -136,7 +148,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['case']:<20}{r['op']:<8}{r['impl']:<28} error: {r['error']}")
             continue
-        print(f"{r['case']:<20}{r['op']:<8}{r['impl']:<28}{r['ms']:>8.3f}{r.get('x_floor', float('nan')):>9.2f}"
+        print(f"{r['case']:<20}{r['op']:<8}{r['impl']:<28}{r['ms']:>8.3f}{r['x_floor']:>9.2f}"
               f"{r['ms'] / adam[r['case']]:>9.2f} {r.get('registers', '')}/{r.get('spill_bytes', '')}")
     for case_ in adam:  # the chosen pair: encode + decode + apply over one AdamW step
         pick = {op: next((r for r in rows if r["case"] == case_ and r["impl"] == best[op] and "ms" in r), None)

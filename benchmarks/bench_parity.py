@@ -78,7 +78,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-adamw-fp32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "value_dtype": "fp32"},
             # a check of the machinery: everything sent in fp32, so this is Adam without bias correction
             "flexdemo-adamw-all": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 4096,
-                                   "value_dtype": "fp32"}}
+                                   "value_dtype": "fp32"},
+            # the same share of coefficients (1/128) from smaller chunks: 8 of 32², 2 of 16²
+            "flexdemo-c32": {"chunk": 32, "topk": 8}, "flexdemo-c16": {"chunk": 16, "topk": 2},
+            "flexdemo-adamw-c32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "chunk": 32, "topk": 8}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -230,7 +230,8 @@ def parity_rows() -> list[list[str]]:
                         f"(lr {g['adamw']['lr']:g})", f"{v['ratio']:.3f}, 95% CI [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}] "
                         "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"], src))
     for rel, label in (("parity_tiny_long/summary.json", "R = 1, mean of 2 seeds"),
-                       ("parity_tiny_long/summary_r2.json", "R = 2, one seed")):
+                       ("parity_tiny_long/summary_r2.json", "R = 2, one seed"),
+                       ("parity_tiny_long/summary_r4.json", "R = 4, one seed")):
         g = load(rel)
         a, f, over = g["adamw"], g["flexdemo"], g["ratio_over_seeds"]
         spread = f", per seed {' / '.join(f'{x:.3f}' for x in over['per_seed'].values())}" if over else ""
