@@ -121,37 +121,27 @@ def mixture_rows() -> list[list[str]]:
                     f"{t['likelihood/context']:.3f} ({t['facts_wins_question']:.2f} of {t['n']:.0f})",
                     f"facts expert alone {t['facts']:.3f}", f"{t['likelihood/context'] - t['facts']:+.3f}", dev, date,
                     "`mc_routing.py` (`mixture_small/mc_by_template.json`)"))
-    f = load("mixture_small/merged_likelihood_first.json")  # the first run of the same command, its own experts
-    fm, fa = f["mixtures"][f["default"]], f["alone"]["negatives+route+bias"]
-    fsrc = "`bench_mixture.py --size small --routings likelihood posterior` (`mixture_small/merged_likelihood_first.json`)"
-    rows += [
-        row("merged mixture routed by likelihood, first run: public loss; gap recovery; largest opt-out change",
-            f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
-            f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, f["provenance"]["date"], fsrc),
-        row("merged mixture routed by likelihood, first run: weight on each domain's own expert",
-            spread(fm["routing_own"]), f"token-routed {spread(f['mixtures']['negatives+route+bias/merged']['routing_own'])}",
-            missed(fm["routing_own"]), dev, f["provenance"]["date"], fsrc),
-        *[row(f"merged mixture routed by likelihood, first run (every token as evidence): `{task}` against the {dom} "
-              "expert alone", f"{fm['tasks'][task]:.3f}", f"alone {fa[dom]['tasks'][task]:.3f}",
-              mc_difference(fm, fa[dom], task, n), dev, f["provenance"]["date"], fsrc)
-          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-    ]
-    f = load("mixture_small/merged_likelihood_third.json")  # a third run (likelihood only), its own experts
-    fm, fa, fdate = f["mixtures"][f["default"]], f["alone"]["negatives+route+bias"], f["provenance"]["date"]
-    fsrc = "`bench_mixture.py --size small --routings likelihood` (`mixture_small/merged_likelihood_third.json`)"
-    rows += [
-        row("merged mixture routed by likelihood, third run: public loss; gap recovery; largest opt-out change",
-            f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
-            f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, fdate, fsrc),
-        row("merged mixture routed by likelihood, third run: weight on each domain's own expert (facts tokens on "
-            f"code's pair: {fm['routing']['facts']['code']:.3f})", spread(fm["routing_own"]),
-            f"token-routed {spread(f['mixtures']['negatives+route+bias/merged']['routing_own'])}",
-            missed(fm["routing_own"]), dev, fdate, fsrc),
-        *[row(f"merged mixture routed by likelihood, third run: `{task}` against the {dom} expert alone",
-              f"{fm['tasks'][task]:.3f}", f"alone {fa[dom]['tasks'][task]:.3f}", mc_difference(fm, fa[dom], task, n),
-              dev, fdate, fsrc)
-          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-    ]
+    def another_run(rel: str, label: str, routings: str, mc_note: str = "") -> list[list[str]]:
+        """An earlier or later run of the untuned likelihood-routed mixture, with its own base and experts."""
+        f = load(f"mixture_small/{rel}")
+        fm, fa, fdate = f["mixtures"][f["default"]], f["alone"]["negatives+route+bias"], f["provenance"]["date"]
+        fsrc = f"`bench_mixture.py --size small --routings {routings}` (`mixture_small/{rel}`)"
+        head = f"merged mixture routed by likelihood, {label}"
+        return [
+            row(f"{head}: public loss; gap recovery; largest opt-out change",
+                f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
+                f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, fdate, fsrc),
+            row(f"{head}: weight on each domain's own expert (facts tokens on code's pair: "
+                f"{fm['routing']['facts']['code']:.3f})", spread(fm["routing_own"]),
+                f"token-routed {spread(f['mixtures']['negatives+route+bias/merged']['routing_own'])}",
+                missed(fm["routing_own"]), dev, fdate, fsrc),
+            *[row(f"{head}{mc_note}: `{task}` against the {dom} expert alone", f"{fm['tasks'][task]:.3f}",
+                  f"alone {fa[dom]['tasks'][task]:.3f}", mc_difference(fm, fa[dom], task, n), dev, fdate, fsrc)
+              for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
+        ]
+
+    rows += another_run("merged_likelihood_first.json", "first run", "likelihood posterior", " (every token as evidence)")
+    rows += another_run("merged_likelihood_third.json", "third run", "likelihood")
     r = load("mixture_small/likelihood.json")  # an earlier run: the router tuned first, then each rule
     tuned = r["default"].split("@")[0]
     tok, seq, lik = (r["mixtures"][tuned + x] for x in ("", "@sequence", "@likelihood"))
