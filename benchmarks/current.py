@@ -221,7 +221,8 @@ def parity_rows() -> list[list[str]]:
                         "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"], src))
     for rel, label in (("parity_tiny_long/summary.json", "R = 1, mean of 2 seeds"),
                        ("parity_tiny_long/summary_r2.json", "R = 2, one seed"),
-                       ("parity_tiny_long/summary_r4.json", "R = 4, one seed")):
+                       ("parity_tiny_long/summary_r4.json", "R = 4, one seed"),
+                       ("parity_tiny_long/summary_9k.json", "R = 1, mean of 2 seeds")):
         g = load(rel)
         a, f, over = g["adamw"], g["flexdemo"], g["ratio_over_seeds"]
         spread = f", per seed {' / '.join(f'{x:.3f}' for x in over['per_seed'].values())}" if over else ""
