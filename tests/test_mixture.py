@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,14 @@ from flexmore.experts.merge import opt_out
 from flexmore.experts.router import TuneConfig, centroid_router, frozen_part_hash, is_router, tune_router
 from flexmore.model import build_model, load_preset
 from flexmore.model.moe import bias_to_raw
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """One of benchmarks/ run as a user runs it, with this interpreter."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def stream(tmp_path, name, lo, hi, n=4000):
@@ -246,13 +257,8 @@ def test_tiny_mixture_keeps_its_experts_gains(tmp_path):
     assert json.loads(json.dumps(s, allow_nan=False))  # the summary is valid JSON
     # benchmarks/mc_routing.py on these experts: with the question as the only evidence, a task whose questions one
     # two-expert model wins every time is scored exactly as that model alone scores it
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mc_routing.py"
-    done = subprocess.run([sys.executable, str(script), "--work", str(tmp_path), "--n", "12",
-                           "--out", str(tmp_path / "mc.json")], capture_output=True, text=True, timeout=600)
+    done = run_benchmark("mc_routing.py", "--work", str(tmp_path), "--n", "12", "--out", str(tmp_path / "mc.json"),
+                         timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     mc = json.loads((tmp_path / "mc.json").read_text())
     swept = 0
@@ -299,13 +305,7 @@ def test_a_mixtures_tasks_are_compared_with_each_domains_expert_alone_item_by_it
 
 
 def test_mc_routing_names_what_it_could_not_find(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mc_routing.py"
-    done = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    done = run_benchmark("mc_routing.py", "--work", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert done.returncode != 0 and "not found (run bench_mixture.py with --work first)" in done.stderr
     assert str(tmp_path / "none" / "base" / "model") in done.stderr and not (tmp_path / "o").exists()
 
@@ -313,13 +313,7 @@ def test_mc_routing_names_what_it_could_not_find(tmp_path):
 def test_bad_routing_settings_fail_before_any_work(tmp_path):
     """An unknown --routings name stops bench_mixture before it trains anything; prefix routing refuses a batch
     without its sequence axis."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixture.py"
-    done = subprocess.run([sys.executable, str(bench), "--size", "tiny", "--routings", "top3",
-                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    done = run_benchmark("bench_mixture.py", "--size", "tiny", "--routings", "top3", "--work", str(tmp_path / "w"))
     allowed = "top1, top2, prefix, sequence, likelihood, posterior"
     assert done.returncode != 0 and f"--routings ['top3']: allowed {allowed}" in done.stderr
     assert not (tmp_path / "w").exists()
