@@ -241,11 +241,23 @@ def parity_rows() -> list[list[str]]:
                     "`bench_parity.py --size small-long --lrs adamw=5e-4 flexdemo=3e-4 ...` "
                     "(`parity_small_long/summary.json`)"))
     v = g["variants"]["flexdemo-adamw"]
-    rows.append(row("FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small-long`, R = 1",
+    pre = row("FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small-long`, R = 1",
                     f"{v['val_loss']:.3f} (lr {v['lr']:g}; best {v['best_val_loss']:.3f})",
                     f"AdamW {a['val_loss']:.3f}", f"{v['ratio']:.3f} (facts {by['flexdemo-adamw']['facts']:.3f} "
                     f"against {by['adamw']['facts']:.3f})", g["device"].replace("NVIDIA ", ""), g["date"],
-                    "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)"))
+                    "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
+    for rel, label in (("parity_small_long/summary_sweep.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
+                                                                "best of 2 rates each"),
+                       ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each")):
+        g = load(rel)
+        a, f = g["adamw"], g["flexdemo"]
+        doms = " / ".join(f"{d} {x:.3f}" for d, x in g["ratio_by_domain"].items())
+        rows.append(row(f"FlexDeMo / AdamW validation loss, {label}", f"{f['val_loss']:.3f} (lr {f['lr']:g}; best "
+                        f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
+                        f"{a['best_val_loss']:.3f})", f"{g['ratio']:.3f}; per domain {doms} (goal ≤ 1.02)",
+                        g["device"].replace("NVIDIA ", ""), g["date"],
+                        f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
+    rows.append(pre)
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

@@ -22,7 +22,7 @@ def _run(optim: str, lr: float, seed: int, loss: float, **demo) -> dict:
     settings = {"demo": dataclasses.asdict(DeMoConfig(**demo))}
     return {"optim": optim, "lr": lr, "replicas": 1, "seed": seed, "val_loss": loss, "best_val_loss": loss - 0.01,
             "best_step": 300, "epochs": 0.4, "comm": {"comm/payload_bytes": 1000.0 / (2 if demo else 1)},
-            "settings": settings}
+            "settings": settings, "val_by_domain": {"public": loss / 4, "code": loss * 1.5 + lr}}
 
 
 def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
@@ -34,6 +34,8 @@ def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
     s = bench_parity.summarise(runs, 1)
     assert (s["adamw"]["lr"], s["flexdemo"]["lr"]) == (0.1, 0.1)
     assert s["ratio"] == pytest.approx(1.72 / 1.31)
+    # per domain: the best runs' own final losses (the first seed's), not the means over seeds
+    assert s["ratio_by_domain"] == pytest.approx({"public": 1.70 / 1.30, "code": (1.70 * 1.5 + 0.1) / (1.30 * 1.5 + 0.1)})
     assert s["flexdemo"]["lr_at_sweep_edge"] and not s["flexdemo-q4"]["lr_at_sweep_edge"]  # one rate: no sweep
     q = s["variants"]["flexdemo-q4"]["ratio_over_seeds"]
     assert q["n"] == 2 and q["mean"] == pytest.approx((1.75 / 1.30 + 1.77 / 1.32) / 2)
@@ -73,3 +75,10 @@ def test_a_run_records_each_domain_at_each_evaluation(tmp_path, monkeypatch):
         assert set(losses) == set(bench_parity.SIZES["tiny"].domains)
         assert r["val_curve"][step] == pytest.approx(sum(losses.values()) / len(losses))
     assert r["val_by_domain"] == by["4"] and r["val_loss"] == r["val_curve"]["4"]
+    # epochs over the tokens the training shards really hold (a domain may run out before its characters do)
+    from flexmore.data import ByteTokenizer, TokenStream
+    from flexmore.data.embedded import embedded_path
+
+    size = bench_parity.SIZES["tiny"]
+    held = TokenStream([embedded_path(d, "train", ByteTokenizer(), size.train_chars, 0) for d in size.domains])
+    assert r["epochs"] == pytest.approx(4 * size.global_batch * size.seq_len / held.num_tokens)
