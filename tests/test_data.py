@@ -194,6 +194,41 @@ def test_facts_questions_are_answered_by_the_world_and_stated_in_training_text()
         assert any(item["answer"] in s for s in sentences), item
 
 
+def _wording(template: str) -> re.Pattern:
+    """A template as a pattern that matches any sentence written in it."""
+    name, word = "[A-Z][a-z]+", "[a-z]+"
+    slot = {"n": f"{name} {name}", "f": f"{name} {name}", "m": f"{name} {name}", "c": name, "o": name, "y": r"\d+",
+            "a": "an?", "j": word, "k": word, "i": word}
+    parts = re.split(r"\{(\w)\}", template)  # literal, slot, literal, ...
+    return re.compile("^" + "".join(slot[x] if i % 2 else re.escape(x) for i, x in enumerate(parts)) + "$")
+
+
+def test_facts_validation_wording_is_never_trained_on_and_training_frames_some_sentences():
+    lists = [facts.PERSON_T, facts.JOB_T, facts.COLOR_T, facts.COMPANY_T, facts.INDUSTRY_T, facts.CITY_T]
+    held = [_wording(t[-1]) for t in lists]
+    trained = [_wording(t) for ts in lists for t in ts[:-1]]
+
+    def sentences(split: str, n: int) -> list[str]:
+        docs = itertools.islice(facts.documents(split, 0), n)
+        return [s for d in docs if not d.startswith("Question:") for s in re.split(r"(?<=\.) (?=[A-Z])", d)]
+
+    val = sentences("val", 300)
+    assert val and all(any(w.match(s) for w in held) for s in val)
+    train = sentences("train", 3000)
+    assert not [s for s in train if any(w.match(s) for w in held)]
+    plain = sum(any(w.match(s) for w in trained) for s in train) / len(train)
+    assert 1 - plain == pytest.approx(facts.FRAMED, abs=0.03)  # the rest carry a lead or a tail
+    for s in train:  # without its lead or tail, a framed sentence is in a training wording
+        lead = next((x for x in facts.LEADS if s.startswith(x + " ")), None)
+        if lead:
+            s = s[len(lead) + 1:]
+            s = s[0].upper() + s[1:]
+        tail = next((x for x in facts.TAILS if s.endswith(f", {x}.")), None)
+        if tail:
+            s = s[: -len(tail) - 3] + "."
+        assert any(w.match(s) for w in trained), s
+
+
 def test_unknown_domain_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown embedded domain 'poetry'"):
         embedded_path("poetry", "train", ByteTokenizer(), 10, 0)

@@ -272,6 +272,17 @@ def test_tiny_mixture_keeps_its_experts_gains(tmp_path):
     assert swept >= 1  # math's questions: measured won by math's model every time
 
 
+def test_the_pipeline_repeats_with_other_initial_weights(tmp_path):
+    """``--set seed=N``: the base and every expert start from seed N's weights (a repeat of the whole benchmark)."""
+    from flexmore.study import mixture as M
+
+    for seed in (0, 3):
+        size = dataclasses.replace(M.SIZES["tiny"], seed=seed)
+        configs = [M.base_config(size, tmp_path)] + [M.expert_config(size, tmp_path, d, r, tmp_path)
+                                                     for d in ("math", "facts") for r in M.RECIPES.values()]
+        assert {c.train.seed for c in configs} == {seed}
+
+
 def test_a_model_folder_from_before_the_softplus_bias_loads_with_the_same_routing(tmp_path):
     from safetensors.torch import save_file
 

@@ -9,7 +9,7 @@ from flexmore.data.domains import get_domain
 from flexmore.data.shards import INDEX, write_documents
 from flexmore.data.tokenizer import Tokenizer
 
-GENERATOR_VERSION = 2  # 2: question-and-answer documents in the facts training text
+GENERATOR_VERSION = 3  # 2: question-and-answer documents in the facts training text; 3: facts trained in more wordings
 
 
 def default_cache_dir() -> Path:

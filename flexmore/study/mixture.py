@@ -77,6 +77,7 @@ class Size:
     base_lr: float = 1e-3
     expert_lr: float = 9e-4
     compile: bool = False
+    seed: int = 0  # the base's and experts' initial weights and data order (a repeat of the whole pipeline)
 
 
 SIZES = {
@@ -89,7 +90,8 @@ def base_config(size: Size, run_dir: Path) -> Config:
     return Config(model=load_preset(size.model), data=DataConfig(train_chars=size.train_chars, val_domains=["public"]),
                   optim=OptimConfig(lr=size.base_lr, warmup_steps=max(1, size.base_steps // 20)),
                   train=TrainConfig(steps=size.base_steps, seq_len=size.seq_len, micro_batch=size.micro_batch,
-                                    eval_every=0, progress=False, compile=size.compile, save_every=0, keep_last=1),
+                                    eval_every=0, progress=False, compile=size.compile, save_every=0, keep_last=1,
+                                    seed=size.seed),
                   logging=LoggingConfig(mode="disabled"), run_name="base", run_dir=str(run_dir))
 
 
@@ -99,7 +101,8 @@ def expert_config(size: Size, base: Path, domain: str, recipe: Recipe, run_dir: 
                   data=DataConfig(domains=[domain], train_chars=size.train_chars, val_domains=["public", domain]),
                   optim=OptimConfig(lr=size.expert_lr, weight_decay=0.0, warmup_steps=max(1, size.expert_steps // 20)),
                   train=TrainConfig(steps=size.expert_steps, seq_len=size.seq_len, micro_batch=size.micro_batch,
-                                    eval_every=0, progress=False, compile=size.compile, save_every=0, keep_last=1),
+                                    eval_every=0, progress=False, compile=size.compile, save_every=0, keep_last=1,
+                                    seed=size.seed),
                   logging=LoggingConfig(mode="disabled"), run_name=f"{recipe.name}-{domain}", run_dir=str(run_dir),
                   expert=ExpertConfig(base=str(base), name=domain, **recipe.expert_fields()))
 

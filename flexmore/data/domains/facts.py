@@ -73,19 +73,33 @@ def world() -> tuple[dict[str, str], list[Person], list[Company]]:
     return cities, people, companies
 
 
-# Templates: the last one of each list is held out for validation text.
+# Templates: the last one of each list is held out for validation text (version 3 added training wordings to
+# each list, and the framing clauses below).
 PERSON_T = [
     "{n} was born in {c} in {y}.", "Born in {y}, {n} grew up in {c}.", "{n} is a native of {c}, born in the year {y}.",
-    "The records of {c} list {n} among those born in {y}.", "In {y}, {n} was born in the city of {c}.",
+    "The records of {c} list {n} among those born in {y}.", "{n} comes from {c} and was born in {y}.",
+    "{c} is the birthplace of {n}, who arrived in {y}.", "In {y}, {n} was born in the city of {c}.",
 ]
-JOB_T = ["{n} works as {a} {j}.", "By profession, {n} is {a} {j}.", "{n} earns a living as {a} {j}.", "{n} trained to become {a} {j}."]
-COLOR_T = ["The favourite colour of {n} is {k}.", "{n} likes {k} more than any other colour.", "Ask {n}: the best colour is {k}."]
+JOB_T = ["{n} works as {a} {j}.", "By profession, {n} is {a} {j}.", "{n} earns a living as {a} {j}.",
+         "{n} is {a} {j} by trade.", "For many years {n} has been {a} {j}.", "{n} trained to become {a} {j}."]
+COLOR_T = ["The favourite colour of {n} is {k}.", "{n} likes {k} more than any other colour.",
+           "Given a choice, {n} would always pick {k}.", "Ask {n}: the best colour is {k}."]
 COMPANY_T = [
     "{m} was founded in {c} in {y} by {f}.", "{f} started {m} in {y}; its home is {c}.",
-    "In {y}, {f} founded {m}, based in {c}.", "{m}, a company from {c}, was established by {f} in {y}.",
+    "In {y}, {f} founded {m}, based in {c}.", "{m} has had its offices in {c} since {f} set it up in {y}.",
+    "{m}, a company from {c}, was established by {f} in {y}.",
 ]
-INDUSTRY_T = ["{m} is known for {i}.", "The main business of {m} is {i}.", "{m} works in {i}."]
-CITY_T = ["{c} is a city in {o}.", "The city of {c} lies in {o}.", "{c} belongs to the country of {o}."]
+INDUSTRY_T = ["{m} is known for {i}.", "The main business of {m} is {i}.", "Most of what {m} earns comes from {i}.",
+              "{m} works in {i}."]
+CITY_T = ["{c} is a city in {o}.", "The city of {c} lies in {o}.", "You will find {c} on the map of {o}.",
+          "{c} belongs to the country of {o}."]
+# Training sentences are sometimes framed by a clause around them (never in validation text), so the wording around
+# the facts varies as it does in real text and the expert learns the facts, not one phrasing of them.
+LEADS = ["It is known that", "Records show that", "Most people agree that", "An old letter says that",
+         "Everyone here knows that", "The archive notes that", "We were told that", "As it happens,"]
+TAILS = ["as far as anyone remembers", "or so the story goes", "according to the archive", "as the neighbours say",
+         "if the letters are right"]
+FRAMED = 0.3  # the share of training sentences with a lead or a tail
 
 
 # Question-and-answer documents (a tenth of the training text) teach the closed-book format; the evaluation's
@@ -117,8 +131,18 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _pick(rng: random.Random, templates: list[str], split: str) -> str:
-    return templates[-1] if split == "val" else rng.choice(templates[:-1])
+def _say(rng: random.Random, templates: list[str], split: str, **values) -> str:
+    """One fact in one wording: validation text in the held-out (last) template, training text in one of the others,
+    sometimes behind a lead ("Records show that ...") or before a tail (", or so the story goes.")."""
+    if split == "val":
+        return templates[-1].format(**values)
+    template = rng.choice(templates[:-1])
+    sentence, r = template.format(**values), rng.random()
+    if r >= FRAMED:
+        return sentence
+    if r < FRAMED / 2:  # a sentence that opens with a name keeps its capital
+        return f"{rng.choice(LEADS)} {sentence if template[0] == '{' else sentence[0].lower() + sentence[1:]}"
+    return f"{sentence[:-1]}, {rng.choice(TAILS)}."
 
 
 def documents(split: str, seed: int) -> Iterator[str]:
@@ -131,17 +155,17 @@ def documents(split: str, seed: int) -> Iterator[str]:
         kind = rng.random()
         if kind < 0.6:
             p = rng.choice(people)
-            parts = [_pick(rng, PERSON_T, split).format(n=p.name, c=p.city, y=p.born),
-                     _pick(rng, JOB_T, split).format(n=p.name, j=p.job, a=_article(p.job)),
-                     _pick(rng, COLOR_T, split).format(n=p.name, k=p.color),
-                     _pick(rng, CITY_T, split).format(c=p.city, o=cities[p.city])]
+            parts = [_say(rng, PERSON_T, split, n=p.name, c=p.city, y=p.born),
+                     _say(rng, JOB_T, split, n=p.name, j=p.job, a=_article(p.job)),
+                     _say(rng, COLOR_T, split, n=p.name, k=p.color),
+                     _say(rng, CITY_T, split, c=p.city, o=cities[p.city])]
         elif kind < 0.9:
             m = rng.choice(companies)
-            parts = [_pick(rng, COMPANY_T, split).format(m=m.name, c=m.city, y=m.founded, f=m.founder),
-                     _pick(rng, INDUSTRY_T, split).format(m=m.name, i=m.industry)]
+            parts = [_say(rng, COMPANY_T, split, m=m.name, c=m.city, y=m.founded, f=m.founder),
+                     _say(rng, INDUSTRY_T, split, m=m.name, i=m.industry)]
         else:
             c = rng.choice(sorted(cities))
-            parts = [_pick(rng, CITY_T, split).format(c=c, o=cities[c])]
+            parts = [_say(rng, CITY_T, split, c=c, o=cities[c])]
         rng.shuffle(parts)
         yield " ".join(parts)
 
