@@ -248,6 +248,8 @@ def parity_rows() -> list[list[str]]:
                     "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
     for rel, label in (("parity_small_long/summary_sweep.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                 "best of 2 rates each"),
+                       ("parity_small_long_code/summary_2k.json", "`small-long-code` cut to 2000 steps (public, "
+                                                                  "math and code, 0.49 epochs), R = 1, one rate each"),
                        ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each")):
         g = load(rel)
         a, f = g["adamw"], g["flexdemo"]
