@@ -254,12 +254,24 @@ def parity_rows() -> list[list[str]]:
         g = load(rel)
         a, f = g["adamw"], g["flexdemo"]
         doms = " / ".join(f"{d} {x:.3f}" for d, x in g["ratio_by_domain"].items())
+        shifted = "" if g["in_distribution"]["domains"] == list(g["ratio_by_domain"]) else \
+            f"; without facts {g['in_distribution']['flexdemo']['ratio']:.3f}"
         rows.append(row(f"FlexDeMo / AdamW validation loss, {label}", f"{f['val_loss']:.3f} (lr {f['lr']:g}; best "
                         f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
-                        f"{a['best_val_loss']:.3f})", f"{g['ratio']:.3f}; per domain {doms} (goal ≤ 1.02)",
+                        f"{a['best_val_loss']:.3f})", f"{g['ratio']:.3f}; per domain {doms}{shifted} (goal ≤ 1.02)",
                         g["device"].replace("NVIDIA ", ""), g["date"],
                         f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
     rows.append(pre)
+    g = load("parity_tiny_long/summary_nolr.json")  # fold_lr=false against the default, both swept, on CPU
+    i, cmd = g["in_distribution"], g["command"].replace("python benchmarks/", "")
+    for name, label in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
+        v = g[name]
+        rows.append(row(f"FlexDeMo ({label}) / AdamW validation loss, `tiny-long`, R = 1, mean of 2 seeds, best of "
+                        f"{len(g['sweep'][name])} rates", f"{v['val_loss']:.3f} (lr {v['lr']:g})",
+                        f"AdamW {g['adamw']['val_loss']:.3f} (lr {g['adamw']['lr']:g})",
+                        f"{v['val_loss'] / g['adamw']['val_loss']:.3f}; public, code and math only "
+                        f"{i[name]['ratio']:.3f} (goal ≤ 1.02)", "CPU", g["date"],
+                        f"`{cmd}` (`parity_tiny_long/summary_nolr.json`)"))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

@@ -72,6 +72,11 @@ class DeMoConfig:
     # applied at the step. The error feedback then compresses Adam's steps instead of gradients: with everything
     # sent, sign=False and one replica, FlexDeMo is Adam (without bias correction) with decoupled weight decay.
     precondition: str = "none"
+    # Whether the momentum folds in lr * gradient (DeMo) or the gradient alone (lr applied at the step only). With
+    # lr folded in, as a schedule anneals the residual stays ruled by what it gathered at the peak rate (β = 0.999
+    # remembers ~1,000 steps), so the sign steps keep following stale gradients; without it every step's gradient
+    # counts alike. (precondition=adam always folds its updates lr-free.)
+    fold_lr: bool = True
 
     def __post_init__(self) -> None:
         if self.precondition not in PRECONDITIONS:

@@ -274,8 +274,8 @@ class FlexDeMo(torch.optim.Optimizer):
         if cfg.tensor_scale != "none" or cfg.precondition != "none":
             local = self._observe(b)
         for group, plan in zip(self.param_groups, b.groups):
-            # precondition: the momentum folds in Adam updates, lr-free (lr is applied at the step)
-            lr = group["lr"] if cfg.precondition == "none" else 1.0
+            # precondition, or fold_lr=False: the momentum folds in lr-free updates (lr is applied at the step)
+            lr = group["lr"] if cfg.precondition == "none" and cfg.fold_lr else 1.0
             for table, ps in plan.tables:
                 grads = [_as_2d(self._folded(p, local), lay) for p, lay in zip(ps, table.layouts)]
                 present = {g.dtype for g in grads if g is not None}

@@ -22,7 +22,11 @@ def _run(optim: str, lr: float, seed: int, loss: float, **demo) -> dict:
     settings = {"demo": dataclasses.asdict(DeMoConfig(**demo))}
     return {"optim": optim, "lr": lr, "replicas": 1, "seed": seed, "val_loss": loss, "best_val_loss": loss - 0.01,
             "best_step": 300, "epochs": 0.4, "comm": {"comm/payload_bytes": 1000.0 / (2 if demo else 1)},
-            "settings": settings, "val_by_domain": {"public": loss / 4, "code": loss * 1.5 + lr}}
+            "settings": settings, "val_by_domain": {"public": loss / 4, "code": loss * 1.5 + 10 * lr, "facts": 5 - loss}}
+
+
+def _in_distribution(loss: float, lr: float) -> float:
+    return (loss / 4 + loss * 1.5 + 10 * lr) / 2  # public and code: facts is validated in a shifted wording
 
 
 def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
@@ -35,7 +39,15 @@ def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
     assert (s["adamw"]["lr"], s["flexdemo"]["lr"]) == (0.1, 0.1)
     assert s["ratio"] == pytest.approx(1.72 / 1.31)
     # per domain: the best runs' own final losses (the first seed's), not the means over seeds
-    assert s["ratio_by_domain"] == pytest.approx({"public": 1.70 / 1.30, "code": (1.70 * 1.5 + 0.1) / (1.30 * 1.5 + 0.1)})
+    assert s["ratio_by_domain"] == pytest.approx({"public": 1.70 / 1.30, "code": (1.70 * 1.5 + 1) / (1.30 * 1.5 + 1),
+                                                  "facts": (5 - 1.70) / (5 - 1.30)})
+    # on held-out text of the training distribution only, FlexDeMo's best rate is another (0.03: code favours it)
+    i = s["in_distribution"]
+    assert i["domains"] == ["public", "code"] and (i["adamw"]["lr"], i["flexdemo"]["lr"]) == (0.1, 0.03)
+    f = (_in_distribution(1.80, 0.03) + _in_distribution(1.82, 0.03)) / 2
+    a = (_in_distribution(1.30, 0.1) + _in_distribution(1.32, 0.1)) / 2
+    assert i["flexdemo"]["ratio"] == pytest.approx(f / a)
+    assert "(public, code; each at its best rate by that measure)" in bench_parity.table({1: s})
     assert s["flexdemo"]["lr_at_sweep_edge"] and not s["flexdemo-q4"]["lr_at_sweep_edge"]  # one rate: no sweep
     q = s["variants"]["flexdemo-q4"]["ratio_over_seeds"]
     assert q["n"] == 2 and q["mean"] == pytest.approx((1.75 / 1.30 + 1.77 / 1.32) / 2)

@@ -124,8 +124,12 @@ class NaiveDeMo:
     (False, "adam", 0.0, "none", "none"), (False, "lion", 0.0, "none", "none"), (True, "direct", 0.9, "none", "none"),
     (False, "direct", 0.9, "none", "none"), (True, "direct", 0.0, "adam_rms", "none"),
     (False, "direct", 0.0, "adam_rms", "none"), (False, "direct", 0.0, "none", "adam"),
-    (True, "direct", 0.0, "none", "adam"), (True, "direct", 0.9, "adam_rms", "adam")])
+    (True, "direct", 0.0, "none", "adam"), (True, "direct", 0.9, "adam_rms", "adam"),
+    (True, "direct", 0.0, "none", "nofold"), (True, "direct", 0.9, "none", "nofold")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
+    """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients)."""
+    fold_lr = precondition != "nofold"
+    precondition = "none" if not fold_lr else precondition
     torch.manual_seed(0)
     # ragged edges of 2 rows and 2 columns (an edge of 1 row makes coefficients (0, j) and (2, j) tie exactly in
     # the DCT, and fp32 and float64 pick differently among ties)
@@ -139,7 +143,7 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     eps = 0.5 if precondition != "none" else 1e-3
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
                      base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=eps, nesterov=nesterov, tensor_scale=scale,
-                     precondition=precondition)
+                     precondition=precondition, fold_lr=fold_lr)
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
@@ -164,7 +168,9 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
             msgs = [[naive.encode_one(naive_deltas[r][i], naive.local_update(r, i), fold=1.0) for r in range(R)]
                     for i in range(len(shapes))]
         else:
-            msgs = [[naive.encode_one(naive_deltas[r][i], grads[r][i]) for r in range(R)] for i in range(len(shapes))]
+            fold = None if fold_lr else 1.0
+            msgs = [[naive.encode_one(naive_deltas[r][i], grads[r][i], fold=fold) for r in range(R)]
+                    for i in range(len(shapes))]
         naive.apply(msgs)
         for r in range(R):
             for p, q in zip(reps[r], naive.params):

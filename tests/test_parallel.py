@@ -79,8 +79,9 @@ def job_four_ranks(tmp: str) -> dict:
                            parallel=capped))
     out["A_layerwise"] = {"params": _local(al.model), "losses": al.losses, "buckets": len(al.optimizer.buckets),
                           "link": dataclasses.asdict(al.link)}
-    # A with the other update rules, base_step=adam and the Nesterov look-ahead: 20 steps on the same mesh
-    aa = train(tiny_config(tmp / "AA", optim={**DEMO, "base_step": "adam", "nesterov": 0.5},
+    # A with the other update rules, base_step=adam, the Nesterov look-ahead and bare gradients in the momentum:
+    # 20 steps on the same mesh
+    aa = train(tiny_config(tmp / "AA", optim={**DEMO, "base_step": "adam", "nesterov": 0.5, "fold_lr": False},
                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     # the per-tensor scale and the preconditioned momentum (each replica's own Adam update), together
     asc = train(tiny_config(tmp / "AS", optim={**DEMO, "tensor_scale": "adam_rms", "precondition": "adam"},
