@@ -77,7 +77,7 @@ class Size:
     base_lr: float = 1e-3
     expert_lr: float = 9e-4
     compile: bool = False
-    seed: int = 0  # the base's and experts' initial weights and data order (a repeat of the whole pipeline)
+    seed: int = 0  # the base's and experts' initial weights (a repeat of the whole pipeline on the same data)
 
 
 SIZES = {
