@@ -262,6 +262,15 @@ def parity_rows() -> list[list[str]]:
                         g["device"].replace("NVIDIA ", ""), g["date"],
                         f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
     rows.append(pre)
+    for R in (2, 4):  # facts data version 3, the R = 1 sweep's best rates
+        rel = f"parity_tiny_long/summary_r{R}_v3.json"
+        g = load(rel)
+        a, f = g["adamw"], g["flexdemo"]
+        rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny-long`, R = {R}, one seed, facts data version 3",
+                        f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
+                        f"{g['ratio']:.3f}; public, code and math only {g['in_distribution']['flexdemo']['ratio']:.3f} "
+                        "(goal ≤ 1.02)", "CPU", g["date"],
+                        f"`{g['command'].replace('python benchmarks/', '')}` (`{rel}`)"))
     g = load("parity_tiny_long/summary_nolr.json")  # fold_lr=false against the default, both swept, on CPU
     i, cmd = g["in_distribution"], g["command"].replace("python benchmarks/", "")
     for name, label in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
