@@ -79,6 +79,8 @@ class DeMoConfig:
     fold_lr: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fold_lr, bool):  # a string such as "no" would otherwise read as true
+            raise ValueError(f"fold_lr={self.fold_lr!r} must be true or false")
         if self.precondition not in PRECONDITIONS:
             raise ValueError(f"precondition={self.precondition!r}; allowed: {', '.join(PRECONDITIONS)}")
         if self.precondition != "none" and self.base_step != "direct":

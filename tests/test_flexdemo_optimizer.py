@@ -308,6 +308,11 @@ def test_uncompressed_unsigned_precondition_is_adam_with_decoupled_weight_decay(
         torch.testing.assert_close(p.detach().double(), r, atol=2e-6, rtol=1e-6)
 
 
+def test_fold_lr_is_checked():
+    with pytest.raises(ValueError, match="fold_lr='no' must be true or false"):
+        DeMoConfig(fold_lr="no")
+
+
 def test_precondition_is_checked():
     with pytest.raises(ValueError, match="precondition='sgd'; allowed: none, adam"):
         DeMoConfig(precondition="sgd")
