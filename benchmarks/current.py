@@ -201,6 +201,14 @@ def recipe_rows() -> list[list[str]]:
     return rows
 
 
+def without_shifted(g: dict) -> str:
+    """The ratio on held-out text of the training distribution only, where a run also validated on shifted text."""
+    i = g.get("in_distribution")
+    if not i or i["domains"] == list(g.get("ratio_by_domain", {})):
+        return ""
+    return f"; {', '.join(i['domains'])} only {i['flexdemo']['ratio']:.3f}"
+
+
 def parity_rows() -> list[list[str]]:
     rows = []
     g = load("parity/summary.json")
@@ -222,10 +230,13 @@ def parity_rows() -> list[list[str]]:
     for rel, label in (("parity_tiny_long/summary.json", "R = 1, mean of 2 seeds"),
                        ("parity_tiny_long/summary_r2.json", "R = 2, one seed"),
                        ("parity_tiny_long/summary_r4.json", "R = 4, one seed"),
-                       ("parity_tiny_long/summary_9k.json", "R = 1, mean of 2 seeds")):
+                       ("parity_tiny_long/summary_9k.json", "R = 1, mean of 2 seeds"),
+                       ("parity_tiny_long/summary_r2_v3.json", "R = 2, one seed, facts data version 3"),
+                       ("parity_tiny_long/summary_r4_v3.json", "R = 4, one seed, facts data version 3")):
         g = load(rel)
         a, f, over = g["adamw"], g["flexdemo"], g["ratio_over_seeds"]
         spread = f", per seed {' / '.join(f'{x:.3f}' for x in over['per_seed'].values())}" if over else ""
+        spread += without_shifted(g)
         rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny-long` ({g['size']['steps']} steps), {label}",
                         f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                         f"{g['ratio']:.3f}{spread} (goal ≤ 1.02)", "CPU", g["date"],
@@ -254,23 +265,13 @@ def parity_rows() -> list[list[str]]:
         g = load(rel)
         a, f = g["adamw"], g["flexdemo"]
         doms = " / ".join(f"{d} {x:.3f}" for d, x in g["ratio_by_domain"].items())
-        shifted = "" if g["in_distribution"]["domains"] == list(g["ratio_by_domain"]) else \
-            f"; without facts {g['in_distribution']['flexdemo']['ratio']:.3f}"
         rows.append(row(f"FlexDeMo / AdamW validation loss, {label}", f"{f['val_loss']:.3f} (lr {f['lr']:g}; best "
                         f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
-                        f"{a['best_val_loss']:.3f})", f"{g['ratio']:.3f}; per domain {doms}{shifted} (goal ≤ 1.02)",
+                        f"{a['best_val_loss']:.3f})",
+                        f"{g['ratio']:.3f}; per domain {doms}{without_shifted(g)} (goal ≤ 1.02)",
                         g["device"].replace("NVIDIA ", ""), g["date"],
                         f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
     rows.append(pre)
-    for R in (2, 4):  # facts data version 3, the R = 1 sweep's best rates
-        rel = f"parity_tiny_long/summary_r{R}_v3.json"
-        g = load(rel)
-        a, f = g["adamw"], g["flexdemo"]
-        rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny-long`, R = {R}, one seed, facts data version 3",
-                        f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
-                        f"{g['ratio']:.3f}; public, code and math only {g['in_distribution']['flexdemo']['ratio']:.3f} "
-                        "(goal ≤ 1.02)", "CPU", g["date"],
-                        f"`{g['command'].replace('python benchmarks/', '')}` (`{rel}`)"))
     g = load("parity_tiny_long/summary_nolr.json")  # fold_lr=false against the default, both swept, on CPU
     i, cmd = g["in_distribution"], g["command"].replace("python benchmarks/", "")
     for name, label in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
