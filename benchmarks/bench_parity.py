@@ -155,11 +155,11 @@ def worker(args) -> None:
     )
     t0 = time.perf_counter()
     res = train(cfg)
-    train_tokens = train_stream(size).num_tokens
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         val = {s: sum(v.values()) / len(v) for s, v in res.val.items()}
         tokens = size.steps * size.global_batch * size.seq_len
+        train_tokens = train_stream(size).num_tokens
         out = {"optim": args.optim, "lr": args.lr, "replicas": R, "seed": args.seed, "val_loss": val[max(val)],
                "best_val_loss": min(val.values()), "best_step": min(val, key=val.get), "val_curve": val,
                "val_by_domain": res.val[max(res.val)], "val_curve_by_domain": res.val,  # step -> domain -> loss
