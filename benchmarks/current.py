@@ -201,6 +201,11 @@ def recipe_rows() -> list[list[str]]:
     return rows
 
 
+def command(g: dict) -> str:
+    """A result's command as the table shows it: the script's name and its settings, not where it wrote."""
+    return g["command"].replace("python benchmarks/", "").split(" --out")[0]
+
+
 def without_shifted(g: dict) -> str:
     """The ratio on held-out text of the training distribution only, where a run also validated on shifted text."""
     i = g.get("in_distribution")
@@ -240,7 +245,7 @@ def parity_rows() -> list[list[str]]:
         rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny-long` ({g['size']['steps']} steps), {label}",
                         f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                         f"{g['ratio']:.3f}{spread} (goal ≤ 1.02)", "CPU", g["date"],
-                        f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
+                        f"`{command(g)}` (`{rel}`)"))
     g = load("parity_small_long/summary.json")  # 4,000 steps, data seen once; one rate per optimizer, no sweep
     a, f, by = g["adamw"], g["flexdemo"], g["val_by_domain"]
     doms = " / ".join(f"{d} {by['flexdemo'][d] / by['adamw'][d]:.3f}" for d in by["adamw"])
@@ -253,10 +258,10 @@ def parity_rows() -> list[list[str]]:
                     "(`parity_small_long/summary.json`)"))
     v = g["variants"]["flexdemo-adamw"]
     pre = row("FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small-long`, R = 1",
-                    f"{v['val_loss']:.3f} (lr {v['lr']:g}; best {v['best_val_loss']:.3f})",
-                    f"AdamW {a['val_loss']:.3f}", f"{v['ratio']:.3f} (facts {by['flexdemo-adamw']['facts']:.3f} "
-                    f"against {by['adamw']['facts']:.3f})", g["device"].replace("NVIDIA ", ""), g["date"],
-                    "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
+              f"{v['val_loss']:.3f} (lr {v['lr']:g}; best {v['best_val_loss']:.3f})",
+              f"AdamW {a['val_loss']:.3f}", f"{v['ratio']:.3f} (facts {by['flexdemo-adamw']['facts']:.3f} "
+              f"against {by['adamw']['facts']:.3f})", g["device"].replace("NVIDIA ", ""), g["date"],
+              "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
     for rel, label in (("parity_small_long/summary_sweep.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                 "best of 2 rates each"),
                        ("parity_small_long_code/summary_2k.json", "`small-long-code` cut to 2000 steps (public, "
@@ -270,10 +275,10 @@ def parity_rows() -> list[list[str]]:
                         f"{a['best_val_loss']:.3f})",
                         f"{g['ratio']:.3f}; per domain {doms}{without_shifted(g)} (goal ≤ 1.02)",
                         g["device"].replace("NVIDIA ", ""), g["date"],
-                        f"`{g['command'].replace('python benchmarks/', '').split(' --out')[0]}` (`{rel}`)"))
+                        f"`{command(g)}` (`{rel}`)"))
     rows.append(pre)
     g = load("parity_tiny_long/summary_nolr.json")  # fold_lr=false against the default, both swept, on CPU
-    i, cmd = g["in_distribution"], g["command"].replace("python benchmarks/", "")
+    i, cmd = g["in_distribution"], command(g)
     for name, label in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
         v = g[name]
         rows.append(row(f"FlexDeMo ({label}) / AdamW validation loss, `tiny-long`, R = 1, mean of 2 seeds, best of "
