@@ -80,12 +80,13 @@ def kernel_rows() -> list[list[str]]:
 
 
 def mixture_rows() -> list[list[str]]:
-    s = load("mixture_small/merged_likelihood.json")  # the newest run; its default: the README workflow's mixture
-    m, base = s["mixtures"][s["default"]], s["base"]["losses"]
-    dev, date = s["provenance"]["device"].split(" (")[0].replace("NVIDIA ", ""), s["provenance"]["date"]
-    src = "`bench_mixture.py --size small --routings likelihood posterior` (`mixture_small/merged_likelihood.json`)"
-    token, post = (s["mixtures"][s["default"].split("@")[0] + r] for r in ("", "@posterior"))
-    alone, n = s["alone"][next(iter(s["recipes"]))], s["size"]["mc_items"]
+    runs = [load(f"mixture_small/v3_seed{i}.json") for i in range(3)]  # facts data v3: the current figures
+    v3 = [r["mixtures"][r["default"]] for r in runs]
+    v3_alone = [r["alone"][next(iter(r["recipes"]))] for r in runs]
+    dev, date = runs[0]["provenance"]["device"].replace("NVIDIA ", ""), runs[0]["provenance"]["date"]
+    src = ("`bench_mixture.py --size small --routings likelihood --set seed=S` "
+           "(`mixture_small/v3_seed{0,1,2}.json`, S = 0, 1, 2)")
+    n = runs[0]["size"]["mc_items"]
 
     def spread(d: dict) -> str:
         return f"{min(d.values()):.3f}–{max(d.values()):.3f}"
@@ -94,58 +95,73 @@ def mixture_rows() -> list[list[str]]:
         low = [k for k, v in d.items() if v < 0.7]
         return "goal ≥ 0.7" + (f" (missed: {', '.join(low)})" if low else " (met)")
 
+    def seeds(values) -> str:
+        return " / ".join(values)
+
+    worst_public = max(m["losses"]["public"] - r["base"]["losses"]["public"] for m, r in zip(v3, runs))
+    worst_pair = max(a[d]["losses"]["public"] - r["base"]["losses"]["public"]
+                     for a, r in zip(v3_alone, runs) for d in a)
     rows = [
-        row("merged mixture (math, facts, code; default recipe, no router tuning, routed by likelihood): public loss",
-            f"{m['losses']['public']:.3f}", f"public base {base['public']:.3f}",
-            f"+{m['losses']['public'] - base['public']:.3f} (goal ≤ +0.05)", dev, date, src),
-        row("merged mixture: gap recovery per expert domain", spread(m["gap_recovery"]), "each expert alone = 1",
-            "goal ≥ 0.9", dev, date, src),
-        row("merged mixture: largest loss change of another domain when one expert opts out",
-            f"{m['opt_out_max_change']:.3f} (harm {m['opt_out_max_increase']:.3f})",
-            f"token-routed {token['opt_out_max_change']:.3f}", optout_goal(m), dev, date, src),
-        row("merged mixture: weight on each domain's own expert (the chosen pair's softmax)", spread(m["routing_own"]),
-            f"token-routed {spread(token['routing_own'])}", missed(m["routing_own"]), dev, date, src),
-        *[row(f"merged mixture: `{task}` against the {dom} expert alone ({n} items)", f"{m['tasks'][task]:.3f}",
-              f"alone {alone[dom]['tasks'][task]:.3f}", mc_difference(m, alone[dom], task, n), dev, date, src)
-          for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-        row("the same merged mixture routed by token (FlexOlmo's rule, untuned): public loss; largest opt-out change",
-            f"{token['losses']['public']:.3f}; {token['opt_out_max_change']:.3f}", f"public base {base['public']:.3f}",
-            optout_goal(token), dev, date, src),
-        row("the same, posterior routing (`route_context=posterior`, the Bayesian mixture): largest opt-out change",
-            f"{post['opt_out_max_change']:.3f} (harm {post['opt_out_max_increase']:.3f})",
-            f"public {post['losses']['public']:.3f}, gap recovery {spread(post['gap_recovery'])}", optout_goal(post),
+        row("merged mixture (math, facts, code; default recipe, no router tuning, routed by likelihood; facts data v3; "
+            "seeds 0 / 1 / 2): public loss", seeds(f"{m['losses']['public']:.3f}" for m in v3),
+            "public base " + seeds(f"{r['base']['losses']['public']:.3f}" for r in runs),
+            f"worst +{worst_public:.3f}; each two-expert model worst +{worst_pair:.3f} (goal ≤ +0.05)", dev, date, src),
+        row("merged mixture (seeds 0 / 1 / 2): gap recovery per expert domain", seeds(spread(m["gap_recovery"]) for m in v3),
+            "each expert alone = 1", "goal ≥ 0.9", dev, date, src),
+        row("merged mixture (seeds 0 / 1 / 2): largest loss change of another domain when one expert opts out",
+            seeds(f"{m['opt_out_max_change']:.3f}" for m in v3),
+            "token-routed " + seeds(f"{r['mixtures'][r['default'].split('@')[0]]['opt_out_max_change']:.3f}"
+                                    for r in runs),
+            "goal ≤ 0.02 (" + ("met" if max(m["opt_out_max_change"] for m in v3) <= 0.02 else "missed") + ")",
             dev, date, src),
+        row("merged mixture (seeds 0 / 1 / 2): weight on each domain's own expert (facts tokens on facts' pair)",
+            seeds(spread(m["routing_own"]) for m in v3) + " (" + seeds(f"{m['routing_own']['facts']:.3f}" for m in v3)
+            + ")", "token-routed " + seeds(spread(r["mixtures"][r["default"].split("@")[0]]["routing_own"])
+                                           for r in runs),
+            missed({f"{k}{i}": v for i, m in enumerate(v3) for k, v in m["routing_own"].items()}), dev, date, src),
+    ]
+    for task, dom in (("math_mc", "math"), ("facts_mc", "facts")):
+        diffs = [m["tasks_vs_alone"][task] for m in v3]
+        worst = min(d["diff"] for d in diffs)
+        rows.append(row(f"merged mixture (seeds 0 / 1 / 2): `{task}` against the {dom} expert alone ({n} items, paired; "
+                        "choices scored with the expert picked from the question alone)",
+                        seeds(f"{m['tasks'][task]:.3f}" for m in v3),
+                        "alone " + seeds(f"{a[dom]['tasks'][task]:.3f}" for a in v3_alone),
+                        seeds(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs)
+                        + f" (goal ≥ −0.02: {'met' if worst >= -0.02 else 'missed'})", dev, date, src))
+    mc = [load(f"mc_item_tiny_long/mc_seed{i}.json")["facts_mc"] for i in range(3)]  # evidence="item", on the CPU
+    rows.append(row("`facts_mc` items the mixture answers differently from the facts expert alone (of 400; `tiny-long`, "
+                    "facts data v3, seeds 0 / 1 / 2): choices scored with the expert picked from the question and all "
+                    "its choices (`evidence=item`, the default now)",
+                    seeds(str(r["discordant_vs_own:likelihood/item"]) for r in mc),
+                    "from the question alone " + seeds(str(r["discordant_vs_own:likelihood/context"]) for r in mc),
+                    "accuracy " + seeds(f"{r['likelihood/item'] - r['facts']:+.3f}" for r in mc) + " against alone",
+                    "CPU", "2026-12-03", "`mc_routing.py --work outputs/bm/tiny --n 400` "
+                    "(`mc_item_tiny_long/mc_seed{0,1,2}.json`)"))
+    s = load("mixture_small/merged_likelihood.json")  # facts data v2: routing rules compared on one set of experts
+    m, base = s["mixtures"][s["default"]], s["base"]["losses"]
+    date2 = s["provenance"]["date"]
+    src2 = "`bench_mixture.py --size small --routings likelihood posterior` (`mixture_small/merged_likelihood.json`)"
+    token, post = (s["mixtures"][s["default"].split("@")[0] + r] for r in ("", "@posterior"))
+    rows += [
+        row("facts data v2, one run: the merged mixture routed by token (FlexOlmo's rule, untuned): public loss; "
+            "largest opt-out change", f"{token['losses']['public']:.3f}; {token['opt_out_max_change']:.3f}",
+            f"public base {base['public']:.3f}", optout_goal(token), dev, date2, src2),
+        row("facts data v2, same run: posterior routing (`route_context=posterior`, the Bayesian mixture): largest "
+            "opt-out change", f"{post['opt_out_max_change']:.3f} (harm {post['opt_out_max_increase']:.3f})",
+            f"likelihood {m['opt_out_max_change']:.3f}", optout_goal(post), dev, date2, src2),
     ]
     t = load("mixture_small/mc_by_template.json")["facts_by_template"]["established by"]  # same base and experts
-    rows.append(row("`facts_mc`, questions on companies' founders: mixture right (the facts model wins the question)",
+    rows.append(row("facts data v2, same run: `facts_mc` questions on companies' founders: mixture right, choices "
+                    "scored with the expert picked from the question (the facts model wins the question)",
                     f"{t['likelihood/context']:.3f} ({t['facts_wins_question']:.2f} of {t['n']:.0f})",
-                    f"facts expert alone {t['facts']:.3f}", f"{t['likelihood/context'] - t['facts']:+.3f}", dev, date,
+                    f"facts expert alone {t['facts']:.3f}", f"{t['likelihood/context'] - t['facts']:+.3f}", dev, date2,
                     "`mc_routing.py` (`mixture_small/mc_by_template.json`)"))
-    def another_run(rel: str, label: str, routings: str, mc_note: str = "") -> list[list[str]]:
-        """An earlier or later run of the untuned likelihood-routed mixture, with its own base and experts."""
-        f = load(f"mixture_small/{rel}")
-        fm, fa, fdate = f["mixtures"][f["default"]], f["alone"]["negatives+route+bias"], f["provenance"]["date"]
-        fsrc = f"`bench_mixture.py --size small --routings {routings}` (`mixture_small/{rel}`)"
-        head = f"merged mixture routed by likelihood, {label}"
-        return [
-            row(f"{head}: public loss; gap recovery; largest opt-out change",
-                f"{fm['losses']['public']:.3f}; {spread(fm['gap_recovery'])}; {fm['opt_out_max_change']:.3f}",
-                f"public base {f['base']['losses']['public']:.3f}", optout_goal(fm), dev, fdate, fsrc),
-            row(f"{head}: weight on each domain's own expert (facts tokens on code's pair: "
-                f"{fm['routing']['facts']['code']:.3f})", spread(fm["routing_own"]),
-                f"token-routed {spread(f['mixtures']['negatives+route+bias/merged']['routing_own'])}",
-                missed(fm["routing_own"]), dev, fdate, fsrc),
-            *[row(f"{head}{mc_note}: `{task}` against the {dom} expert alone", f"{fm['tasks'][task]:.3f}",
-                  f"alone {fa[dom]['tasks'][task]:.3f}", mc_difference(fm, fa[dom], task, n), dev, fdate, fsrc)
-              for task, dom in (("math_mc", "math"), ("facts_mc", "facts"))],
-        ]
-
-    rows += another_run("merged_likelihood_first.json", "first run", "likelihood posterior", " (every token as evidence)")
-    rows += another_run("merged_likelihood_third.json", "third run", "likelihood")
     r = load("mixture_small/likelihood.json")  # an earlier run: the router tuned first, then each rule
     tuned = r["default"].split("@")[0]
     tok, seq, lik = (r["mixtures"][tuned + x] for x in ("", "@sequence", "@likelihood"))
     ra, rdate = r["alone"][next(iter(r["recipes"]))], r["provenance"]["date"]
+    n = r["size"]["mc_items"]
     rsrc = "`bench_mixture.py --size small --routings sequence likelihood posterior` (`mixture_small/likelihood.json`)"
     rows += [
         row("router tuned, then routed by likelihood (an earlier run): `math_mc` against the math expert alone",
@@ -166,6 +182,12 @@ def mixture_rows() -> list[list[str]]:
                     f"public {top2['losses']['public']:.3f}", optout_goal(top2), dev, r["provenance"]["date"],
                     "`bench_mixture.py --size small --routings top2 prefix sequence` (`mixture_small/routings.json`)"))
     return rows
+
+
+def swept_lr(g: dict, name: str) -> str:
+    """A best learning rate, marked where it is the end of its sweep (the sweep does not bracket it)."""
+    lr, rates = g[name]["lr"], [float(r) for r in g["sweep"][name]]
+    return f"{lr:g}" + (", end of sweep" if len(rates) > 1 and lr in (min(rates), max(rates)) else "")
 
 
 def optout_goal(m: dict) -> str:
@@ -277,16 +299,19 @@ def parity_rows() -> list[list[str]]:
                         g["device"].replace("NVIDIA ", ""), g["date"],
                         f"`{command(g)}` (`{rel}`)"))
     rows.append(pre)
-    g = load("parity_tiny_long/summary_nolr.json")  # fold_lr=false against the default, both swept, on CPU
-    i, cmd = g["in_distribution"], command(g)
-    for name, label in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
-        v = g[name]
-        rows.append(row(f"FlexDeMo ({label}) / AdamW validation loss, `tiny-long`, R = 1, mean of 2 seeds, best of "
-                        f"{len(g['sweep'][name])} rates", f"{v['val_loss']:.3f} (lr {v['lr']:g})",
-                        f"AdamW {g['adamw']['val_loss']:.3f} (lr {g['adamw']['lr']:g})",
-                        f"{v['val_loss'] / g['adamw']['val_loss']:.3f}; public, code and math only "
-                        f"{i[name]['ratio']:.3f} (goal ≤ 1.02)", "CPU", g["date"],
-                        f"`{cmd}` (`parity_tiny_long/summary_nolr.json`)"))
+    for rel, label in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds"),
+                       ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed")):
+        g = load(rel)  # fold_lr=false against the default, both swept
+        i, cmd = g["in_distribution"], command(g)
+        for name, what in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
+            v = g[name]
+            rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, best of "
+                            f"{len(g['sweep'][name])} rates", f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
+                            f"AdamW {g['adamw']['val_loss']:.3f} (lr {swept_lr(g, 'adamw')})",
+                            f"{v['val_loss'] / g['adamw']['val_loss']:.3f}; public, code and math only "
+                            f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",
+                            "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", ""), g["date"],
+                            f"`{cmd}` (`{rel}`)"))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

@@ -2,8 +2,8 @@
 
 Reads the base and experts a bench_mixture.py run trained (``--work``, one recipe) and scores the embedded
 multiple-choice items with each expert's two-expert model alone and with the merged mixture routed by likelihood and
-by posterior, with every token (``all``) or the question alone (``context``, what the evaluation uses) as routing
-evidence. Per task: accuracies, how often each two-expert model gives the question the highest log-likelihood, and
+by posterior, with every token (``all``), the question alone (``context``) or the question and all its choices
+(``item``, what the evaluation uses) as routing evidence. Per task: accuracies, how often each two-expert model gives the question the highest log-likelihood, and
 the items that differ from the task's own expert alone; the facts items also grouped by their wording (the last two
 words of the question: one held-out template per kind of fact). Writes one JSON.
 
@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexmore.data import ByteTokenizer  # noqa: E402
 from flexmore.eval.evaluate import choice_outcomes  # noqa: E402
-from flexmore.eval.generate import request_logprobs  # noqa: E402
+from flexmore.eval.generate import EVIDENCE, request_logprobs  # noqa: E402
 from flexmore.eval.tasks import embedded_tasks  # noqa: E402
 from flexmore.experts.merge import merge, reroute  # noqa: E402
 
-RULES = [(rule, evidence) for rule in ("likelihood", "posterior") for evidence in ("all", "context")]
+RULES = [(rule, evidence) for rule in ("likelihood", "posterior") for evidence in EVIDENCE]
 
 
 def main() -> None:

@@ -403,8 +403,50 @@ def test_choices_are_scored_by_the_two_expert_model_their_context_chose(world):
     assert set(chose) == {0, 1}  # each model chosen for some context
     # every token as evidence instead: after "Q" the continuation's own tokens choose, and the score changes
     assert abs(request_logprobs(routed, tok, reqs[-1:], cpu)[0][0] - got[-1][0]) > 0.1
-    with pytest.raises(ValueError, match="evidence='prompt': 'all' or 'context'"):
+    with pytest.raises(ValueError, match="evidence='prompt': one of all, context, item"):
         request_logprobs(routed, tok, reqs, cpu, evidence="prompt")
+
+
+@pytest.mark.parametrize("rule", ["likelihood", "posterior"])
+def test_item_evidence_scores_every_choice_with_the_model_the_whole_item_chose(world, rule):
+    """``evidence="item"`` (multiple choice's default) against each two-expert model alone: the requests sharing a
+    context are scored by the model with the highest likelihood of the context and every continuation together
+    (posterior: the models weighted by softmax of it), the same for every choice, so a question with no evidence of
+    its own is routed by its choices' words."""
+    from flexmore.data import ByteTokenizer
+    from flexmore.eval.generate import request_logprobs
+
+    tmp, base_dir = world
+    routed = reroute(merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"]), context=rule)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # math's FFN made random: facts' model wins text with evidence
+        for blk in routed.blocks:
+            for prm in blk.ffn.experts[1].parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g))
+    two = [opt_out(routed, ["facts"]), opt_out(routed, ["math"])]
+    tok, cpu = ByteTokenizer(), torch.device("cpu")
+    items = {"Problem: Compute 3 + 4.": [" 7", " 12"], "Q": [" the city of Ardun", " Kelvor Dun", " Mira Sel"],
+             "Kelvor Dun was born in": [" the city of Ardun", " qzx 9!"]}
+    reqs = [(c, cont) for c, conts in items.items() for cont in conts]
+    reqs = reqs[3:] + reqs[:3]  # an item's requests need not be adjacent
+    got = request_logprobs(routed, tok, reqs, cpu, batch_size=3, evidence="item")
+    cont = torch.tensor([[request_logprobs(m, tok, [r], cpu)[0][0] for r in reqs] for m in two], dtype=torch.float64)
+    for c in items:
+        rows = [i for i, r in enumerate(reqs) if r[0] == c]
+        ctx = torch.tensor([request_logprobs(m, tok, [(c[0], c[1:])], cpu)[0][0] if len(c) > 1 else 0.0 for m in two],
+                           dtype=torch.float64)
+        score = ctx + cont[:, rows].sum(1)
+        for i in rows:
+            if rule == "likelihood":
+                e = int(score[1] > score[0])  # ties to the first
+                want = float(cont[e, i])
+            else:
+                want = float(torch.logsumexp(cont[:, i] + torch.log_softmax(score, 0), 0))
+            assert got[i][1] == len(tok.encode(reqs[i][1])) and got[i][0] == pytest.approx(want, abs=1e-3)
+    # "Q" carries no evidence: routed by the question alone it ties to math's model; its choices' names pick facts'
+    by_context = request_logprobs(routed, tok, reqs, cpu, evidence="context")
+    q = [i for i, r in enumerate(reqs) if r[0] == "Q"]
+    assert all(abs(got[i][0] - by_context[i][0]) > 0.1 for i in q)
 
 
 def test_extraction_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):

@@ -34,10 +34,12 @@ def score_task(model, tokenizer: Tokenizer, task: Task, device: torch.device, ba
 
 
 def choice_outcomes(model, tokenizer: Tokenizer, task: Task, device: torch.device, batch_size: int = 256,
-                    progress: bool = False, evidence: str = "context") -> tuple[list[bool], list[bool]]:
+                    progress: bool = False, evidence: str = "item") -> tuple[list[bool], list[bool]]:
     """Per item of a multiple-choice task: is the highest log-likelihood the gold choice (and per token: _norm)?
     Two models scored on the same items compare item by item (a paired difference). A mixture routed by likelihood
-    picks its expert from the question, the same for every choice (``evidence``: see request_logprobs)."""
+    picks its expert from the question and all its choices together, the same for every choice (``evidence``: see
+    request_logprobs; the question alone left facts questions worded as no expert was trained on with the expert of
+    the best-known wording, not the names)."""
     flat = request_logprobs(model, tokenizer, [(it["question"], " " + c) for it in task.items for c in it["choices"]],
                             device, batch_size=2 * batch_size, progress=f"{task.name} (choices)" if progress else None,
                             evidence=evidence)

@@ -11,6 +11,8 @@ from flexmore.data.tokenizer import Tokenizer
 from flexmore.model.config import BY_LIKELIHOOD
 from flexmore.model.layers import KVCache
 
+EVIDENCE = ("all", "context", "item")  # what a mixture routed by likelihood reads to choose its expert (request_logprobs)
+
 
 @torch.no_grad()
 def greedy(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, device: torch.device,
@@ -77,11 +79,16 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
     Pairs are right-padded into batches: the model is causal, so padding after a sequence leaves its logits as they
     are alone (tested). A sequence longer than the model's context keeps its last max_seq_len + 1 tokens.
     ``evidence="context"``: a mixture routed by likelihood chooses its expert from the context alone, as when choices
-    are compared (each choice's own tokens would otherwise pick the expert that likes them best); "all": every token.
+    are compared (each choice's own tokens would otherwise pick the expert that likes them best); "all": every token;
+    "item": the requests that share a context are one item (a question and its choices), and the mixture scores all
+    of them with one two-expert model, the one that gives the context and every continuation together the highest
+    likelihood (ties: the lowest expert; posterior: the models weighted by softmax of that likelihood), so no choice
+    picks its own scorer and the choices' words count as evidence.
     """
-    if evidence not in ("all", "context"):
-        raise ValueError(f"evidence={evidence!r}: 'all' or 'context'")
-    by_context = evidence == "context" and getattr(getattr(model, "cfg", None), "route_context", None) in BY_LIKELIHOOD
+    if evidence not in EVIDENCE:
+        raise ValueError(f"evidence={evidence!r}: one of {', '.join(EVIDENCE)}")
+    rule = getattr(getattr(model, "cfg", None), "route_context", None) in BY_LIKELIHOOD
+    by_context, by_item = rule and evidence == "context", rule and evidence == "item" and model.cfg.is_moe
     model.eval()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
     seqs = []
@@ -91,6 +98,7 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
             x = ((tokenizer.encode(context) or [tokenizer.eos_id]) + ids)[-model.cfg.max_seq_len - 1:]
             seqs.append((i, x, min(len(ids), len(x) - 1), max(0, len(x) - len(ids))))  # ..., context tokens kept
     seqs.sort(key=lambda s: len(s[1]))
+    pairs: dict[int, tuple] = {}  # evidence="item": request -> per pair (context, continuation), tokens
     bar = progress_bar(progress, len(seqs))
     for b0 in range(0, len(seqs), batch_size):
         chunk = seqs[b0 : b0 + batch_size]
@@ -100,12 +108,30 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
         if by_context:
             kw["route_evidence"] = torch.arange(width - 1, device=device) < torch.tensor([c for *_, c in chunk],
                                                                                            device=device)[:, None]
+        if by_item:  # (pairs, rows, positions): log p of each next token under each two-expert model
+            nxt = x[None, :, 1:, None].expand(model.cfg.num_experts - 1, -1, -1, 1)
+            tok = model.pair_logprobs(x[:, :-1]).gather(-1, nxt).squeeze(-1)
+            for row, (i, ids, n, c) in enumerate(chunk):
+                pairs[i] = (tok[:, row, : max(c - 1, 0)].sum(-1), tok[:, row, len(ids) - 1 - n : len(ids) - 1].sum(-1), n)
+            bar.update(len(chunk))
+            continue
         logp = torch.log_softmax(model(x[:, :-1], **kw).logits.float(), -1)
         for row, (i, ids, n, _) in enumerate(chunk):
             pos = torch.arange(len(ids) - 1 - n, len(ids) - 1, device=device)
             out[i] = (float(logp[row, pos, x[row, pos + 1]].sum()), n)
         bar.update(len(chunk))
     bar.close()
+    if by_item:
+        items: dict[str, list[int]] = {}
+        for i in pairs:
+            items.setdefault(requests[i][0], []).append(i)
+        posterior = model.cfg.route_context == "posterior"
+        for members in items.values():  # the item's evidence: its context once, and every continuation
+            score = pairs[members[0]][0] + sum(pairs[i][1] for i in members)
+            for i in members:  # likelihood: the best pair's; posterior: the pairs' mixture weighted by softmax(score)
+                lp = torch.logsumexp(pairs[i][1] + torch.log_softmax(score, 0), 0) if posterior else \
+                    pairs[i][1][int(score.argmax())]
+                out[i] = (float(lp), pairs[i][2])
     return out
 
 

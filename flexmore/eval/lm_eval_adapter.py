@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from flexmore.data.tokenizer import load_tokenizer
-from flexmore.eval.generate import continuation_logprobs, greedy
+from flexmore.eval.generate import continuation_logprobs, greedy, request_logprobs
 from flexmore.store.modeldir import load_model
 
 try:
@@ -33,17 +33,18 @@ class FlexmoreLM(LM):
         self.tok = load_tokenizer(tokenizer)
 
     def loglikelihood(self, requests):
-        """A mixture routed by likelihood picks its expert from the context, as our own multiple-choice scoring."""
+        """A mixture routed by likelihood scores the requests that share a context (a question's choices) with the
+        two-expert model that fits them all best, as our own multiple-choice scoring (``evidence="item"``)."""
         out = []
-        for req in requests:
+        scored = request_logprobs(self.model, self.tok, [req.args for req in requests], self.dev, evidence="item")
+        for req, (lp, _) in zip(requests, scored):
             context, continuation = req.args
-            (lp, _), = continuation_logprobs(self.model, self.tok, context, [continuation], self.dev, evidence="context")
             ctx_ids = self.tok.encode(context)
             ids = self.tok.encode(continuation)
             with torch.no_grad():
                 x = torch.tensor([ctx_ids + ids], device=self.dev)
                 evidence = torch.arange(x.shape[1] - 1, device=self.dev)[None] < len(ctx_ids)
-                logits = self.model(x[:, :-1], route_evidence=evidence).logits
+                logits = self.model(x[:, :-1], route_evidence=evidence).logits  # is_greedy: as generation routes
                 greedy_ids = logits[0, -len(ids):].argmax(-1).tolist() if ids else []
             out.append((lp, greedy_ids == ids))
         return out

@@ -173,6 +173,37 @@ class FlexOlmo(nn.Module):
             cache.sequence_routes = sums
         return choice
 
+    def _pair_passes(self, x, cos, sin, mask, present, cache, valid):
+        """One pass per non-public expert e with every token on the pair (public, e): logits (E - 1, B, T, V) and
+        each pass's per-layer pair weights (E - 1, L, N, E)."""
+        B, T = x.shape[:2]
+        E = self.cfg.num_experts
+        if cache is not None and cache.passes is None:
+            cache.passes = [KVCache(self.cfg.n_layers) for _ in range(E - 1)]
+        logits, weights = [], []
+        for e in range(1, E):
+            pair = torch.full((B * T,), e, dtype=torch.long, device=x.device)
+            kv = None if cache is None else cache.passes[e - 1]
+            h, aux = self._blocks(x, cos, sin, mask, None, None, present, kv, valid, pair)
+            logits.append(self.lm_head(self.norm(h)))
+            weights.append(torch.stack(aux["token_weights"]))  # (L, N, E)
+        return torch.stack(logits), torch.stack(weights)
+
+    @torch.no_grad()
+    def pair_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(E - 1, B, T, V): each two-expert model's (public, e) log-probabilities of the next token, the passes that
+        likelihood routing weighs; a caller that groups sequences (the choices of one question) picks one pair for
+        the group from these (``request_logprobs(evidence="item")``)."""
+        if not self.cfg.is_moe or self.cfg.route_context not in BY_LIKELIHOOD:
+            raise ValueError(f"pair_logprobs needs a mixture routed by likelihood; route_context="
+                             f"{self.cfg.route_context!r}, {self.cfg.num_experts} expert(s)")
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(input_ids)
+        logits, _ = self._pair_passes(x, self.rope_cos[:T], self.rope_sin[:T], None, None, None, None)
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def likelihood_route(self, input_ids, x, cos, sin, mask, present, cache, valid, evidence=None):
         """route_context="likelihood" / "posterior": (logits (B, T, V), per-layer aux). One pass per non-public
         expert e with every token on the pair (public, e); each pass's model scores the real tokens of the sequence
@@ -184,16 +215,7 @@ class FlexOlmo(nn.Module):
         token's log-probabilities are carried, so decoding token by token gives what one pass over everything gives."""
         B, T = input_ids.shape
         E = self.cfg.num_experts
-        if cache is not None and cache.passes is None:
-            cache.passes = [KVCache(self.cfg.n_layers) for _ in range(E - 1)]
-        logits, weights = [], []
-        for e in range(1, E):
-            pair = torch.full((B * T,), e, dtype=torch.long, device=x.device)
-            kv = None if cache is None else cache.passes[e - 1]
-            h, aux = self._blocks(x, cos, sin, mask, None, None, present, kv, valid, pair)
-            logits.append(self.lm_head(self.norm(h)))
-            weights.append(torch.stack(aux["token_weights"]))  # (L, N, E)
-        logits = torch.stack(logits)  # (E - 1, B, T, V)
+        logits, weights = self._pair_passes(x, cos, sin, mask, present, cache, valid)
         logp = torch.log_softmax(logits.float(), dim=-1)
         with torch.no_grad():
             real = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
@@ -223,7 +245,7 @@ class FlexOlmo(nn.Module):
             out = torch.logsumexp(logp + share.log()[..., None], dim=0)
         # per layer, the weight each expert gets: each pass's pair weights times the pass's share
         flat = share.view(E - 1, 1, B * T, 1)
-        mass = (torch.stack(weights) * flat).sum(0)  # (L, N, E)
+        mass = (weights * flat).sum(0)  # (L, N, E)
         held = torch.cat([torch.ones_like(flat[:1, 0]), flat[:, 0]]).squeeze(-1).T  # (N, E): public 1, e its share
         aux_layers = {"expert_prob": list(mass.mean(1)), "expert_topk": [held.mean(0)] * len(self.blocks)}
         return out, aux_layers
