@@ -83,7 +83,11 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-c32": {"chunk": 32, "topk": 8}, "flexdemo-c16": {"chunk": 16, "topk": 2},
             "flexdemo-adamw-c32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "chunk": 32, "topk": 8},
             # the momentum gathers gradients, not lr x gradients: the annealed steps follow recent gradients
-            "flexdemo-nolr": {"fold_lr": False}}
+            "flexdemo-nolr": {"fold_lr": False},
+            # each matrix's decoded direction orthogonalised (Newton-Schulz, as Muon), at AdamW's update RMS
+            "flexdemo-ortho": {"base_step": "orthogonal"},
+            "flexdemo-ortho-chunk": {"base_step": "orthogonal", "orthogonal_scope": "chunk"},
+            "flexdemo-ortho-wd0.1": {"base_step": "orthogonal", "weight_decay": 0.1}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -299,14 +299,21 @@ def parity_rows() -> list[list[str]]:
                         g["device"].replace("NVIDIA ", ""), g["date"],
                         f"`{command(g)}` (`{rel}`)"))
     rows.append(pre)
-    for rel, label in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds"),
-                       ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed")):
-        g = load(rel)  # fold_lr=false against the default, both swept
+    nolr = (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`"))
+    ortho = (("flexdemo-ortho", "`optim.demo.base_step=orthogonal`"),
+             ("flexdemo-ortho-wd0.1", "`base_step=orthogonal`, weight decay 0.1"))
+    for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
+                              ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed", nolr),
+                              ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
+                              ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho)):
+        g = load(rel)  # a rule against the default (or AdamW), each swept
         i, cmd = g["in_distribution"], command(g)
-        for name, what in (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`")):
+        for name, what in names:
             v = g[name]
-            rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, best of "
-                            f"{len(g['sweep'][name])} rates", f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
+            n = len(g["sweep"][name])
+            rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, "
+                            + (f"best of {n} rates" if n > 1 else "one rate"),
+                            f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
                             f"AdamW {g['adamw']['val_loss']:.3f} (lr {swept_lr(g, 'adamw')})",
                             f"{v['val_loss'] / g['adamw']['val_loss']:.3f}; public, code and math only "
                             f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",

@@ -11,7 +11,8 @@ from flexdemo.wire import WIRE_DTYPES, index_bits_for
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
-BASE_STEPS = ("direct", "adam", "lion")
+BASE_STEPS = ("direct", "adam", "lion", "orthogonal")
+ORTHOGONAL_SCOPES = ("matrix", "chunk")
 OVERLAPS = ("off", "stale", "layerwise")
 TENSOR_SCALES = ("none", "adam_rms")
 PRECONDITIONS = ("none", "adam")
@@ -47,8 +48,14 @@ class DeMoConfig:
     # p -= lr * d; "adam": d is the gradient of an Adam step (its own first and second moments, ``adam_betas``,
     # ``adam_eps``; no bias correction: the warm-up covers the first steps), which scales each element by its history;
     # "lion": p -= lr * sign(b1 * m + (1 - b1) * d), then m = b2 * m + (1 - b2) * d (Lion's rule on the decoded
-    # direction, ``adam_betas`` as (b1, b2); best with sign=False, so m averages magnitudes, not signs).
+    # direction, ``adam_betas`` as (b1, b2); best with sign=False, so m averages magnitudes, not signs);
+    # "orthogonal": each compressed matrix's decoded direction, unsigned, is orthogonalised (Newton-Schulz, as Muon
+    # does to its momentum: every singular value near 1) and scaled to AdamW's typical update RMS (0.2 sqrt(max(rows,
+    # cols)) times the orthogonal factor), so AdamW's learning rates apply; the dense-sent tensors step by sign(d).
+    # ``orthogonal_scope``: "matrix" (the whole matrix: gathered over the node's shard group under FSDP) or "chunk"
+    # (each s x s chunk on its own: local, s x s products only).
     base_step: str = "direct"
+    orthogonal_scope: str = "matrix"
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     # The exchange overlapped with the next step's compute. "stale": step t's all-gather runs while step t + 1's
@@ -97,6 +104,8 @@ class DeMoConfig:
             raise ValueError(f"overlap={self.overlap!r}; allowed: {', '.join(OVERLAPS)}")
         if self.base_step not in BASE_STEPS:
             raise ValueError(f"base_step={self.base_step!r}; allowed: {', '.join(BASE_STEPS)}")
+        if self.orthogonal_scope not in ORTHOGONAL_SCOPES:
+            raise ValueError(f"orthogonal_scope={self.orthogonal_scope!r}; allowed: {', '.join(ORTHOGONAL_SCOPES)}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas={list(self.adam_betas)}: two values in [0, 1)")
         if not self.adam_eps > 0:

@@ -7,7 +7,8 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     send the top-k DCT coefficients of each chunk of delta, and remove them from delta
     one all-gather of every replica's packed payload    (one collective per step; or one per layer, overlap=layerwise)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
-    (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step; tensor_scale=adam_rms:
+    (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step; base_step=orthogonal: each
+    matrix's unsigned direction orthogonalised as Muon does (flexdemo.orthogonal); tensor_scale=adam_rms:
     each tensor's step times the replicas' mean RMS of the Adam update of their own gradients, sent with the payload;
     precondition=adam: each replica folds its own Adam update m / (sqrt(v) + eps) into delta instead of lr * grad)
 
@@ -35,6 +36,7 @@ from flexdemo.dct import idct2
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
+from flexdemo.orthogonal import orthogonalize, orthogonalize_chunks
 from flexdemo.quant import codes_nbytes, dequantize, quantize
 from flexdemo.wire import WireLayout, index_nbytes
 
@@ -178,7 +180,7 @@ class FlexDeMo(torch.optim.Optimizer):
         self.params = [p for g in self.param_groups for p in g["params"]]
         for p in self.params:
             self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
-            if cfg.base_step != "direct":  # identical on every replica: they see the same decoded direction
+            if cfg.base_step in ("adam", "lion"):  # identical on every replica: they see the same decoded direction
                 self.state[p]["exp_avg"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
             if cfg.base_step == "adam":
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
@@ -402,7 +404,11 @@ class FlexDeMo(torch.optim.Optimizer):
                     targets = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                     step_lr, step_decay = lr, decay
                 ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
-                                       self.cfg.sign, self.kernel_options)
+                                       self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options)
+                if self.cfg.base_step == "orthogonal":
+                    for p, b, lay in zip(ps, bufs, table.layouts):
+                        b.copy_(orthogonalize(p, b) if self.cfg.orthogonal_scope == "matrix" else
+                                orthogonalize_chunks(b, lay))
             if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:
@@ -417,6 +423,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 steps = [d for _, d in directions]
                 torch._foreach_mul_(steps, [scale[id(p)] for p, _ in directions])
                 _descend([p for p, _ in directions], steps, lr, decay)
+            elif directions and self.cfg.base_step == "orthogonal":
+                _descend([p for p, _ in directions], [d for _, d in directions], lr, decay)
             elif directions:
                 step = self._adam_step if self.cfg.base_step == "adam" else self._lion_step
                 step([p for p, _ in directions], [d for _, d in directions], lr, decay)

@@ -18,10 +18,23 @@ def naive_dct(n: int) -> torch.Tensor:
     return d
 
 
+def naive_orthogonal(d: torch.Tensor) -> torch.Tensor:
+    """Five quintic Newton-Schulz steps on the wide orientation, in float64, times 0.2 sqrt(max side)."""
+    x = d.double().T if d.shape[0] > d.shape[1] else d.double()
+    x = x / (math.sqrt(float((x * x).sum())) + 1e-7)
+    for _ in range(5):
+        a = x @ x.T
+        x = 3.4445 * x - 4.7750 * (a @ x) + 2.0315 * (a @ a @ x)
+    x = x.T if d.shape[0] > d.shape[1] else x
+    return x * 0.2 * math.sqrt(max(d.shape))
+
+
 class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
-    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0, scale=None, replicas=1):
+    def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0, scale=None, replicas=1,
+                 orthogonal=False):
+        self.orthogonal = orthogonal  # each matrix's unsigned direction orthogonalised (Newton-Schulz), 1-D signed
         self.params = [p.detach().double().clone() for p in params]
         # scale = (beta1, beta2, eps): each tensor's step x the replicas' mean RMS of m / (sqrt(v) + eps), m and v
         # each replica's moments of its own gradient (``gm``, ``gv``; ``observe`` updates them)
@@ -105,6 +118,19 @@ class NaiveDeMo:
                 r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
                 update[ci : ci + r, cj : cj + c] = block[:r, :c]
             d = update.sign() if self.sign else update
+            if self.orthogonal == "chunk" and update.ndim == 2:  # each zero-padded s x s chunk on its own
+                s = self.s
+                for ci in range(0, p.shape[0], s):
+                    for cj in range(0, p.shape[1], s):
+                        r, c = min(s, p.shape[0] - ci), min(s, p.shape[1] - cj)
+                        block = torch.zeros(s, s, dtype=torch.float64)
+                        block[:r, :c] = update[ci : ci + r, cj : cj + c]
+                        p[ci : ci + r, cj : cj + c] -= self.lr * naive_orthogonal(block)[:r, :c]
+                continue
+            if self.orthogonal:
+                d = naive_orthogonal(update) if update.ndim == 2 else d
+                p.sub_(self.lr * d)
+                continue
             if self.lion is not None:
                 b1, b2 = self.lion
                 p.sub_(self.lr * (b1 * self.m[i] + (1 - b1) * d).sign())
@@ -125,7 +151,9 @@ class NaiveDeMo:
     (False, "direct", 0.9, "none", "none"), (True, "direct", 0.0, "adam_rms", "none"),
     (False, "direct", 0.0, "adam_rms", "none"), (False, "direct", 0.0, "none", "adam"),
     (True, "direct", 0.0, "none", "adam"), (True, "direct", 0.9, "adam_rms", "adam"),
-    (True, "direct", 0.0, "none", "nofold"), (True, "direct", 0.9, "none", "nofold")])
+    (True, "direct", 0.0, "none", "nofold"), (True, "direct", 0.9, "none", "nofold"),
+    (True, "orthogonal", 0.0, "none", "none"), (False, "orthogonal", 0.9, "none", "nofold"),
+    (True, "orthogonal-chunk", 0.0, "none", "none")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
     """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients)."""
     fold_lr = precondition != "nofold"
@@ -142,14 +170,16 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     # the top-k away from ties that fp32 and float64 would break differently
     eps = 0.5 if precondition != "none" else 1e-3
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
-                     base_step=base_step, adam_betas=(0.8, 0.9), adam_eps=eps, nesterov=nesterov, tensor_scale=scale,
+                     base_step=base_step.split("-")[0], orthogonal_scope="chunk" if "chunk" in base_step else "matrix",
+                     adam_betas=(0.8, 0.9), adam_eps=eps, nesterov=nesterov, tensor_scale=scale,
                      precondition=precondition, fold_lr=fold_lr)
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
     naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
                       lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov,
-                      scale=(0.8, 0.9, eps) if local else None, replicas=R)
+                      scale=(0.8, 0.9, eps) if local else None, replicas=R,
+                      orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk"}.get(base_step, False))
     if scale == "none":
         naive.tensor_scale = lambda i: 1.0
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
@@ -338,3 +368,37 @@ def test_tensor_scale_is_checked_and_sent_as_one_float_per_tensor():
     for p, b in zip(ps, before):
         torch.testing.assert_close((p.detach() - b).abs(), torch.full_like(b, 0.01 * (1 - b1) / (1 - b2) ** 0.5),
                                    rtol=1e-4, atol=1e-7)
+
+
+def job_orthogonal_shards() -> list:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flexdemo.orthogonal import orthogonal_step, orthogonalize
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    full = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))  # 9 rows: shards of 5 and 4
+    param = distribute_tensor(torch.zeros(9, 6), mesh, [Shard(0)])
+    direction = distribute_tensor(full, mesh, [Shard(0)]).to_local()
+    return [orthogonalize(param, direction), distribute_tensor(orthogonal_step(full), mesh, [Shard(0)]).to_local()]
+
+
+def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_step():
+    """base_step=orthogonal under FSDP: the whole matrix is orthogonalised (gathered over the shard group), so a shard's
+    step is the same as with the matrix on one GPU; and the step itself is near U V^T at AdamW's update RMS."""
+    from distributed import run_distributed_test
+
+    from flexdemo.orthogonal import UPDATE_RMS, orthogonal_step
+
+    for got, want in run_distributed_test(job_orthogonal_shards, 2):
+        assert got.shape == want.shape and got.shape[0] in (5, 4)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    d = torch.randn(40, 24, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 24, dtype=torch.float64))
+    u, _, vt = torch.linalg.svd(d, full_matrices=False)
+    step = orthogonal_step(d).double() / (UPDATE_RMS * 40 ** 0.5)
+    sv = torch.linalg.svdvals(step)
+    assert 0.6 < sv.min() and sv.max() < 1.25  # every direction moved alike, the small ones included
+    cos = float((step * (u @ vt)).sum() / (step.norm() * (u @ vt).norm()))
+    assert cos > 0.97

@@ -87,6 +87,10 @@ def job_four_ranks(tmp: str) -> dict:
     asc = train(tiny_config(tmp / "AS", optim={**DEMO, "tensor_scale": "adam_rms", "precondition": "adam"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_scaled"] = {"params": _local(asc.model), "delta": _residuals(asc)}
+    # each matrix's decoded direction orthogonalised, the whole matrix gathered over the node's shard group
+    ao = train(tiny_config(tmp / "AO", optim={**DEMO, "base_step": "orthogonal"},
+                           train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
+    out["A_orthogonal"] = {"params": _local(ao.model), "delta": _residuals(ao)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
@@ -105,7 +109,7 @@ def four(tmp_path_factory):
     return tmp, run_distributed_test(job_four_ranks, 4, str(tmp), local_world_size=4)
 
 
-@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled"])
+@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled", "A_orthogonal"])
 def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four, run):
     _, ranks = four
     for shard in (0, 1):  # ranks shard and shard + 2 own the same shard on the two "nodes"

@@ -1,0 +1,56 @@
+"""base_step=orthogonal: the decoded direction of each matrix orthogonalised, as Muon does to its momentum.
+
+A sign step moves every element by lr whatever the decoded direction's spectrum; an orthogonalised step moves every
+singular direction of the matrix alike, so the few directions that the top-k coefficients carry strongly do not drown
+the rest. Scaled to the RMS AdamW's updates typically have, so AdamW's learning rates carry over.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz iteration's (a, b, c), as Muon tunes it
+NS_STEPS = 5
+UPDATE_RMS = 0.2  # AdamW's typical update RMS: the orthogonal factor (RMS 1 / sqrt(max side)) is scaled to it
+
+
+def orthogonal_step(d: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """d (..., rows, cols) -> UPDATE_RMS sqrt(max(rows, cols)) U V^T approximately (d = U S V^T; a batch of matrices
+    each on its own), in fp32: X <- a X + (b A + c A^2) X with A = X X^T, from X = d / |d|_F (the quintic iteration
+    pushes every singular value into ~[0.7, 1.2] rather than exactly 1, which is all a step direction needs).
+    Deterministic, so replicas agree."""
+    a, b, c = NS_COEFFS
+    x = d.float()
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    for _ in range(steps):
+        g = x @ x.mT
+        x = a * x + (b * g + c * (g @ g)) @ x
+    if tall:
+        x = x.mT
+    return x * (UPDATE_RMS * max(d.shape[-2:]) ** 0.5)
+
+
+def orthogonalize_chunks(direction: torch.Tensor, layout) -> torch.Tensor:
+    """orthogonal_scope=chunk: each s x s chunk of the local shard's (rows, cols) view on its own (the padding of a
+    ragged edge chunk stays zero rows / columns, which the iteration keeps zero): no gather, s x s products only."""
+    chunks = orthogonal_step(layout.to_chunks(direction.view(layout.rows, layout.cols)))
+    return layout.from_chunks(chunks).reshape(direction.shape)
+
+
+def orthogonalize(param: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """The orthogonal step of ``param``'s decoded ``direction`` (shaped like its local shard), as a local shard: a
+    parameter sharded inside the node (an FSDP2 DTensor) has the whole matrix gathered over its shard group first,
+    so the step does not depend on how many GPUs share the node; matrices are (shape[0], rest) views."""
+    if not hasattr(param, "device_mesh") or not any(pl.is_shard() for pl in param.placements):
+        return orthogonal_step(direction.reshape(direction.shape[0], -1)).view_as(direction)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = param.device_mesh
+    whole = DTensor.from_local(direction, mesh, param.placements, shape=param.shape, stride=param.stride())
+    full = whole.full_tensor()
+    step = orthogonal_step(full.reshape(full.shape[0], -1)).view_as(full)
+    return DTensor.from_local(step, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+        mesh, param.placements).to_local()
