@@ -443,6 +443,8 @@ def test_item_evidence_scores_every_choice_with_the_model_the_whole_item_chose(w
             else:
                 want = float(torch.logsumexp(cont[:, i] + torch.log_softmax(score, 0), 0))
             assert got[i][1] == len(tok.encode(reqs[i][1])) and got[i][0] == pytest.approx(want, abs=1e-3)
+    with pytest.raises(ValueError, match="pair_logprobs needs a mixture routed by likelihood; route_context='token'"):
+        merge(base_dir, [tmp / "math" / "expert"]).pair_logprobs(torch.zeros(1, 4, dtype=torch.long))
     # "Q" carries no evidence: routed by the question alone it ties to math's model; its choices' names pick facts'
     by_context = request_logprobs(routed, tok, reqs, cpu, evidence="context")
     q = [i for i, r in enumerate(reqs) if r[0] == "Q"]
