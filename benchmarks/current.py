@@ -305,7 +305,11 @@ def parity_rows() -> list[list[str]]:
     for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
                               ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed", nolr),
                               ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
-                              ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho)):
+                              ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho),
+                              ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
+                               (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"),
+                                ("flexdemo-ortho-k28-q2", "`base_step=orthogonal`, k 28, values in 2 bits: 152.9× "
+                                                          "less than dense bf16 for `base` 2 × 2")))):
         g = load(rel)  # a rule against the default (or AdamW), each swept
         i, cmd = g["in_distribution"], command(g)
         for name, what in names:
