@@ -300,6 +300,8 @@ def parity_rows() -> list[list[str]]:
                         f"`{command(g)}` (`{rel}`)"))
     rows.append(pre)
     nolr = (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`"))
+    wire = ("flexdemo-ortho-k28-q2", "`base_step=orthogonal`, k 28, values in 2 bits: 152.9× less than dense bf16 "
+                                     "for `base` 2 × 2")
     ortho = (("flexdemo-ortho", "`optim.demo.base_step=orthogonal`"),
              ("flexdemo-ortho-wd0.1", "`base_step=orthogonal`, weight decay 0.1"))
     for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
@@ -307,9 +309,9 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho),
                               ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
-                               (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"),
-                                ("flexdemo-ortho-k28-q2", "`base_step=orthogonal`, k 28, values in 2 bits: 152.9× "
-                                                          "less than dense bf16 for `base` 2 × 2")))):
+                               (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"), wire)),
+                              ("parity_tiny_long/summary_ortho_wire_r2.json", "`tiny-long`, R = 2, one seed", (wire,)),
+                              ("parity_tiny_long/summary_ortho_wire_r4.json", "`tiny-long`, R = 4, one seed", (wire,))):
         g = load(rel)  # a rule against the default (or AdamW), each swept
         i, cmd = g["in_distribution"], command(g)
         for name, what in names:
