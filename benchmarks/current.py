@@ -310,7 +310,7 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho),
                               ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"), wire)),
-                              ("parity_tiny_long/summary_ortho_wire_r2.json", "`tiny-long`, R = 2, one seed", (wire,)),
+                              ("parity_tiny_long/summary_ortho_wire_r2.json", "`tiny-long`, R = 2, mean of 2 seeds", (wire,)),
                               ("parity_tiny_long/summary_ortho_wire_r4.json", "`tiny-long`, R = 4, one seed", (wire,))):
         g = load(rel)  # a rule against the default (or AdamW), each swept
         i, cmd = g["in_distribution"], command(g)
