@@ -106,7 +106,8 @@ def mixture_rows() -> list[list[str]]:
             "seeds 0 / 1 / 2): public loss", seeds(f"{m['losses']['public']:.3f}" for m in v3),
             "public base " + seeds(f"{r['base']['losses']['public']:.3f}" for r in runs),
             f"worst +{worst_public:.3f}; each two-expert model worst +{worst_pair:.3f} (goal ≤ +0.05)", dev, date, src),
-        row("merged mixture (seeds 0 / 1 / 2): gap recovery per expert domain", seeds(spread(m["gap_recovery"]) for m in v3),
+        row("merged mixture (seeds 0 / 1 / 2): gap recovery per expert domain",
+            seeds(spread(m["gap_recovery"]) for m in v3),
             "each expert alone = 1", "goal ≥ 0.9", dev, date, src),
         row("merged mixture (seeds 0 / 1 / 2): largest loss change of another domain when one expert opts out",
             seeds(f"{m['opt_out_max_change']:.3f}" for m in v3),
@@ -123,15 +124,15 @@ def mixture_rows() -> list[list[str]]:
     for task, dom in (("math_mc", "math"), ("facts_mc", "facts")):
         diffs = [m["tasks_vs_alone"][task] for m in v3]
         worst = min(d["diff"] for d in diffs)
-        rows.append(row(f"merged mixture (seeds 0 / 1 / 2): `{task}` against the {dom} expert alone ({n} items, paired; "
-                        "choices scored with the expert picked from the question alone)",
+        rows.append(row(f"merged mixture (seeds 0 / 1 / 2): `{task}` against the {dom} expert alone ({n} items, "
+                        "paired; choices scored with the expert picked from the question alone)",
                         seeds(f"{m['tasks'][task]:.3f}" for m in v3),
                         "alone " + seeds(f"{a[dom]['tasks'][task]:.3f}" for a in v3_alone),
                         seeds(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs)
                         + f" (goal ≥ −0.02: {'met' if worst >= -0.02 else 'missed'})", dev, date, src))
     mc = [load(f"mc_item_tiny_long/mc_seed{i}.json")["facts_mc"] for i in range(3)]  # evidence="item", on the CPU
-    rows.append(row("`facts_mc` items the mixture answers differently from the facts expert alone (of 400; `tiny-long`, "
-                    "facts data v3, seeds 0 / 1 / 2): choices scored with the expert picked from the question and all "
+    rows.append(row("`facts_mc` items the mixture answers differently from the facts expert alone (of 400; "
+                    "`tiny-long`, facts data v3, seeds 0 / 1 / 2): choices scored with the expert picked from the question and all "
                     "its choices (`evidence=item`, the default now)",
                     seeds(str(r["discordant_vs_own:likelihood/item"]) for r in mc),
                     "from the question alone " + seeds(str(r["discordant_vs_own:likelihood/context"]) for r in mc),

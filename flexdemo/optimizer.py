@@ -36,7 +36,7 @@ from flexdemo.dct import idct2
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
-from flexdemo.orthogonal import orthogonalize, orthogonalize_chunks
+from flexdemo.orthogonal import orthogonalize
 from flexdemo.quant import codes_nbytes, dequantize, quantize
 from flexdemo.wire import WireLayout, index_nbytes
 
@@ -407,8 +407,7 @@ class FlexDeMo(torch.optim.Optimizer):
                                        self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options)
                 if self.cfg.base_step == "orthogonal":
                     for p, b, lay in zip(ps, bufs, table.layouts):
-                        b.copy_(orthogonalize(p, b) if self.cfg.orthogonal_scope == "matrix" else
-                                orthogonalize_chunks(b, lay))
+                        b.copy_(orthogonalize(p, b, lay, self.cfg.orthogonal_scope))
             if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:

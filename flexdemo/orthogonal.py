@@ -40,10 +40,13 @@ def orthogonalize_chunks(direction: torch.Tensor, layout) -> torch.Tensor:
     return layout.from_chunks(chunks).reshape(direction.shape)
 
 
-def orthogonalize(param: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """The orthogonal step of ``param``'s decoded ``direction`` (shaped like its local shard), as a local shard: a
-    parameter sharded inside the node (an FSDP2 DTensor) has the whole matrix gathered over its shard group first,
-    so the step does not depend on how many GPUs share the node; matrices are (shape[0], rest) views."""
+def orthogonalize(param: torch.Tensor, direction: torch.Tensor, layout=None, scope: str = "matrix") -> torch.Tensor:
+    """The orthogonal step of ``param``'s decoded ``direction`` (shaped like its local shard), as a local shard.
+    scope "matrix": a parameter sharded inside the node (an FSDP2 DTensor) has the whole matrix gathered over its
+    shard group first, so the step does not depend on how many GPUs share the node; matrices are (shape[0], rest)
+    views. scope "chunk": each chunk of ``layout`` on its own (``orthogonalize_chunks``)."""
+    if scope == "chunk":
+        return orthogonalize_chunks(direction, layout)
     if not hasattr(param, "device_mesh") or not any(pl.is_shard() for pl in param.placements):
         return orthogonal_step(direction.reshape(direction.shape[0], -1)).view_as(direction)
     from torch.distributed.tensor import DTensor, Replicate

@@ -11,7 +11,7 @@ from flexmore.data.tokenizer import Tokenizer
 from flexmore.model.config import BY_LIKELIHOOD
 from flexmore.model.layers import KVCache
 
-EVIDENCE = ("all", "context", "item")  # what a mixture routed by likelihood reads to choose its expert (request_logprobs)
+EVIDENCE = ("all", "context", "item")  # what a mixture routed by likelihood reads to choose its expert
 
 
 @torch.no_grad()
@@ -112,7 +112,8 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
             nxt = x[None, :, 1:, None].expand(model.cfg.num_experts - 1, -1, -1, 1)
             tok = model.pair_logprobs(x[:, :-1]).gather(-1, nxt).squeeze(-1)
             for row, (i, ids, n, c) in enumerate(chunk):
-                pairs[i] = (tok[:, row, : max(c - 1, 0)].sum(-1), tok[:, row, len(ids) - 1 - n : len(ids) - 1].sum(-1), n)
+                cont = tok[:, row, len(ids) - 1 - n : len(ids) - 1].sum(-1)
+                pairs[i] = (tok[:, row, : max(c - 1, 0)].sum(-1), cont, n)  # no context kept: c = 0
             bar.update(len(chunk))
             continue
         logp = torch.log_softmax(model(x[:, :-1], **kw).logits.float(), -1)
