@@ -110,7 +110,8 @@ def mixture_rows() -> list[list[str]]:
             seeds(spread(m["gap_recovery"]) for m in v3),
             "each expert alone = 1", "goal ≥ 0.9", dev, date, src),
         row("merged mixture (seeds 0 / 1 / 2): largest loss change of another domain when one expert opts out",
-            seeds(f"{m['opt_out_max_change']:.3f}" for m in v3),
+            seeds(f"{m['opt_out_max_change']:.3f}" for m in v3)
+            + f" (largest rise {max(m['opt_out_max_increase'] for m in v3):.3f})",
             "token-routed " + seeds(f"{r['mixtures'][r['default'].split('@')[0]]['opt_out_max_change']:.3f}"
                                     for r in runs),
             "goal ≤ 0.02 (" + ("met" if max(m["opt_out_max_change"] for m in v3) <= 0.02 else "missed") + ")",
@@ -125,7 +126,7 @@ def mixture_rows() -> list[list[str]]:
         diffs = [m["tasks_vs_alone"][task] for m in v3]
         worst = min(d["diff"] for d in diffs)
         rows.append(row(f"merged mixture (seeds 0 / 1 / 2): `{task}` against the {dom} expert alone ({n} items, "
-                        "paired; choices scored with the expert picked from the question alone)",
+                        "paired; choices scored with the expert picked from the question and all its choices)",
                         seeds(f"{m['tasks'][task]:.3f}" for m in v3),
                         "alone " + seeds(f"{a[dom]['tasks'][task]:.3f}" for a in v3_alone),
                         seeds(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs)
@@ -308,6 +309,8 @@ def parity_rows() -> list[list[str]]:
     for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
                               ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed", nolr),
                               ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
+                              ("parity_ortho_small/summary.json", "`small` (1000 steps), R = 1, one seed",
+                               (nolr[0], *ortho, wire)),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho),
                               ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"), wire)),
