@@ -140,6 +140,23 @@ def mixture_rows() -> list[list[str]]:
                     "accuracy " + seeds(f"{r['likelihood/item'] - r['facts']:+.3f}" for r in mc) + " against alone",
                     "CPU", "2026-12-03", "`mc_routing.py --work outputs/bm/tiny --n 400` "
                     "(`mc_item_tiny_long/mc_seed{0,1,2}.json`)"))
+    cpu = [load(f"mixture_tiny_long/seed{i}.json") for i in range(3)]  # likelihood against posterior, same experts
+    like, post = ([r["mixtures"][f"negatives+route+bias/merged@{rule}"] for r in cpu] for rule in ("likelihood",
+                                                                                                "posterior"))
+    oracle = [r["mixtures"]["negatives+route+bias/oracle"]["losses"]["facts"] for r in cpu]
+    tsrc = ("`bench_mixture.py --size tiny --routings likelihood posterior --set base_steps=1500 expert_steps=600 "
+            "train_chars=1000000 micro_batch=16 mc_items=400 seed=S` (`mixture_tiny_long/seed{0,1,2}.json`)")
+    rows += [
+        row("`tiny-long`, facts data v3, seeds 0 / 1 / 2: posterior routing (`route_context=posterior`): largest "
+            "opt-out change", seeds(f"{m['opt_out_max_change']:.3f}" for m in post),
+            "likelihood " + seeds(f"{m['opt_out_max_change']:.3f}" for m in like),
+            optout_goal(max(post, key=lambda m: m["opt_out_max_change"])), "CPU", cpu[0]["provenance"]["date"], tsrc),
+        row("`tiny-long`, same runs: facts loss above the oracle (facts' own two-expert model), posterior routing",
+            seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(post, oracle)),
+            "likelihood " + seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(like, oracle)),
+            "public " + seeds(f"{m['losses']['public']:.3f}" for m in post) + " (likelihood "
+            + seeds(f"{m['losses']['public']:.3f}" for m in like) + ")", "CPU", cpu[0]["provenance"]["date"], tsrc),
+    ]
     s = load("mixture_small/merged_likelihood.json")  # facts data v2: routing rules compared on one set of experts
     m, base = s["mixtures"][s["default"]], s["base"]["losses"]
     date2 = s["provenance"]["date"]
