@@ -141,8 +141,9 @@ def mixture_rows() -> list[list[str]]:
                     "CPU", "2026-12-03", "`mc_routing.py --work outputs/bm/tiny --n 400` "
                     "(`mc_item_tiny_long/mc_seed{0,1,2}.json`)"))
     cpu = [load(f"mixture_tiny_long/seed{i}.json") for i in range(3)]  # likelihood against posterior, same experts
-    like, post = ([r["mixtures"][f"negatives+route+bias/merged@{rule}"] for r in cpu] for rule in ("likelihood",
-                                                                                                "posterior"))
+    rules = {rule: [r["mixtures"][f"negatives+route+bias/merged@{rule}"] for r in cpu]
+             for rule in ("likelihood", "posterior")}
+    like, post = rules["likelihood"], rules["posterior"]
     oracle = [r["mixtures"]["negatives+route+bias/oracle"]["losses"]["facts"] for r in cpu]
     tsrc = ("`bench_mixture.py --size tiny --routings likelihood posterior --set base_steps=1500 expert_steps=600 "
             "train_chars=1000000 micro_batch=16 mc_items=400 seed=S` (`mixture_tiny_long/seed{0,1,2}.json`)")
