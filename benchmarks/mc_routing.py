@@ -4,8 +4,9 @@ Reads the base and experts a bench_mixture.py run trained (``--work``, one recip
 multiple-choice items with each expert's two-expert model alone and with the merged mixture routed by likelihood and
 by posterior, with every token (``all``), the question alone (``context``) or the question and all its choices
 (``item``, what the evaluation uses) as routing evidence. Per task: accuracies, how often each two-expert model gives
-the question the highest log-likelihood, and the items that differ from the task's own expert alone; the facts items also grouped by their wording (the last two
-words of the question: one held-out template per kind of fact). Writes one JSON.
+the question the highest log-likelihood, and the items that differ from the task's own expert alone; the facts items
+also grouped by their wording (the last two words of the question: one held-out template per kind of fact). Writes
+one JSON.
 
     python benchmarks/mc_routing.py --work outputs/bench-mixture/small --n 2000 --out $OUT/mc_by_template.json
 """

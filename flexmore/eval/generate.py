@@ -113,7 +113,7 @@ def request_logprobs(model, tokenizer: Tokenizer, requests: Sequence[tuple[str, 
             tok = model.pair_logprobs(x[:, :-1]).gather(-1, nxt).squeeze(-1)
             for row, (i, ids, n, c) in enumerate(chunk):
                 cont = tok[:, row, len(ids) - 1 - n : len(ids) - 1].sum(-1)
-                pairs[i] = (tok[:, row, : max(c - 1, 0)].sum(-1), cont, n)  # no context kept: c = 0
+                pairs[i] = (tok[:, row, : max(c - 1, 0)].sum(-1), cont, n)  # c = 0: truncation kept no context
             bar.update(len(chunk))
             continue
         logp = torch.log_softmax(model(x[:, :-1], **kw).logits.float(), -1)
