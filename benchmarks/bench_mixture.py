@@ -3,7 +3,7 @@
 A public base, then experts for math, facts and code trained alone against it under each recipe (flexmore.study.mixture:
 FlexOlmo's as before, the working bias, public negatives and their combinations); per recipe the merged mixture as is,
 with its router tuned on a small proxy mix, the nearest-centroid router and the oracle, and the merged mixture routed
-by likelihood (the README workflow's; ``--routings`` names the rules evaluated). Writes summary.json (keys base,
+by posterior (the README workflow's; ``--routings`` names the rules evaluated). Writes summary.json (keys base,
 alone, mixtures, default) and table.md.
 
     python benchmarks/bench_mixture.py --size small --out $OUT/mixture     # GPU (recipes trained in parallel)
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--size", choices=list(mixture.SIZES), default="small")
     ap.add_argument("--recipes", nargs="+", default=list(mixture.RECIPES), choices=list(mixture.RECIPES))
     ap.add_argument("--domains", nargs="+", default=["math", "facts", "code"])
-    ap.add_argument("--default", default="negatives+route+bias/merged@likelihood",
+    ap.add_argument("--default", default="negatives+route+bias/merged@posterior",
                     help="the mixture the README's workflow makes")
     ap.add_argument("--centroid-for", default="negatives+route+bias")
     ap.add_argument("--work", default="outputs/bench-mixture")
@@ -45,15 +45,20 @@ def main() -> None:
     ap.add_argument("--tune", nargs="*", default=None, metavar="NAME=ROUTE_LOSS:STEPS_FACTOR[:DROP]",
                     help="router tunings to compare (default: tuned=0:1 tuned+route=1:1 tuned+route+drop=1:1:0.25); DROP: probability that an "
                          "expert is absent from a tuning row")
-    ap.add_argument("--routings", nargs="*", default=["likelihood"], metavar="NAME",
+    ap.add_argument("--routings", nargs="*", default=["posterior"], metavar="NAME",
                     help=f"also evaluate the merged and each tuned mixture with these routings ({', '.join(mixture.ROUTINGS)}: "
                          "top-k with renormalised weights; prefix / sequence: the public expert and the one its "
                          "sequence so far prefers, per layer / over all layers; likelihood: the two-expert model "
-                         "that predicted the sequence so far best)")
+                         "that predicted the sequence so far best; posterior: every two-expert model, weighted by its "
+                         "likelihood of the sequence so far)")
     args = ap.parse_args()
     unknown = [r for r in args.routings if r not in mixture.ROUTINGS]
     if unknown:
         raise SystemExit(f"--routings {unknown}: allowed {', '.join(mixture.ROUTINGS)}")
+    rule = args.default.partition("@")[2]
+    if rule and rule not in args.routings:
+        raise SystemExit(f"--default {args.default!r} is routed by {rule!r}, which --routings {args.routings} does "
+                         f"not evaluate: add it to --routings")
     size = mixture.SIZES[args.size]
     for kv in args.set:
         k, v = kv.split("=")

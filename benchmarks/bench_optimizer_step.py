@@ -3,7 +3,8 @@
 Two views, same run:
 - whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
   2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), and
-  with ``base_step=orthogonal`` over whole matrices and per chunk (what its Newton-Schulz products add);
+  with ``base_step=orthogonal`` over whole matrices and per chunk, fp32 and bf16 (what its Newton-Schulz products
+  add);
 - one tensor (default 4096 x 11008 fp32): encode and decode + apply separately, against their memory floor
   (encode: read grad, read + write momentum = 12 B/elt; decode + apply: read + write param = 8 B/elt) over the
   copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
@@ -76,9 +77,11 @@ def model_rows(model_name: str) -> list[dict]:
         rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
         rows.append({"what": f"{name}, 2 replicas (decode twice)",
                      "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
-    for scope in ("matrix", "chunk"):  # the orthogonal step's Newton-Schulz products (fp32) on top of the above
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope=scope)
-        rows.append({"what": f"{model_name}: FlexDeMo triton, base_step=orthogonal ({scope}), 1 replica",
+    for scope, precision in (("matrix", "fp32"), ("chunk", "fp32"), ("matrix", "bf16"), ("chunk", "bf16")):
+        # the orthogonal step's Newton-Schulz products on top of the above
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope=scope,
+                        orthogonal_precision=precision)
+        rows.append({"what": f"{model_name}: FlexDeMo triton, base_step=orthogonal ({scope}, {precision}), 1 replica",
                      "ms": bench(demo.step)})
     for r in rows:
         r["params"] = numel

@@ -87,6 +87,7 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             # each matrix's decoded direction orthogonalised (Newton-Schulz, as Muon), at AdamW's update RMS
             "flexdemo-ortho": {"base_step": "orthogonal"},
             "flexdemo-ortho-chunk": {"base_step": "orthogonal", "orthogonal_scope": "chunk"},
+            "flexdemo-ortho-bf16": {"base_step": "orthogonal", "orthogonal_precision": "bf16"},
             "flexdemo-ortho-wd0.1": {"base_step": "orthogonal", "weight_decay": 0.1},
             # ... with the bytes goal's wire (k 28, values in 2 bits: 152.9x less than dense bf16 for base 2 x 2)
             "flexdemo-ortho-k28-q2": {"base_step": "orthogonal", "topk": 28, "value_bits": 2}}

@@ -56,6 +56,17 @@ def kernel_rows() -> list[list[str]]:
                         f"fused AdamW {a:.2f} ms", f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
                         h["device"].replace("NVIDIA ", ""), h["date"],
                         "`bench_optimizer_step.py --profile` (`optstep_h200/prof.json`)"))
+    o = load("optstep_h200/ortho.json")  # the orthogonal step's Newton-Schulz products, equal shapes batched
+    om = {r["what"]: r["ms"] for r in o["rows"]}
+    for model in ("base", "1b"):
+        step = f"{model}: FlexDeMo triton, base_step=orthogonal"
+        f32, b16, a = om[f"{step} (matrix, fp32), 1 replica"], om[f"{step} (matrix, bf16), 1 replica"], \
+            om[f"{model}: fused AdamW step"]
+        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal` (whole matrices; "
+                        "Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)", f"{f32:.1f} ms; {b16:.1f} ms",
+                        f"fused AdamW {a:.2f} ms; default FlexDeMo {om[f'{model}: FlexDeMo triton, 1 replica']:.2f} ms",
+                        f"{f32 / a:.0f}×; {b16 / a:.0f}×", o["device"].replace("NVIDIA ", ""), o["date"],
+                        "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
     best = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
     adam = next(r["ms"] for r in best if r["op"] == "adamw")
     enc = next(r for r in best if r["op"] == "encode" and r["impl"] == ker["best"]["encode"])
@@ -84,7 +95,7 @@ def mixture_rows() -> list[list[str]]:
     v3 = [r["mixtures"][r["default"]] for r in runs]
     v3_alone = [r["alone"][next(iter(r["recipes"]))] for r in runs]
     dev, date = runs[0]["provenance"]["device"].replace("NVIDIA ", ""), runs[0]["provenance"]["date"]
-    src = ("`bench_mixture.py --size small --routings likelihood --set seed=S` "
+    src = ("`bench_mixture.py --size small --routings likelihood posterior --set seed=S` "
            "(`mixture_small/v3_seed{0,1,2}.json`, S = 0, 1, 2)")
     n = runs[0]["size"]["mc_items"]
 
@@ -102,7 +113,7 @@ def mixture_rows() -> list[list[str]]:
     worst_pair = max(a[d]["losses"]["public"] - r["base"]["losses"]["public"]
                      for a, r in zip(v3_alone, runs) for d in a)
     rows = [
-        row("merged mixture (math, facts, code; default recipe, no router tuning, routed by likelihood; facts data v3; "
+        row("merged mixture (math, facts, code; default recipe, no router tuning, routed by posterior; facts data v3; "
             "seeds 0 / 1 / 2): public loss", seeds(f"{m['losses']['public']:.3f}" for m in v3),
             "public base " + seeds(f"{r['base']['losses']['public']:.3f}" for r in runs),
             f"worst +{worst_public:.3f}; each two-expert model worst +{worst_pair:.3f} (goal ≤ +0.05)", dev, date, src),
@@ -111,7 +122,8 @@ def mixture_rows() -> list[list[str]]:
             "each expert alone = 1", "goal ≥ 0.9", dev, date, src),
         row("merged mixture (seeds 0 / 1 / 2): largest loss change of another domain when one expert opts out",
             seeds(f"{m['opt_out_max_change']:.3f}" for m in v3)
-            + f" (largest rise {max(m['opt_out_max_increase'] for m in v3):.3f})",
+            + f" (largest rise {max(m['opt_out_max_increase'] for m in v3):.3f}, to "
+            + f"{max(m['opt_out_above_alone'] for m in v3):.3f} at most above what the domain had before the merge)",
             "token-routed " + seeds(f"{r['mixtures'][r['default'].split('@')[0]]['opt_out_max_change']:.3f}"
                                     for r in runs),
             optout_goal(max(v3, key=lambda m: m["opt_out_max_change"])),
@@ -131,6 +143,15 @@ def mixture_rows() -> list[list[str]]:
                         "alone " + seeds(f"{a[dom]['tasks'][task]:.3f}" for a in v3_alone),
                         seeds(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs)
                         + f" (goal ≥ −0.02: {'met' if worst >= -0.02 else 'missed'})", dev, date, src))
+    like = [r["mixtures"][r["default"].replace("@posterior", "@likelihood")] for r in runs]  # same experts
+    oracle = [r["mixtures"][r["default"].split("/")[0] + "/oracle"]["losses"]["facts"] for r in runs]
+    rows.append(row("merged mixture (seeds 0 / 1 / 2), routed by likelihood instead (the hard choice; same experts): "
+                    "largest opt-out change; facts loss above the oracle (facts' own two-expert model)",
+                    seeds(f"{m['opt_out_max_change']:.3f}" for m in like) + "; "
+                    + seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(like, oracle)),
+                    "posterior " + seeds(f"{m['opt_out_max_change']:.3f}" for m in v3) + "; "
+                    + seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(v3, oracle)),
+                    optout_goal(max(like, key=lambda m: m["opt_out_max_change"])), dev, date, src))
     mc = [load(f"mc_item_tiny_long/mc_seed{i}.json")["facts_mc"] for i in range(3)]  # evidence="item", on the CPU
     rows.append(row("`facts_mc` items the mixture answers differently from the facts expert alone (of 400; "
                     "`tiny-long`, facts data v3, seeds 0 / 1 / 2): choices scored with the expert picked from the "
@@ -158,21 +179,9 @@ def mixture_rows() -> list[list[str]]:
             "public " + seeds(f"{m['losses']['public']:.3f}" for m in post) + " (likelihood "
             + seeds(f"{m['losses']['public']:.3f}" for m in like) + ")", "CPU", cpu[0]["provenance"]["date"], tsrc),
     ]
-    s = load("mixture_small/merged_likelihood.json")  # facts data v2: routing rules compared on one set of experts
-    m, base = s["mixtures"][s["default"]], s["base"]["losses"]
-    date2 = s["provenance"]["date"]
-    src2 = "`bench_mixture.py --size small --routings likelihood posterior` (`mixture_small/merged_likelihood.json`)"
-    token, post = (s["mixtures"][s["default"].split("@")[0] + r] for r in ("", "@posterior"))
-    rows += [
-        row("facts data v2, one run: the merged mixture routed by token (FlexOlmo's rule, untuned): public loss; "
-            "largest opt-out change", f"{token['losses']['public']:.3f}; {token['opt_out_max_change']:.3f}",
-            f"public base {base['public']:.3f}", optout_goal(token), dev, date2, src2),
-        row("facts data v2, same run: posterior routing (`route_context=posterior`, the Bayesian mixture): largest "
-            "opt-out change", f"{post['opt_out_max_change']:.3f} (harm {post['opt_out_max_increase']:.3f})",
-            f"likelihood {m['opt_out_max_change']:.3f}", optout_goal(post), dev, date2, src2),
-    ]
+    date2 = load("mixture_small/merged_likelihood.json")["provenance"]["date"]  # facts data v2
     t = load("mixture_small/mc_by_template.json")["facts_by_template"]["established by"]  # same base and experts
-    rows.append(row("facts data v2, same run: `facts_mc` questions on companies' founders: mixture right, choices "
+    rows.append(row("facts data v2, one run: `facts_mc` questions on companies' founders: mixture right, choices "
                     "scored with the expert picked from the question (the facts model wins the question)",
                     f"{t['likelihood/context']:.3f} ({t['facts_wins_question']:.2f} of {t['n']:.0f})",
                     f"facts expert alone {t['facts']:.3f}", f"{t['likelihood/context'] - t['facts']:+.3f}", dev, date2,
@@ -329,6 +338,9 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
                               ("parity_ortho_small/summary.json", "`small` (1000 steps), R = 1, one seed",
                                (nolr[0], *ortho, wire)),
+                              ("parity_ortho_bf16_small/summary.json", "`small` (1000 steps), R = 1, the same "
+                               "seed again", (nolr[0], ortho[0], ("flexdemo-ortho-bf16", "`base_step=orthogonal`, "
+                                                                  "Newton-Schulz in bf16"))),
                               ("parity_tiny_long/summary_ortho_r2_2seeds.json", "`tiny-long`, R = 2, mean of 2 seeds",
                                (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho[1:]),

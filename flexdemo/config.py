@@ -13,6 +13,7 @@ DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 BASE_STEPS = ("direct", "adam", "lion", "orthogonal")
 ORTHOGONAL_SCOPES = ("matrix", "chunk")
+ORTHOGONAL_PRECISIONS = ("fp32", "bf16")
 OVERLAPS = ("off", "stale", "layerwise")
 TENSOR_SCALES = ("none", "adam_rms")
 PRECONDITIONS = ("none", "adam")
@@ -53,9 +54,12 @@ class DeMoConfig:
     # does to its momentum: every singular value near 1) and scaled to AdamW's typical update RMS (0.2 sqrt(max(rows,
     # cols)) times the orthogonal factor), so AdamW's learning rates apply; the dense-sent tensors step by sign(d).
     # ``orthogonal_scope``: "matrix" (the whole matrix: gathered over the node's shard group under FSDP) or "chunk"
-    # (each s x s chunk on its own: local, s x s products only).
+    # (each s x s chunk on its own: local, s x s products only). ``orthogonal_precision``: the Newton-Schulz products
+    # in "fp32" or "bf16" (as Muon computes them: several times faster on tensor cores; the iteration only needs
+    # singular values near 1, which bf16's rounding leaves).
     base_step: str = "direct"
     orthogonal_scope: str = "matrix"
+    orthogonal_precision: str = "fp32"
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     # The exchange overlapped with the next step's compute. "stale": step t's all-gather runs while step t + 1's
@@ -106,6 +110,9 @@ class DeMoConfig:
             raise ValueError(f"base_step={self.base_step!r}; allowed: {', '.join(BASE_STEPS)}")
         if self.orthogonal_scope not in ORTHOGONAL_SCOPES:
             raise ValueError(f"orthogonal_scope={self.orthogonal_scope!r}; allowed: {', '.join(ORTHOGONAL_SCOPES)}")
+        if self.orthogonal_precision not in ORTHOGONAL_PRECISIONS:
+            raise ValueError(f"orthogonal_precision={self.orthogonal_precision!r}; allowed: "
+                             f"{', '.join(ORTHOGONAL_PRECISIONS)}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas={list(self.adam_betas)}: two values in [0, 1)")
         if not self.adam_eps > 0:

@@ -36,7 +36,7 @@ from flexdemo.dct import idct2
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
-from flexdemo.orthogonal import orthogonalize
+from flexdemo.orthogonal import orthogonalize_all
 from flexdemo.quant import codes_nbytes, dequantize, quantize
 from flexdemo.wire import WireLayout, index_nbytes
 
@@ -406,8 +406,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
                                        self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options)
                 if self.cfg.base_step == "orthogonal":
-                    for p, b, lay in zip(ps, bufs, table.layouts):
-                        b.copy_(orthogonalize(p, b, lay, self.cfg.orthogonal_scope))
+                    orthogonalize_all(ps, bufs, table.layouts, self.cfg.orthogonal_scope,
+                                      self.cfg.orthogonal_precision)
             if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FlexMoRE study end to end on the embedded data, from nothing: a public base, full experts for math, facts and
 # code (each trained alone against the frozen base, with public negatives and the routing loss), the rank sweep (every
-# mixture of several experts routed by likelihood as the README workflow does, each pair with its owner's own router;
+# mixture of several experts routed by posterior as the README workflow does, each pair with its owner's own router;
 # ROUTE=token for FlexOlmo's rule, whose mixtures get their router tuned first, TUNE_STEPS) and the report (table,
 # plots, summary).
 #   SIZE=small PARALLEL=1 SHARDS=3 launch/study.sh   # one GPU (~12 minutes on an H200), results in $OUT (default outputs/study)
@@ -21,8 +21,8 @@ else
   : "${N:=500}" "${MAXEXP:=8}" "${VALB:=8}" "${COMPILE:=false}"  # compiling 4 runs costs more than it saves
   : "${TUNED:=200}"
 fi
-ROUTE=${ROUTE:-likelihood}
-case "$ROUTE" in  # routed by likelihood, each pair is its owner's two-expert model as trained: nothing to tune
+ROUTE=${ROUTE:-posterior}
+case "$ROUTE" in  # routed by likelihood or posterior, each pair is its owner's two-expert model as trained: nothing to tune
   likelihood|posterior) : "${TUNE_STEPS:=0}" ;;
   *) : "${TUNE_STEPS:=$TUNED}" ;;
 esac

@@ -140,6 +140,7 @@ def test_fault_settings_fail_at_start_up(override, match):
     ("optim.demo.tensor_scale=rms", "optim.demo.tensor_scale='rms'; allowed: none, adam_rms"),
     ("optim.demo.precondition=sgd", "optim.demo.precondition='sgd'; allowed: none, adam"),
     ("optim.demo.orthogonal_scope=row", "optim.demo.orthogonal_scope='row'; allowed: matrix, chunk"),
+    ("optim.demo.orthogonal_precision=fp16", "optim.demo.orthogonal_precision='fp16'; allowed: fp32, bf16"),
 ])
 def test_each_optimizers_settings_are_checked_under_their_own_key(override, match):
     with pytest.raises(ValueError, match=match):

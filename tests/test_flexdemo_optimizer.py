@@ -402,3 +402,33 @@ def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_st
     assert 0.6 < sv.min() and sv.max() < 1.25  # every direction moved alike, the small ones included
     cos = float((step * (u @ vt)).sum() / (step.norm() * (u @ vt).norm()))
     assert cos > 0.97
+
+
+def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own():
+    """orthogonalize_all stacks the matrices of one shape (in batches of at most BATCH_ELEMENTS) and gives each the
+    step it gets alone; bf16 products (Muon's precision) stay within bf16's rounding of the fp32 step and keep every
+    singular value near 1."""
+    from flexdemo import orthogonal
+    from flexdemo.orthogonal import UPDATE_RMS, orthogonal_step, orthogonalize_all
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(24, 40), (7, 3, 5), (24, 40), (40, 24), (24, 40), (7, 15)]  # (7, 3, 5) and (7, 15): one (7, 15) batch
+    directions = [torch.randn(s, generator=g) for s in shapes]
+    params = [torch.zeros(s) for s in shapes]
+    alone = [orthogonal_step(d.reshape(d.shape[0], -1)).view_as(d) for d in directions]
+    for limit in (orthogonal.BATCH_ELEMENTS, 2 * 24 * 40):  # everything of one shape at once; then batches of two
+        orthogonal.BATCH_ELEMENTS, before = limit, orthogonal.BATCH_ELEMENTS
+        try:
+            got = [d.clone() for d in directions]
+            orthogonalize_all(params, got, [None] * len(shapes))
+        finally:
+            orthogonal.BATCH_ELEMENTS = before
+        for x, want in zip(got, alone):
+            torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+    low = [d.clone() for d in directions]
+    orthogonalize_all(params, low, [None] * len(shapes), precision="bf16")
+    for x, want in zip(low, alone):
+        assert x.dtype == torch.float32
+        assert 0 < float((x - want).norm() / want.norm()) < 0.05  # rounded as bf16 rounds, no more
+        sv = torch.linalg.svdvals(x.reshape(x.shape[0], -1).double()) / (UPDATE_RMS * max(x.shape[0], x[0].numel()) ** 0.5)
+        assert 0.5 < sv.min() and sv.max() < 1.3

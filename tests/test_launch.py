@@ -69,7 +69,7 @@ def test_readme_cpu_workflow_runs_as_written(tmp_path):
     out = tmp_path / "outputs" / "tiny"
     assert (out / "no-facts" / "config.json").is_file()
     for folder in ("routed", "no-facts"):  # the routing rule travels through the opt-out
-        assert json.loads((out / folder / "config.json").read_text())["model"]["route_context"] == "likelihood"
+        assert json.loads((out / folder / "config.json").read_text())["model"]["route_context"] == "posterior"
     rows = json.loads((out / "eval" / "routed.json").read_text())
     losses = {r["task"]: r["score"] for r in rows if r["metric"] == "loss"}
     assert set(losses) == {"val/public", "val/code", "val/math", "val/facts"}

@@ -124,12 +124,12 @@ def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
         assert (sweep / f).is_file(), f
     rows = json.loads((sweep / "table.json").read_text())
     assert {r["design"] for r in rows} == {"a", "b", "c", "alloc"}
-    # every mixture of several experts was routed by likelihood with its owners' own routers (nothing tuned); single
+    # every mixture of several experts was routed by posterior with its owners' own routers (nothing tuned); single
     # experts keep their own router (a two-expert model: every rule is the same)
     assert {r["router"] for r in rows} == {"merged"}
-    assert {r["routing"] for r in rows if r["design"] != "a"} == {"likelihood"}
+    assert {r["routing"] for r in rows if r["design"] != "a"} == {"posterior"}
     assert {r["routing"] for r in rows if r["design"] == "a"} == {"token"}
-    assert all("+likelihood:" in r["model"] and "+tuned" not in r["model"] for r in rows if r["design"] != "a")
+    assert all("+posterior:" in r["model"] and "+tuned" not in r["model"] for r in rows if r["design"] != "a")
     assert set(json.loads((sweep / "analysis.json").read_text())["categories"]) >= {"reasoning", "knowledge", "loss"}
     alloc = [r for r in rows if r["design"] == "alloc"][0]
     assert alloc["expert_params"] <= 20000

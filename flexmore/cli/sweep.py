@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
     ap.add_argument("--route-context", choices=ROUTE_CONTEXTS, default="token",
                     help="the routing rule of every mixture of several experts (after tuning, if --tune-steps > 0): "
-                         "token (FlexOlmo's) or another ModelConfig.route_context, e.g. likelihood (the README "
+                         "token (FlexOlmo's) or another ModelConfig.route_context, e.g. posterior (the README "
                          "workflow's)")
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="evaluate only every N-th cell of designs (a) and (b), from the I-th; run N shards at once "
