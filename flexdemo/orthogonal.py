@@ -37,21 +37,10 @@ def orthogonal_step(d: torch.Tensor, steps: int = NS_STEPS, precision: str = "fp
     return x.float() * (UPDATE_RMS * max(d.shape[-2:]) ** 0.5)
 
 
-def orthogonalize_chunks(direction: torch.Tensor, layout, precision: str = "fp32") -> torch.Tensor:
-    """orthogonal_scope=chunk: each s x s chunk of the local shard's (rows, cols) view on its own (the padding of a
-    ragged edge chunk stays zero rows / columns, which the iteration keeps zero): no gather, s x s products only."""
-    chunks = orthogonal_step(layout.to_chunks(direction.view(layout.rows, layout.cols)), precision=precision)
-    return layout.from_chunks(chunks).reshape(direction.shape)
-
-
-def orthogonalize(param: torch.Tensor, direction: torch.Tensor, layout=None, scope: str = "matrix",
-                  precision: str = "fp32") -> torch.Tensor:
-    """The orthogonal step of ``param``'s decoded ``direction`` (shaped like its local shard), as a local shard.
-    scope "matrix": a parameter sharded inside the node (an FSDP2 DTensor) has the whole matrix gathered over its
-    shard group first, so the step does not depend on how many GPUs share the node; matrices are (shape[0], rest)
-    views. scope "chunk": each chunk of ``layout`` on its own (``orthogonalize_chunks``)."""
-    if scope == "chunk":
-        return orthogonalize_chunks(direction, layout, precision)
+def orthogonalize(param: torch.Tensor, direction: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The whole-matrix orthogonal step of ``param``'s decoded ``direction`` (shaped like its local shard), as a local
+    shard: a parameter sharded inside the node (an FSDP2 DTensor) has the whole matrix gathered over its shard group
+    first, so the step does not depend on how many GPUs share the node; matrices are (shape[0], rest) views."""
     if not is_sharded(param):
         return orthogonal_step(direction.reshape(direction.shape[0], -1), precision=precision).view_as(direction)
     from torch.distributed.tensor import DTensor, Replicate
@@ -70,19 +59,41 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 def orthogonalize_all(params: list, directions: list[torch.Tensor], layouts: list, scope: str = "matrix",
                       precision: str = "fp32") -> None:
-    """``orthogonalize`` of each (param, direction) in place, the whole matrices of one shape (not sharded inside
-    the node) stacked into one batch: a model's many equal-shaped matrices cost a few launches, not one per
-    matrix (each matrix of the batch is still orthogonalised on its own, the same numbers as one at a time)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, d, lay) in enumerate(zip(params, directions, layouts)):
-        if scope == "matrix" and not is_sharded(p):
-            groups.setdefault((d.shape[0], d.numel() // max(d.shape[0], 1)), []).append(i)
+    """The orthogonal step of each (param, direction), in place, in few launches rather than one sequence per tensor:
+    scope "matrix": the whole matrices of one shape (not sharded inside the node) stacked into one batch; scope
+    "chunk": each s x s chunk of every local shard's ``layouts`` view, all in one batch (no gather; the padding of a
+    ragged edge chunk stays zero rows / columns, which the iteration keeps zero). Every matrix is still orthogonalised
+    on its own (the numbers of one at a time, to rounding); batches hold at most BATCH_ELEMENTS elements."""
+    if scope == "chunk":
+        chunked = ((i, lay.to_chunks(d.view(lay.rows, lay.cols)))
+                   for i, (d, lay) in enumerate(zip(directions, layouts)))
+        for batch in batches(chunked):
+            steps = orthogonal_step(torch.cat([c for _, c in batch]), precision=precision)
+            for (i, c), step in zip(batch, steps.split([c.shape[0] for _, c in batch])):
+                directions[i].copy_(layouts[i].from_chunks(step).reshape(directions[i].shape))
+        return
+    groups: dict[tuple, list] = {}
+    for i, (p, d) in enumerate(zip(params, directions)):
+        if is_sharded(p):
+            d.copy_(orthogonalize(p, d, precision))
         else:
-            d.copy_(orthogonalize(p, d, lay, scope, precision))
-    for shape, members in groups.items():
-        per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
-        for start in range(0, len(members), per_batch):
-            batch = members[start : start + per_batch]
-            steps = orthogonal_step(torch.stack([directions[i].reshape(shape) for i in batch]), precision=precision)
-            for i, step in zip(batch, steps):
+            shape = (d.shape[0], d.numel() // max(d.shape[0], 1))
+            groups.setdefault(shape, []).append((i, d.reshape(shape)))
+    for members in groups.values():
+        for batch in batches(members):
+            steps = orthogonal_step(torch.stack([x for _, x in batch]), precision=precision)
+            for (i, _), step in zip(batch, steps):
                 directions[i].copy_(step.view_as(directions[i]))
+
+
+def batches(items):
+    """Consecutive runs of (index, tensor) pairs holding at most BATCH_ELEMENTS elements (at least one pair each)."""
+    batch, size = [], 0
+    for item in items:
+        if batch and size + item[1].numel() > BATCH_ELEMENTS:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[1].numel()
+    if batch:
+        yield batch

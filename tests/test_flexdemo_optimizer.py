@@ -375,14 +375,15 @@ def job_orthogonal_shards() -> list:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from flexdemo.orthogonal import orthogonal_step, orthogonalize
+    from flexdemo.orthogonal import orthogonal_step, orthogonalize_all
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))
     full = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))  # 9 rows: shards of 5 and 4
     param = distribute_tensor(torch.zeros(9, 6), mesh, [Shard(0)])
     direction = distribute_tensor(full, mesh, [Shard(0)]).to_local()
-    return [orthogonalize(param, direction), distribute_tensor(orthogonal_step(full), mesh, [Shard(0)]).to_local()]
+    orthogonalize_all([param], [direction], [None])
+    return [direction, distribute_tensor(orthogonal_step(full), mesh, [Shard(0)]).to_local()]
 
 
 def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_step():
@@ -405,10 +406,11 @@ def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_st
 
 
 def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own():
-    """orthogonalize_all stacks the matrices of one shape (in batches of at most BATCH_ELEMENTS) and gives each the
-    step it gets alone; bf16 products (Muon's precision) stay within bf16's rounding of the fp32 step and keep every
+    """orthogonalize_all stacks the matrices of one shape (scope matrix) or every tensor's chunks (scope chunk), in
+    batches of at most BATCH_ELEMENTS, and gives each matrix or chunk the step it gets alone; bf16 products (Muon's precision) stay within bf16's rounding of the fp32 step and keep every
     singular value near 1."""
     from flexdemo import orthogonal
+    from flexdemo.chunks import ChunkLayout
     from flexdemo.orthogonal import UPDATE_RMS, orthogonal_step, orthogonalize_all
 
     g = torch.Generator().manual_seed(0)
@@ -424,6 +426,17 @@ def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own()
         finally:
             orthogonal.BATCH_ELEMENTS = before
         for x, want in zip(got, alone):
+            torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+    layouts = [ChunkLayout(d.shape[0], d[0].numel(), 4) for d in directions]  # scope chunk: every 4 x 4 chunk
+    for limit in (orthogonal.BATCH_ELEMENTS, 200):  # every tensor's chunks in one batch; then a few tensors a batch
+        orthogonal.BATCH_ELEMENTS, before = limit, orthogonal.BATCH_ELEMENTS
+        try:
+            got = [d.clone() for d in directions]
+            orthogonalize_all(params, got, layouts, scope="chunk")
+        finally:
+            orthogonal.BATCH_ELEMENTS = before
+        for x, d, lay in zip(got, directions, layouts):
+            want = lay.from_chunks(orthogonal_step(lay.to_chunks(d.view(lay.rows, lay.cols)))).reshape(d.shape)
             torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
     low = [d.clone() for d in directions]
     orthogonalize_all(params, low, [None] * len(shapes), precision="bf16")
