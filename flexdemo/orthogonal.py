@@ -12,9 +12,7 @@ import torch
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz iteration's (a, b, c), as Muon tunes it
 NS_STEPS = 5
 UPDATE_RMS = 0.2  # AdamW's typical update RMS: the orthogonal factor (RMS 1 / sqrt(max side)) is scaled to it
-BATCH_ELEMENTS = 1 << 27  # equal-shaped matrices stacked per Newton-Schulz batch, up to this many elements (512 MiB fp32)
-
-
+BATCH_ELEMENTS = 1 << 27  # matrices (or chunks) per Newton-Schulz batch: at most this many elements (512 MiB fp32)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
