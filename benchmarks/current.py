@@ -109,6 +109,9 @@ def mixture_rows() -> list[list[str]]:
     def seeds(values) -> str:
         return " / ".join(values)
 
+    def above(mixes: list, oracle: list) -> str:
+        return seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(mixes, oracle))
+
     worst_public = max(m["losses"]["public"] - r["base"]["losses"]["public"] for m, r in zip(v3, runs))
     worst_pair = max(a[d]["losses"]["public"] - r["base"]["losses"]["public"]
                      for a, r in zip(v3_alone, runs) for d in a)
@@ -147,10 +150,8 @@ def mixture_rows() -> list[list[str]]:
     oracle = [r["mixtures"][r["default"].split("/")[0] + "/oracle"]["losses"]["facts"] for r in runs]
     rows.append(row("merged mixture (seeds 0 / 1 / 2), routed by likelihood instead (the hard choice; same experts): "
                     "largest opt-out change; facts loss above the oracle (facts' own two-expert model)",
-                    seeds(f"{m['opt_out_max_change']:.3f}" for m in like) + "; "
-                    + seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(like, oracle)),
-                    "posterior " + seeds(f"{m['opt_out_max_change']:.3f}" for m in v3) + "; "
-                    + seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(v3, oracle)),
+                    seeds(f"{m['opt_out_max_change']:.3f}" for m in like) + "; " + above(like, oracle),
+                    "posterior " + seeds(f"{m['opt_out_max_change']:.3f}" for m in v3) + "; " + above(v3, oracle),
                     optout_goal(max(like, key=lambda m: m["opt_out_max_change"])), dev, date, src))
     mc = [load(f"mc_item_tiny_long/mc_seed{i}.json")["facts_mc"] for i in range(3)]  # evidence="item", on the CPU
     rows.append(row("`facts_mc` items the mixture answers differently from the facts expert alone (of 400; "
@@ -174,8 +175,7 @@ def mixture_rows() -> list[list[str]]:
             "likelihood " + seeds(f"{m['opt_out_max_change']:.3f}" for m in like),
             optout_goal(max(post, key=lambda m: m["opt_out_max_change"])), "CPU", cpu[0]["provenance"]["date"], tsrc),
         row("`tiny-long`, same runs: facts loss above the oracle (facts' own two-expert model), posterior routing",
-            seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(post, oracle)),
-            "likelihood " + seeds(f"{m['losses']['facts'] - o:+.3f}" for m, o in zip(like, oracle)),
+            above(post, oracle), "likelihood " + above(like, oracle),
             "public " + seeds(f"{m['losses']['public']:.3f}" for m in post) + " (likelihood "
             + seeds(f"{m['losses']['public']:.3f}" for m in like) + ")", "CPU", cpu[0]["provenance"]["date"], tsrc),
     ]

@@ -35,12 +35,10 @@ def orthogonal_step(d: torch.Tensor, steps: int = NS_STEPS, precision: str = "fp
     return x.float() * (UPDATE_RMS * max(d.shape[-2:]) ** 0.5)
 
 
-def orthogonalize(param: torch.Tensor, direction: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """The whole-matrix orthogonal step of ``param``'s decoded ``direction`` (shaped like its local shard), as a local
-    shard: a parameter sharded inside the node (an FSDP2 DTensor) has the whole matrix gathered over its shard group
-    first, so the step does not depend on how many GPUs share the node; matrices are (shape[0], rest) views."""
-    if not is_sharded(param):
-        return orthogonal_step(direction.reshape(direction.shape[0], -1), precision=precision).view_as(direction)
+def orthogonalize_sharded(param: torch.Tensor, direction: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The whole-matrix orthogonal step of a parameter sharded inside the node (an FSDP2 DTensor), from its decoded
+    local ``direction``, as a local shard: the whole matrix is gathered over the shard group first, so the step does
+    not depend on how many GPUs share the node; matrices are (shape[0], rest) views."""
     from torch.distributed.tensor import DTensor, Replicate
 
     mesh = param.device_mesh
@@ -73,7 +71,7 @@ def orthogonalize_all(params: list, directions: list[torch.Tensor], layouts: lis
     groups: dict[tuple, list] = {}
     for i, (p, d) in enumerate(zip(params, directions)):
         if is_sharded(p):
-            d.copy_(orthogonalize(p, d, precision))
+            d.copy_(orthogonalize_sharded(p, d, precision))
         else:
             shape = (d.shape[0], d.numel() // max(d.shape[0], 1))
             groups.setdefault(shape, []).append((i, d.reshape(shape)))
