@@ -405,10 +405,10 @@ def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_st
     assert cos > 0.97
 
 
-def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own():
+def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own(monkeypatch):
     """orthogonalize_all stacks the matrices of one shape (scope matrix) or every tensor's chunks (scope chunk), in
-    batches of at most BATCH_ELEMENTS, and gives each matrix or chunk the step it gets alone; bf16 products (Muon's precision) stay within bf16's rounding of the fp32 step and keep every
-    singular value near 1."""
+    batches of at most BATCH_ELEMENTS, and gives each matrix or chunk the step it gets alone; bf16 products (Muon's
+    precision) stay within bf16's rounding of the fp32 step and keep every singular value near 1."""
     from flexdemo import orthogonal
     from flexdemo.chunks import ChunkLayout
     from flexdemo.orthogonal import UPDATE_RMS, orthogonal_step, orthogonalize_all
@@ -418,23 +418,18 @@ def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own()
     directions = [torch.randn(s, generator=g) for s in shapes]
     params = [torch.zeros(s) for s in shapes]
     alone = [orthogonal_step(d.reshape(d.shape[0], -1)).view_as(d) for d in directions]
-    for limit in (orthogonal.BATCH_ELEMENTS, 2 * 24 * 40):  # everything of one shape at once; then batches of two
-        orthogonal.BATCH_ELEMENTS, before = limit, orthogonal.BATCH_ELEMENTS
-        try:
-            got = [d.clone() for d in directions]
-            orthogonalize_all(params, got, [None] * len(shapes))
-        finally:
-            orthogonal.BATCH_ELEMENTS = before
+    whole = orthogonal.BATCH_ELEMENTS  # the default: room for everything at once
+    for limit in (whole, 2 * 24 * 40):  # everything of one shape at once; then batches of two
+        monkeypatch.setattr(orthogonal, "BATCH_ELEMENTS", limit)
+        got = [d.clone() for d in directions]
+        orthogonalize_all(params, got, [None] * len(shapes))
         for x, want in zip(got, alone):
             torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
     layouts = [ChunkLayout(d.shape[0], d[0].numel(), 4) for d in directions]  # scope chunk: every 4 x 4 chunk
-    for limit in (orthogonal.BATCH_ELEMENTS, 200):  # every tensor's chunks in one batch; then a few tensors a batch
-        orthogonal.BATCH_ELEMENTS, before = limit, orthogonal.BATCH_ELEMENTS
-        try:
-            got = [d.clone() for d in directions]
-            orthogonalize_all(params, got, layouts, scope="chunk")
-        finally:
-            orthogonal.BATCH_ELEMENTS = before
+    for limit in (whole, 200):  # every tensor's chunks in one batch; then a few tensors a batch
+        monkeypatch.setattr(orthogonal, "BATCH_ELEMENTS", limit)
+        got = [d.clone() for d in directions]
+        orthogonalize_all(params, got, layouts, scope="chunk")
         for x, d, lay in zip(got, directions, layouts):
             want = lay.from_chunks(orthogonal_step(lay.to_chunks(d.view(lay.rows, lay.cols)))).reshape(d.shape)
             torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
@@ -443,5 +438,6 @@ def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own()
     for x, want in zip(low, alone):
         assert x.dtype == torch.float32
         assert 0 < float((x - want).norm() / want.norm()) < 0.05  # rounded as bf16 rounds, no more
-        sv = torch.linalg.svdvals(x.reshape(x.shape[0], -1).double()) / (UPDATE_RMS * max(x.shape[0], x[0].numel()) ** 0.5)
+        scale = UPDATE_RMS * max(x.shape[0], x[0].numel()) ** 0.5
+        sv = torch.linalg.svdvals(x.reshape(x.shape[0], -1).double()) / scale
         assert 0.5 < sv.min() and sv.max() < 1.3
