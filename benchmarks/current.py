@@ -67,6 +67,12 @@ def kernel_rows() -> list[list[str]]:
                         f"fused AdamW {a:.2f} ms; default FlexDeMo {om[f'{model}: FlexDeMo triton, 1 replica']:.2f} ms",
                         f"{f32 / a:.0f}×; {b16 / a:.0f}×", o["device"].replace("NVIDIA ", ""), o["date"],
                         "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
+        c32, c16 = om[f"{step} (chunk, fp32), 1 replica"], om[f"{step} (chunk, bf16), 1 replica"]
+        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`, "
+                        "`orthogonal_scope=chunk` (every tensor's 64² chunks in one batch; fp32; bf16)",
+                        f"{c32:.1f} ms; {c16:.1f} ms", f"fused AdamW {a:.2f} ms", f"{c32 / a:.0f}×; {c16 / a:.0f}×",
+                        o["device"].replace("NVIDIA ", ""), o["date"],
+                        "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
     best = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
     adam = next(r["ms"] for r in best if r["op"] == "adamw")
     enc = next(r for r in best if r["op"] == "encode" and r["impl"] == ker["best"]["encode"])
@@ -333,14 +339,16 @@ def parity_rows() -> list[list[str]]:
                                      "for `base` 2 × 2")
     ortho = (("flexdemo-ortho", "`optim.demo.base_step=orthogonal`"),
              ("flexdemo-ortho-wd0.1", "`base_step=orthogonal`, weight decay 0.1"))
+    bf16 = ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")
     for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
                               ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed", nolr),
                               ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
                               ("parity_ortho_small/summary.json", "`small` (1000 steps), R = 1, one seed",
                                (nolr[0], *ortho, wire)),
                               ("parity_ortho_bf16_small/summary.json", "`small` (1000 steps), R = 1, the same "
-                               "seed again", (nolr[0], ortho[0], ("flexdemo-ortho-bf16", "`base_step=orthogonal`, "
-                                                                  "Newton-Schulz in bf16"))),
+                               "seed again", (nolr[0], ortho[0], bf16)),
+                              ("parity_ortho_bf16_small_2seeds/summary.json", "`small` (1000 steps), R = 1, mean of "
+                               "2 seeds", (nolr[0], bf16)),
                               ("parity_tiny_long/summary_ortho_r2_2seeds.json", "`tiny-long`, R = 2, mean of 2 seeds",
                                (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r4_2seeds.json", "`tiny-long`, R = 4, mean of 2 seeds",
@@ -356,11 +364,13 @@ def parity_rows() -> list[list[str]]:
         for name, what in names:
             v = g[name]
             n = len(g["sweep"][name])
+            over = g.get("variants", {}).get(name, {}).get("ratio_over_seeds")
+            ci = f", 95% CI [{over['ci95'][0]:.3f}, {over['ci95'][1]:.3f}]" if over else ""
             rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, "
                             + (f"best of {n} rates" if n > 1 else "one rate"),
                             f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
                             f"AdamW {g['adamw']['val_loss']:.3f} (lr {swept_lr(g, 'adamw')})",
-                            f"{v['val_loss'] / g['adamw']['val_loss']:.3f}; public, code and math only "
+                            f"{v['val_loss'] / g['adamw']['val_loss']:.3f}{ci}; public, code and math only "
                             f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",
                             "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", ""), g["date"],
                             f"`{cmd}` (`{rel}`)"))
