@@ -351,6 +351,8 @@ def parity_rows() -> list[list[str]]:
                                "2 seeds", (nolr[0], bf16)),
                               ("parity_tiny_long/summary_ortho_r2_2seeds.json", "`tiny-long`, R = 2, mean of 2 seeds",
                                (nolr[0], ortho[0])),
+                              ("parity_tiny_long/summary_ortho_r2_bracketed.json", "`tiny-long`, R = 2, mean of 2 "
+                               "seeds", (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r4_2seeds.json", "`tiny-long`, R = 4, mean of 2 seeds",
                                (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho[1:]),
