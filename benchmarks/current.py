@@ -58,21 +58,18 @@ def kernel_rows() -> list[list[str]]:
                         "`bench_optimizer_step.py --profile` (`optstep_h200/prof.json`)"))
     o = load("optstep_h200/ortho.json")  # the orthogonal step's Newton-Schulz products, equal shapes batched
     om = {r["what"]: r["ms"] for r in o["rows"]}
+    scopes = (("matrix", " (whole matrices; Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)", True),
+              ("chunk", ", `orthogonal_scope=chunk` (every tensor's 64² chunks in one batch; fp32; bf16)", False))
     for model in ("base", "1b"):
-        step = f"{model}: FlexDeMo triton, base_step=orthogonal"
-        f32, b16, a = om[f"{step} (matrix, fp32), 1 replica"], om[f"{step} (matrix, bf16), 1 replica"], \
-            om[f"{model}: fused AdamW step"]
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal` (whole matrices; "
-                        "Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)", f"{f32:.1f} ms; {b16:.1f} ms",
-                        f"fused AdamW {a:.2f} ms; default FlexDeMo {om[f'{model}: FlexDeMo triton, 1 replica']:.2f} ms",
-                        f"{f32 / a:.0f}×; {b16 / a:.0f}×", o["device"].replace("NVIDIA ", ""), o["date"],
-                        "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
-        c32, c16 = om[f"{step} (chunk, fp32), 1 replica"], om[f"{step} (chunk, bf16), 1 replica"]
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`, "
-                        "`orthogonal_scope=chunk` (every tensor's 64² chunks in one batch; fp32; bf16)",
-                        f"{c32:.1f} ms; {c16:.1f} ms", f"fused AdamW {a:.2f} ms", f"{c32 / a:.0f}×; {c16 / a:.0f}×",
-                        o["device"].replace("NVIDIA ", ""), o["date"],
-                        "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
+        a = om[f"{model}: fused AdamW step"]
+        for scope, what, with_default in scopes:
+            f32, b16 = (om[f"{model}: FlexDeMo triton, base_step=orthogonal ({scope}, {p}), 1 replica"]
+                        for p in ("fp32", "bf16"))
+            default = f"; default FlexDeMo {om[f'{model}: FlexDeMo triton, 1 replica']:.2f} ms" if with_default else ""
+            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`{what}",
+                            f"{f32:.1f} ms; {b16:.1f} ms", f"fused AdamW {a:.2f} ms{default}",
+                            f"{f32 / a:.0f}×; {b16 / a:.0f}×", o["device"].replace("NVIDIA ", ""), o["date"],
+                            "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
     best = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
     adam = next(r["ms"] for r in best if r["op"] == "adamw")
     enc = next(r for r in best if r["op"] == "encode" and r["impl"] == ker["best"]["encode"])
