@@ -352,7 +352,7 @@ def parity_rows() -> list[list[str]]:
                                "seeds", (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r4_2seeds.json", "`tiny-long`, R = 4, mean of 2 seeds",
                                (nolr[0], ortho[0])),
-                              ("parity_tiny_long/summary_ortho_r4_swept.json", "`tiny-long`, R = 4, mean of 2 "
+                              ("parity_tiny_long/summary_ortho_r4_bracketed.json", "`tiny-long`, R = 4, mean of 2 "
                                "seeds", (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho[1:]),
                               ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
