@@ -9,6 +9,7 @@
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
 # training runs and sweep cells are not recomputed.
 # PARALLEL=1 trains the three experts at once, SHARDS=N runs the sweep in N processes (a GPU with room for them).
+# REFIT_STEPS=N: each owner re-fits its compressed expert's router row (flexmore-sweep --refit-steps).
 set -euo pipefail
 source "$(dirname "$0")/python.sh"
 SIZE=${SIZE:-small}
@@ -43,7 +44,8 @@ fi
 sweep() {
   "$PY" -u -m flexmore.cli.sweep --base "$OUT/base/model" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
     --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" --tune-steps "$TUNE_STEPS" \
-    --val-domains public code math facts --route-context "$ROUTE" --out "$OUT/sweep" "$@"
+    --val-domains public code math facts --route-context "$ROUTE" \
+    --refit-steps "${REFIT_STEPS:-0}" --out "$OUT/sweep" "$@"
 }
 if [ "${SHARDS:-1}" -gt 1 ]; then  # SHARDS=N: N sweep processes share the GPU, then one pass adds design (c)
   pids=()

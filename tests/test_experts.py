@@ -771,3 +771,45 @@ def test_expert_on_your_own_shards_with_public_negatives_from_shards(world, tmp_
     tensors, man = load_artifact(res.artifact)
     assert man.training["public_fraction"] == 0.25 and man.domain == str(mine)
     assert res.final_step == 3 and set(res.val[3]) == {"own"}
+
+
+def test_refit_router_keeps_everything_but_the_experts_row_and_lowers_its_loss(world, tmp_path):
+    """An owner re-fits its compressed expert's router row: the public row and every weight stay bit for bit (so it
+    still merges with the others), and the loss the refit minimises falls on its sample."""
+    import torch.nn.functional as F
+
+    from flexmore.cli.lowrank import public_ffn
+    from flexmore.data import ByteTokenizer
+    from flexmore.experts.extract import save_lowrank
+    from flexmore.experts.refit import save_refit
+    from flexmore.experts.router import TuneConfig, load_sample, tune_router
+
+    tmp, base_dir = world
+    base = load_model(base_dir)
+    L = base.cfg.n_layers
+    low = save_lowrank(tmp_path / "math-r2", public_ffn(base, L), *load_artifact(tmp / "math" / "expert"), L, [2])[0]
+    tok = ByteTokenizer()
+    own, pub = load_sample("embedded:math", tok, 32, 16), load_sample("embedded:public", tok, 32, 16)
+
+    def loss(artifact) -> float:
+        m = merge(base_dir, [artifact]).eval()
+        with torch.no_grad():
+            w = torch.cat([own, pub])
+            lg = m(w[:, :-1]).logits
+            return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), w[:, 1:].reshape(-1)).item()
+
+    tc = TuneConfig(steps=30, micro_batch=8, lr=3e-2, route_loss=0.0)
+    out = save_refit(base_dir, low, tmp_path / "math-r2-refit", own, pub, tc, torch.device("cpu"))
+    before, after = load_artifact(low)[0], load_artifact(out)
+    changed = {k for k in before if not torch.equal(before[k], after[0][k])}
+    assert changed and all(k.endswith((".router", ".bias")) for k in changed)
+    assert after[1].name == "math-r2-refit" and after[1].training["router_refit"]["route_loss"] == 0.0
+    assert loss(out) < loss(low)
+    assert merge(base_dir, [out, tmp / "facts" / "expert"]).cfg.num_experts == 3  # the public row is still shared
+    # public_row=False in a mixture's tuning: the public rows stay, the experts' rows move
+    m = merge(base_dir, [tmp / "math" / "expert", tmp / "facts" / "expert"])
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    tune_router(m, {"public": pub, "math": own, "facts": own}, dataclasses.replace(tc, steps=3, public_row=False),
+                torch.device("cpu"), log=None)
+    moved = {k for k, v in m.state_dict().items() if not torch.equal(v, sd[k])}
+    assert moved and not any(k.endswith("router.public") for k in moved)

@@ -110,6 +110,25 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     assert {key(r): r["score"] for r in again} == {key(r): r["score"] for r in rows}
     with pytest.raises(ValueError, match="shard 2/2"):
         sweep_mod.run_sweep(*sharded, shard=(2, 2))
+    # owners re-fit their compressed experts' router rows: every low-rank cell uses the refitted artifact, full
+    # ones the trained expert; only rows and biases differ from the plain extraction
+    import torch
+
+    from flexmore.experts.artifact import load_artifact
+    from flexmore.experts.router import TuneConfig, load_sample
+
+    samples = {n: load_sample(f"embedded:{n}", tok, 32, 8) for n in ("public", "math", "facts")}
+    refit = sweep_mod.RouterFit(samples, TuneConfig(steps=3, micro_batch=4))
+    calls.clear()
+    rows = sweep_mod.run_sweep(*args[:-1], tmp_path / "refit", refit=refit)
+    low = [r for r in rows if r["design"] == "a" and r["rank"] != "full"]
+    assert low and all(r["router"] == "refit" and r["model"].startswith("a+refit:") for r in low)
+    assert all(r["router"] == "merged" for r in rows if r["design"] == "a" and r["rank"] == "full")
+    plain, man = load_artifact(sweep_mod.lowrank_path(tmp_path / "refit", "math", 2))
+    tuned, tman = load_artifact(sweep_mod.lowrank_path(tmp_path / "refit", "math", 2, refit=True))
+    changed = {k for k in plain if not torch.equal(plain[k], tuned[k])}
+    assert changed and all(k.endswith((".router", ".bias")) for k in changed)
+    assert tman.training["router_refit"]["steps"] == 3 and "router_refit" not in man.training
 
 
 def test_study_recipe_end_to_end_at_toy_scale(tmp_path):
@@ -143,6 +162,9 @@ def test_sweep_refuses_an_unknown_routing_rule_before_any_work(tmp_path, capsys)
               "--route-context", "document"])
     assert e.value.code == 2 and "invalid choice: 'document'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert main(["--base", str(tmp_path / "none"), "--experts", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                 "--refit-steps", "-1"]) == 2
+    assert "--refit-steps=-1 must be >= 0" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_analysis_counts_each_expert_on_its_own_domain_and_reads_the_verdict():

@@ -29,6 +29,7 @@ from flexmore.study.sweep import (
     build_mixture,
     cell_key,
     how_routed,
+    lowrank_path,
     run_sweep,
     selection_score,
 )
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--tune-steps", type=int, default=TuneConfig.steps,
                     help="router tuning of every mixture of several experts (0: the merged router as is)")
+    ap.add_argument("--refit-steps", type=int, default=0,
+                    help="re-fit each extracted low-rank expert's router row and bias on its owner's sample and the "
+                         "public one, this many steps, before any cell uses it (0: the rows trained with the full "
+                         "expert); with --tune-lr, --route-loss, --sample, --max-seqs")
     ap.add_argument("--tune-lr", type=float, default=TuneConfig.lr)
     ap.add_argument("--route-loss", type=float, default=TuneConfig.route_loss,
                     help="router tuning: weight of the routing loss")
@@ -111,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         shard = parse_shard(args.shard)
+        if args.refit_steps < 0:
+            raise ValueError(f"--refit-steps={args.refit_steps} must be >= 0")
         base = check_trusted(args.base, args.trust_checkpoint)
         if is_checkpoint(base):  # your own checkpoint, trusted: read once, then as a model folder like any other
             base = base_model_dir(load_model(base, trust_checkpoint=True), out / "base-model", base)
         tasks = build_tasks(args.tasks, args.n)
         tok = load_tokenizer(args.tokenizer)
         val = embedded_val_sets(args.val_domains, tok, args.seq_len, args.val_batches)
-        fit = None
-        if args.tune_steps > 0:
+        fit = refit = None
+        if args.tune_steps > 0 or args.refit_steps > 0:
             specs = {"public": "embedded:public"}
             for p in args.experts:
                 man = read_manifest(p)
@@ -128,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in specs:
                     raise ValueError(f"--sample {item!r}: no expert {name!r}; experts are {sorted(specs)}")
                 specs[name] = spec
-            fit = RouterFit({n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()},
-                            TuneConfig(steps=args.tune_steps, lr=args.tune_lr, route_loss=args.route_loss,
-                                       drop=args.drop))
+            samples = {n: load_sample(s, tok, args.seq_len, args.max_seqs) for n, s in specs.items()}
+            if args.tune_steps > 0:
+                fit = RouterFit(samples, TuneConfig(steps=args.tune_steps, lr=args.tune_lr,
+                                                    route_loss=args.route_loss, drop=args.drop))
+            if args.refit_steps > 0:
+                refit = RouterFit(samples, TuneConfig(steps=args.refit_steps, lr=args.tune_lr,
+                                                      route_loss=args.route_loss))
         rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit, shard=shard,
-                         context=args.route_context)
+                         context=args.route_context, refit=refit)
         if shard is not None:
             print(f"shard {args.shard}: {len(rows)} rows in {out / 'results.jsonl'}; run once without --shard for "
                   "design (c) and the report")
@@ -142,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             full = {read_manifest(p).name: Path(p) for p in args.experts}
 
             def artifact_of(name, rank) -> Path:
-                return full[name] if rank == FULL else out / "lowrank" / f"{name}-r{rank}"
+                return full[name] if rank == FULL else lowrank_path(out, name, rank, refit is not None)
 
             choice, used, value = budget_choice(rows, args.budget,
                                                 lambda n, r: read_manifest(artifact_of(n, r)).params)
             store = ResultStore(out / "results.jsonl")
-            key = cell_key("alloc", choice, fit, args.route_context)
+            key = cell_key("alloc", choice, fit, args.route_context, refit is not None)
             if key not in store.done:
                 model = build_mixture(base, {n: artifact_of(n, r) for n, r in choice.items()}, fit, device,
                                       args.route_context)
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 store.add(key, evaluate_model(model, tok, tasks, val, device, {
                     "model": key, "design": "alloc", "mixture": "+".join(choice), "ranks": choice, "rank": "mixed",
                     "params": c.total, "active_params": c.active, "budget": args.budget, "expert_params": used,
-                    **how_routed(choice, fit, args.route_context)}))
+                    **how_routed(choice, fit, args.route_context, refit is not None)}))
             rows = store.rows
             print(f"budget {args.budget:,}: ranks {choice} use {used:,} expert parameters")
     except (FileNotFoundError, ValueError) as e:

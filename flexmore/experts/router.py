@@ -70,6 +70,7 @@ class TuneConfig:
     route_loss: float = 1.0  # > 0: also x the router's cross-entropy against each row's owner (its sample's expert)
     drop: float = 0.25  # each non-public expert is absent from a row with this probability (rehearses opt-outs)
     seed: int = 0
+    public_row: bool = True  # False: the public row stays as it is (one expert's refit: every artifact shares it)
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch"):
@@ -95,8 +96,9 @@ def tune_router(model: FlexOlmo, samples: dict[str, torch.Tensor], tc: TuneConfi
     model.to(device).train()
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(is_router(name))
-        if is_router(name):
+        train = is_router(name) and (tc.public_row or not name.endswith(".ffn.router.public"))
+        p.requires_grad_(train)
+        if train:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)

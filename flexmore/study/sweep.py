@@ -21,6 +21,7 @@ from flexmore.eval.tasks import Task
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.extract import save_lowrank
 from flexmore.experts.merge import merge, reroute
+from flexmore.experts.refit import save_refit
 from flexmore.experts.router import TuneConfig, tune_router
 from flexmore.model import count_params
 from flexmore.model.experts import PROJECTIONS
@@ -65,9 +66,12 @@ def build_mixture(base_path: Path, artifacts: dict[str, Path], fit: RouterFit | 
     return model.to(device)
 
 
-def router_label(choice: dict, fit: RouterFit | None) -> str:
-    """How a cell's router was made: "tuned" for a mixture of several experts with a fit, else "merged"."""
-    return "tuned" if fit is not None and len(choice) > 1 else "merged"
+def router_label(choice: dict, fit: RouterFit | None, refit: bool = False) -> str:
+    """How a cell's router was made: "tuned" for a mixture of several experts with a fit; "refit" when its low-rank
+    experts' rows were re-fitted by their owners after compression (``save_refit``); else "merged"."""
+    if fit is not None and len(choice) > 1:
+        return "tuned"
+    return "refit" if refit and any(str(r) != FULL for r in choice.values()) else "merged"
 
 
 def routing_label(choice: dict, context: str) -> str:
@@ -76,13 +80,18 @@ def routing_label(choice: dict, context: str) -> str:
     return context if len(choice) > 1 else "token"
 
 
-def how_routed(choice: dict, fit: RouterFit | None, context: str) -> dict[str, str]:
+def how_routed(choice: dict, fit: RouterFit | None, context: str, refit: bool = False) -> dict[str, str]:
     """A cell's ``router`` and ``routing`` columns."""
-    return {"router": router_label(choice, fit), "routing": routing_label(choice, context)}
+    return {"router": router_label(choice, fit, refit), "routing": routing_label(choice, context)}
 
 
-def cell_key(design: str, choice: dict, fit: RouterFit | None, context: str = "token") -> str:
-    tuned = "+tuned" if router_label(choice, fit) == "tuned" else ""
+def lowrank_path(out: Path, name: str, rank: int, refit: bool = False) -> Path:
+    """Where the sweep keeps an expert extracted at ``rank`` (and its owner-refitted version)."""
+    return Path(out) / ("lowrank-refit" if refit else "lowrank") / f"{name}-r{rank}"
+
+
+def cell_key(design: str, choice: dict, fit: RouterFit | None, context: str = "token", refit: bool = False) -> str:
+    tuned = {"tuned": "+tuned", "refit": "+refit", "merged": ""}[router_label(choice, fit, refit)]
     routed = "" if routing_label(choice, context) == "token" else f"+{context}"
     return design + tuned + routed + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
 
@@ -103,7 +112,10 @@ def selection_score(rows: list[dict], domain: str) -> float:
 
 def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: int, tasks: list[Task], val_sets: dict,
               tokenizer: Tokenizer, device: torch.device, out: str | Path, fit: RouterFit | None = None,
-              log=print, shard: tuple[int, int] | None = None, context: str = "token") -> list[dict]:
+              log=print, shard: tuple[int, int] | None = None, context: str = "token",
+              refit: RouterFit | None = None) -> list[dict]:
+    """``refit``: each extracted expert's router row and bias are re-fitted on its owner's sample and the public
+    sample of ``refit.samples`` (``refit_router``) before any cell uses it."""
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard {shard[0]}/{shard[1]}: allowed i/n with 0 <= i < n")
     out = Path(out)
@@ -129,15 +141,17 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
     def artifact(e: Expert, rank) -> Path:
         if rank == FULL:
             return e.path
-        path = out / "lowrank" / f"{e.name}-r{rank}"
-        if not path.is_dir():  # published whole (atomic); a shard that finished it first is kept
-            save_lowrank(path, public, *load_artifact(e.path), cfg.n_layers, [rank], device=device)
+        plain, path = lowrank_path(out, e.name, rank), lowrank_path(out, e.name, rank, refit is not None)
+        if not plain.is_dir():  # published whole (atomic); a shard that finished it first is kept
+            save_lowrank(plain, public, *load_artifact(e.path), cfg.n_layers, [rank], device=device)
+        if not path.is_dir():
+            save_refit(base_path, plain, path, refit.samples[e.name], refit.samples["public"], refit.tune, device)
         return path
 
     order = iter(range(total))
 
     def cell(design: str, choice: dict[str, int | str]) -> None:
-        key = cell_key(design, choice, fit, context)
+        key = cell_key(design, choice, fit, context, refit is not None)
         mine = shard is None or next(order) % shard[1] == shard[0]
         if key in store.done or not mine:
             return
@@ -147,7 +161,7 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
         labels = {"model": key, "design": design, "mixture": "+".join(choice), "expert": "+".join(choice),
                   "rank": next(iter(set(choice.values()))) if len(set(choice.values())) == 1 else "mixed",
                   "ranks": dict(choice), "params": c.total, "active_params": c.active,
-                  **how_routed(choice, fit, context)}
+                  **how_routed(choice, fit, context, refit is not None)}
         store.add(key, evaluate_model(model, tokenizer, tasks, val_sets, device, labels))
         timing["new"] += 1
         if log:
