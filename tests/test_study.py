@@ -129,6 +129,9 @@ def test_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
     changed = {k for k in plain if not torch.equal(plain[k], tuned[k])}
     assert changed and all(k.endswith((".router", ".bias")) for k in changed)
     assert tman.training["router_refit"]["steps"] == 3 and "router_refit" not in man.training
+    # a resumed sweep never takes a tuned mixture of refitted experts for one of plain ones
+    pair = {"math": 2, "facts": 2}
+    assert sweep_mod.cell_key("b", pair, refit, "posterior", True) != sweep_mod.cell_key("b", pair, refit, "posterior")
 
 
 def test_study_recipe_end_to_end_at_toy_scale(tmp_path):

@@ -91,7 +91,9 @@ def lowrank_path(out: Path, name: str, rank: int, refit: bool = False) -> Path:
 
 
 def cell_key(design: str, choice: dict, fit: RouterFit | None, context: str = "token", refit: bool = False) -> str:
-    tuned = {"tuned": "+tuned", "refit": "+refit", "merged": ""}[router_label(choice, fit, refit)]
+    tuned = "+tuned" if router_label(choice, fit) == "tuned" else ""
+    if refit and any(str(r) != FULL for r in choice.values()):  # a tuned mixture starts from the refitted rows too
+        tuned += "+refit"
     routed = "" if routing_label(choice, context) == "token" else f"+{context}"
     return design + tuned + routed + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
 
