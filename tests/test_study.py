@@ -168,6 +168,9 @@ def test_sweep_refuses_an_unknown_routing_rule_before_any_work(tmp_path, capsys)
     assert main(["--base", str(tmp_path / "none"), "--experts", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                  "--refit-steps", "-1"]) == 2
     assert "--refit-steps=-1 must be >= 0" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["--base", str(tmp_path / "none"), "--experts", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                 "--refit-steps", "5", "--refit-route-loss", "-1"]) == 2
+    assert "route_loss=-1.0 must be a finite number >= 0" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_analysis_counts_each_expert_on_its_own_domain_and_reads_the_verdict():

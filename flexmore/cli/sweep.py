@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refit-steps", type=int, default=0,
                     help="re-fit each extracted low-rank expert's router row and bias on its owner's sample and the "
                          "public one, this many steps, before any cell uses it (0: the rows trained with the full "
-                         "expert); with --tune-lr, --route-loss, --sample, --max-seqs")
+                         "expert); with --tune-lr, --sample, --max-seqs")
+    ap.add_argument("--refit-route-loss", type=float, default=0.0,
+                    help="router refit: weight of the routing loss (0: the language-model loss alone, which measured "
+                         "better on the expert's own domain; 1.0 keeps more public tokens on the public expert)")
     ap.add_argument("--tune-lr", type=float, default=TuneConfig.lr)
     ap.add_argument("--route-loss", type=float, default=TuneConfig.route_loss,
                     help="router tuning: weight of the routing loss")
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         shard = parse_shard(args.shard)
         if args.refit_steps < 0:
             raise ValueError(f"--refit-steps={args.refit_steps} must be >= 0")
+        refit_tune = TuneConfig(steps=args.refit_steps, lr=args.tune_lr, route_loss=args.refit_route_loss) \
+            if args.refit_steps > 0 else None  # checked before any work
         base = check_trusted(args.base, args.trust_checkpoint)
         if is_checkpoint(base):  # your own checkpoint, trusted: read once, then as a model folder like any other
             base = base_model_dir(load_model(base, trust_checkpoint=True), out / "base-model", base)
@@ -139,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.tune_steps > 0:
                 fit = RouterFit(samples, TuneConfig(steps=args.tune_steps, lr=args.tune_lr,
                                                     route_loss=args.route_loss, drop=args.drop))
-            if args.refit_steps > 0:
-                refit = RouterFit(samples, TuneConfig(steps=args.refit_steps, lr=args.tune_lr,
-                                                      route_loss=args.route_loss))
+            if refit_tune is not None:
+                refit = RouterFit(samples, refit_tune)
         rows = run_sweep(base, args.experts, args.max_rank_exp, tasks, val, tok, device, out, fit, shard=shard,
                          context=args.route_context, refit=refit)
         if shard is not None:
