@@ -485,6 +485,16 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     assert "dense (past break-even)" in out and "factors A, B" in out
     report = json.loads((tmp_path / "low" / "report.json").read_text())
     assert {r["rank"] for r in report} == {2, 8, 64}
+    # the owner's refit: the same extraction with only router rows and biases re-fitted; bad input named, nothing written
+    args = ["--base", str(base_dir), "--expert", str(tmp / "math" / "expert"), "--ranks", "2"]
+    assert lowrank(args + ["--refit-steps", "3", "--seq-len", "32", "--max-seqs", "8", "--out",
+                           str(tmp_path / "refit")]) == 0
+    plain, (tuned, man) = load_artifact(tmp_path / "low" / "math-r2")[0], load_artifact(tmp_path / "refit" / "math-r2")
+    changed = {k for k in plain if not torch.equal(plain[k], tuned[k])}
+    assert changed and all(k.endswith((".router", ".bias")) for k in changed)
+    assert man.training["router_refit"]["samples"] == {"public": 8, "math-r2": 8}
+    assert lowrank(args + ["--refit-steps", "-2", "--out", str(tmp_path / "bad")]) == 2
+    assert "--refit-steps=-2 must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert merge_cli(["--base", str(base_dir), "--experts", str(tmp_path / "low" / "math-r2"),
                       str(tmp / "facts" / "expert"), "--top-k", "2", "--out", str(tmp_path / "merged")]) == 0
     merged = load_model(tmp_path / "merged")

@@ -7,9 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from flexmore.cli import TRUST_HELP
+from flexmore.data import load_tokenizer
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.extract import save_lowrank
+from flexmore.experts.refit import save_refit
+from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model.experts import PROJECTIONS, Ranks, break_even_rank
 from flexmore.store.modeldir import load_model
 
@@ -33,15 +38,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", required=True, nargs="+", type=parse_rank, help="ranks: 8 16 64, or gate,up,down")
     ap.add_argument("--out", required=True, help="folder for <name>-r<rank> artifacts and report.json")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--refit-steps", type=int, default=0,
+                    help="re-fit each extracted expert's router row and bias on --sample and --public-sample, this "
+                         "many steps (flexmore.experts.refit; 0: keep the full expert's rows)")
+    ap.add_argument("--sample", default=None, help="refit: your data (shard folder or embedded:DOMAIN); default "
+                                                   "embedded:<the expert's domain>")
+    ap.add_argument("--public-sample", default="embedded:public", help="refit: the public data")
+    ap.add_argument("--seq-len", type=int, default=256, help="refit: window length")
+    ap.add_argument("--max-seqs", type=int, default=1024, help="refit: sequences per sample")
+    ap.add_argument("--tokenizer", default="byte", help="refit: the tokenizer the samples are read with")
     ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
     try:
+        if args.refit_steps < 0:
+            raise ValueError(f"--refit-steps={args.refit_steps} must be >= 0")
+        tune = TuneConfig(steps=args.refit_steps, route_loss=0.0) if args.refit_steps > 0 else None
         base = load_model(args.base, trust_checkpoint=args.trust_checkpoint)
         tensors, man = load_artifact(args.expert)
         if man.kind != "full":
             raise ValueError(f"{args.expert} is a {man.kind} expert; extraction needs a full expert")
         if man.base_hash != base_hash(base.state_dict()):
             raise ValueError(f"{args.expert} was trained against another base than {args.base}")
+        if tune is not None:
+            tok = load_tokenizer(args.tokenizer)
+            own = load_sample(args.sample or f"embedded:{man.domain.split(',')[0]}", tok, args.seq_len, args.max_seqs)
+            public_sample = load_sample(args.public_sample, tok, args.seq_len, args.max_seqs)
     except (FileNotFoundError, ValueError) as e:
         print(f"flexmore-lowrank: error: {e}", file=sys.stderr)
         return 2
@@ -55,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     for ranks in args.ranks:
         tag = "-".join(map(str, sorted(set(ranks)))) if len(set(ranks)) == 1 else "-".join(map(str, ranks))
         path, low_man, rows = save_lowrank(out / f"{man.name}-r{tag}", public, tensors, man, L, ranks, args.overwrite)
+        if tune is not None:  # replaced whole: the folder holds either the extraction or its refit
+            save_refit(args.base, path, path, own, public_sample, tune,
+                       torch.device("cuda" if torch.cuda.is_available() else "cpu"), overwrite=True,
+                       trust_checkpoint=args.trust_checkpoint)
         params = low_man.params
         for proj, r in zip(PROJECTIONS, ranks):
             sel = [x for x in rows if x.projection == proj]

@@ -23,12 +23,13 @@ ROUTER_KEYS = (".router", ".bias")  # layers.{i}.router, layers.{i}.bias: what a
 
 
 def refit_router(base_path: str | Path, artifact: str | Path, own: torch.Tensor, public: torch.Tensor,
-                 tc: TuneConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], ExpertManifest]:
+                 tc: TuneConfig, device: torch.device,
+                 trust_checkpoint: bool = False) -> tuple[dict[str, torch.Tensor], ExpertManifest]:
     """(tensors, manifest) of ``artifact`` with its router row and bias re-fitted (``tune_router`` on the two-expert
     model, every other tensor and the public row kept bit for bit); the manifest's ``training["router_refit"]`` says
     how. ``own`` and ``public``: (n, T + 1) windows of the owner's and the public data."""
     tensors, man = load_artifact(artifact)
-    model = merge(base_path, [artifact])
+    model = merge(base_path, [artifact], trust_checkpoint=trust_checkpoint)
     fit = tune_router(model, {"public": public, model.cfg.expert_names[1]: own},
                       dataclasses.replace(tc, drop=0.0, public_row=False), device, log=None)
     tuned = expert_tensors(model.state_dict(), model.cfg.n_layers, 1)
@@ -41,8 +42,8 @@ def refit_router(base_path: str | Path, artifact: str | Path, own: torch.Tensor,
 
 
 def save_refit(base_path: str | Path, artifact: str | Path, out: str | Path, own: torch.Tensor, public: torch.Tensor,
-               tc: TuneConfig, device: torch.device, overwrite: bool = False) -> Path:
+               tc: TuneConfig, device: torch.device, overwrite: bool = False, trust_checkpoint: bool = False) -> Path:
     """``refit_router`` written as the artifact ``out`` (whole or not at all; ``out`` may be ``artifact`` itself with
     ``overwrite``)."""
-    tensors, man = refit_router(base_path, artifact, own, public, tc, device)
+    tensors, man = refit_router(base_path, artifact, own, public, tc, device, trust_checkpoint)
     return save_artifact(out, tensors, dataclasses.replace(man, name=Path(out).name), overwrite=overwrite)
