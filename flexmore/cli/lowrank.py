@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-fit each extracted expert's router row and bias on --sample and --public-sample, this "
                          "many steps (flexmore.experts.refit; 0: keep the full expert's rows)")
     ap.add_argument("--sample", default=None, help="refit: your data (shard folder or embedded:DOMAIN); default "
-                                                   "embedded:<the expert's domain>")
+                                                   "the expert's training data (its shard folder or domain)")
     ap.add_argument("--public-sample", default="embedded:public", help="refit: the public data")
     ap.add_argument("--seq-len", type=int, default=256, help="refit: window length")
     ap.add_argument("--max-seqs", type=int, default=1024, help="refit: sequences per sample")
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.expert} was trained against another base than {args.base}")
         if tune is not None:
             tok = load_tokenizer(args.tokenizer)
-            own = load_sample(args.sample or f"embedded:{man.domain.split(',')[0]}", tok, args.seq_len, args.max_seqs)
+            first = man.domain.split(",")[0]  # its training data: a shard folder, or an embedded domain's name
+            own = load_sample(args.sample or (first if Path(first).is_dir() else f"embedded:{first}"), tok,
+                              args.seq_len, args.max_seqs)
             public_sample = load_sample(args.public_sample, tok, args.seq_len, args.max_seqs)
     except (FileNotFoundError, ValueError) as e:
         print(f"flexmore-lowrank: error: {e}", file=sys.stderr)
