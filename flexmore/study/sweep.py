@@ -66,12 +66,16 @@ def build_mixture(base_path: Path, artifacts: dict[str, Path], fit: RouterFit | 
     return model.to(device)
 
 
+def has_lowrank(choice: dict) -> bool:
+    return any(str(r) != FULL for r in choice.values())
+
+
 def router_label(choice: dict, fit: RouterFit | None, refit: bool = False) -> str:
     """How a cell's router was made: "tuned" for a mixture of several experts with a fit; "refit" when its low-rank
     experts' rows were re-fitted by their owners after compression (``save_refit``); else "merged"."""
     if fit is not None and len(choice) > 1:
         return "tuned"
-    return "refit" if refit and any(str(r) != FULL for r in choice.values()) else "merged"
+    return "refit" if refit and has_lowrank(choice) else "merged"
 
 
 def routing_label(choice: dict, context: str) -> str:
@@ -92,7 +96,7 @@ def lowrank_path(out: Path, name: str, rank: int, refit: bool = False) -> Path:
 
 def cell_key(design: str, choice: dict, fit: RouterFit | None, context: str = "token", refit: bool = False) -> str:
     tuned = "+tuned" if router_label(choice, fit) == "tuned" else ""
-    if refit and any(str(r) != FULL for r in choice.values()):  # a tuned mixture starts from the refitted rows too
+    if refit and has_lowrank(choice):  # a tuned mixture starts from the refitted rows too
         tuned += "+refit"
     routed = "" if routing_label(choice, context) == "token" else f"+{context}"
     return design + tuned + routed + ":" + "+".join(f"{n}@{r}" for n, r in choice.items())
@@ -146,7 +150,7 @@ def run_sweep(base_path: str | Path, expert_paths: list[str | Path], max_exp: in
         plain, path = lowrank_path(out, e.name, rank), lowrank_path(out, e.name, rank, refit is not None)
         if not plain.is_dir():  # published whole (atomic); a shard that finished it first is kept
             save_lowrank(plain, public, *load_artifact(e.path), cfg.n_layers, [rank], device=device)
-        if not path.is_dir():
+        if refit is not None and not path.is_dir():
             save_refit(base_path, plain, path, refit.samples[e.name], refit.samples["public"], refit.tune, device)
         return path
 
