@@ -495,6 +495,10 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     assert man.training["router_refit"]["samples"] == {"public": 8, "math-r2": 8}
     assert lowrank(args + ["--refit-steps", "-2", "--out", str(tmp_path / "bad")]) == 2
     assert "--refit-steps=-2 must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert lowrank(args + ["--refit-steps", "3", "--max-seqs", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--max-seqs=0 must be in [1, 4096]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert lowrank(args + ["--refit-steps", "3", "--seq-len", "99999", "--out", str(tmp_path / "bad")]) == 2
+    assert "--seq-len=99999 must be in [1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert merge_cli(["--base", str(base_dir), "--experts", str(tmp_path / "low" / "math-r2"),
                       str(tmp / "facts" / "expert"), "--top-k", "2", "--out", str(tmp_path / "merged")]) == 0
     merged = load_model(tmp_path / "merged")

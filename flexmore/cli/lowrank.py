@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flexmore.cli import TRUST_HELP
+from flexmore.cli import TRUST_HELP, check_max_seqs, check_seq_len
 from flexmore.data import load_tokenizer
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.extract import save_lowrank
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.refit_steps < 0:
             raise ValueError(f"--refit-steps={args.refit_steps} must be >= 0")
         tune = TuneConfig(steps=args.refit_steps, route_loss=0.0) if args.refit_steps > 0 else None
+        if tune is not None:
+            check_max_seqs(args.max_seqs)
         base = load_model(args.base, trust_checkpoint=args.trust_checkpoint)
         tensors, man = load_artifact(args.expert)
         if man.kind != "full":
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if man.base_hash != base_hash(base.state_dict()):
             raise ValueError(f"{args.expert} was trained against another base than {args.base}")
         if tune is not None:
+            check_seq_len(args.seq_len, base.cfg.max_seq_len)
             tok = load_tokenizer(args.tokenizer)
             first = man.domain.split(",")[0]  # its training data: a shard folder, or an embedded domain's name
             own = load_sample(args.sample or (first if Path(first).is_dir() else f"embedded:{first}"), tok,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flexmore.cli import TRUST_HELP
+from flexmore.cli import TRUST_HELP, check_max_seqs, check_seq_len
 from flexmore.data import load_tokenizer
 from flexmore.experts.router import MAX_SEQS, TuneConfig, centroid_router, load_sample, tune_router
 from flexmore.store.modeldir import load_model, save_model_dir
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
     try:
-        if not 1 <= args.max_seqs <= MAX_SEQS:
-            raise ValueError(f"--max-seqs={args.max_seqs} must be in [1, {MAX_SEQS}]: a small sample per owner")
+        check_max_seqs(args.max_seqs)
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
         tc = TuneConfig(steps=args.steps, lr=args.lr, micro_batch=args.micro_batch, route_loss=args.route_loss,
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device)
         model = load_model(args.merged, trust_checkpoint=args.trust_checkpoint)
-        if not 1 <= args.seq_len <= model.cfg.max_seq_len:
-            raise ValueError(f"--seq-len={args.seq_len} must be in [1, the model's max_seq_len={model.cfg.max_seq_len}]")
+        check_seq_len(args.seq_len, model.cfg.max_seq_len)
         tok = load_tokenizer(args.tokenizer)
         specs = dict(args.sample)
         specs.setdefault("public", "embedded:public")
