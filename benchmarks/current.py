@@ -318,6 +318,8 @@ def parity_rows() -> list[list[str]]:
               "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
     for rel, label in (("parity_small_long/summary_sweep.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                 "best of 2 rates each"),
+                       ("parity_small_long/summary_small_rates.json", "`small-long` (4000 steps, 0.99 epochs), R "
+                                                                      "= 1, one rate each (`small`'s best)"),
                        ("parity_small_long_code/summary_2k.json", "`small-long-code` cut to 2000 steps (public, "
                                                                   "math and code, 0.49 epochs), R = 1, one rate each"),
                        ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each")):
@@ -346,6 +348,8 @@ def parity_rows() -> list[list[str]]:
                                "seed again", (nolr[0], ortho[0], bf16)),
                               ("parity_ortho_bf16_small_2seeds/summary.json", "`small` (1000 steps), R = 1, mean of "
                                "2 seeds", (nolr[0], bf16)),
+                              ("parity_small_long/summary_small_rates.json", "`small-long` (4000 steps), R = 1, one "
+                               "seed", (bf16,)),
                               ("parity_tiny_long/summary_ortho_r2_2seeds.json", "`tiny-long`, R = 2, mean of 2 seeds",
                                (nolr[0], ortho[0])),
                               ("parity_tiny_long/summary_ortho_r2_bracketed.json", "`tiny-long`, R = 2, mean of 2 "
@@ -371,7 +375,7 @@ def parity_rows() -> list[list[str]]:
                             + (f"best of {n} rates" if n > 1 else "one rate"),
                             f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
                             f"AdamW {g['adamw']['val_loss']:.3f} (lr {swept_lr(g, 'adamw')})",
-                            f"{v['val_loss'] / g['adamw']['val_loss']:.3f}{ci}; public, code and math only "
+                            f"{v['val_loss'] / g['adamw']['val_loss']:.3f}{ci}; {', '.join(i['domains'])} only "
                             f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",
                             "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", ""), g["date"],
                             f"`{cmd}` (`{rel}`)"))
@@ -407,7 +411,18 @@ def study_rows() -> list[list[str]]:
     lo, hi = b["ci95"]
     second = {"above": "better", "below": "worse", "within": f"they match within {MATCH_MARGIN}"}.get(
         outcome(lo, hi, MATCH_MARGIN), "not resolved")
+    cells = [json.loads(x) for x in (RESULTS / "study_small_h200" / "results.jsonl").read_text().splitlines()]
+    public = {(c["mixture"], c["rank"]): c["score"] for c in cells if c.get("design") == "a" and c["task"] == "val/public"}
+    low = {k: v for k, v in public.items() if k[1] != "full"}
+    worst = max(low, key=low.get)
+    full = [v for k, v in public.items() if k[1] == "full"]
+    refit = {c["router"] for c in cells if c.get("design") == "a" and c["rank"] != "full"} == {"refit"}
     return [
+        row("rank study: public loss of each compressed expert alone (its two-expert model), worst of ranks "
+            f"{min(k[1] for k in low)}-{max(k[1] for k in low)}"
+            + (", router row re-fitted by its owner" if refit else ""),
+            f"{low[worst]:.3f} ({worst[0]} at rank {worst[1]})", f"full-size experts {min(full):.3f}–{max(full):.3f}",
+            f"{low[worst] - max(full):+.3f}", dev, p["date"], src),
         row("rank study, `small`, math expert alone: `math_mc` per doubling of rank", f"{fit['slope']:+.4f}", "—",
             f"95% CI [{fit['ci95'][0]:+.4f}, {fit['ci95'][1]:+.4f}]", dev, p["date"], src),
         row("rank study: best rank reasoning / knowledge (score slope per doubling, reasoning - knowledge)",

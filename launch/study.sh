@@ -4,12 +4,13 @@
 # mixture of several experts routed by posterior as the README workflow does, each pair with its owner's own router;
 # ROUTE=token for FlexOlmo's rule, whose mixtures get their router tuned first, TUNE_STEPS) and the report (table,
 # plots, summary).
-#   SIZE=small PARALLEL=1 SHARDS=3 launch/study.sh   # one GPU (~12 minutes on an H200), results in $OUT (default outputs/study)
+#   SIZE=small PARALLEL=1 SHARDS=3 launch/study.sh   # one GPU (~16 minutes on an H200), results in $OUT (default outputs/study)
 #   SIZE=tiny  launch/study.sh      # CPU, a few minutes: the pipeline at toy scale
 # Any variable below can be overridden from the environment (e.g. BASE_STEPS=500). Re-running resumes: finished
 # training runs and sweep cells are not recomputed.
 # PARALLEL=1 trains the three experts at once, SHARDS=N runs the sweep in N processes (a GPU with room for them).
-# REFIT_STEPS=N: each owner re-fits its compressed expert's router row (flexmore-sweep --refit-steps).
+# REFIT_STEPS=N: each owner re-fits its compressed expert's router row N steps (flexmore-sweep --refit-steps; default
+# 200, 0 keeps the rows trained beside the full expert).
 set -euo pipefail
 source "$(dirname "$0")/python.sh"
 SIZE=${SIZE:-small}
@@ -45,7 +46,7 @@ sweep() {
   "$PY" -u -m flexmore.cli.sweep --base "$OUT/base/model" --experts "$OUT/math/expert" "$OUT/facts/expert" "$OUT/code/expert" \
     --max-rank-exp "$MAXEXP" --n "$N" --val-batches "$VALB" --seq-len "$SEQ" --tune-steps "$TUNE_STEPS" \
     --val-domains public code math facts --route-context "$ROUTE" \
-    --refit-steps "${REFIT_STEPS:-0}" --out "$OUT/sweep" "$@"
+    --refit-steps "${REFIT_STEPS:-200}" --out "$OUT/sweep" "$@"
 }
 if [ "${SHARDS:-1}" -gt 1 ]; then  # SHARDS=N: N sweep processes share the GPU, then one pass adds design (c)
   pids=()

@@ -480,7 +480,7 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     from flexmore.cli.merge import main as merge_cli
 
     assert lowrank(["--base", str(base_dir), "--expert", str(tmp / "math" / "expert"), "--ranks", "2", "8",
-                    "64", "--out", str(tmp_path / "low")]) == 0
+                    "64", "--refit-steps", "0", "--out", str(tmp_path / "low")]) == 0
     out = capsys.readouterr().out
     assert "dense (past break-even)" in out and "factors A, B" in out
     report = json.loads((tmp_path / "low" / "report.json").read_text())
@@ -750,7 +750,7 @@ def test_lowrank_artifacts_from_the_cli_and_the_sweep_carry_the_same_manifest(wo
     from flexmore.experts.extract import save_lowrank
 
     assert lowrank(["--base", str(base_dir), "--expert", str(tmp / "math" / "expert"), "--ranks", "4",
-                    "--out", str(tmp_path / "cli")]) == 0
+                    "--refit-steps", "0", "--out", str(tmp_path / "cli")]) == 0
     base = load_model(base_dir)
     _, sweep_man, _ = save_lowrank(tmp_path / "sweep" / "math-r4", public_ffn(base, base.cfg.n_layers),
                                    *load_artifact(tmp / "math" / "expert"), base.cfg.n_layers, [4])

@@ -75,3 +75,6 @@ def test_readme_cpu_workflow_runs_as_written(tmp_path):
     assert set(losses) == {"val/public", "val/code", "val/math", "val/facts"}
     assert "validation at seq_len 128: the length the model was trained at" in done.stdout
     assert "val/facts=" in outs[2] and "val/math=" in outs[1]  # each expert validated on its own domain
+    # extraction re-fits the compressed expert's router row by default, on the expert's own data and the public data
+    refit = json.loads((out / "math-lowrank" / "math-r16" / "manifest.json").read_text())["training"]["router_refit"]
+    assert refit["steps"] == 200 and set(refit["samples"]) == {"public", "math-r16"}

@@ -13,7 +13,7 @@ from flexmore.cli import TRUST_HELP, check_max_seqs, check_seq_len
 from flexmore.data import load_tokenizer
 from flexmore.experts.artifact import base_hash, load_artifact
 from flexmore.experts.extract import save_lowrank
-from flexmore.experts.refit import save_refit
+from flexmore.experts.refit import REFIT_STEPS, save_refit
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model.experts import PROJECTIONS, Ranks, break_even_rank
 from flexmore.store.modeldir import load_model
@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", required=True, nargs="+", type=parse_rank, help="ranks: 8 16 64, or gate,up,down")
     ap.add_argument("--out", required=True, help="folder for <name>-r<rank> artifacts and report.json")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--refit-steps", type=int, default=0,
+    ap.add_argument("--refit-steps", type=int, default=REFIT_STEPS,
                     help="re-fit each extracted expert's router row and bias on --sample and --public-sample, this "
-                         "many steps (flexmore.experts.refit; 0: keep the full expert's rows)")
+                         "many steps (flexmore.experts.refit; 0: keep the rows trained beside the full expert, which "
+                         "at middle ranks send public tokens to the truncated one)")
     ap.add_argument("--sample", default=None, help="refit: your data (shard folder or embedded:DOMAIN); default "
                                                    "the expert's training data (its shard folder or domain)")
     ap.add_argument("--public-sample", default="embedded:public", help="refit: the public data")

@@ -16,6 +16,7 @@ from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.experts.artifact import base_hash, read_manifest
+from flexmore.experts.refit import REFIT_STEPS
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model import count_params
 from flexmore.model.config import ROUTE_CONTEXTS
@@ -88,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default="byte")
     ap.add_argument("--tune-steps", type=int, default=TuneConfig.steps,
                     help="router tuning of every mixture of several experts (0: the merged router as is)")
-    ap.add_argument("--refit-steps", type=int, default=0,
+    ap.add_argument("--refit-steps", type=int, default=REFIT_STEPS,
                     help="re-fit each extracted low-rank expert's router row and bias on its owner's sample and the "
                          "public one, this many steps, before any cell uses it (0: the rows trained with the full "
-                         "expert); with --tune-lr, --sample, --max-seqs")
+                         "expert, as FlexMoRE's paper extracts); with --tune-lr, --sample, --max-seqs")
     ap.add_argument("--refit-route-loss", type=float, default=0.0,
                     help="router refit: weight of the routing loss (0: the language-model loss alone, which measured "
                          "better on the expert's own domain; 1.0 keeps more public tokens on the public expert)")
