@@ -493,6 +493,15 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     changed = {k for k in plain if not torch.equal(plain[k], tuned[k])}
     assert changed and all(k.endswith((".router", ".bias")) for k in changed)
     assert man.training["router_refit"]["samples"] == {"public": 8, "math-r2": 8}
+    assert sorted(p.name for p in (tmp_path / "refit").iterdir()) == ["math-r2", "report.json"]  # no staging left
+    # an artifact already there is named before any work, and kept as it was
+    before = (tmp_path / "refit" / "math-r2" / "expert.safetensors").read_bytes()
+    assert lowrank(args + ["--ranks", "2", "8", "--refit-steps", "3", "--out", str(tmp_path / "refit")]) == 2
+    assert "math-r2 already exist(s); pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "refit" / "math-r2" / "expert.safetensors").read_bytes() == before
+    assert not (tmp_path / "refit" / "math-r8").exists()
+    assert lowrank(args + ["4", "4", "--refit-steps", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--ranks names one rank twice" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert lowrank(args + ["--refit-steps", "-2", "--out", str(tmp_path / "bad")]) == 2
     assert "--refit-steps=-2 must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert lowrank(args + ["--refit-steps", "3", "--max-seqs", "0", "--out", str(tmp_path / "bad")]) == 2
@@ -827,3 +836,18 @@ def test_refit_router_keeps_everything_but_the_experts_row_and_lowers_its_loss(w
                 torch.device("cpu"), log=None)
     moved = {k for k, v in m.state_dict().items() if not torch.equal(v, sd[k])}
     assert moved and not any(k.endswith("router.public") for k in moved)
+
+
+def test_sweep_refuses_bad_sample_settings_before_any_work(world, tmp_path, capsys):
+    """--seq-len beyond the base's max_seq_len, --max-seqs outside [1, MAX_SEQS] and negative step counts are named
+    before anything is extracted or written."""
+    _, base_dir = world
+    from flexmore.cli.sweep import main
+
+    args = ["--base", str(base_dir), "--experts", str(base_dir.parent / "math" / "expert"), "--out",
+            str(tmp_path / "o")]
+    for extra, message in ((["--seq-len", "99999"], "--seq-len=99999 must be in [1, the model's max_seq_len="),
+                           (["--max-seqs", "0"], "--max-seqs=0 must be in [1, "),
+                           (["--tune-steps", "-3"], "--tune-steps=-3 must be >= 0")):
+        assert main(args + extra) == 2, extra
+        assert message in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def parse_rank(text: str) -> list[int]:
 def public_ffn(model, n_layers: int) -> dict:
     sd = model.state_dict()
     return {f"layers.{i}.{p}.weight": sd[f"blocks.{i}.ffn.experts.0.{p}.weight"] for i in range(n_layers) for p in PROJECTIONS}
+
+
+def rank_tag(ranks: list[int]) -> str:
+    """The artifact's suffix: one number for a uniform rank, else gate-up-down."""
+    return str(ranks[0]) if len(set(ranks)) == 1 else "-".join(map(str, ranks))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.expert} is a {man.kind} expert; extraction needs a full expert")
         if man.base_hash != base_hash(base.state_dict()):
             raise ValueError(f"{args.expert} was trained against another base than {args.base}")
+        out = Path(args.out)
+        names = [f"{man.name}-r{rank_tag(ranks)}" for ranks in args.ranks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--ranks names one rank twice: {[rank_tag(r) for r in args.ranks]}")
+        there = [n for n in names if (out / n).exists()]
+        if there and not args.overwrite:
+            raise ValueError(f"{', '.join(str(out / n) for n in there)} already exist(s); pass --overwrite to replace")
         if tune is not None:
             check_seq_len(args.seq_len, base.cfg.max_seq_len)
             tok = load_tokenizer(args.tokenizer)
@@ -74,18 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg, L = base.cfg, base.cfg.n_layers
     public = public_ffn(base, L)
-    out = Path(args.out)
+    staging = out / ".extracted"  # a refit reads the extraction from here: the final folder is written once, whole
     report = []
     be = {"gate_proj": break_even_rank(cfg.d_ffn, cfg.d_model), "up_proj": break_even_rank(cfg.d_ffn, cfg.d_model),
           "down_proj": break_even_rank(cfg.d_model, cfg.d_ffn)}
     print(f"{'ranks':>14} {'projection':<10}{'energy':>9}{'rel err':>10}  storage (break-even {be['gate_proj']:.0f})")
-    for ranks in args.ranks:
-        tag = "-".join(map(str, sorted(set(ranks)))) if len(set(ranks)) == 1 else "-".join(map(str, ranks))
-        path, low_man, rows = save_lowrank(out / f"{man.name}-r{tag}", public, tensors, man, L, ranks, args.overwrite)
-        if tune is not None:  # replaced whole: the folder holds either the extraction or its refit
-            save_refit(args.base, path, path, own, public_sample, tune,
-                       torch.device("cuda" if torch.cuda.is_available() else "cpu"), overwrite=True,
-                       trust_checkpoint=args.trust_checkpoint)
+    for name, ranks in zip(names, args.ranks):
+        if tune is None:
+            path, low_man, rows = save_lowrank(out / name, public, tensors, man, L, ranks, args.overwrite)
+        else:
+            extracted, low_man, rows = save_lowrank(staging / name, public, tensors, man, L, ranks, overwrite=True)
+            path = save_refit(args.base, extracted, out / name, own, public_sample, tune,
+                              torch.device("cuda" if torch.cuda.is_available() else "cpu"), overwrite=args.overwrite,
+                              trust_checkpoint=args.trust_checkpoint)
         params = low_man.params
         for proj, r in zip(PROJECTIONS, ranks):
             sel = [x for x in rows if x.projection == proj]
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{str(ranks):>14} {proj:<10}{energy:>9.4f}{err:>10.2e}  {storage}")
             report.append({"ranks": ranks, "projection": proj, "rank": r, "energy": energy, "max_rel_error": err,
                            "dense": sel[0].dense, "artifact": str(path), "params": params})
+    shutil.rmtree(staging, ignore_errors=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from flexmore.cli import TRUST_HELP
+from flexmore.cli import TRUST_HELP, check_max_seqs, check_seq_len
 from flexmore.data import load_tokenizer
 from flexmore.eval.evaluate import evaluate_model
 from flexmore.eval.table import write_table
@@ -20,7 +20,7 @@ from flexmore.experts.refit import REFIT_STEPS
 from flexmore.experts.router import TuneConfig, load_sample
 from flexmore.model import count_params
 from flexmore.model.config import ROUTE_CONTEXTS
-from flexmore.store.modeldir import check_trusted, is_checkpoint, load_model, save_model_dir
+from flexmore.store.modeldir import check_trusted, is_checkpoint, load_model, read_config, save_model_dir
 from flexmore.study.allocate import allocate
 from flexmore.study.report import write_report
 from flexmore.study.results import ResultStore
@@ -120,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         shard = parse_shard(args.shard)
-        if args.refit_steps < 0:
-            raise ValueError(f"--refit-steps={args.refit_steps} must be >= 0")
+        for flag, steps in (("--tune-steps", args.tune_steps), ("--refit-steps", args.refit_steps)):
+            if steps < 0:
+                raise ValueError(f"{flag}={steps} must be >= 0")
         refit_tune = TuneConfig(steps=args.refit_steps, lr=args.tune_lr, route_loss=args.refit_route_loss) \
             if args.refit_steps > 0 else None  # checked before any work
+        if args.tune_steps > 0 or args.refit_steps > 0:
+            check_max_seqs(args.max_seqs)
         base = check_trusted(args.base, args.trust_checkpoint)
+        check_seq_len(args.seq_len, read_config(base).max_seq_len)
         if is_checkpoint(base):  # your own checkpoint, trusted: read once, then as a model folder like any other
             base = base_model_dir(load_model(base, trust_checkpoint=True), out / "base-model", base)
         tasks = build_tasks(args.tasks, args.n)
