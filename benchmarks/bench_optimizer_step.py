@@ -111,7 +111,8 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
 
 def profile_step(model_name: str, out: Path) -> dict:
     """Where a FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the step
-    itself (equal: host-bound), and torch.profiler's table of host ops (``out``)."""
+    itself (equal: host-bound), its GPU work per step, and torch.profiler's tables (``out``): ops by host time, then
+    by device time, so the kernels a GPU-bound step spends its time in are listed too."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = load_preset(model_name)
@@ -131,9 +132,12 @@ def profile_step(model_name: str, out: Path) -> dict:
         for _ in range(5):
             demo.step()
         torch.cuda.synchronize()
-    out.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
+    ops = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in ops) / 5 / 1e3
+    out.write_text(f"by host time\n{ops.table(sort_by='self_cpu_time_total', row_limit=50)}\n\nby device time\n"
+                   f"{ops.table(sort_by='self_cuda_time_total', row_limit=30)}\n")
     return {"what": f"{model_name}: FlexDeMo triton step, host enqueue time (profile: {out.name})", "ms": host,
-            "step_ms": total}
+            "step_ms": total, "gpu_ms": gpu_ms}
 
 
 def kernel_choice(path: str) -> KernelOptions:
@@ -171,6 +175,7 @@ def main() -> None:
         extra = f"  floor {r['floor_ms']:.3f} ms ({r['x_floor']:.1f}x)" if "floor_ms" in r else ""
         extra += f"  ratio {r['ratio']:.2f}" if "ratio" in r else ""
         extra += f"  (the step itself {r['step_ms']:.3f} ms)" if "step_ms" in r else ""
+        extra += f"  (GPU work {r['gpu_ms']:.3f} ms)" if "gpu_ms" in r else ""
         print(f"{r['what']:<55}{r['ms']:>9.3f} ms{extra}")
     if args.out:
         Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=1))
