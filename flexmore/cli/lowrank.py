@@ -12,7 +12,7 @@ import torch
 
 from flexmore.cli import TRUST_HELP, check_max_seqs, check_seq_len
 from flexmore.data import load_tokenizer
-from flexmore.experts.artifact import base_hash, load_artifact
+from flexmore.experts.artifact import base_hash, load_artifact, read_manifest
 from flexmore.experts.extract import save_lowrank
 from flexmore.experts.refit import REFIT_STEPS, save_refit
 from flexmore.experts.router import TuneConfig, load_sample
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             path = save_refit(args.base, extracted, out / name, own, public_sample, tune,
                               torch.device("cuda" if torch.cuda.is_available() else "cpu"), overwrite=args.overwrite,
                               trust_checkpoint=args.trust_checkpoint)
+            fit = read_manifest(path).training["router_refit"]
+            print(f"{name}: router row re-fitted, {fit['steps']} steps, loss {fit['loss_first']:.4f} -> "
+                  f"{fit['loss_last']:.4f} on {fit['samples']} sequences")
         params = low_man.params
         for proj, r in zip(PROJECTIONS, ranks):
             sel = [x for x in rows if x.projection == proj]
