@@ -794,6 +794,12 @@ def test_expert_on_your_own_shards_with_public_negatives_from_shards(world, tmp_
     tensors, man = load_artifact(res.artifact)
     assert man.training["public_fraction"] == 0.25 and man.domain == str(mine)
     assert res.final_step == 3 and set(res.val[3]) == {"own"}
+    # the refit's and the sweep's default sample is that shard folder, not an embedded domain of the same name
+    from flexmore.experts.router import load_sample, own_sample_spec
+
+    assert own_sample_spec(man.domain) == str(mine)
+    assert torch.equal(load_sample(own_sample_spec(man.domain), tok, 16, 4), load_sample(str(mine), tok, 16, 4))
+    assert own_sample_spec("math,code") == "embedded:math" and own_sample_spec("/gone/shards") == "/gone/shards"
 
 
 def test_refit_router_keeps_everything_but_the_experts_row_and_lowers_its_loss(world, tmp_path):

@@ -15,7 +15,7 @@ from flexmore.data import load_tokenizer
 from flexmore.experts.artifact import base_hash, load_artifact, read_manifest
 from flexmore.experts.extract import save_lowrank
 from flexmore.experts.refit import REFIT_STEPS, save_refit
-from flexmore.experts.router import TuneConfig, load_sample
+from flexmore.experts.router import TuneConfig, load_sample, own_sample_spec
 from flexmore.model.experts import PROJECTIONS, Ranks, break_even_rank
 from flexmore.store.modeldir import load_model
 
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if tune is not None:
             check_seq_len(args.seq_len, base.cfg.max_seq_len)
             tok = load_tokenizer(args.tokenizer)
-            first = man.domain.split(",")[0]  # its training data: a shard folder, or an embedded domain's name
-            own = load_sample(args.sample or (first if Path(first).is_dir() else f"embedded:{first}"), tok,
-                              args.seq_len, args.max_seqs)
+            own = load_sample(args.sample or own_sample_spec(man.domain), tok, args.seq_len, args.max_seqs)
             public_sample = load_sample(args.public_sample, tok, args.seq_len, args.max_seqs)
     except (FileNotFoundError, ValueError) as e:
         print(f"flexmore-lowrank: error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from flexmore.eval.table import write_table
 from flexmore.eval.tasks import build_tasks, embedded_val_sets
 from flexmore.experts.artifact import base_hash, read_manifest
 from flexmore.experts.refit import REFIT_STEPS
-from flexmore.experts.router import TuneConfig, load_sample
+from flexmore.experts.router import TuneConfig, load_sample, own_sample_spec
 from flexmore.model import count_params
 from flexmore.model.config import ROUTE_CONTEXTS
 from flexmore.store.modeldir import check_trusted, is_checkpoint, load_model, read_config, save_model_dir
@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", type=float, default=TuneConfig.drop,
                     help="router tuning: probability that an expert is absent from a row (rehearses opt-outs)")
     ap.add_argument("--sample", nargs="*", default=[], metavar="NAME=DATA",
-                    help="router tuning: each owner's sample (shard folder or embedded:DOMAIN); default "
-                         "embedded:<the expert's domain>, and embedded:public for public")
+                    help="router tuning and refit: each owner's sample (shard folder or embedded:DOMAIN); default "
+                         "the expert's training data (its shard folder or embedded domain), and embedded:public for "
+                         "public")
     ap.add_argument("--max-seqs", type=int, default=1024, help="router tuning: sequences per sample")
     ap.add_argument("--route-context", choices=ROUTE_CONTEXTS, default="token",
                     help="the routing rule of every mixture of several experts (after tuning, if --tune-steps > 0): "
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             specs = {"public": "embedded:public"}
             for p in args.experts:
                 man = read_manifest(p)
-                specs[man.name] = f"embedded:{man.domain.split(',')[0]}"
+                specs[man.name] = own_sample_spec(man.domain)
             for item in args.sample:
                 name, _, spec = item.partition("=")
                 if name not in specs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,13 @@ def load_sample(spec: str, tokenizer, seq_len: int, max_seqs: int) -> torch.Tens
     if stream.tokenizer != tokenizer.name:
         raise ValueError(f"sample {spec} was tokenised with {stream.tokenizer!r}, not {tokenizer.name!r}")
     return first_windows(stream, seq_len, max_seqs)  # an owner's contributed sample
+
+
+def own_sample_spec(domain: str) -> str:
+    """An owner's default sample: its expert's training data as the manifest records it (``domain``: shard folders or
+    embedded domain names, comma-separated; the first is used)."""
+    first = domain.split(",")[0]
+    return first if "/" in first or Path(first).is_dir() else f"embedded:{first}"
 
 
 def check_samples(model: FlexOlmo, samples: dict[str, torch.Tensor]) -> list[str]:
