@@ -21,7 +21,7 @@ from flexmore.experts.router import TuneConfig, tune_router
 
 ROUTER_KEYS = (".router", ".bias")  # layers.{i}.router, layers.{i}.bias: what a refit may change
 # The default of flexmore-lowrank and flexmore-sweep: at `small` it kept every rank's public loss within 0.03 of the
-# full expert's (0.6-1.5 without) and lowered the expert's own loss (benchmarks/HISTORY.md, seventeenth session).
+# full expert's (0.53-1.47 without) and lowered the expert's own loss (benchmarks/HISTORY.md, seventeenth session).
 REFIT_STEPS = 200
 
 
