@@ -368,6 +368,9 @@ def parity_rows() -> list[list[str]]:
                                                     "2 × 2"),
                                 ("flexdemo-k24-q2", "k 24, values in 2 bits: 175.9× less than dense bf16 for `base` "
                                                     "2 × 2"))),
+                              ("parity_tiny_long/summary_wire_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
+                               (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
+                                                    "2 × 2"),)),
                               ("parity_tiny_long/summary_ortho_wire_r4.json", "`tiny-long`, R = 4, one seed", (wire,))):
         g = load(rel)  # a rule against the default (or AdamW), each swept
         i, cmd = g["in_distribution"], command(g)
