@@ -248,12 +248,11 @@ def paired_ratio(f: dict, a: dict) -> dict | None:
     seeds = sorted(set(f["seeds"]) & set(a["seeds"]))
     if len(seeds) < 2:
         return None
-    from flexmore.study.regression import t_quantile
+    from flexmore.study.regression import mean_ci
 
     ratios = [f["seeds"][s] / a["seeds"][s] for s in seeds]
-    n, mean = len(ratios), sum(ratios) / len(ratios)
-    half = t_quantile(0.975, n - 1) * (sum((x - mean) ** 2 for x in ratios) / (n - 1)) ** 0.5 / n ** 0.5
-    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "per_seed": dict(zip(map(str, seeds), ratios))}
+    mean, lo, hi = mean_ci(ratios)
+    return {"n": len(ratios), "mean": mean, "ci95": [lo, hi], "per_seed": dict(zip(map(str, seeds), ratios))}
 
 
 def summarise(runs: list[dict], R: int) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flexmore.study.allocate import allocate
-from flexmore.study.regression import fit_log2, t_quantile
+from flexmore.study.regression import fit_log2, mean_ci, t_quantile
 from flexmore.study.report import FULL
 from flexmore.study.results import ResultStore
 
@@ -30,6 +30,13 @@ def test_regression_recovers_a_planted_slope():
     flat = fit_log2(ranks, [0.5 + rng.gauss(0, 0.02) for _ in ranks])
     assert flat.slope_lo < 0 < flat.slope_hi
     assert abs(t_quantile(0.975, 10) - 2.228) < 2e-3 and abs(t_quantile(0.975, 3) - 3.182) < 3e-2
+
+
+def test_mean_interval_is_the_t_interval():
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])  # sd sqrt(2.5), t(0.975, 4) = 2.776 from tables
+    assert mean == 3.0 and abs(hi - mean - 2.776 * 2.5**0.5 / 5**0.5) < 5e-3 and abs((hi - mean) - (mean - lo)) < 1e-12
+    with pytest.raises(ValueError, match="at least 2 values, got 1"):
+        mean_ci([0.5])
 
 
 def test_allocator_respects_the_budget_and_is_optimal():
