@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -487,8 +488,13 @@ def test_cli_extract_then_merge_a_rank_heterogeneous_mixture(world, tmp_path, ca
     assert {r["rank"] for r in report} == {2, 8, 64}
     # the owner's refit: the same extraction with only router rows and biases re-fitted; bad input named, nothing written
     args = ["--base", str(base_dir), "--expert", str(tmp / "math" / "expert"), "--ranks", "2"]
+    other = tmp_path / "refit" / ".extracted"  # another run's staging in the same --out, at the same time: kept
+    other.mkdir(parents=True)
+    (other / "x").write_text("theirs")
     assert lowrank(args + ["--refit-steps", "3", "--seq-len", "32", "--max-seqs", "8", "--out",
                            str(tmp_path / "refit")]) == 0
+    assert (other / "x").read_text() == "theirs"
+    shutil.rmtree(other)
     plain, (tuned, man) = load_artifact(tmp_path / "low" / "math-r2")[0], load_artifact(tmp_path / "refit" / "math-r2")
     changed = {k for k in plain if not torch.equal(plain[k], tuned[k])}
     assert changed and all(k.endswith((".router", ".bias")) for k in changed)

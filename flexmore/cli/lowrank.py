@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -85,32 +86,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg, L = base.cfg, base.cfg.n_layers
     public = public_ffn(base, L)
-    staging = out / ".extracted"  # a refit reads the extraction from here: the final folder is written once, whole
-    report = []
-    be = {"gate_proj": break_even_rank(cfg.d_ffn, cfg.d_model), "up_proj": break_even_rank(cfg.d_ffn, cfg.d_model),
-          "down_proj": break_even_rank(cfg.d_model, cfg.d_ffn)}
-    print(f"{'ranks':>14} {'projection':<10}{'energy':>9}{'rel err':>10}  storage (break-even {be['gate_proj']:.0f})")
-    for name, ranks in zip(names, args.ranks):
-        if tune is None:
-            path, low_man, rows = save_lowrank(out / name, public, tensors, man, L, ranks, args.overwrite)
-        else:
-            extracted, low_man, rows = save_lowrank(staging / name, public, tensors, man, L, ranks, overwrite=True)
-            path = save_refit(args.base, extracted, out / name, own, public_sample, tune,
-                              torch.device("cuda" if torch.cuda.is_available() else "cpu"), overwrite=args.overwrite,
-                              trust_checkpoint=args.trust_checkpoint)
-            fit = read_manifest(path).training["router_refit"]
-            print(f"{name}: router row re-fitted, {fit['steps']} steps, loss {fit['loss_first']:.4f} -> "
-                  f"{fit['loss_last']:.4f} on {fit['samples']} sequences")
-        params = low_man.params
-        for proj, r in zip(PROJECTIONS, ranks):
-            sel = [x for x in rows if x.projection == proj]
-            energy = sum(x.energy for x in sel) / len(sel)
-            err = max(x.rel_error for x in sel)
-            storage = "dense (past break-even)" if sel[0].dense else "factors A, B"
-            print(f"{str(ranks):>14} {proj:<10}{energy:>9.4f}{err:>10.2e}  {storage}")
-            report.append({"ranks": ranks, "projection": proj, "rank": r, "energy": energy, "max_rel_error": err,
-                           "dense": sel[0].dense, "artifact": str(path), "params": params})
-    shutil.rmtree(staging, ignore_errors=True)
+    # a refit reads each extraction from this run's own staging folder (two runs into one --out never share it),
+    # so every final folder is written once, whole
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extracted-", dir=out)) if tune is not None else None
+    try:
+        report = []
+        be = {"gate_proj": break_even_rank(cfg.d_ffn, cfg.d_model), "up_proj": break_even_rank(cfg.d_ffn, cfg.d_model),
+              "down_proj": break_even_rank(cfg.d_model, cfg.d_ffn)}
+        print(f"{'ranks':>14} {'projection':<10}{'energy':>9}{'rel err':>10}  "
+              f"storage (break-even {be['gate_proj']:.0f})")
+        for name, ranks in zip(names, args.ranks):
+            if tune is None:
+                path, low_man, rows = save_lowrank(out / name, public, tensors, man, L, ranks, args.overwrite)
+            else:
+                extracted, low_man, rows = save_lowrank(staging / name, public, tensors, man, L, ranks, overwrite=True)
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                path = save_refit(args.base, extracted, out / name, own, public_sample, tune, device,
+                                  overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
+                fit = read_manifest(path).training["router_refit"]
+                print(f"{name}: router row re-fitted, {fit['steps']} steps, loss {fit['loss_first']:.4f} -> "
+                      f"{fit['loss_last']:.4f} on {fit['samples']} sequences")
+            params = low_man.params
+            for proj, r in zip(PROJECTIONS, ranks):
+                sel = [x for x in rows if x.projection == proj]
+                energy = sum(x.energy for x in sel) / len(sel)
+                err = max(x.rel_error for x in sel)
+                storage = "dense (past break-even)" if sel[0].dense else "factors A, B"
+                print(f"{str(ranks):>14} {proj:<10}{energy:>9.4f}{err:>10.2e}  {storage}")
+                report.append({"ranks": ranks, "projection": proj, "rank": r, "energy": energy, "max_rel_error": err,
+                               "dense": sel[0].dense, "artifact": str(path), "params": params})
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return 0
 
