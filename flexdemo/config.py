@@ -54,9 +54,11 @@ class DeMoConfig:
     # does to its momentum: every singular value near 1) and scaled to AdamW's typical update RMS (0.2 sqrt(max(rows,
     # cols)) times the orthogonal factor), so AdamW's learning rates apply; the dense-sent tensors step by sign(d).
     # ``orthogonal_scope``: "matrix" (the whole matrix: gathered over the node's shard group under FSDP) or "chunk"
-    # (each s x s chunk on its own: local, s x s products only). ``orthogonal_precision``: the Newton-Schulz products
-    # in "fp32" or "bf16" (as Muon computes them: several times faster on tensor cores; the iteration only needs
-    # singular values near 1, which bf16's rounding leaves).
+    # (each s x s chunk on its own: local, s x s products only; with the Triton kernels one launch that keeps each
+    # chunk in registers, flexdemo.ops.newton_schulz). ``orthogonal_precision``: the Newton-Schulz products in "fp32"
+    # or "bf16" (as Muon computes them: several times faster on tensor cores; the iteration only needs singular values
+    # near 1, which bf16's rounding leaves; but a chunk's direction has rank about k, and bf16's rounding grows into
+    # steps along the directions the payload left empty: keep fp32 at scope chunk).
     base_step: str = "direct"
     orthogonal_scope: str = "matrix"
     orthogonal_precision: str = "fp32"

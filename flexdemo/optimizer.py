@@ -405,9 +405,10 @@ class FlexDeMo(torch.optim.Optimizer):
                     step_lr, step_decay = lr, decay
                 ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
                                        self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options)
-                if self.cfg.base_step == "orthogonal":
-                    orthogonalize_all(ps, bufs, table.layouts, self.cfg.orthogonal_scope,
-                                      self.cfg.orthogonal_precision)
+                if self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk":
+                    ops.orthogonalize_chunks_table(self.kernels, table, targets, self.cfg.orthogonal_precision)
+                elif self.cfg.base_step == "orthogonal":
+                    orthogonalize_all(ps, bufs, table.layouts, "matrix", self.cfg.orthogonal_precision)
             if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:

@@ -329,7 +329,8 @@ def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas, lr):
 @pytest.mark.parametrize("replicas, base_step, rule", [(1, "direct", {}), (2, "direct", {}), (3, "direct", {}),
                                                       (2, "adam", {}), (2, "adam", {"sign": True}),
                                                       (2, "direct", {"sign": True, "tensor_scale": "adam_rms"}),
-                                                      (2, "direct", {"precondition": "adam"})])
+                                                      (2, "direct", {"precondition": "adam"}),
+                                                      (2, "orthogonal", {"orthogonal_scope": "chunk"})])
 def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas, base_step, rule):
     torch.manual_seed(0)
     shapes = [(37, 21), (32, 48), (9,)]
@@ -359,6 +360,8 @@ def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(r
                 # differ by up to lr per step, every other one as tightly as the direct step
                 close = torch.isclose(q, p, rtol=1e-4, atol=1e-6)
                 assert close.float().mean() >= 0.99 and ((q - p).abs() <= 3 * 0.01 * 1.01).all()
+            elif base_step == "orthogonal":  # five fp32 Newton-Schulz rounds: ~1e-4 of the step (0.008)
+                torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
             else:
                 torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
         for p, q in zip(k_reps[0], k_reps[r]):
@@ -557,3 +560,45 @@ def test_quantised_payload_on_the_triton_path_keeps_what_the_codes_lose():
     opt = FlexDeMo([p], lr=0.1, chunk=16, topk=6, beta=0.9, sign=False, value_bits=4, kernels="triton")
     opt.step()
     torch.testing.assert_close(opt.state[p]["delta"] + (init - p.detach()) / 0.1, 0.1 * grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunk_orthogonalisation_matches_its_torch_twin(precision):
+    """base_step=orthogonal, orthogonal_scope=chunk: the one-launch kernel over a table of odd-shaped tensors (ragged
+    edge chunks, a strided view, an all-zero chunk) against the twin's padded batch of chunks, each chunk on its own;
+    fp32 to fp32 rounding, bf16 to bf16 rounding of the iterate (the twin rounds each elementwise step, the kernel
+    only products and iterates), and every singular value of a full chunk near 1 after the scale either way."""
+    from flexdemo.ops.newton_schulz import orthogonalize_chunks_triton
+    from flexdemo.ops.newton_schulz_reference import UPDATE_RMS, orthogonalize_chunks_reference
+
+    g = torch.Generator().manual_seed(3)
+    s = 16
+    shapes = [(37, 21), (16, 16), (5, 40)]
+    base = [torch.randn(r, c, generator=g) for r, c in shapes]
+    base[1][:, :] = 0  # an all-zero chunk stays zero
+    wide = torch.randn(37, 30, generator=g)  # tensor 0 as a strided view of a wider buffer
+    wide[:, :21] = base[0]
+    layouts = [ChunkLayout(r, c, s) for r, c in shapes]
+    table = ChunkTable.build(layouts, [0, 6, 7], 4, torch.device(DEVICE))
+    got = [wide.clone().to(DEVICE)] + [x.clone().to(DEVICE) for x in base[1:]]
+    targets = [got[0][:, :21]] + got[1:]
+    orthogonalize_chunks_triton(table, targets, precision)
+    want, twin = [x.clone() for x in base], [x.clone() for x in base]
+    orthogonalize_chunks_reference(layouts, want)  # fp32
+    orthogonalize_chunks_reference(layouts, twin, precision)
+    for x, w, t in zip(targets, want, twin):
+        x = x.cpu()
+        if precision == "fp32":
+            torch.testing.assert_close(x, w, rtol=1e-4, atol=1e-5)
+        else:  # off the fp32 step by bf16's rounding, as the twin is, and no more
+            err, twin_err = [float((y - w).norm() / w.norm().clamp_min(1e-12)) for y in (x, t)]
+            assert err < max(1.5 * twin_err, 1e-6) and (err > 0) == (twin_err > 0), (err, twin_err)
+    assert got[0][:, 21:].cpu().equal(wide[:, 21:])  # outside the view: untouched
+    assert (targets[1] == 0).all()
+    full = layouts[0].to_chunks(targets[0].cpu())[0].double() / (UPDATE_RMS * s ** 0.5)  # a full 16 x 16 chunk
+    sv = torch.linalg.svdvals(full)
+    assert 0.5 < sv.min() and sv.max() < 1.3
+    with pytest.raises(ValueError, match="precision='fp16'; allowed: fp32, bf16"):
+        orthogonalize_chunks_triton(table, targets, "fp16")
+    with pytest.raises(ValueError, match=r"directions must be fp32; got \['torch.bfloat16'\]"):
+        orthogonalize_chunks_triton(table, [x.to(torch.bfloat16) for x in targets], "fp32")

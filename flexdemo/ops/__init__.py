@@ -1,4 +1,5 @@
-"""Encode and decode + apply: Triton kernels with a torch twin beside each, and the dispatch between them.
+"""Encode, decode + apply and the chunks' orthogonal step: Triton kernels with a torch twin beside each, and the
+dispatch between them.
 
 ``kernels``: ``torch`` (the references, any device), ``triton`` (CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1), ``auto`` (triton on CUDA where the chunk size suits it, torch otherwise).
@@ -68,3 +69,15 @@ def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: t
     for t, (lay, p) in enumerate(zip(table.layouts, params)):
         sl = table.payload_slice(t)
         decode_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, sign)
+
+
+def orthogonalize_chunks_table(kernels: str, table: ChunkTable, targets: list, precision: str) -> None:
+    """base_step=orthogonal at orthogonal_scope=chunk over every tensor of ``table``: one launch (triton) or the
+    twin's padded batches of chunks (torch)."""
+    if kernels == "triton":
+        from flexdemo.ops.newton_schulz import orthogonalize_chunks_triton
+
+        return orthogonalize_chunks_triton(table, targets, precision)
+    from flexdemo.ops.newton_schulz_reference import orthogonalize_chunks_reference
+
+    orthogonalize_chunks_reference(table.layouts, targets, precision)
