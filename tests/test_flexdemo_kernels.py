@@ -423,6 +423,12 @@ def test_chunk_table_rejects_bad_input_before_launch():
     with pytest.raises(ValueError, match=r"tensor 0: shape \(20, 20\) stride \(1, 20\)"):  # column-major
         table.addresses([torch.zeros(20, 20).t(), torch.zeros(8, 8)])
     zeros = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE)]
+    # the address table of tensors where they were before is the one already on the device; any move, a new one
+    first = table.addresses(zeros)
+    assert first.tolist() == [[z.data_ptr(), z.stride(0)] for z in zeros] and table.addresses(zeros) is first
+    moved = [zeros[0], torch.zeros(8, 8, device=DEVICE)]
+    assert table.addresses(moved).tolist() == [[z.data_ptr(), z.stride(0)] for z in moved]
+    assert table.addresses(zeros, moved) is not first and table.addresses(zeros) is first
     out = torch.zeros(5 * 16, device=DEVICE), torch.zeros(5 * 16, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=r"one gradient dtype per launch; got \['torch.bfloat16', 'torch.float32'\]"):
         encode_triton_table(table, [zeros[0], zeros[1].bfloat16()], zeros, 0.9, 0.1, *out)

@@ -10,7 +10,7 @@ every step). Payload places are counted in chunks of k entries: tensor t's paylo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from flexdemo.chunks import ChunkLayout
 
 # columns of ChunkTable.meta
 ROWS, COLS, GRID_COLS, LAUNCH_FIRST, PAYLOAD_FIRST = range(5)
+ADDRESS_TABLES = 8  # address tables kept on the device per ChunkTable (encode's, decode's, ... of the last steps)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ChunkTable:
     k: int  # payload entries per chunk
     tensor_of_chunk: torch.Tensor  # (num_chunks,) int32
     meta: torch.Tensor  # (T, 5) int64
+    # address rows -> their device copy: a step whose tensors sit where they sat before reuses it (no pinned copy)
+    _addresses: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, layouts: list[ChunkLayout], payload_first: list[int], k: int, device: torch.device) -> "ChunkTable":
@@ -66,7 +69,10 @@ class ChunkTable:
 
     def addresses(self, *tensor_lists: list[torch.Tensor | None]) -> torch.Tensor:
         """(T, 2 * len(tensor_lists)) int64 on the table's device: each list's [address, row stride] per tensor
-        (0, 0 for None). Each tensor must be a (rows, cols) view with unit column stride, as the kernels index it."""
+        (0, 0 for None). Each tensor must be a (rows, cols) view with unit column stride, as the kernels index it.
+        Momenta and parameters never move and gradients mostly come back where they were, so the device copy of
+        rows seen lately is reused: the step's host time went largely into pinning and copying these (H200 profile,
+        benchmarks/HISTORY.md)."""
         out = []
         for t, lay in enumerate(self.layouts):
             row = []
@@ -80,8 +86,17 @@ class ChunkTable:
                                      f"({lay.rows}, {lay.cols}) with unit column stride")
                 row += [x.data_ptr(), x.stride(0)]
             out.append(row)
+        key = (len(tensor_lists), *(v for row in out for v in row))
+        cached = self._addresses.get(key)
+        if cached is not None:  # the same addresses and strides: the same table (it is only ever read)
+            return cached
         host = torch.tensor(out, dtype=torch.int64)
         device = self.meta.device
         if device.type == "cuda":  # pinned and asynchronous: no wait for the queued backward pass
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host.to(device)
+        if len(self._addresses) >= ADDRESS_TABLES:
+            self._addresses.pop(next(iter(self._addresses)))  # the oldest
+        self._addresses[key] = table
+        return table
