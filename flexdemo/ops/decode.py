@@ -24,6 +24,7 @@ from flexdemo.ops.encode import payload_block
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import dot_basis_rows_bf16x3
 from flexdemo.ops.rounding import cast_like
+from flexdemo.ops.table_lookup import table_chunk
 
 
 @triton.jit
@@ -33,15 +34,9 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
-        t = tl.load(owner_ptr + c)
-        meta = table_ptr + t * 5  # ChunkTable.meta's columns
+        t, n_rows, n_cols, gc, local, c = table_chunk(c, owner_ptr, table_ptr)
         pp = tl.load(addr_ptr + t * 2).to(p_ptr.dtype)
         sp = tl.load(addr_ptr + t * 2 + 1).to(tl.int32)
-        n_rows = tl.load(meta).to(tl.int32)
-        n_cols = tl.load(meta + 1).to(tl.int32)
-        gc = tl.load(meta + 2).to(tl.int32)
-        local = (c - tl.load(meta + 3)).to(tl.int32)
-        c = tl.load(meta + 4) + local
     else:
         pp, sp, n_rows, n_cols, gc, local = p_ptr, stride_p, rows, cols, grid_cols, c
     kk = tl.arange(0, KB)

@@ -19,6 +19,7 @@ from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import cast_like
+from flexdemo.ops.table_lookup import table_chunk
 
 
 @triton.jit
@@ -160,19 +161,13 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
-        t = tl.load(owner_ptr + c)
-        meta = table_ptr + t * 5  # ChunkTable.meta's columns
+        t, n_rows, n_cols, gc, local, c = table_chunk(c, owner_ptr, table_ptr)
         addr = addr_ptr + t * 4
         g_addr = tl.load(addr)
         gp = g_addr.to(g_ptr.dtype)
         sg = tl.load(addr + 1).to(tl.int32)
         mp = tl.load(addr + 2).to(m_ptr.dtype)
         sm = tl.load(addr + 3).to(tl.int32)
-        n_rows = tl.load(meta).to(tl.int32)
-        n_cols = tl.load(meta + 1).to(tl.int32)
-        gc = tl.load(meta + 2).to(tl.int32)
-        local = (c - tl.load(meta + 3)).to(tl.int32)
-        c = tl.load(meta + 4) + local
         g_live = g_addr != 0  # a tensor without a gradient: its momentum only decays
     else:
         gp, sg, mp, sm, g_live = g_ptr, stride_g, m_ptr, stride_m, 1

@@ -24,6 +24,7 @@ import triton.language as tl
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.newton_schulz_reference import NS_COEFFS, NS_STEPS, UPDATE_RMS
 from flexdemo.ops.rounding import INTERPRETING, round_to_bf16
+from flexdemo.ops.table_lookup import table_chunk
 
 NS_PRECISIONS = ("fp32", "bf16")
 
@@ -50,15 +51,9 @@ def _dot(x, y, BF16: tl.constexpr):
 @triton.jit
 def _ns_chunk_kernel(x_ptr, table_ptr, addr_ptr, owner_ptr, a, b, c, scale, S: tl.constexpr, STEPS: tl.constexpr,
                      BF16: tl.constexpr):
-    ch = tl.program_id(0)
-    t = tl.load(owner_ptr + ch)
-    meta = table_ptr + t * 5  # ChunkTable.meta's columns
+    t, n_rows, n_cols, gc, local, _ = table_chunk(tl.program_id(0), owner_ptr, table_ptr)
     xp = tl.load(addr_ptr + t * 2).to(x_ptr.dtype)
     sx = tl.load(addr_ptr + t * 2 + 1).to(tl.int32)
-    n_rows = tl.load(meta).to(tl.int32)
-    n_cols = tl.load(meta + 1).to(tl.int32)
-    gc = tl.load(meta + 2).to(tl.int32)
-    local = (ch - tl.load(meta + 3)).to(tl.int32)
     si = tl.arange(0, S)
     r = (local // gc) * S + si[:, None]
     q = (local % gc) * S + si[None, :]
