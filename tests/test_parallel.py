@@ -91,6 +91,10 @@ def job_four_ranks(tmp: str) -> dict:
     ao = train(tiny_config(tmp / "AO", optim={**DEMO, "base_step": "orthogonal"},
                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_orthogonal"] = {"params": _local(ao.model), "delta": _residuals(ao)}
+    # ... and each 16 x 16 chunk of each rank's shard on its own (no gather)
+    ac = train(tiny_config(tmp / "AC", optim={**DEMO, "base_step": "orthogonal", "orthogonal_scope": "chunk"},
+                           train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
+    out["A_orthogonal_chunk"] = {"params": _local(ac.model), "delta": _residuals(ac)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
@@ -109,7 +113,7 @@ def four(tmp_path_factory):
     return tmp, run_distributed_test(job_four_ranks, 4, str(tmp), local_world_size=4)
 
 
-@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled", "A_orthogonal"])
+@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled", "A_orthogonal", "A_orthogonal_chunk"])
 def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four, run):
     _, ranks = four
     for shard in (0, 1):  # ranks shard and shard + 2 own the same shard on the two "nodes"
