@@ -380,6 +380,9 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_ortho_chunk_r2.json", "`tiny-long`, R = 2, mean of 2 "
                                "seeds (AdamW and the default at their bracketed best rates of the earlier run)",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"),)),
+                              ("parity_tiny_long/summary_ortho_chunk_r4.json", "`tiny-long`, R = 4, mean of 2 "
+                               "seeds (AdamW and the default at their bracketed best rates of the earlier run)",
+                               (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"),)),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho[1:]),
                               ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"), wire)),
