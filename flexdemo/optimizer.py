@@ -408,7 +408,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 if self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk":
                     ops.orthogonalize_chunks_table(self.kernels, table, targets, self.cfg.orthogonal_precision)
                 elif self.cfg.base_step == "orthogonal":
-                    orthogonalize_all(ps, bufs, table.layouts, "matrix", self.cfg.orthogonal_precision)
+                    orthogonalize_all(ps, bufs, self.cfg.orthogonal_precision)
             if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:

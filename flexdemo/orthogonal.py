@@ -11,7 +11,6 @@ from flexdemo.ops.newton_schulz_reference import (  # noqa: F401  (re-exported: 
     UPDATE_RMS,
     batches,
     orthogonal_step,
-    orthogonalize_chunks_reference,
 )
 
 
@@ -33,15 +32,11 @@ def is_sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "device_mesh") and any(pl.is_shard() for pl in param.placements)
 
 
-def orthogonalize_all(params: list, directions: list[torch.Tensor], layouts: list, scope: str = "matrix",
-                      precision: str = "fp32") -> None:
-    """The orthogonal step of each (param, direction), in place, in few launches rather than one sequence per tensor:
-    scope "matrix": the whole matrices of one shape (not sharded inside the node) stacked into one batch; scope
-    "chunk": each s x s chunk of every local shard's ``layouts`` view, all in one batch (no gather). Every matrix is
-    still orthogonalised on its own (the numbers of one at a time, to rounding); batches hold at most BATCH_ELEMENTS
-    elements."""
-    if scope == "chunk":
-        return orthogonalize_chunks_reference(layouts, directions, precision)
+def orthogonalize_all(params: list, directions: list[torch.Tensor], precision: str = "fp32") -> None:
+    """The whole-matrix orthogonal step of each (param, direction), in place, in few launches rather than one
+    sequence per tensor: the matrices of one shape (not sharded inside the node) stacked into one batch, each still
+    orthogonalised on its own (the numbers of one at a time, to rounding); batches hold at most BATCH_ELEMENTS
+    elements. Per chunk: ``flexdemo.ops.orthogonalize_chunks_table``."""
     groups: dict[tuple, list] = {}
     for i, (p, d) in enumerate(zip(params, directions)):
         if is_sharded(p):

@@ -382,7 +382,7 @@ def job_orthogonal_shards() -> list:
     full = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))  # 9 rows: shards of 5 and 4
     param = distribute_tensor(torch.zeros(9, 6), mesh, [Shard(0)])
     direction = distribute_tensor(full, mesh, [Shard(0)]).to_local()
-    orthogonalize_all([param], [direction], [None])
+    orthogonalize_all([param], [direction])
     return [direction, distribute_tensor(orthogonal_step(full), mesh, [Shard(0)]).to_local()]
 
 
@@ -406,11 +406,12 @@ def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_st
 
 
 def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own(monkeypatch):
-    """orthogonalize_all stacks the matrices of one shape (scope matrix) or every tensor's chunks (scope chunk), in
+    """orthogonalize_all stacks the matrices of one shape, and the chunk twin every tensor's chunks, in
     batches of at most BATCH_ELEMENTS, and gives each matrix or chunk the step it gets alone; bf16 products (Muon's
     precision) stay within bf16's rounding of the fp32 step and keep every singular value near 1."""
     from flexdemo.chunks import ChunkLayout
     from flexdemo.ops import newton_schulz_reference as orthogonal  # where the batches' limit lives
+    from flexdemo.ops.newton_schulz_reference import orthogonalize_chunks_reference
     from flexdemo.orthogonal import UPDATE_RMS, orthogonal_step, orthogonalize_all
 
     g = torch.Generator().manual_seed(0)
@@ -422,19 +423,19 @@ def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own(m
     for limit in (whole, 2 * 24 * 40):  # everything of one shape at once; then batches of two
         monkeypatch.setattr(orthogonal, "BATCH_ELEMENTS", limit)
         got = [d.clone() for d in directions]
-        orthogonalize_all(params, got, [None] * len(shapes))
+        orthogonalize_all(params, got)
         for x, want in zip(got, alone):
             torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
     layouts = [ChunkLayout(d.shape[0], d[0].numel(), 4) for d in directions]  # scope chunk: every 4 x 4 chunk
     for limit in (whole, 200):  # every tensor's chunks in one batch; then a few tensors a batch
         monkeypatch.setattr(orthogonal, "BATCH_ELEMENTS", limit)
         got = [d.clone() for d in directions]
-        orthogonalize_all(params, got, layouts, scope="chunk")
+        orthogonalize_chunks_reference(layouts, got)
         for x, d, lay in zip(got, directions, layouts):
             want = lay.from_chunks(orthogonal_step(lay.to_chunks(d.view(lay.rows, lay.cols)))).reshape(d.shape)
             torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
     low = [d.clone() for d in directions]
-    orthogonalize_all(params, low, [None] * len(shapes), precision="bf16")
+    orthogonalize_all(params, low, precision="bf16")
     for x, want in zip(low, alone):
         assert x.dtype == torch.float32
         assert 0 < float((x - want).norm() / want.norm()) < 0.05  # rounded as bf16 rounds, no more
