@@ -53,7 +53,7 @@ def kernel_rows() -> list[list[str]]:
     for model in ("base", "1b"):
         f, a = hm[model], hm[f"{model} adamw"]["ms"]
         rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton (host time to queue it; GPU work)",
-                        f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; {h['gpu_ms_per_step_from_profile'][model]:.2f})",
+                        f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; {f['gpu_ms']:.2f})",
                         f"fused AdamW {a:.2f} ms", f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
                         h["device"].replace("NVIDIA ", ""), h["date"],
                         "`bench_optimizer_step.py --profile` (`optstep_h200/prof.json`)"))
@@ -99,8 +99,13 @@ def mixture_rows() -> list[list[str]]:
     v3 = [r["mixtures"][r["default"]] for r in runs]
     v3_alone = [r["alone"][next(iter(r["recipes"]))] for r in runs]
     dev, date = runs[0]["provenance"]["device"].replace("NVIDIA ", ""), runs[-1]["provenance"]["date"]
-    src = ("`bench_mixture.py --size small --routings likelihood posterior --set seed=S` "
-           "(`mixture_small/v3_seed{0,1,2,3,4}.json`, S = 0…4; seeds 3, 4 `--routings posterior`)")
+
+    def source(n: int, note: str = "") -> str:
+        return ("`bench_mixture.py --size small --routings likelihood posterior --set seed=S` "
+                f"(`mixture_small/v3_seed{{{','.join(map(str, range(n)))}}}.json`, S = {', '.join(map(str, range(n)))}"
+                f"{note})")
+
+    src = source(len(runs), "; seeds 3, 4 `--routings posterior`")
     S = " / ".join(str(i) for i in range(len(runs)))
     n = runs[0]["size"]["mc_items"]
 
@@ -154,8 +159,7 @@ def mixture_rows() -> list[list[str]]:
     v3 = [r["mixtures"][r["default"]] for r in runs]
     like = [r["mixtures"][r["default"].replace("@posterior", "@likelihood")] for r in runs]  # same experts
     oracle = [r["mixtures"][r["default"].split("/")[0] + "/oracle"]["losses"]["facts"] for r in runs]
-    src = src.replace("{0,1,2,3,4}", "{0,1,2}").replace("S = 0…4; seeds 3, 4 `--routings posterior`", "S = 0, 1, 2")
-    date = runs[-1]["provenance"]["date"]
+    src, date = source(len(runs)), runs[-1]["provenance"]["date"]
     rows.append(row("merged mixture (seeds 0 / 1 / 2), routed by likelihood instead (the hard choice; same experts): "
                     "largest opt-out change; facts loss above the oracle (facts' own two-expert model)",
                     seeds(f"{m['opt_out_max_change']:.3f}" for m in like) + "; " + above(like, oracle),

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     # so every final folder is written once, whole
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".extracted-", dir=out)) if tune is not None else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         report = []
         be = {"gate_proj": break_even_rank(cfg.d_ffn, cfg.d_model), "up_proj": break_even_rank(cfg.d_ffn, cfg.d_model),
@@ -101,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                 path, low_man, rows = save_lowrank(out / name, public, tensors, man, L, ranks, args.overwrite)
             else:
                 extracted, low_man, rows = save_lowrank(staging / name, public, tensors, man, L, ranks, overwrite=True)
-                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
                 path = save_refit(args.base, extracted, out / name, own, public_sample, tune, device,
                                   overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
                 fit = read_manifest(path).training["router_refit"]
