@@ -57,20 +57,26 @@ def kernel_rows() -> list[list[str]]:
                         f"fused AdamW {a:.2f} ms", f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
                         h["device"].replace("NVIDIA ", ""), h["date"],
                         "`bench_optimizer_step.py --profile` (`optstep_h200/prof.json`)"))
-    o = load("optstep_h200/ortho.json")  # the orthogonal step's Newton-Schulz products, equal shapes batched
+    o = load("optstep_h200/step.json")  # the same benchmark on the goal's device, without the profiler
     om = {r["what"]: r["ms"] for r in o["rows"]}
-    scopes = (("matrix", " (whole matrices; Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)", True),
-              ("chunk", ", `orthogonal_scope=chunk` (every tensor's 64² chunks in one batch; fp32; bf16)", False))
+    odev, src = o["device"].replace("NVIDIA ", ""), "`bench_optimizer_step.py --model base 1b` (`optstep_h200/step.json`)"
     for model in ("base", "1b"):
         a = om[f"{model}: fused AdamW step"]
-        for scope, what, with_default in scopes:
+        f, t = (om[f"{model}: FlexDeMo triton{v}, 1 replica"] for v in ("", ", dct_forward=tf32"))
+        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton (fp32 DCT; `dct_forward=tf32`)",
+                        f"{f:.2f} ms; {t:.2f} ms", f"fused AdamW {a:.2f} ms", f"{f / a:.2f}×; {t / a:.2f}× (goal ≤ 1.0)",
+                        odev, o["date"], src))
+    scopes = (("matrix", " (whole matrices; Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)"),
+              ("chunk", ", `orthogonal_scope=chunk` (one Triton launch, each 64² chunk iterated in registers; fp32; "
+                        "bf16)"))
+    for model in ("base", "1b"):
+        a, default = om[f"{model}: fused AdamW step"], om[f"{model}: FlexDeMo triton, 1 replica"]
+        for scope, what in scopes:
             f32, b16 = (om[f"{model}: FlexDeMo triton, base_step=orthogonal ({scope}, {p}), 1 replica"]
                         for p in ("fp32", "bf16"))
-            default = f"; default FlexDeMo {om[f'{model}: FlexDeMo triton, 1 replica']:.2f} ms" if with_default else ""
             rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`{what}",
-                            f"{f32:.1f} ms; {b16:.1f} ms", f"fused AdamW {a:.2f} ms{default}",
-                            f"{f32 / a:.0f}×; {b16 / a:.0f}×", o["device"].replace("NVIDIA ", ""), o["date"],
-                            "`bench_optimizer_step.py --model base 1b` (`optstep_h200/ortho.json`)"))
+                            f"{f32:.1f} ms; {b16:.1f} ms", f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
+                            f"{f32 / a:.0f}×; {b16 / a:.0f}×", odev, o["date"], src))
     best = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
     adam = next(r["ms"] for r in best if r["op"] == "adamw")
     enc = next(r for r in best if r["op"] == "encode" and r["impl"] == ker["best"]["encode"])
@@ -368,6 +374,8 @@ def parity_rows() -> list[list[str]]:
                                "seed again", (nolr[0], ortho[0], bf16)),
                               ("parity_ortho_bf16_small_2seeds/summary.json", "`small` (1000 steps), R = 1, mean of "
                                "2 seeds", (nolr[0], bf16)),
+                              ("parity_ortho_chunk_small/summary.json", "`small` (1000 steps), R = 1, seed 0",
+                               (nolr[0], ("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"))),
                               ("parity_small_long/summary_small_rates.json", "`small-long` (4000 steps), R = 1, one "
                                "seed", (bf16,)),
                               ("parity_small_long/summary_k28q2.json", "`small-long` (4000 steps), R = 1, one "
