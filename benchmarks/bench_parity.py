@@ -51,6 +51,7 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-min0": {"min_lr_ratio": 0.0},
             # decoupled weight decay (p *= 1 - lr * wd; DeMo's default is none; AdamW's here is 0.1), and AdamW without
             "flexdemo-wd0.1": {"weight_decay": 0.1}, "flexdemo-wd1": {"weight_decay": 1.0},
+            "flexdemo-wd0.3": {"weight_decay": 0.3}, "flexdemo-wd3": {"weight_decay": 3.0},
             "adamw-wd0": {"weight_decay": 0.0},
             "flexdemo-raw": {"sign": False},  # the decoded momentum itself, unsigned (SGD-like on its top-k)
             # the exchange overlapped with the next step's compute: each update applied one step late, or each

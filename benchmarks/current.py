@@ -332,6 +332,8 @@ def parity_rows() -> list[list[str]]:
     ortho = (("flexdemo-ortho", "`optim.demo.base_step=orthogonal`"),
              ("flexdemo-ortho-wd0.1", "`base_step=orthogonal`, weight decay 0.1"))
     bf16 = ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")
+    decayed = (*((f"flexdemo-wd{wd}", f"weight decay {wd}") for wd in ("0.1", "1")),
+               ("flexdemo-ortho-chunk-wd0.1", "`base_step=orthogonal` per 64² chunk, weight decay 0.1"))
     for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
                               ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed", nolr[1:]),
                               ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
@@ -358,6 +360,13 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_ortho_chunk_r4.json", "`tiny-long`, R = 4, mean of 2 "
                                "seeds (AdamW and the default at their bracketed best rates of the earlier run)",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"),)),
+                              ("parity_tiny_long/summary_wd_r2.json", "`tiny-long`, R = 2, mean of 2 seeds (AdamW "
+                               "and the default as in the per-chunk R = 2 row)",
+                               tuple((f"flexdemo-wd{wd}", f"weight decay {wd}") for wd in ("0.3", "1", "3"))),
+                              ("parity_tiny_long/summary_ortho_chunk_wd_r2.json", "`tiny-long`, R = 2, mean of 2 "
+                               "seeds (AdamW and the default as in the per-chunk R = 2 row)", decayed[2:]),
+                              ("parity_tiny_long/summary_wd_r4.json", "`tiny-long`, R = 4, mean of 2 seeds (AdamW "
+                               "and the default as in the per-chunk R = 4 row)", decayed),
                               ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho[1:]),
                               ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"), wire)),
