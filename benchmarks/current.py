@@ -361,6 +361,8 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_ortho_chunk_r4.json", "`tiny-long`, R = 4, mean of 2 "
                                "seeds (AdamW and the default at their bracketed best rates of the earlier run)",
                                (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk"),)),
+                              ("parity_tiny_long/summary_wd_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
+                               decayed[1:2]),
                               ("parity_tiny_long/summary_wd_r2.json", "`tiny-long`, R = 2, mean of 2 seeds (AdamW "
                                "and the default as in the per-chunk R = 2 row)",
                                tuple((f"flexdemo-wd{wd}", f"weight decay {wd}") for wd in ("0.3", "1", "3"))),
