@@ -2,9 +2,9 @@
 
 Two views, same run:
 - whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
-  2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), and
-  with ``base_step=orthogonal`` over whole matrices and per chunk, fp32 and bf16 (what its Newton-Schulz products
-  add);
+  2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), the
+  same with ``cuda_graphs`` (each phase one graph replay), and with ``base_step=orthogonal`` over whole matrices
+  and per chunk, fp32 and bf16 (what its Newton-Schulz products add);
 - one tensor (default 4096 x 11008 fp32): encode and decode + apply separately, against their memory floor
   (encode: read grad, read + write momentum = 12 B/elt; decode + apply: read + write param = 8 B/elt) over the
   copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
@@ -77,6 +77,12 @@ def model_rows(model_name: str) -> list[dict]:
         rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
         rows.append({"what": f"{name}, 2 replicas (decode twice)",
                      "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+    for fwd in ("fp32", "tf32"):  # encode and decode + apply replayed as CUDA graphs: the host's launches go
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", dct_forward=fwd, cuda_graphs=True)
+        name = f"{model_name}: FlexDeMo triton, cuda_graphs" + (TF32 if fwd == "tf32" else "")
+        rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
+        rows.append({"what": f"{name}, 2 replicas (decode twice)",
+                     "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
     for scope, precision in (("matrix", "fp32"), ("chunk", "fp32"), ("matrix", "bf16"), ("chunk", "bf16")):
         # the orthogonal step's Newton-Schulz products on top of the above
         demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope=scope,
@@ -115,7 +121,7 @@ def gpu_work_ms(events, steps: int) -> float:
     return sum(e.self_device_time_total for e in events if not getattr(e, "is_user_annotation", False)) / steps / 1e3
 
 
-def profile_step(model_name: str, out: Path) -> dict:
+def profile_step(model_name: str, out: Path, cuda_graphs: bool = False) -> dict:
     """Where a FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the step
     itself (equal: host-bound), its GPU work per step, and torch.profiler's tables (``out``): ops by host time, then
     by device time, so the kernels a GPU-bound step spends its time in are listed too."""
@@ -124,7 +130,7 @@ def profile_step(model_name: str, out: Path) -> dict:
     cfg = load_preset(model_name)
     shapes = [p.shape for p in build_model(dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259)),
                                            device="meta").parameters()]
-    demo = flexdemo(params_with_grads(shapes), kernels="triton")
+    demo = flexdemo(params_with_grads(shapes), kernels="triton", cuda_graphs=cuda_graphs)
     for _ in range(10):
         demo.step()
     torch.cuda.synchronize()
@@ -142,7 +148,8 @@ def profile_step(model_name: str, out: Path) -> dict:
     gpu_ms = gpu_work_ms(ops, steps=5)
     out.write_text(f"by host time\n{ops.table(sort_by='self_cpu_time_total', row_limit=50)}\n\nby device time\n"
                    f"{ops.table(sort_by='self_cuda_time_total', row_limit=30)}\n")
-    return {"what": f"{model_name}: FlexDeMo triton step, host enqueue time (profile: {out.name})", "ms": host,
+    name = "cuda_graphs step" if cuda_graphs else "step"
+    return {"what": f"{model_name}: FlexDeMo triton {name}, host enqueue time (profile: {out.name})", "ms": host,
             "step_ms": total, "gpu_ms": gpu_ms}
 
 
@@ -173,6 +180,7 @@ def main() -> None:
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             rows.append(profile_step(m, Path(args.profile) / f"profile_{m}.txt"))
+            rows.append(profile_step(m, Path(args.profile) / f"profile_{m}_graphs.txt", cuda_graphs=True))
     rows += tensor_rows(tuple(args.tensor), torch.float32, bw)
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "copy_bandwidth_GBps": bw / 1e9, "triton_variants": None if CHOICE is None else dataclasses.asdict(CHOICE)}

@@ -38,25 +38,40 @@ def row(what, value, baseline, ratio, device, date, source) -> list[str]:
 def kernel_rows() -> list[list[str]]:
     ker = load("kernels_h100/kernels.json")
     dev, rows = ker["device"].replace("NVIDIA ", ""), []
-    h = load("optstep_h200/prof.json")  # the goal's device: the step against the host's time to queue it
-    hm = {r["what"].split(":")[0] + (" adamw" if "AdamW" in r["what"] else ""): r for r in h["rows"]}
-    for model in ("base", "1b"):
-        f, a = hm[model], hm[f"{model} adamw"]["ms"]
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton (host time to queue it; GPU work)",
-                        f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; {f['gpu_ms']:.2f})",
-                        f"fused AdamW {a:.2f} ms", f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
-                        h["device"].replace("NVIDIA ", ""), h["date"],
-                        "`bench_optimizer_step.py --profile` (`optstep_h200/prof.json`)"))
+    # the goal's device: the step against the host's time to queue it (base measured again with cuda_graphs)
+    for rel, model, graphs in (("optstep_h200/prof_graphs.json", "base", ("", " cuda_graphs")),
+                               ("optstep_h200/prof.json", "1b", ("",))):
+        h = load(rel)
+        a = next(r["ms"] for r in h["rows"] if r["what"] == f"{model}: fused AdamW step")
+        for g in graphs:
+            f = next(r for r in h["rows"] if r["what"].startswith(f"{model}: FlexDeMo triton{g} step, host"))
+            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton{' with `cuda_graphs=true`' if g else ''} "
+                            "(host time to queue it; GPU work)", f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; "
+                            f"{f['gpu_ms']:.2f})", f"fused AdamW {a:.2f} ms", f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
+                            h["device"].replace("NVIDIA ", ""), h["date"],
+                            f"`bench_optimizer_step.py --model {model} --profile` (`{rel}`)"))
     o = load("optstep_h200/step.json")  # the same benchmark on the goal's device, without the profiler
     om = {r["what"]: r["ms"] for r in o["rows"]}
     odev = o["device"].replace("NVIDIA ", "")
     src = "`bench_optimizer_step.py --model base 1b` (`optstep_h200/step.json`)"
     for model in ("base", "1b"):
         a = om[f"{model}: fused AdamW step"]
-        f, t = (om[f"{model}: FlexDeMo triton{v}, 1 replica"] for v in ("", ", dct_forward=tf32"))
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton (fp32 DCT; `dct_forward=tf32`)",
-                        f"{f:.2f} ms; {t:.2f} ms", f"fused AdamW {a:.2f} ms",
-                        f"{f / a:.2f}×; {t / a:.2f}× (goal ≤ 1.0)", odev, o["date"], src))
+        for g in ("", ", cuda_graphs"):
+            f, t = (om[f"{model}: FlexDeMo triton{g}{v}, 1 replica"] for v in ("", ", dct_forward=tf32"))
+            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton{' with `cuda_graphs=true`' if g else ''} "
+                            "(fp32 DCT; `dct_forward=tf32`)", f"{f:.2f} ms; {t:.2f} ms", f"fused AdamW {a:.2f} ms",
+                            f"{f / a:.2f}×; {t / a:.2f}× (goal ≤ 1.0)", odev, o["date"], src))
+    t = load("train_step_h200/optims.json")  # the same optimizers inside a whole compiled training step
+    tm = {(r["case"], r["optim"]): r for r in t["rows"]}
+    for case in ("small", "base"):
+        a, f, g = (tm[(case, o)] for o in ("adamw", "flexdemo", "flexdemo-graphs"))
+        rows.append(row(f"training step (compiled forward + backward + optimizer), `{case}` "
+                        f"{a['micro_batch']} × {a['seq_len']}, FlexDeMo 1 replica (eager; `cuda_graphs=true`)",
+                        f"{f['step_ms']:.1f} ms; {g['step_ms']:.1f} ms", f"fused AdamW {a['step_ms']:.1f} ms",
+                        f"{f['step_ms'] / a['step_ms']:.3f}×; {g['step_ms'] / a['step_ms']:.3f}×",
+                        t["device"].replace("NVIDIA ", ""), t["date"],
+                        "`bench_train_step.py --models small base --compile on --optims adamw flexdemo "
+                        "flexdemo-graphs` (`train_step_h200/optims.json`)"))
     scopes = (("matrix", " (whole matrices; Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)"),
               ("chunk", ", `orthogonal_scope=chunk` (one Triton launch, each 64² chunk iterated in registers; fp32; "
                         "bf16)"))
@@ -335,8 +350,8 @@ def parity_rows() -> list[list[str]]:
                                "seed again", (ortho[0], bf16)),
                               ("parity_ortho_bf16_small_2seeds/summary.json", "`small` (1000 steps), R = 1, mean of "
                                "2 seeds", (nolr[0], bf16)),
-                              ("parity_ortho_chunk_small/summary.json", "`small` (1000 steps), R = 1, seed 0",
-                               (nolr[0], chunk)),
+                              ("parity_ortho_chunk_small/summary_2seeds.json", "`small` (1000 steps), R = 1, mean "
+                               "of 2 seeds (public, code, math: seed 0)", (nolr[0], chunk)),
                               ("parity_small_long/summary_small_rates.json", "`small-long` (4000 steps), R = 1, one "
                                "seed", (bf16,)),
                               ("parity_small_long/summary_k28q2.json", "`small-long` (4000 steps), R = 1, one "

@@ -90,10 +90,20 @@ class DeMoConfig:
     # remembers ~1,000 steps), so the sign steps keep following stale gradients; without it every step's gradient
     # counts alike. (precondition=adam always folds its updates lr-free.)
     fold_lr: bool = True
+    # Encode and decode + apply each replayed as a captured CUDA graph (flexdemo.graphs): for a model of many small
+    # tensors, whose step is bound by the host queueing its launches. Triton kernels on CUDA, base_step=direct and
+    # tensor_scale=none only; the same bits as without. A phase is captured the second time its gradients sit at
+    # the same addresses (they mostly do), and runs eagerly otherwise.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fold_lr, bool):  # a string such as "no" would otherwise read as true
-            raise ValueError(f"fold_lr={self.fold_lr!r} must be true or false")
+        for name in ("fold_lr", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):  # a string such as "no" would otherwise read as true
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.cuda_graphs and (self.base_step != "direct" or self.tensor_scale != "none"):
+            raise ValueError(f"cuda_graphs=true captures the direct step only; got base_step={self.base_step!r}, "
+                             f"tensor_scale={self.tensor_scale!r} (use base_step=direct, tensor_scale=none, or "
+                             "cuda_graphs=false)")
         if self.precondition not in PRECONDITIONS:
             raise ValueError(f"precondition={self.precondition!r}; allowed: {', '.join(PRECONDITIONS)}")
         if self.precondition != "none" and self.base_step != "direct":

@@ -33,6 +33,7 @@ from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.config import DeMoConfig
 from flexdemo.dct import idct2
+from flexdemo.graphs import DeviceScalars, PhaseGraphs
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
@@ -81,12 +82,27 @@ class _Exchange:
         return self.gathered.to(self.device)
 
 
+def _add_scaled(xs: list[torch.Tensor], ys: list[torch.Tensor | None], scale) -> None:
+    """xs += ys * scale where ys is not None (as fp32); ``scale`` a float or a device scalar (the same bits)."""
+    pairs = [(x, y.float()) for x, y in zip(xs, ys) if y is not None]
+    if pairs:
+        torch._foreach_add_([x for x, _ in pairs], torch._foreach_mul([y for _, y in pairs], scale))
+
+
 def _descend(params: list, steps: list[torch.Tensor], lr: float, decay: float) -> None:
     """p = p * decay - lr * step, in fp32, stored in p's dtype (the base steps' common last move)."""
     locals_ = [local_tensor(p) for p in params]
     updated = torch._foreach_mul([x.float() for x in locals_], decay)
     torch._foreach_add_(updated, steps, alpha=-lr)
     torch._foreach_copy_(locals_, updated)
+
+
+@dataclass
+class _Feed:
+    """cuda_graphs: what a captured encode reads in place of the live gradients (``FlexDeMo._feed``)."""
+
+    grads: dict  # id(param) -> the gradient to read (its own buffer, or the live one read through address rows)
+    addresses: dict  # id(ChunkTable) -> the device table of this step's address rows
 
 
 @dataclass
@@ -189,12 +205,20 @@ class FlexDeMo(torch.optim.Optimizer):
                     self.state[p][key] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
         self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
+        self._graphs: PhaseGraphs | None = None
+        if cfg.cuda_graphs:
+            if self.kernels != "triton" or device.type != "cuda":
+                raise ValueError(f"cuda_graphs=true captures the Triton kernels on a CUDA device; here kernels="
+                                 f"{self.kernels} on {device.type} (set cuda_graphs=false)")
+            self._graphs, self._scalars = PhaseGraphs(), DeviceScalars(device)
         self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
         plans = {k: pl for b in self.buckets for k, pl in b.plans.items()}
         self.plans = [plans[id(p)] for p in self.params]
         self.last_comm: dict[str, float] = {}
         self._pending: list[_Pending] = []  # overlap: exchanges whose updates are not applied yet
+        self._inboxes: dict = {}  # cuda_graphs: where a captured decode reads the gathered payloads
+        self._boxes: dict = {}  # cuda_graphs: where a captured encode reads gradients and their address rows
 
     @property
     def wire(self) -> WireLayout:
@@ -263,7 +287,29 @@ class FlexDeMo(torch.optim.Optimizer):
     @torch.no_grad()
     def encode(self, bucket: int = 0) -> torch.Tensor:
         """Update the momenta of a bucket's tensors and return this replica's packed payload for it (uint8)."""
+        cfg = self.cfg
+        # per param group: the rate the momentum folds the gradient in at (with a look-ahead, 1 + nesterov times
+        # it), and the look-ahead's part taken back; precondition, or fold_lr=False: lr-free updates (lr at the step)
+        rates = []
+        for group in self.param_groups:
+            lr = group["lr"] if cfg.precondition == "none" and cfg.fold_lr else 1.0
+            rates.append((lr * (1 + cfg.nesterov), -cfg.nesterov * lr))
+        if self._graphs is None:
+            return self._encode(bucket, rates)
+        rates = self._device_rates(f"encode{bucket}", rates)
+        fed, feed = self._feed(bucket)
+        key = ("encode", bucket, self._params_key(bucket), fed)
+        return self._graphs.run(key, lambda: self._encode(bucket, rates, feed), self._held_addresses).clone()
+
+    def _encode(self, bucket: int, rates: list, feed: "_Feed | None" = None) -> torch.Tensor:
+        """``feed`` (cuda_graphs): the gradients and address tables to read instead of the live ones."""
         cfg, b = self.cfg, self.buckets[bucket]
+        if feed is None:
+            def grad_of(p):
+                return local_tensor(p.grad) if p.grad is not None else None
+        else:
+            def grad_of(p):
+                return feed.grads[id(p)]
         wire = b.wire
         device = local_tensor(self.params[0]).device
         values = torch.empty(wire.num_sparse + wire.num_dense, dtype=cfg.wire_dtype, device=device)
@@ -274,46 +320,41 @@ class FlexDeMo(torch.optim.Optimizer):
             scales = torch.empty(wire.num_sparse // cfg.topk, dtype=torch.float32, device=device)
         local = None  # the replica's own gradient moments (tensor_scale, precondition)
         if cfg.tensor_scale != "none" or cfg.precondition != "none":
-            local = self._observe(b)
-        for group, plan in zip(self.param_groups, b.groups):
-            # precondition, or fold_lr=False: the momentum folds in lr-free updates (lr is applied at the step)
-            lr = group["lr"] if cfg.precondition == "none" and cfg.fold_lr else 1.0
+            local = self._observe(b, grad_of)
+        for (lead, back), plan in zip(rates, b.groups):
             for table, ps in plan.tables:
-                grads = [_as_2d(self._folded(p, local), lay) for p, lay in zip(ps, table.layouts)]
+                grads = [_as_2d(self._folded(p, local, grad_of), lay) for p, lay in zip(ps, table.layouts)]
                 present = {g.dtype for g in grads if g is not None}
                 if len(present) > 1:  # one gradient dtype per launch: the kernel reads them as fp32 anyway
                     grads = [g.float() if g is not None else None for g in grads]
                 deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                 # with a look-ahead the kernel works on delta + nesterov * lr * grad, taken back below
-                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lr * (1 + cfg.nesterov), values,
-                                 indices, self.kernel_options)
+                ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lead, values, indices,
+                                 self.kernel_options, feed.addresses.get(id(table)) if feed else None)
                 if cfg.value_bits:
                     self._quantize(table, deltas, values, indices, codes, scales)
-                self._take_back_lead(deltas, grads, lr)
+                self._take_back_lead(deltas, grads, back)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)
-                grads = [self._folded(p, local) for p in plan.dense]
-                with_grad = [(d, g.float()) for d, g in zip(deltas, grads) if g is not None]
-                if with_grad:
-                    torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad],
-                                        alpha=lr * (1 + cfg.nesterov))
+                grads = [self._folded(p, local, grad_of) for p in plan.dense]
+                _add_scaled(deltas, grads, lead)
                 sent = torch.cat([d.reshape(-1) for d in deltas]).to(cfg.wire_dtype)
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
-                self._take_back_lead(deltas, grads, lr)
+                self._take_back_lead(deltas, grads, back)
         payload = wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
         if cfg.tensor_scale != "none":
             payload = torch.cat([payload, self._local_scales(b, local).view(torch.uint8)])
         return payload
 
-    def _observe(self, b: _Bucket) -> dict[int, torch.Tensor]:
+    def _observe(self, b: _Bucket, grad_of) -> dict[int, torch.Tensor]:
         """This step's gradients into this replica's own moments; returns id(p) -> m / (sqrt(v) + eps) (fp32, the
         local shard's shape) for every member, the update Adam would make (no bias correction: the warm-up covers
         the first steps)."""
         b1, b2 = self.cfg.adam_betas
         st = [self.state[p] for p in b.members]
-        live = [(s, local_tensor(p.grad).float()) for s, p in zip(st, b.members) if p.grad is not None]
+        live = [(s, grad_of(p).float()) for s, p in zip(st, b.members) if grad_of(p) is not None]
         if live:
             grads = [g for _, g in live]
             torch._foreach_lerp_([s["grad_avg"] for s, _ in live], grads, 1 - b1)
@@ -322,12 +363,13 @@ class FlexDeMo(torch.optim.Optimizer):
         denom = torch._foreach_add(torch._foreach_sqrt([s["grad_avg_sq"] for s in st]), self.cfg.adam_eps)
         return dict(zip((id(p) for p in b.members), torch._foreach_div([s["grad_avg"] for s in st], denom)))
 
-    def _folded(self, p: torch.Tensor, local: dict | None) -> torch.Tensor | None:
+    def _folded(self, p: torch.Tensor, local: dict | None, grad_of) -> torch.Tensor | None:
         """What ``p``'s momentum folds in this step: its local gradient, or (precondition=adam) its local Adam update;
         None when it has no gradient."""
-        if p.grad is None:
+        g = grad_of(p)
+        if g is None:
             return None
-        return local[id(p)] if self.cfg.precondition != "none" else local_tensor(p.grad)
+        return local[id(p)] if self.cfg.precondition != "none" else g
 
     def _local_scales(self, b: _Bucket, local: dict[int, torch.Tensor]) -> torch.Tensor:
         """tensor_scale="adam_rms": per member, the RMS of its local Adam update (fp32)."""
@@ -335,12 +377,73 @@ class FlexDeMo(torch.optim.Optimizer):
         sizes = torch.tensor([max(local_tensor(p).numel(), 1) for p in b.members], dtype=torch.float32)
         return (torch.stack(norms).float() / sizes.to(norms[0].device).sqrt()).contiguous()
 
-    def _take_back_lead(self, deltas: list, grads: list, lr: float) -> None:
-        """Nesterov look-ahead: the residual keeps delta minus what was sent, not the look-ahead's extra gradient."""
+    def _take_back_lead(self, deltas: list, grads: list, back) -> None:
+        """Nesterov look-ahead: the residual keeps delta minus what was sent, not the look-ahead's extra gradient
+        (``back`` = -nesterov * lr)."""
         if self.cfg.nesterov:
-            with_grad = [(d, g.float()) for d, g in zip(deltas, grads) if g is not None]
-            if with_grad:
-                torch._foreach_add_([d for d, _ in with_grad], [g for _, g in with_grad], alpha=-self.cfg.nesterov * lr)
+            _add_scaled(deltas, grads, back)
+
+    # --- cuda_graphs: the phases as captured graphs ---
+    def _device_rates(self, name: str, rates: list[tuple]) -> list[tuple]:
+        """Per-group tuples of floats -> the same as device scalars that a captured graph reads."""
+        flat = self._scalars(name, [float(v) for r in rates for v in r])
+        n = len(rates[0]) if rates else 0
+        return [tuple(flat[i * n : (i + 1) * n]) for i in range(len(rates))]
+
+    def _params_key(self, bucket: int) -> tuple:
+        """Where a bucket's parameters and momenta sit: a captured phase is only valid where they sat. They stay
+        put, but loading a state dict replaces the momenta."""
+        return tuple((local_tensor(p).data_ptr(), self.state[p]["delta"].data_ptr())
+                     for p in self.buckets[bucket].members)
+
+    def _feed(self, bucket: int) -> tuple[tuple, "_Feed"]:
+        """The gradients as a captured encode reads them, refreshed for this step, and what the capture depends on
+        (which tensors have gradients, of which dtypes). Gradients move from step to step (a backward allocates
+        them anew), so none is read where it lies: a table whose gradients only its kernel reads (no look-ahead,
+        no preconditioning, one dtype, contiguous) gets this step's address rows copied into a device table of its
+        own (a device copy: nothing to wait for); every other gradient (the dense 1-D tensors: small) is copied
+        into a buffer of its own, one multi-tensor copy per dtype. Host time matters here: this is what is left of
+        the step's Python."""
+        cfg, b = self.cfg, self.buckets[bucket]
+        by_address = cfg.nesterov == 0 and cfg.precondition == "none"
+        feed, key, copies = _Feed({}, {}), [], {}  # copies: dtype -> (destinations, sources)
+        for plan in b.groups:
+            for table, ps in plan.tables:
+                live = [local_tensor(p.grad) if p.grad is not None else None for p in ps]
+                present = [g for g in live if g is not None]
+                one_dtype = len({g.dtype for g in present}) <= 1
+                if not (by_address and one_dtype and all(g.is_contiguous() for g in present)):
+                    continue
+                # contiguous tensors of the layouts' sizes: the table takes them as they lie (no views to build)
+                rows = table.addresses(live, [self.state[p]["delta"] for p in ps])
+                box = self._boxes.get(("rows", id(table)))
+                if box is None:
+                    box = self._boxes[("rows", id(table))] = torch.empty_like(rows)
+                dst, src = copies.setdefault(rows.dtype, ([], []))
+                dst.append(box)
+                src.append(rows)
+                feed.addresses[id(table)] = box
+                feed.grads.update((id(p), g) for p, g in zip(ps, live))
+        for p in b.members:
+            g = local_tensor(p.grad) if p.grad is not None else None
+            direct = id(p) in feed.grads
+            key.append(None if g is None else (g.dtype, direct))
+            if g is None or direct:
+                feed.grads[id(p)] = g
+                continue
+            box = self._boxes.get((id(p), g.dtype))
+            if box is None or box.shape != g.shape:
+                box = self._boxes[(id(p), g.dtype)] = torch.empty_like(g)
+            dst, src = copies.setdefault(g.dtype, ([], []))
+            dst.append(box)
+            src.append(g)
+            feed.grads[id(p)] = box
+        for dst, src in copies.values():
+            torch._foreach_copy_(dst, src)
+        return tuple(key), feed
+
+    def _held_addresses(self) -> list:
+        return [table.held_addresses() for b in self.buckets for plan in b.groups for table, _ in plan.tables]
 
     def _quantize(self, table: ChunkTable, deltas: list, values: torch.Tensor, indices: torch.Tensor,
                   codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -380,6 +483,19 @@ class FlexDeMo(torch.optim.Optimizer):
     def decode_apply(self, gathered: torch.Tensor, bucket: int = 0, rates: list | None = None) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step; at the
         param groups' learning rates and weight decays now, or at ``rates`` ((lr, wd) per group)."""
+        steps = [(lr, 1.0 - lr * wd) for lr, wd in (rates or self._rates())]  # (lr, decay) per group
+        if self._graphs is None:
+            return self._decode_apply(gathered, bucket, steps)
+        steps = self._device_rates(f"decode{bucket}", steps)
+        where = (bucket, tuple(gathered.shape), gathered.dtype)
+        inbox = self._inboxes.get(where)
+        if inbox is None or inbox.device != gathered.device:
+            inbox = self._inboxes[where] = torch.empty_like(gathered)
+        inbox.copy_(gathered)
+        key = ("decode", *where, inbox.device, self._params_key(bucket))
+        self._graphs.run(key, lambda: self._decode_apply(inbox, bucket, steps), self._held_addresses)
+
+    def _decode_apply(self, gathered: torch.Tensor, bucket: int, steps: list) -> None:
         bk = self.buckets[bucket]
         scale = None
         if self.cfg.tensor_scale != "none":  # the replicas' scales, averaged in replica order 0..R-1
@@ -390,9 +506,7 @@ class FlexDeMo(torch.optim.Optimizer):
         indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
         # a base step with moments (adam, lion), or a scaled direct step: decode, then step
         stepped = self.cfg.base_step != "direct" or scale is not None
-        rates = rates or self._rates()
-        for (lr, wd), plan in zip(rates, bk.groups):
-            decay = 1.0 - lr * wd
+        for (lr, decay), plan in zip(steps, bk.groups):
             directions = []
             for table, ps in plan.tables:
                 if stepped:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured

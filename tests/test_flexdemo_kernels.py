@@ -407,6 +407,42 @@ def test_one_table_launch_equals_one_launch_per_tensor():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sign", [True, False])
+def test_rates_read_from_device_memory_give_the_same_bits(sign):
+    """lr (encode) and lr, decay (decode) as one-element fp32 tensors, read by the kernels at run time (what a
+    captured CUDA graph replays), give the same bits as the same rates passed as floats; bad rate tensors refused."""
+    torch.manual_seed(5)
+    s, k = 16, 5
+    shapes = [(37, 21), (16, 16)]
+    lays = [ChunkLayout(r, c, s) for r, c in shapes]
+    table = ChunkTable.build(lays, [0, 6], k, torch.device(DEVICE))
+    grads = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    deltas = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    lr, decay = 0.0123, 0.9871
+    on_device = torch.tensor([lr, decay], device=DEVICE)
+    outs = []
+    for rate in (lr, on_device[0]):
+        d = [x.clone() for x in deltas]
+        vals = torch.zeros(7 * k, dtype=torch.bfloat16, device=DEVICE)
+        idx = torch.zeros(7 * k, dtype=torch.int32, device=DEVICE)
+        encode_triton_table(table, grads, d, 0.9, rate, vals, idx)
+        outs.append((d, vals, idx))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+    idx, vals = random_payload(ChunkLayout(7 * s, s, s), k, 2, torch.bfloat16)
+    params = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    by_float, by_tensor = [p.clone() for p in params], [p.clone() for p in params]
+    decode_apply_triton_table(table, by_float, idx, vals, lr=lr, decay=decay, sign=sign)
+    decode_apply_triton_table(table, by_tensor, idx, vals, lr=on_device[0], decay=on_device[1], sign=sign)
+    for a, b, p in zip(by_float, by_tensor, params):
+        assert torch.equal(a, b) and not torch.equal(a, p)
+    with pytest.raises(ValueError, match="one fp32 element; got torch.float32 of shape \\(2,\\)"):
+        encode_triton_table(table, grads, deltas, 0.9, on_device, vals[0], idx[0])
+    with pytest.raises(ValueError, match="both be floats or both be tensors"):
+        decode_apply_triton_table(table, by_float, idx, vals, lr=on_device[0], decay=decay, sign=sign)
+
+
 def test_chunk_table_rejects_bad_input_before_launch():
     lays = [ChunkLayout(20, 20, 16), ChunkLayout(8, 8, 16)]
     with pytest.raises(ValueError, match="a ChunkTable needs at least one tensor"):
@@ -422,6 +458,11 @@ def test_chunk_table_rejects_bad_input_before_launch():
         table.addresses([torch.zeros(20, 20), torch.zeros(8, 9)])
     with pytest.raises(ValueError, match=r"tensor 0: shape \(20, 20\) stride \(1, 20\)"):  # column-major
         table.addresses([torch.zeros(20, 20).t(), torch.zeros(8, 8)])
+    # a contiguous tensor of rows * cols elements is taken as its (rows, cols) view; another size is refused
+    flat = [torch.zeros(400, device=DEVICE), torch.zeros(2, 4, 8, device=DEVICE)]
+    assert table.addresses(flat).tolist() == [[flat[0].data_ptr(), 20], [flat[1].data_ptr(), 8]]
+    with pytest.raises(ValueError, match=r"tensor 1: shape \(65,\).*or a contiguous tensor of 64 elements"):
+        table.addresses([flat[0], torch.zeros(65)])
     zeros = [torch.zeros(20, 20, device=DEVICE), torch.zeros(8, 8, device=DEVICE)]
     # the address table of tensors where they were before is the one already on the device; any move, a new one
     first = table.addresses(zeros)

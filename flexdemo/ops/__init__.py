@@ -42,13 +42,15 @@ def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
     return requested
 
 
-def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr: float,
-                 out_vals: torch.Tensor, out_idx: torch.Tensor, options: KernelOptions = KernelOptions()) -> None:
-    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32)."""
+def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr,
+                 out_vals: torch.Tensor, out_idx: torch.Tensor, options: KernelOptions = KernelOptions(),
+                 addresses: torch.Tensor | None = None) -> None:
+    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32).
+    ``addresses``: the triton launch reads the tensors through these rows instead of ``table.addresses``'s."""
     if kernels == "triton":
         from flexdemo.ops.encode import encode_triton_table
 
-        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options)
+        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options, addresses)
     from flexdemo.ops.encode_reference import encode_reference
 
     for t, (lay, g, m) in enumerate(zip(table.layouts, grads, deltas)):

@@ -69,7 +69,8 @@ class ChunkTable:
 
     def addresses(self, *tensor_lists: list[torch.Tensor | None]) -> torch.Tensor:
         """(T, 2 * len(tensor_lists)) int64 on the table's device: each list's [address, row stride] per tensor
-        (0, 0 for None). Each tensor must be a (rows, cols) view with unit column stride, as the kernels index it.
+        (0, 0 for None). Each tensor must be a (rows, cols) view with unit column stride, as the kernels index it,
+        or a contiguous tensor of rows * cols elements (taken as its (rows, cols) view: no view to build).
         Momenta and parameters never move and gradients mostly come back where they were, so the device copy of
         rows seen lately is reused: the step's host time went largely into pinning and copying these (H200 profile,
         benchmarks/HISTORY.md)."""
@@ -81,22 +82,32 @@ class ChunkTable:
                 if x is None:
                     row += [0, 0]
                     continue
+                if x.dim() != 2 and x.is_contiguous() and x.numel() == lay.rows * lay.cols:
+                    row += [x.data_ptr(), lay.cols]
+                    continue
                 if tuple(x.shape) != (lay.rows, lay.cols) or (lay.cols > 1 and x.stride(1) != 1):
                     raise ValueError(f"tensor {t}: shape {tuple(x.shape)} stride {x.stride()}; the table wants "
-                                     f"({lay.rows}, {lay.cols}) with unit column stride")
+                                     f"({lay.rows}, {lay.cols}) with unit column stride, or a contiguous tensor "
+                                     f"of {lay.rows * lay.cols} elements")
                 row += [x.data_ptr(), x.stride(0)]
             out.append(row)
         key = (len(tensor_lists), *(v for row in out for v in row))
         cached = self._addresses.get(key)
         if cached is not None:  # the same addresses and strides: the same table (it is only ever read)
-            return cached
+            return cached[1]
         host = torch.tensor(out, dtype=torch.int64)
         device = self.meta.device
         if device.type == "cuda":  # pinned and asynchronous: no wait for the queued backward pass
-            table = host.pin_memory().to(device, non_blocking=True)
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
         else:
             table = host.to(device)
         if len(self._addresses) >= ADDRESS_TABLES:
             self._addresses.pop(next(iter(self._addresses)))  # the oldest
-        self._addresses[key] = table
+        self._addresses[key] = (host, table)  # the pinned source lives as long as the copy may be replayed
         return table
+
+    def held_addresses(self) -> list:
+        """The address tables cached now, with their pinned sources: a captured CUDA graph that read them holds
+        these, so that they outlive the cache."""
+        return list(self._addresses.values())

@@ -20,7 +20,7 @@ import triton.language as tl
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix, dct_matrix_halves
 from flexdemo.ops.chunk_table import ChunkTable
-from flexdemo.ops.encode import payload_block
+from flexdemo.ops.encode import payload_block, rate_arg
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import dot_basis_rows_bf16x3
 from flexdemo.ops.rounding import cast_like
@@ -30,7 +30,8 @@ from flexdemo.ops.table_lookup import table_chunk
 @triton.jit
 def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p,
                    grid_cols, idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr,
-                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr):
+                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr,
+                   LR_PTR: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
@@ -69,6 +70,9 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
         q = (local % gc) * S + si[None, :]
     mask = (r < n_rows) & (q < n_cols)
     p = tl.load(pp + r * sp + q, mask=mask, other=0.0).to(tl.float32)
+    if LR_PTR:  # read at run time: a captured CUDA graph replays with each step's rates
+        lr = tl.load(lr)
+        decay = tl.load(decay)
     if SIGN:  # lr * sign(update): lr's bits with the update's sign bit xor-ed in (lr may be negative: a stepped
         # base step decodes with lr = -1 into zeros), 0 where the update is 0
         lr_bits = (tl.zeros((), tl.float32) + lr).to(tl.int32, bitcast=True)
@@ -80,22 +84,25 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
 
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
-                        k: int, lr: float, decay: float, sign: bool, options: KernelOptions = KernelOptions()) -> None:
-    """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided."""
+                        k: int, lr: float | torch.Tensor, decay: float | torch.Tensor, sign: bool,
+                        options: KernelOptions = KernelOptions()) -> None:
+    """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided;
+    ``lr`` and ``decay`` both floats, or both one-element fp32 tensors on the device (read by the kernel)."""
     if layout.num_chunks == 0:
         return
     s = layout.s
     d = dct_matrix(s, param.device, torch.float32)
+    (lr, lr_ptr), (decay, _) = _rates(lr, decay)
     _decode_kernel[(layout.num_chunks,)](
         param, indices, values, d, dct_matrix_halves(s, param.device), d, d, d, layout.rows, layout.cols,
-        param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=False,
+        param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), lr, decay, GROUPED=False,
         R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=options.decode_precision,
-        num_warps=options.decode_warps,
+        num_warps=options.decode_warps, LR_PTR=lr_ptr,
     )
 
 
 def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], indices: torch.Tensor,
-                              values: torch.Tensor, lr: float, decay: float, sign: bool,
+                              values: torch.Tensor, lr: float | torch.Tensor, decay: float | torch.Tensor, sign: bool,
                               options: KernelOptions = KernelOptions()) -> None:
     """``decode_apply_triton`` for every tensor of ``table`` in one launch, at the table's k. params[t]: (rows, cols)
     views with unit column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor
@@ -103,10 +110,19 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
     if len({p.dtype for p in params}) > 1:
         raise ValueError(f"one parameter dtype per launch; got {sorted({str(p.dtype) for p in params})}")
     d = dct_matrix(table.s, params[0].device, torch.float32)
+    (lr, lr_ptr), (decay, _) = _rates(lr, decay)
     _decode_kernel[(table.num_chunks,)](
         params[0], indices, values, d, dct_matrix_halves(table.s, d.device), table.meta, table.addresses(params),
         table.tensor_of_chunk, 0, 0, 0, 0,
-        indices.stride(0), values.stride(0), float(lr), float(decay), GROUPED=True, R=indices.shape[0], S=table.s,
+        indices.stride(0), values.stride(0), lr, decay, GROUPED=True, R=indices.shape[0], S=table.s,
         K=table.k, KB=payload_block(table.k, table.s), SIGN=sign, PRECISION=options.decode_precision,
-        num_warps=options.decode_warps,
+        num_warps=options.decode_warps, LR_PTR=lr_ptr,
     )
+
+
+def _rates(lr: float | torch.Tensor, decay: float | torch.Tensor) -> tuple:
+    """lr and decay as kernel arguments: both floats, or both device scalars (``encode.rate_arg``)."""
+    out = rate_arg(lr), rate_arg(decay)
+    if out[0][1] != out[1][1]:
+        raise ValueError("lr and decay must both be floats or both be tensors")
+    return out

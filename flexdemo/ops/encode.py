@@ -157,7 +157,7 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols,
                    stride_g, stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr, GROUPED: tl.constexpr,
                    S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
-                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr):
+                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr, LR_PTR: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
@@ -179,7 +179,10 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     m = tl.load(mp + r * sm + q, mask=mask, other=0.0)
     if HAS_GRAD:
         g = tl.load(gp + r * sg + q, mask=g_mask, other=0.0).to(tl.float32)
-        m = beta * m + lr * g
+        if LR_PTR:  # read at run time: a captured CUDA graph replays with each step's rate
+            m = beta * m + tl.load(lr) * g
+        else:
+            m = beta * m + lr * g
     else:
         m = beta * m
     d = tl.load(d_ptr + si[:, None] * S + si[None, :])
@@ -257,39 +260,56 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     tl.store(mp + r * sm + q, m, mask=(r < n_rows) & (q < n_cols))
 
 
-def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
+def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float,
+                  lr: float | torch.Tensor,
                   k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
                   options: KernelOptions = KernelOptions()) -> None:
-    """Same contract as ``encode_reference``; ``out_idx`` is int32."""
+    """Same contract as ``encode_reference``; ``out_idx`` is int32; ``lr`` may be a one-element fp32 tensor on the
+    device (read by the kernel: what a CUDA graph captures)."""
     opts = _launch_options(options, k, layout.s, out_vals.dtype)
     if layout.num_chunks == 0:
         return
     d = dct_matrix(layout.s, delta.device, torch.float32)
     g = grad if grad is not None else delta
+    rate, lr_ptr = rate_arg(lr)
     return _encode_kernel[(layout.num_chunks,)](
         g, delta, d, out_vals, out_idx, _scratch(layout.num_chunks, opts, delta.device), d, d, d, layout.rows,
-        layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), float(lr),
-        HAS_GRAD=grad is not None, GROUPED=False, **opts,
+        layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), rate,
+        HAS_GRAD=grad is not None, GROUPED=False, LR_PTR=lr_ptr, **opts,
     )
 
 
 def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], deltas: list[torch.Tensor], beta: float,
-                        lr: float, out_vals: torch.Tensor, out_idx: torch.Tensor,
-                        options: KernelOptions = KernelOptions()) -> None:
+                        lr: float | torch.Tensor, out_vals: torch.Tensor, out_idx: torch.Tensor,
+                        options: KernelOptions = KernelOptions(), addresses: torch.Tensor | None = None) -> None:
     """``encode_triton`` for every tensor of ``table`` in one launch, at the table's k. grads[t] / deltas[t]:
     (rows, cols) views with unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the
-    whole payload, each tensor writing at its first payload chunk. All gradients given must share one dtype."""
+    whole payload, each tensor writing at its first payload chunk. All gradients given must share one dtype.
+    ``addresses``: the rows ``table.addresses(grads, deltas)`` would give, already on the device (a captured CUDA
+    graph reads a fixed copy of them, rewritten each step)."""
     opts = _launch_options(options, table.k, table.s, out_vals.dtype)
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
         raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
     d = dct_matrix(table.s, deltas[0].device, torch.float32)
+    rate, lr_ptr = rate_arg(lr)
     _encode_kernel[(table.num_chunks,)](
         present[0] if present else deltas[0], deltas[0], d, out_vals, out_idx,
-        _scratch(table.num_chunks, opts, d.device), table.meta, table.addresses(grads, deltas), table.tensor_of_chunk,
-        0, 0, 0, 0, 0, 0, float(beta), float(lr),
-        HAS_GRAD=bool(present), GROUPED=True, **opts,
+        _scratch(table.num_chunks, opts, d.device), table.meta,
+        table.addresses(grads, deltas) if addresses is None else addresses, table.tensor_of_chunk,
+        0, 0, 0, 0, 0, 0, float(beta), rate,
+        HAS_GRAD=bool(present), GROUPED=True, LR_PTR=lr_ptr, **opts,
     )
+
+
+def rate_arg(lr: float | torch.Tensor) -> tuple:
+    """A rate as a kernel argument, and whether it is a pointer: a float, or a one-element fp32 tensor read at run
+    time."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.dtype != torch.float32:
+            raise ValueError(f"lr as a tensor must be one fp32 element; got {lr.dtype} of shape {tuple(lr.shape)}")
+        return lr, True
+    return float(lr), False
 
 
 def _launch_options(options: KernelOptions, k: int, s: int, wire: torch.dtype) -> dict:
