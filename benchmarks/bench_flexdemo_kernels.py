@@ -40,13 +40,14 @@ SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 # dct_inverse=fp32); fwd-tf32 / decode tf32 are the =tf32 settings, "nocap" is without the encode's register cap.
 DEFAULT = KernelOptions()
 ENCODE_VARIANTS = [DEFAULT, KernelOptions(forward_precision="tf32"), KernelOptions(forward_precision="tf32x3"),
-                   KernelOptions(maxnreg=None), KernelOptions(select="bisect")]
+                   KernelOptions(maxnreg=None), KernelOptions(maxnreg=128), KernelOptions(encode_warps=2),
+                   KernelOptions(select="bisect")]
 DECODE_VARIANTS = [DEFAULT, KernelOptions(decode_precision="ieee"), KernelOptions(decode_precision="tf32")]
 
 
 def encode_name(o: KernelOptions) -> str:
     return (f"triton {o.select} fwd-{o.forward_for(torch.bfloat16)} sub-{o.subtract_precision} w{o.encode_warps}"
-            + ("" if o.maxnreg else " nocap"))
+            + ("" if o.maxnreg == 168 else f" cap{o.maxnreg}" if o.maxnreg else " nocap"))
 
 
 def decode_name(o: KernelOptions) -> str:

@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--link-latency-ms", type=float, default=0.0)
     ap.add_argument("--overlap", default="off", choices=["off", "stale", "layerwise"],
                     help="FlexDeMo's exchange under compute: one step stale, or per layer before its next forward")
+    ap.add_argument("--cuda-graphs", action="store_true", help="FlexDeMo's encode and decode + apply as CUDA graphs")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--probe", type=int, default=3)
@@ -98,7 +99,8 @@ def main() -> None:
     model = build_parallel_model(cfg, ctx, args.strategy, seed=0, mixed_precision=mp)
     ocfg = OptimConfig(name=args.strategy, lr=args.lr or (1e-3 if args.strategy == "adamw" else 4e-4),
                        weight_decay=0.0 if args.strategy == "flexdemo" else 0.1, warmup_steps=args.warmup,
-                       demo=DeMoConfig(topk=args.topk, chunk=args.chunk, overlap=args.overlap))
+                       demo=DeMoConfig(topk=args.topk, chunk=args.chunk, overlap=args.overlap,
+                                       cuda_graphs=args.cuda_graphs))
     opt = build_optimizer(model, ocfg, dev, ctx.replicate_group, link=link)
     sched = LRSchedule(ocfg, args.steps + args.warmup)
     params = [p for p in model.parameters() if p.requires_grad]
