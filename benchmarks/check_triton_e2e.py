@@ -2,7 +2,8 @@
 
 1. the same short training run (embedded data, same seed) with ``optim.demo.kernels=torch`` twice and ``triton`` once:
    the loss curves, and how far triton's is from torch's next to how far torch's is from itself (the run-to-run
-   noise; zero on the H100 of benchmarks/HISTORY.md);
+   noise; zero on the H100 of benchmarks/HISTORY.md), and ``triton`` with ``cuda_graphs`` (the same bits as
+   triton's wherever the run itself repeats bit for bit);
 2. two simulated replicas (separate optimizers, different gradients, one exchange per step) on real-sized tensors for
    many steps: their parameters must stay bit-identical.
 
@@ -27,9 +28,10 @@ from flexmore.model import load_preset  # noqa: E402
 from flexmore.train.loop import train  # noqa: E402
 
 
-def loss_curve(kernels: str, model: str, steps: int, work: Path) -> dict[int, float]:
+def loss_curve(kernels: str, model: str, steps: int, work: Path, cuda_graphs: bool = False) -> dict[int, float]:
     cfg = Config(model=load_preset(model), data=DataConfig(train_chars=4_000_000),
-                 optim=OptimConfig(name="demo", lr=3e-4, warmup_steps=10, demo=DeMoConfig(kernels=kernels)),
+                 optim=OptimConfig(name="demo", lr=3e-4, warmup_steps=10,
+                                   demo=DeMoConfig(kernels=kernels, cuda_graphs=cuda_graphs)),
                  train=TrainConfig(steps=steps, seq_len=256, micro_batch=16, eval_every=0, log_every=10,
                                    progress=False, resume="never"),
                  logging=LoggingConfig(mode="disabled"), run_dir=str(work / kernels / str(time.time_ns())))
@@ -70,7 +72,8 @@ def main() -> None:
     work = Path(args.work)
     curves = {"torch": loss_curve("torch", args.model, args.steps, work),
               "torch again": loss_curve("torch", args.model, args.steps, work),
-              "triton": loss_curve("triton", args.model, args.steps, work)}
+              "triton": loss_curve("triton", args.model, args.steps, work),
+              "triton graphs": loss_curve("triton", args.model, args.steps, work, cuda_graphs=True)}
 
     def max_rel(a: str, b: str) -> float:
         return max(abs(curves[a][s] - curves[b][s]) / abs(curves[a][s]) for s in curves[a])
@@ -79,6 +82,7 @@ def main() -> None:
            "model": args.model, "steps": args.steps, "curves": {k: {str(s): v for s, v in c.items()} for k, c in curves.items()},
            "max_rel_diff_torch_vs_torch": max_rel("torch", "torch again"),
            "max_rel_diff_triton_vs_torch": max_rel("torch", "triton"),
+           "max_rel_diff_graphs_vs_triton": max_rel("triton", "triton graphs"),
            "replicas": replicas_identical(args.replica_steps)}
     print(json.dumps({k: v for k, v in out.items() if k != "curves"}))
     print(f"{'step':>6}" + "".join(f"{k:>14}" for k in curves))
