@@ -201,7 +201,8 @@ def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: lis
     if result.is_file():  # resumable: a finished run is not repeated
         return json.loads(result.read_text())
     # an unfinished attempt resumes from its last checkpoint (train.resume=auto), if it saved one
-    cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R), "--seed", str(seed),
+    cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R),
+           "--seed", str(seed),
            "--run-dir", str(work / name), "--result", str(result), "--set", *overrides]
     if R > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={R}", *cmd]
@@ -331,15 +332,17 @@ def table(by_r: dict) -> str:
         dense = s["dense_bf16_bytes_per_step"]
         comp = f"{dense / s['bytes_per_step']:.1f}×" if dense and s["bytes_per_step"] else "—"
         star = {o: "*" if s[o]["lr_at_sweep_edge"] else "" for o in ("adamw", "flexdemo")}
-        lines.append(f"| {R} | {s['adamw']['lr']:g}{star['adamw']} | {s['adamw']['val_loss']:.4f} ({s['adamw']['best_val_loss']:.4f}) "
-                     f"| {s['flexdemo']['lr']:g}{star['flexdemo']} | {s['flexdemo']['val_loss']:.4f} "
-                     f"({s['flexdemo']['best_val_loss']:.4f}) | {s['ratio']:.3f} ({s['ratio_best']:.3f}) | "
+        lines.append(f"| {R} | {s['adamw']['lr']:g}{star['adamw']} | {s['adamw']['val_loss']:.4f} "
+                     f"({s['adamw']['best_val_loss']:.4f}) | {s['flexdemo']['lr']:g}{star['flexdemo']} | "
+                     f"{s['flexdemo']['val_loss']:.4f} ({s['flexdemo']['best_val_loss']:.4f}) | "
+                     f"{s['ratio']:.3f} ({s['ratio_best']:.3f}) | "
                      f"{s['bytes_per_step']:,.0f} | {'—' if not dense else f'{dense:,.0f}'} | {comp} | "
                      f"{s['variants']['flexdemo']['base_2x2_x_dense_bf16']:.1f}× |")
         for o, v in s["variants"].items():
             if o != "flexdemo":
                 comp = f"{dense / v['bytes_per_step']:.1f}×" if dense and v.get("bytes_per_step") else "—"
-                lines.append(f"| {R} | | | {o} {v['lr']:g}{'*' if s[o]['lr_at_sweep_edge'] else ''} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
+                edge = "*" if s[o]["lr_at_sweep_edge"] else ""
+                lines.append(f"| {R} | | | {o} {v['lr']:g}{edge} | {v['val_loss']:.4f} ({v['best_val_loss']:.4f}) | "
                              f"{v['ratio']:.3f} | {v.get('bytes_per_step', 0):,.0f} | | {comp} | "
                              f"{v['base_2x2_x_dense_bf16']:.1f}× |")
     note = "\n\n* the best learning rate is at the end of its sweep (the sweep does not bracket it)."
@@ -419,7 +422,8 @@ def main() -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_stream(size)
-    plan = [(optim, lr, R, seed) for R in args.replicas for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
+    plan = [(optim, lr, R, seed) for R in args.replicas
+            for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
             for lr in size.lrs.get(optim, size.lrs["flexdemo" if optim.startswith("flexdemo") else "adamw"])
             for seed in range(args.seeds)]
 

@@ -2,10 +2,10 @@
 
 A model of many small tensors makes the step host-bound: its kernels take less GPU time than Python and the launcher
 take to queue them (H200 profile of ``base``, benchmarks/HISTORY.md). A captured phase costs one replay. A graph bakes
-in every address and every scalar it saw, so the phases read their rates from device memory (``DeviceScalars``),
-and a phase is keyed by the addresses of the tensors that may move (gradients): a key is run eagerly the first time
-it is seen, captured the second time, replayed after, and a key seen once only (gradients that move every step)
-costs nothing but the eager run.
+in every address and every scalar it saw, so the phases read their rates from device memory (``DeviceScalars``) and
+their gradients, which a backward allocates anew, from places refreshed before each replay (``FlexDeMo._feed``). A
+phase is keyed by what it cannot be fed (the tensors that have gradients and their dtypes, where the parameters and
+momenta sit): a key is run eagerly the first time it is seen, captured the second time, replayed after.
 """
 
 from __future__ import annotations

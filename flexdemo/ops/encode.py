@@ -261,8 +261,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
 
 
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float,
-                  lr: float | torch.Tensor,
-                  k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
+                  lr: float | torch.Tensor, k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
                   options: KernelOptions = KernelOptions()) -> None:
     """Same contract as ``encode_reference``; ``out_idx`` is int32; ``lr`` may be a one-element fp32 tensor on the
     device (read by the kernel: what a CUDA graph captures)."""
@@ -307,7 +306,8 @@ def rate_arg(lr: float | torch.Tensor) -> tuple:
     time."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or lr.dtype != torch.float32:
-            raise ValueError(f"lr as a tensor must be one fp32 element; got {lr.dtype} of shape {tuple(lr.shape)}")
+            raise ValueError(f"a rate as a tensor must be one fp32 element; got {lr.dtype} of shape "
+                             f"{tuple(lr.shape)}")
         return lr, True
     return float(lr), False
 
