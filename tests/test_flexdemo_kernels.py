@@ -590,7 +590,11 @@ def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(m
     assert getattr(OptimConfig(name="flexdemo", demo=DeMoConfig(**{setting: "tf32"})).demo_config(), setting) == "tf32"
     mod = importlib.import_module(f"flexdemo.ops.{module}")
     seen, launch = [], getattr(mod, launch_fn)
-    monkeypatch.setattr(mod, launch_fn, lambda *a: (seen.append(getattr(a[-1], kwarg)), launch(*a))[1])
+    def spy(*a, **kw):  # the launch's KernelOptions, wherever it sits among the arguments
+        seen.append(getattr(next(x for x in a if isinstance(x, KernelOptions)), kwarg))
+        return launch(*a, **kw)
+
+    monkeypatch.setattr(mod, launch_fn, spy)
     for value in ("fp32", "tf32"):
         p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
         p.grad = torch.randn(20, 24, device=DEVICE)

@@ -50,7 +50,7 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
     if kernels == "triton":
         from flexdemo.ops.encode import encode_triton_table
 
-        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options, addresses)
+        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options, addresses=addresses)
     from flexdemo.ops.encode_reference import encode_reference
 
     for t, (lay, g, m) in enumerate(zip(table.layouts, grads, deltas)):
