@@ -6,6 +6,6 @@ plain parameters, ``DeMo`` for the all-replica case, ``DeMoConfig`` for the sett
 
 from flexdemo.chunks import ChunkLayout
 from flexdemo.config import DeMoConfig
-from flexdemo.optimizer import DeMo, FlexDeMo, local_tensor
+from flexdemo.optimizer import DeMo, FlexDeMo, check_runnable, local_tensor
 
-__all__ = ["ChunkLayout", "DeMoConfig", "DeMo", "FlexDeMo", "local_tensor"]
+__all__ = ["ChunkLayout", "DeMoConfig", "DeMo", "FlexDeMo", "check_runnable", "local_tensor"]

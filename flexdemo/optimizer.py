@@ -149,6 +149,16 @@ def _views_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tens
     return [v.view_as(x) for v, x in zip(flat.split([x.numel() for x in like]), like)]
 
 
+def check_runnable(cfg: DeMoConfig, device: torch.device) -> str:
+    """The kernels ``cfg`` resolves to on ``device``, or a ValueError naming the setting that cannot run there: a
+    trainer calls it before it builds data or weights."""
+    kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
+    if cfg.cuda_graphs and (kernels != "triton" or device.type != "cuda"):
+        raise ValueError(f"cuda_graphs=true captures the Triton kernels on a CUDA device; here kernels={kernels} on "
+                         f"{device.type} (set cuda_graphs=false)")
+    return kernels
+
+
 def plan_params(shapes: list[torch.Size], cfg: DeMoConfig) -> tuple[list[ParamPlan], WireLayout]:
     """Compress a tensor when its packed top-k payload is smaller than sending it densely, else send it dense."""
     val_bytes = torch.empty(0, dtype=cfg.wire_dtype).element_size()
@@ -204,12 +214,9 @@ class FlexDeMo(torch.optim.Optimizer):
                 for key in ("grad_avg", "grad_avg_sq"):
                     self.state[p][key] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         device = local_tensor(self.params[0]).device
-        self.kernels = ops.resolve_kernels(cfg.kernels, device, cfg.chunk)
+        self.kernels = check_runnable(cfg, device)
         self._graphs: PhaseGraphs | None = None
         if cfg.cuda_graphs:
-            if self.kernels != "triton" or device.type != "cuda":
-                raise ValueError(f"cuda_graphs=true captures the Triton kernels on a CUDA device; here kernels="
-                                 f"{self.kernels} on {device.type} (set cuda_graphs=false)")
             self._graphs, self._scalars = PhaseGraphs(), DeviceScalars(device)
         self.kernel_options = kernel_options or cfg.kernel_options()  # explicit ones: a benchmark's settings
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]

@@ -92,6 +92,20 @@ def test_resume_with_another_model_shape_fails_before_any_work(tmp_path, monkeyp
     assert built == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+@pytest.mark.parametrize("demo,message", [
+    ({"cuda_graphs": True}, "cuda_graphs=true captures the Triton kernels on a CUDA device; here kernels=torch on cpu"),
+    ({"kernels": "triton", "chunk": 48}, "kernels=triton cannot run: chunk=48 is not one of"),
+])
+def test_flexdemo_settings_the_device_cannot_run_fail_before_any_work(tmp_path, monkeypatch, demo, message):
+    built = []
+    monkeypatch.setattr("flexmore.train.loop.build_streams", lambda *a: built.append(1))
+    cfg = tiny_config(tmp_path, optim={"name": "flexdemo", **demo})
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert built == []
+
+
 def test_seq_len_larger_than_model_max_is_rejected_at_config(tmp_path):
     with pytest.raises(ValueError, match="train.seq_len=512 is larger than the model's max_seq_len=256"):
         tiny_config(tmp_path, train={"seq_len": 512})

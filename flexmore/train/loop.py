@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from flexdemo import check_runnable
 from flexdemo.link import LinkCap
 from flexmore.config import Config
 from flexmore.data.loader import SequenceLoader, eval_batches
@@ -113,6 +114,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> TrainResult:
                         every_rank_a_replica=strategy.every_rank_a_replica, replicate_backend=cfg.parallel.resolved_replicate_backend,
                         timeout_s=cfg.parallel.timeout_s)
     device = ctx.device
+    if not strategy.dense_sync:  # FlexDeMo's kernels and graphs can run on this device
+        check_runnable(cfg.optim.demo_config(), device)
     torch.manual_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_cfg = recipe.model_config if recipe else dataclasses.replace(
