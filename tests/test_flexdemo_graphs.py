@@ -1,8 +1,9 @@
 """cuda_graphs: the step's phases replayed as CUDA graphs give the same bits as the eager step.
 
-On CPU: the rates read from device scalars (what a graph replays) give the same bits as Python floats, through the
-optimizer's own encode and decode; bad settings are refused. On a GPU: whole steps with and without graphs, with a
-schedule that changes lr every step, a look-ahead, dense 1-D tensors, two simulated replicas and gradients that move.
+On CPU: the rates read from device scalars and the gradients read through the buffers and address rows a graph
+reads give the same bits as the eager path, through the optimizer's own encode and decode; bad settings are refused.
+On a GPU: whole steps with and without graphs, with a schedule that changes lr every step, a look-ahead, dense 1-D
+tensors, two simulated replicas, gradients that move and a loaded state dict; a training loop; overlapped exchanges.
 """
 
 from __future__ import annotations
