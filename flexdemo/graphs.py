@@ -37,10 +37,14 @@ class PhaseGraphs:
         self._entries.move_to_end(key)
         entry = self._entries[key]
         if entry is None:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (a process group's watchdog) may touch CUDA meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = fn()
+            try:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads (a process group's watchdog) may touch CUDA meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = fn()
+            except Exception as e:  # nothing ran: a capture only records, so the step can be taken again eagerly
+                raise RuntimeError(f"capturing the optimizer's {key[0]} phase as a CUDA graph failed ({e}); this "
+                                   "step was not taken. Resume with optim.demo.cuda_graphs=false") from e
             entry = self._entries[key] = (graph, out, hold())
             self.captures += 1
         entry[0].replay()

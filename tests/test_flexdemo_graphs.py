@@ -182,3 +182,23 @@ def test_graphs_with_the_exchange_overlapped(overlap):
     assert o1._graphs.replays > 0
     for a, b in zip(m0.parameters(), m1.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_failed_capture_says_what_to_do(monkeypatch):
+    """A capture that fails (an operation a graph cannot hold) stops with the phase and the way out, and has taken
+    no step: capturing only records."""
+    from flexdemo.graphs import PhaseGraphs
+
+    graphs, ran = PhaseGraphs(), []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+
+    def refuse(*a, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    assert graphs.run(("encode", 0), lambda: ran.append(1) or "out") == "out"  # first time: eager
+    with pytest.raises(RuntimeError, match=r"capturing the optimizer's encode phase as a CUDA graph failed \("
+                                           r"operation not permitted.*this step was not taken. Resume with "
+                                           r"optim.demo.cuda_graphs=false"):
+        graphs.run(("encode", 0), lambda: ran.append(1) or "out")
+    assert ran == [1] and graphs.captures == 0
