@@ -91,7 +91,8 @@ def bench(case: str, compile_model: bool, steps: int, warmup: int, optim: str = 
     tok_s = mb * T / t
     fpt = flops_per_token(model, T)
     counts = count_params(model)
-    return {"case": case, "compile": compile_model, "optim": optim, "params_M": counts.total / 1e6, "micro_batch": mb, "seq_len": T,
+    return {"case": case, "compile": compile_model, "optim": optim, "params_M": counts.total / 1e6,
+            "micro_batch": mb, "seq_len": T,
             "step_ms": t * 1e3, "tokens_per_s": tok_s, "tflops": tok_s * fpt / 1e12,
             "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item()}
 
@@ -123,7 +124,8 @@ def main() -> None:
     print(f"{'case':<11}{'compile':>8}{'optim':>16}{'params':>9}{'batch':>11}{'step ms':>9}{'tok/s':>11}{'TFLOP/s':>9}"
           f"{'MFU(ds)':>9}{'MFU(mm)':>9}{'mem GiB':>9}")
     for r in rows:
-        print(f"{r['case']:<11}{str(r['compile']):>8}{r['optim']:>16}{r['params_M']:>8.1f}M{r['micro_batch']:>5}x{r['seq_len']:<5}"
+        print(f"{r['case']:<11}{str(r['compile']):>8}{r['optim']:>16}{r['params_M']:>8.1f}M"
+              f"{r['micro_batch']:>5}x{r['seq_len']:<5}"
               f"{r['step_ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['tflops']:>9.1f}{r['mfu_datasheet']:>9.1%}"
               f"{r['mfu_measured_matmul']:>9.1%}{r['peak_mem_GiB']:>9.1f}")
     if args.out:

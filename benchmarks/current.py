@@ -46,7 +46,8 @@ def kernel_rows() -> list[list[str]]:
             f = next(r for r in h["rows"] if r["what"].startswith(f"{model}: FlexDeMo triton{g} step, host"))
             rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton{' with `cuda_graphs=true`' if g else ''} "
                             "(host time to queue it; GPU work)", f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; "
-                            f"{f['gpu_ms']:.2f})", f"fused AdamW {a:.2f} ms", f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
+                            f"{f['gpu_ms']:.2f})", f"fused AdamW {a:.2f} ms",
+                            f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
                             h["device"].replace("NVIDIA ", ""), h["date"],
                             f"`bench_optimizer_step.py --model {model} --profile` (`{rel}`)"))
     o = load("optstep_h200/step.json")  # the same benchmark on the goal's device, without the profiler

@@ -50,6 +50,10 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _local_grad(p: torch.Tensor) -> torch.Tensor | None:
+    return local_tensor(p.grad) if p.grad is not None else None
+
+
 @dataclass
 class ParamPlan:
     """Where one parameter's payload sits in the packed buffer; identical on every replica."""
@@ -311,12 +315,7 @@ class FlexDeMo(torch.optim.Optimizer):
     def _encode(self, bucket: int, rates: list, feed: "_Feed | None" = None) -> torch.Tensor:
         """``feed`` (cuda_graphs): the gradients and address tables to read instead of the live ones."""
         cfg, b = self.cfg, self.buckets[bucket]
-        if feed is None:
-            def grad_of(p):
-                return local_tensor(p.grad) if p.grad is not None else None
-        else:
-            def grad_of(p):
-                return feed.grads[id(p)]
+        grad_of = _local_grad if feed is None else (lambda p: feed.grads[id(p)])
         wire = b.wire
         device = local_tensor(self.params[0]).device
         values = torch.empty(wire.num_sparse + wire.num_dense, dtype=cfg.wire_dtype, device=device)
@@ -416,7 +415,7 @@ class FlexDeMo(torch.optim.Optimizer):
         feed, key, copies = _Feed({}, {}), [], {}  # copies: dtype -> (destinations, sources)
         for plan in b.groups:
             for table, ps in plan.tables:
-                live = [local_tensor(p.grad) if p.grad is not None else None for p in ps]
+                live = [_local_grad(p) for p in ps]
                 present = [g for g in live if g is not None]
                 one_dtype = len({g.dtype for g in present}) <= 1
                 if not (by_address and one_dtype and all(g.is_contiguous() for g in present)):
@@ -432,14 +431,15 @@ class FlexDeMo(torch.optim.Optimizer):
                 feed.addresses[id(table)] = box
                 feed.grads.update((id(p), g) for p, g in zip(ps, live))
         for p in b.members:
-            g = local_tensor(p.grad) if p.grad is not None else None
+            g = _local_grad(p)
             direct = id(p) in feed.grads
             key.append(None if g is None else (g.dtype, direct))
             if g is None or direct:
                 feed.grads[id(p)] = g
                 continue
+            # allocated once per (tensor, dtype): a graph captured on it reads it on every replay
             box = self._boxes.get((id(p), g.dtype))
-            if box is None or box.shape != g.shape:
+            if box is None:
                 box = self._boxes[(id(p), g.dtype)] = torch.empty_like(g)
             dst, src = copies.setdefault(g.dtype, ([], []))
             dst.append(box)
@@ -494,12 +494,12 @@ class FlexDeMo(torch.optim.Optimizer):
         if self._graphs is None:
             return self._decode_apply(gathered, bucket, steps)
         steps = self._device_rates(f"decode{bucket}", steps)
-        where = (bucket, tuple(gathered.shape), gathered.dtype)
-        inbox = self._inboxes.get(where)
-        if inbox is None or inbox.device != gathered.device:
+        where = (bucket, tuple(gathered.shape), gathered.dtype, gathered.device)
+        inbox = self._inboxes.get(where)  # allocated once per key: the graph captured on it reads it
+        if inbox is None:
             inbox = self._inboxes[where] = torch.empty_like(gathered)
         inbox.copy_(gathered)
-        key = ("decode", *where, inbox.device, self._params_key(bucket))
+        key = ("decode", *where, self._params_key(bucket))
         self._graphs.run(key, lambda: self._decode_apply(inbox, bucket, steps), self._held_addresses)
 
     def _decode_apply(self, gathered: torch.Tensor, bucket: int, steps: list) -> None:
