@@ -3,8 +3,9 @@
 Two views, same run:
 - whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
   2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), the
-  same with ``cuda_graphs`` (each phase one graph replay), and with ``base_step=orthogonal`` over whole matrices
-  and per chunk, fp32 and bf16 (what its Newton-Schulz products add);
+  same with ``cuda_graphs`` (each phase one graph replay), with the 152.9x wire (k 28, 2-bit codes: the
+  quantisation inside the encode kernel), and with ``base_step=orthogonal`` over whole matrices and per chunk, fp32
+  and bf16 (what its Newton-Schulz products add; ``--skip-slow`` leaves them and the torch path out);
 - one tensor (default 4096 x 11008 fp32): encode and decode + apply separately, against their memory floor
   (encode: read grad, read + write momentum = 12 B/elt; decode + apply: read + write param = 8 B/elt) over the
   copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
@@ -61,7 +62,7 @@ def params_with_grads(shapes, dtype=torch.float32):
     return ps
 
 
-def model_rows(model_name: str) -> list[dict]:
+def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     cfg = load_preset(model_name)
     cfg = dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259))
     shapes = [p.shape for p in build_model(cfg, device="meta").parameters()]
@@ -71,7 +72,7 @@ def model_rows(model_name: str) -> list[dict]:
     rows.append({"what": f"{model_name}: fused AdamW step", "ms": bench(adam.step)})
     adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
     rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
-    for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
+    for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         demo = flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
@@ -83,7 +84,14 @@ def model_rows(model_name: str) -> list[dict]:
         rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
         rows.append({"what": f"{name}, 2 replicas (decode twice)",
                      "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
-    for scope, precision in (("matrix", "fp32"), ("chunk", "fp32"), ("matrix", "bf16"), ("chunk", "bf16")):
+    for graphs in (False, True):  # k 28, values as 2-bit codes (152.9x less than dense bf16 for base on 2 x 2)
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", topk=28, value_bits=2, cuda_graphs=graphs)
+        name = f"{model_name}: FlexDeMo triton, topk=28 value_bits=2" + (", cuda_graphs" if graphs else "")
+        rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
+        rows.append({"what": f"{name}, 2 replicas (decode twice)",
+                     "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+    for scope, precision in () if skip_slow else (("matrix", "fp32"), ("chunk", "fp32"), ("matrix", "bf16"),
+                                                   ("chunk", "bf16")):
         # the orthogonal step's Newton-Schulz products on top of the above
         demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope=scope,
                         orthogonal_precision=precision)
@@ -167,6 +175,8 @@ def main() -> None:
     ap.add_argument("--tensor", type=int, nargs=2, default=[4096, 11008])
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernel-choice", default=None, help="bench_flexdemo_kernels.py's JSON: use its fastest variants")
+    ap.add_argument("--skip-slow", action="store_true", help="leave out the torch path and the orthogonal step "
+                    "(minutes at 1b)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile each model's FlexDeMo step: host enqueue time, and a table of ops per model")
     args = ap.parse_args()
@@ -176,7 +186,7 @@ def main() -> None:
     bw = copy_bandwidth()
     rows = []
     for m in args.model:
-        rows += model_rows(m)
+        rows += model_rows(m, args.skip_slow)
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             rows.append(profile_step(m, Path(args.profile) / f"profile_{m}.txt"))

@@ -85,6 +85,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-adamw-c32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "chunk": 32, "topk": 8},
             # the momentum gathers gradients, not lr x gradients: the annealed steps follow recent gradients
             "flexdemo-nolr": {"fold_lr": False},
+            # the replicas' coefficients averaged over all R (sum / R), not over the replicas that sent each one
+            "flexdemo-meanall": {"replica_mean": "all"},
+            "flexdemo-ortho-chunk-meanall": {"base_step": "orthogonal", "orthogonal_scope": "chunk",
+                                             "replica_mean": "all"},
             # each matrix's decoded direction orthogonalised (Newton-Schulz, as Muon), at AdamW's update RMS
             "flexdemo-ortho": {"base_step": "orthogonal"},
             "flexdemo-ortho-chunk": {"base_step": "orthogonal", "orthogonal_scope": "chunk"},
@@ -394,6 +398,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="override Size fields, e.g. steps=50 (a smoke run)")
     ap.add_argument("--seeds", type=int, default=1, help="initial weights per (optimizer, lr): losses are averaged, "
                     "and the FlexDeMo / AdamW ratio gets a 95%% interval over seeds")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1: more "
+                    "seeds for an earlier run (this run's summary holds these seeds only)")
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (one GPU has room for several at small)")
     ap.add_argument("--lrs", nargs="*", default=[], metavar="OPTIM=LR,LR", help="override a sweep, e.g. adamw=1e-3")
@@ -425,7 +431,7 @@ def main() -> None:
     plan = [(optim, lr, R, seed) for R in args.replicas
             for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
             for lr in size.lrs.get(optim, size.lrs["flexdemo" if optim.startswith("flexdemo") else "adamw"])
-            for seed in range(args.seeds)]
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
 
     def one(job):
         optim, lr, R, seed = job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexdemo.ops.decode_reference import REPLICA_MEANS
 from flexdemo.ops.options import KernelOptions
 from flexdemo.quant import VALUE_BITS
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
@@ -90,6 +91,11 @@ class DeMoConfig:
     # remembers ~1,000 steps), so the sign steps keep following stale gradients; without it every step's gradient
     # counts alike. (precondition=adam always folds its updates lr-free.)
     fold_lr: bool = True
+    # How the replicas' coefficients are averaged per position: "senders" (DeMo) over the replicas that sent it, so
+    # a coefficient one replica picked from its own noisy momentum weighs as much as one all R agree on; "all" over
+    # all R (the sum / R): the mean of what the replicas took out of their momenta, which is what error feedback
+    # keeps account of. The same at R = 1 and for the dense-sent tensors; no counting in the decode.
+    replica_mean: str = "senders"
     # Encode and decode + apply each replayed as a captured CUDA graph (flexdemo.graphs): for a model of many small
     # tensors, whose step is bound by the host queueing its launches. Triton kernels on CUDA, base_step=direct and
     # tensor_scale=none only; the same bits as without. A phase runs eagerly at its first step, is captured at its
@@ -109,6 +115,8 @@ class DeMoConfig:
         if self.precondition != "none" and self.base_step != "direct":
             raise ValueError(f"precondition={self.precondition!r} already folds Adam's steps into the momentum; "
                              f"base_step={self.base_step!r} would take moments again (use base_step=direct)")
+        if self.replica_mean not in REPLICA_MEANS:
+            raise ValueError(f"replica_mean={self.replica_mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
         if self.tensor_scale not in TENSOR_SCALES:
             raise ValueError(f"tensor_scale={self.tensor_scale!r}; allowed: {', '.join(TENSOR_SCALES)}")
         if self.tensor_scale != "none" and self.base_step != "direct":

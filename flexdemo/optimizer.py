@@ -32,13 +32,12 @@ import torch.distributed as dist
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
 from flexdemo.config import DeMoConfig
-from flexdemo.dct import idct2
 from flexdemo.graphs import DeviceScalars, PhaseGraphs
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
 from flexdemo.orthogonal import orthogonalize_all
-from flexdemo.quant import codes_nbytes, dequantize, quantize
+from flexdemo.quant import codes_nbytes
 from flexdemo.wire import WireLayout, index_nbytes
 
 # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor; both fill a flat output.
@@ -336,9 +335,8 @@ class FlexDeMo(torch.optim.Optimizer):
                 deltas = [self.state[p]["delta"].view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                 # with a look-ahead the kernel works on delta + nesterov * lr * grad, taken back below
                 ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lead, values, indices,
-                                 self.kernel_options, feed.addresses.get(id(table)) if feed else None)
-                if cfg.value_bits:
-                    self._quantize(table, deltas, values, indices, codes, scales)
+                                 self.kernel_options, feed.addresses.get(id(table)) if feed else None,
+                                 cfg.value_bits, codes, scales)
                 self._take_back_lead(deltas, grads, back)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
@@ -452,21 +450,6 @@ class FlexDeMo(torch.optim.Optimizer):
     def _held_addresses(self) -> list:
         return [table.held_addresses() for b in self.buckets for plan in b.groups for table, _ in plan.tables]
 
-    def _quantize(self, table: ChunkTable, deltas: list, values: torch.Tensor, indices: torch.Tensor,
-                  codes: torch.Tensor, scales: torch.Tensor) -> None:
-        """Replace ``table``'s sent values by codes and scales, and give its momenta back what that loses (they had
-        lost the unquantised values): each chunk's error is added back through its inverse DCT."""
-        k, s, bits = table.k, table.s, self.cfg.value_bits
-        for t, (lay, delta) in enumerate(zip(table.layouts, deltas)):
-            sl = table.payload_slice(t)
-            chunks = slice(sl.start // k, sl.stop // k)
-            sent = values[sl].view(-1, k).float()
-            codes[sl], scales[chunks] = (x.reshape(-1) for x in quantize(sent, bits))
-            error = sent - dequantize(codes[sl].view(-1, k), scales[chunks], bits)
-            dense = torch.zeros(lay.num_chunks, s * s, device=delta.device).scatter_(
-                1, indices[sl].view(-1, k).long(), error)
-            delta.add_(lay.from_chunks(idct2(dense.view(-1, s, s))))
-
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
         """(nbytes,) -> (replicas, nbytes): one all-gather over the replicate group."""
         return self.start_exchange(payload, wait=True).wait()
@@ -525,7 +508,8 @@ class FlexDeMo(torch.optim.Optimizer):
                     targets = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
                     step_lr, step_decay = lr, decay
                 ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
-                                       self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options)
+                                       self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options,
+                                       self.cfg.replica_mean)
                 if self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk":
                     ops.orthogonalize_chunks_table(self.kernels, table, targets, self.cfg.orthogonal_precision)
                 elif self.cfg.base_step == "orthogonal":

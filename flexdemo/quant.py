@@ -20,7 +20,9 @@ def quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     v = values.float()
     scale = v.abs().amax(dim=1).bfloat16().float()
     unit = v / torch.where(scale > 0, scale, 1.0)[:, None]
-    codes = torch.round((unit * levels + levels) / 2).clamp_(0, levels).to(torch.uint8)
+    # nearest level, halves up; spelled so that no two operations fuse into one rounding (a*b + c), which the
+    # Triton encode (flexdemo.ops.encode) would otherwise be free to do: both get the same codes
+    codes = torch.floor((unit + 1) * levels * 0.5 + 0.5).clamp_(0, levels).to(torch.uint8)
     return codes, scale
 
 

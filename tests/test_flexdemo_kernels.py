@@ -653,3 +653,137 @@ def test_chunk_orthogonalisation_matches_its_torch_twin(precision):
         orthogonalize_chunks_triton(table, targets, "fp16")
     with pytest.raises(ValueError, match=r"directions must be fp32; got \['torch.bfloat16'\]"):
         orthogonalize_chunks_triton(table, [x.to(torch.bfloat16) for x in targets], "fp32")
+
+
+def overlapping_payload(lay, k, replicas, wire):
+    """random_payload, with each replica's first k // 2 positions of every chunk also sent by replica 0."""
+    idx, vals = random_payload(lay, k, replicas, wire)
+    for c in range(lay.num_chunks):
+        first = idx[0, c * k:(c + 1) * k].tolist()
+        for r in range(1, replicas):
+            rest = [j for j in torch.randperm(lay.s * lay.s).tolist() if j not in first[: k // 2]][: k - k // 2]
+            idx[r, c * k:(c + 1) * k] = torch.tensor(first[: k // 2] + rest, dtype=torch.int32)
+    return idx, vals
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize("precision", PRECISIONS_AND_DEFAULT)
+def test_decode_mean_over_all_replicas(replicas, precision):
+    """mean="all": each position's coefficients summed over the replicas and divided by R, whoever sent them. The
+    reference equals a float64 dense decode built here; the kernel (one tensor, and a ChunkTable) equals the
+    reference; both differ from the senders' mean where positions overlap."""
+    torch.manual_seed(30 + replicas)
+    lay, k = ChunkLayout(37, 45, 16), 6
+    idx, vals = overlapping_payload(lay, k, replicas, torch.bfloat16)
+    dense = torch.zeros(lay.num_chunks, 16 * 16, dtype=torch.float64, device=DEVICE)
+    for r in range(replicas):
+        dense.scatter_add_(1, idx[r].view(-1, k).long(), vals[r].view(-1, k).double())
+    d = dct_matrix(16, DEVICE, torch.float64)
+    naive = lay.from_chunks(d.T @ (dense / replicas).view(-1, 16, 16) @ d)
+    ref = decode_mean(idx, vals, lay, k, mean="all")
+    torch.testing.assert_close(ref.double(), naive, rtol=1e-5, atol=1e-6)
+    senders = decode_mean(idx, vals, lay, k)
+    assert (senders - ref).abs().max() > 0.1 * ref.abs().max()
+    p0 = torch.randn(37, 45, device=DEVICE)
+    a, b, c = p0.clone(), p0.clone(), p0.clone()
+    decode_apply_reference(a, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False, mean="all")
+    decode_apply_triton(b, idx, vals, lay, k, lr=1.0, decay=0.99, sign=False, options=opts(precision=precision),
+                        mean="all")
+    table = ChunkTable.build([lay], [0], k, torch.device(DEVICE))
+    decode_apply_triton_table(table, [c], idx, vals, lr=1.0, decay=0.99, sign=False,
+                              options=opts(precision=precision), mean="all")
+    update = (a - 0.99 * p0).abs().max().item()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 if precision else 2.0 ** -14 * update)
+    assert torch.equal(b, c)
+
+
+def test_decode_mean_is_checked():
+    lay = ChunkLayout(16, 16, 16)
+    idx, vals = random_payload(lay, 3, 2, torch.bfloat16)
+    p = torch.zeros(16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="mean='sum'; allowed: senders, all"):
+        decode_apply_triton(p, idx, vals, lay, 3, lr=1.0, decay=1.0, sign=False, mean="sum")
+    with pytest.raises(ValueError, match="mean='sum'; allowed: senders, all"):
+        decode_apply_reference(p, idx, vals, lay, 3, lr=1.0, decay=1.0, sign=False, mean="sum")
+
+
+def run_encode_codes(fn, grad, delta, lay, k, bits, **kw):
+    n = lay.num_chunks
+    vals = torch.full((n * k,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    idx = torch.full((n * k,), -7, dtype=torch.int32 if fn is not encode_reference else torch.int64, device=DEVICE)
+    codes = torch.full((n * k,), 255, dtype=torch.uint8, device=DEVICE)
+    scales = torch.full((n,), float("nan"), device=DEVICE)
+    d = delta.clone()
+    fn(grad, d, lay, 0.9, 0.1, k, vals, idx, bits=bits, out_codes=codes, out_scales=scales, **kw)
+    return d, vals.view(n, k), idx.view(n, k), codes.view(n, k), scales
+
+
+@pytest.mark.parametrize("rows,cols,s", [(37, 21, 16), (50, 70, 32)])
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("select", SELECT_METHODS)
+def test_encode_with_codes_matches_reference(rows, cols, s, k, bits, select):
+    """value_bits in the kernel: each chunk's scale (its largest |value|, to bf16) and each value's code are the
+    reference's (``quant.quantize``) wherever the two sent the same values, and the momentum loses exactly what the
+    codes stand for (``quant.dequantize``): residual + what they stand for = the updated momentum."""
+    from flexdemo.quant import dequantize
+
+    torch.manual_seed(rows + k + bits)
+    lay = ChunkLayout(rows, cols, s)
+    delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
+    delta[:s, :s] = 0.0  # with the gradient's chunk below: an all-zero chunk, scale 0
+    grad[:s, :s] = 0.0
+    d_ref, v_ref, i_ref, c_ref, s_ref = run_encode_codes(encode_reference, grad, delta, lay, k, bits)
+    d_tri, v_tri, i_tri, c_tri, s_tri = run_encode_codes(encode_triton, grad, delta, lay, k, bits,
+                                                         options=opts(select))
+    assert (c_tri <= (1 << bits) - 1).all() and not s_tri.isnan().any()  # every code and scale written
+    same = 0
+    for c in range(lay.num_chunks):  # by index: the two order a payload differently
+        a, b = i_ref[c].argsort(), i_tri[c].argsort()
+        if torch.equal(i_ref[c][a].int(), i_tri[c][b]) and torch.equal(v_ref[c][a], v_tri[c][b]):
+            same += 1
+            assert s_tri[c] == s_ref[c] and torch.equal(c_tri[c][b], c_ref[c][a]), c
+    assert same >= lay.num_chunks // 2 and s_tri[0] == 0
+    applied = dequantize(c_tri, s_tri, bits)
+    sent = torch.zeros(lay.num_chunks, s * s, device=DEVICE).scatter_(1, i_tri.long(), applied)
+    m = 0.9 * delta + 0.1 * grad
+    torch.testing.assert_close(d_tri + lay.from_chunks(idct2(sent.view(-1, s, s))), m, rtol=1e-5, atol=1e-5)
+    assert k == 1 or not torch.equal(applied, v_tri.float())  # it did quantise (one value per chunk is its scale)
+
+
+def test_encode_with_codes_one_launch_for_a_table_equals_one_per_tensor():
+    torch.manual_seed(8)
+    s, k, bits = 16, 5, 2
+    shapes = [(37, 21), (16, 16)]
+    lays = [ChunkLayout(r, c, s) for r, c in shapes]
+    table = ChunkTable.build(lays, [0, 6], k, torch.device(DEVICE))
+    grads = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    deltas = [torch.randn(r, c, device=DEVICE) for r, c in shapes]
+    runs = []
+    for whole in (True, False):
+        d = [x.clone() for x in deltas]
+        vals = torch.zeros(7 * k, dtype=torch.bfloat16, device=DEVICE)
+        idx = torch.zeros(7 * k, dtype=torch.int32, device=DEVICE)
+        codes, scales = torch.zeros(7 * k, dtype=torch.uint8, device=DEVICE), torch.zeros(7, device=DEVICE)
+        if whole:
+            encode_triton_table(table, grads, d, 0.9, 0.1, vals, idx, bits=bits, out_codes=codes, out_scales=scales)
+        else:
+            for t, (lay, g, m) in enumerate(zip(lays, grads, d)):
+                sl = table.payload_slice(t)
+                encode_triton(g, m, lay, 0.9, 0.1, k, vals[sl], idx[sl], bits=bits, out_codes=codes[sl],
+                              out_scales=scales[sl.start // k : sl.stop // k])
+        runs.append((*d, vals, idx, codes, scales))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_encode_codes_are_checked():
+    lay = ChunkLayout(16, 16, 16)
+    delta = torch.randn(16, 16, device=DEVICE)
+    vals = torch.empty(3, dtype=torch.bfloat16, device=DEVICE)
+    idx = torch.empty(3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="bits=3; allowed: 0 .values as sent., 2, 4, 8"):
+        encode_triton(None, delta, lay, 0.9, 0.1, 3, vals, idx, bits=3)
+    with pytest.raises(ValueError, match=r"bits=2 needs out_codes \(uint8, 3\) and out_scales \(fp32, 1\)"):
+        encode_triton(None, delta, lay, 0.9, 0.1, 3, vals, idx, bits=2,
+                      out_codes=torch.empty(3, dtype=torch.int32, device=DEVICE), out_scales=torch.empty(1))

@@ -33,7 +33,9 @@ class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
     def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0, scale=None, replicas=1,
-                 orthogonal=False):
+                 orthogonal=False, mean_all=False):
+        self.mean_all = mean_all  # average each position over all replicas, not over those that sent it
+        self.senders_seen = set()  # how many replicas sent a position, over every position decoded
         self.orthogonal = orthogonal  # each matrix's unsigned direction orthogonalised (Newton-Schulz), 1-D signed
         self.params = [p.detach().double().clone() for p in params]
         # scale = (beta1, beta2, eps): each tensor's step x the replicas' mean RMS of m / (sqrt(v) + eps), m and v
@@ -112,7 +114,8 @@ class NaiveDeMo:
                     continue
                 C = torch.zeros(self.s * self.s, dtype=torch.float64)
                 for pos in total:
-                    C[pos] = total[pos] / count[pos]
+                    C[pos] = total[pos] / (len(msgs) if self.mean_all else count[pos])
+                    self.senders_seen.add(count[pos])
                 block = self.D.T @ C.view(self.s, self.s) @ self.D
                 ci, cj = key
                 r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
@@ -153,11 +156,14 @@ class NaiveDeMo:
     (True, "direct", 0.0, "none", "adam"), (True, "direct", 0.9, "adam_rms", "adam"),
     (True, "direct", 0.0, "none", "nofold"), (True, "direct", 0.9, "none", "nofold"),
     (True, "orthogonal", 0.0, "none", "none"), (False, "orthogonal", 0.9, "none", "nofold"),
-    (True, "orthogonal-chunk", 0.0, "none", "none")])
+    (True, "orthogonal-chunk", 0.0, "none", "none"), (True, "direct", 0.0, "none", "meanall"),
+    (False, "direct", 0.9, "none", "meanall"), (True, "orthogonal-chunk", 0.0, "none", "meanall")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
-    """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients)."""
+    """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients);
+    "meanall": precondition=none with replica_mean=all (each position averaged over both replicas)."""
     fold_lr = precondition != "nofold"
-    precondition = "none" if not fold_lr else precondition
+    mean_all = precondition == "meanall"
+    precondition = "none" if not fold_lr or mean_all else precondition
     torch.manual_seed(0)
     # ragged edges of 2 rows and 2 columns (an edge of 1 row makes coefficients (0, j) and (2, j) tie exactly in
     # the DCT, and fp32 and float64 pick differently among ties)
@@ -172,14 +178,15 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
                      base_step=base_step.split("-")[0], orthogonal_scope="chunk" if "chunk" in base_step else "matrix",
                      adam_betas=(0.8, 0.9), adam_eps=eps, nesterov=nesterov, tensor_scale=scale,
-                     precondition=precondition, fold_lr=fold_lr)
+                     precondition=precondition, fold_lr=fold_lr, replica_mean="all" if mean_all else "senders")
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
     naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
                       lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov,
                       scale=(0.8, 0.9, eps) if local else None, replicas=R,
-                      orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk"}.get(base_step, False))
+                      orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk"}.get(base_step, False),
+                      mean_all=mean_all)
     if scale == "none":
         naive.tensor_scale = lambda i: 1.0
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
@@ -208,6 +215,7 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
             for i in range(len(shapes)):
                 torch.testing.assert_close(opts[r].state[reps[r][i]]["delta"].double(), naive_deltas[r][i],
                                            atol=1e-5, rtol=1e-5)
+    assert naive.senders_seen == {1, 2}  # positions one replica sent and positions both sent: the means differ
     # replicas agree bit for bit; their residual momenta differ
     for p, q in zip(reps[0], reps[1]):
         assert torch.equal(p, q)
@@ -341,6 +349,11 @@ def test_uncompressed_unsigned_precondition_is_adam_with_decoupled_weight_decay(
 def test_fold_lr_is_checked():
     with pytest.raises(ValueError, match="fold_lr='no' must be true or false"):
         DeMoConfig(fold_lr="no")
+
+
+def test_replica_mean_is_checked():
+    with pytest.raises(ValueError, match="replica_mean='sum'; allowed: senders, all"):
+        DeMoConfig(replica_mean="sum")
 
 
 def test_precondition_is_checked():

@@ -44,33 +44,42 @@ def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
 
 def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr,
                  out_vals: torch.Tensor, out_idx: torch.Tensor, options: KernelOptions = KernelOptions(),
-                 addresses: torch.Tensor | None = None) -> None:
+                 addresses: torch.Tensor | None = None, bits: int = 0, out_codes: torch.Tensor | None = None,
+                 out_scales: torch.Tensor | None = None) -> None:
     """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32).
-    ``addresses``: the triton launch reads the tensors through these rows instead of ``table.addresses``'s."""
+    ``addresses``: the triton launch reads the tensors through these rows instead of ``table.addresses``'s.
+    ``bits``: the values also as codes (``out_codes``, one per value) and scales (``out_scales``, one per chunk), the
+    momenta losing what the codes stand for."""
     if kernels == "triton":
         from flexdemo.ops.encode import encode_triton_table
 
-        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options, addresses=addresses)
+        return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options, addresses=addresses,
+                                   bits=bits, out_codes=out_codes, out_scales=out_scales)
     from flexdemo.ops.encode_reference import encode_reference
 
+    k = table.k
     for t, (lay, g, m) in enumerate(zip(table.layouts, grads, deltas)):
         sl = table.payload_slice(t)
-        encode_reference(g, m, lay, beta, lr, table.k, out_vals[sl], out_idx[sl])
+        codes = scales = None
+        if bits:
+            codes, scales = out_codes[sl], out_scales[sl.start // k : sl.stop // k]
+        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl], bits, codes, scales)
 
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,
-                       lr: float, decay: float, sign: bool, options: KernelOptions = KernelOptions()) -> None:
+                       lr: float, decay: float, sign: bool, options: KernelOptions = KernelOptions(),
+                       mean: str = "senders") -> None:
     """Decode + apply every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always
-    fp32)."""
+    fp32). ``mean``: per position over the replicas that sent it, or over all (``decode_reference``)."""
     if kernels == "triton":
         from flexdemo.ops.decode import decode_apply_triton_table
 
-        return decode_apply_triton_table(table, params, indices, values, lr, decay, sign, options)
+        return decode_apply_triton_table(table, params, indices, values, lr, decay, sign, options, mean)
     from flexdemo.ops.decode_reference import decode_apply_reference
 
     for t, (lay, p) in enumerate(zip(table.layouts, params)):
         sl = table.payload_slice(t)
-        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, sign)
+        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, sign, mean)
 
 
 def orthogonalize_chunks_table(kernels: str, table: ChunkTable, targets: list, precision: str) -> None:

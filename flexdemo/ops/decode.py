@@ -6,9 +6,10 @@ replica by replica in order 0..R-1 (the same bits on every replica). In bf16x3 (
 transposed, D[col]^T (w * D[row]), so that every operand reaches the tensor cores from shared memory as loaded (the
 parameter tile is read and written transposed to match); other precisions build (w * D[row])^T D[col].
 w = value / (number of replicas that sent that position), counted by comparing the index list with the other
-replicas' lists. At k = 32 of 64 x 64 and R = 2 that is a quarter of the work of a dense inverse, and no dense
-coefficient tile is ever built. Then optional sign, p = p * decay - lr * update, stored in p's dtype (fp32 or bf16).
-One tensor per launch, or every tensor of a ``ChunkTable``. The torch twin is ``decode_reference.py``.
+replicas' lists (DeMo's mean), or value / R (``mean="all"``: no counting). At k = 32 of 64 x 64 and R = 2 that is a
+quarter of the work of a dense inverse, and no dense coefficient tile is ever built. Then optional sign,
+p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). One tensor per launch, or every tensor of a
+``ChunkTable``. The torch twin is ``decode_reference.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix, dct_matrix_halves
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.decode_reference import REPLICA_MEANS
 from flexdemo.ops.encode import payload_block, rate_arg
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import dot_basis_rows_bf16x3
@@ -31,7 +33,7 @@ from flexdemo.ops.table_lookup import table_chunk
 def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p,
                    grid_cols, idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr,
                    S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr,
-                   LR_PTR: tl.constexpr):
+                   LR_PTR: tl.constexpr, MEAN_ALL: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
@@ -48,9 +50,12 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
             live = (j + kk) < K
             idx = tl.load(idx_ptr + rep * idx_rstride + c * K + j + kk, mask=live, other=-1)
             val = tl.load(vals_ptr + rep * val_rstride + c * K + j + kk, mask=live, other=0.0).to(tl.float32)
-            count = tl.full((KB,), 1.0, dtype=tl.float32)  # this replica sent it; indices within a chunk are distinct
+            if MEAN_ALL:
+                count = tl.full((KB,), R, dtype=tl.float32)
+            else:  # the senders: this replica, and each other whose list holds the index (distinct within a chunk)
+                count = tl.full((KB,), 1.0, dtype=tl.float32)
             for other in tl.static_range(R):
-                if other != rep:
+                if other != rep and not MEAN_ALL:
                     for j2 in range(0, K, KB):
                         o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K, other=-2)
                         count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
@@ -85,7 +90,7 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
                         k: int, lr: float | torch.Tensor, decay: float | torch.Tensor, sign: bool,
-                        options: KernelOptions = KernelOptions()) -> None:
+                        options: KernelOptions = KernelOptions(), mean: str = "senders") -> None:
     """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided;
     ``lr`` and ``decay`` both floats, or both one-element fp32 tensors on the device (read by the kernel)."""
     if layout.num_chunks == 0:
@@ -97,13 +102,13 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
         param, indices, values, d, dct_matrix_halves(s, param.device), d, d, d, layout.rows, layout.cols,
         param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), lr, decay, GROUPED=False,
         R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=options.decode_precision,
-        num_warps=options.decode_warps, LR_PTR=lr_ptr,
+        num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=_mean_all(mean),
     )
 
 
 def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], indices: torch.Tensor,
                               values: torch.Tensor, lr: float | torch.Tensor, decay: float | torch.Tensor, sign: bool,
-                              options: KernelOptions = KernelOptions()) -> None:
+                              options: KernelOptions = KernelOptions(), mean: str = "senders") -> None:
     """``decode_apply_triton`` for every tensor of ``table`` in one launch, at the table's k. params[t]: (rows, cols)
     views with unit column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor
     reading at its first payload chunk."""
@@ -116,8 +121,14 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
         table.tensor_of_chunk, 0, 0, 0, 0,
         indices.stride(0), values.stride(0), lr, decay, GROUPED=True, R=indices.shape[0], S=table.s,
         K=table.k, KB=payload_block(table.k, table.s), SIGN=sign, PRECISION=options.decode_precision,
-        num_warps=options.decode_warps, LR_PTR=lr_ptr,
+        num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=_mean_all(mean),
     )
+
+
+def _mean_all(mean: str) -> bool:
+    if mean not in REPLICA_MEANS:
+        raise ValueError(f"mean={mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
+    return mean == "all"
 
 
 def _rates(lr: float | torch.Tensor, decay: float | torch.Tensor) -> tuple:

@@ -1,7 +1,8 @@
 """Fused decode + apply, in plain torch: the reference for the Triton kernel, and the CPU path.
 
-Per position, the mean of the coefficients over the replicas that sent it (summed in replica order 0..R-1, so every
-replica computes the same bits), inverse DCT, optional sign, then p = p * decay - lr * update in one rounding.
+Per position, the mean of the coefficients over the replicas that sent it (DeMo), or over all R replicas (``mean``
+"all": a position one replica sent counts 1/R of one that all sent), summed in replica order 0..R-1, so every
+replica computes the same bits; inverse DCT, optional sign, then p = p * decay - lr * update in one rounding.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import torch
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import idct2
 
+REPLICA_MEANS = ("senders", "all")
 
-def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, k: int) -> torch.Tensor:
+
+def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, k: int,
+                mean: str = "senders") -> torch.Tensor:
     """indices (R, num_chunks * k) int, values (R, num_chunks * k) -> the decoded update (rows, cols) fp32."""
+    if mean not in REPLICA_MEANS:
+        raise ValueError(f"mean={mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
     n = layout.num_chunks
     total = torch.zeros(n, layout.s * layout.s, dtype=torch.float32, device=values.device)
     count = torch.zeros_like(total)
@@ -21,13 +27,16 @@ def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout
         idx = indices[r].view(n, k).long()
         total.scatter_add_(1, idx, values[r].view(n, k).float())
         count.scatter_add_(1, idx, torch.ones(n, k, dtype=torch.float32, device=values.device))
-    mean = torch.where(count > 0, total / count.clamp(min=1), total)
-    return layout.from_chunks(idct2(mean.view(n, layout.s, layout.s)))
+    if mean == "all":
+        avg = total / indices.shape[0]
+    else:
+        avg = torch.where(count > 0, total / count.clamp(min=1), total)
+    return layout.from_chunks(idct2(avg.view(n, layout.s, layout.s)))
 
 
 def decode_apply_reference(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
-                           k: int, lr: float, decay: float, sign: bool) -> None:
-    update = decode_mean(indices, values, layout, k)
+                           k: int, lr: float, decay: float, sign: bool, mean: str = "senders") -> None:
+    update = decode_mean(indices, values, layout, k, mean)
     if sign:
         update = update.sign()
     param.copy_((param.float() * decay - lr * update).to(param.dtype))

@@ -20,6 +20,7 @@ from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import cast_like
 from flexdemo.ops.table_lookup import table_chunk
+from flexdemo.quant import VALUE_BITS
 
 
 @triton.jit
@@ -154,10 +155,10 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
-def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols,
-                   stride_g, stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr, GROUPED: tl.constexpr,
-                   S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
-                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr, LR_PTR: tl.constexpr):
+def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr, scratch_ptr, table_ptr, addr_ptr,
+                   owner_ptr, rows, cols, stride_g, stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr,
+                   GROUPED: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
+                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr, LR_PTR: tl.constexpr, QBITS: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
@@ -245,10 +246,25 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
     # what this program just stored (the barrier makes those stores visible to every thread of the program).
     tl.debug_barrier()
     kk = tl.arange(0, KB)
+    if QBITS:  # values as QBITS-bit codes (flexdemo.quant): the scale is the largest |value| sent, rounded to bf16
+        amax = tl.zeros((), tl.float32)
+        for j in range(0, K, KB):
+            pv = tl.load(vals_ptr + c * K + j + kk, mask=(j + kk) < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(pv)))
+        scale = amax.to(tl.bfloat16).to(tl.float32)
+        tl.store(scales_ptr + c, scale)
+        unit_of = tl.where(scale > 0, scale, 1.0)
+        levels = tl.full((), (1 << QBITS) - 1, tl.float32)
     for j in range(0, K, KB):
         live = (j + kk) < K
         pi = tl.load(idx_ptr + c * K + j + kk, mask=live, other=0)
         pv = tl.load(vals_ptr + c * K + j + kk, mask=live, other=0.0).to(tl.float32)
+        if QBITS:  # quant.quantize's and dequantize's operations, one by one: the same codes and values
+            x = (tl.div_rn(pv, tl.zeros_like(pv) + unit_of) + 1.0) * levels * 0.5 + 0.5
+            code = tl.minimum(tl.maximum(tl.floor(x), 0.0), levels)
+            tl.store(codes_ptr + c * K + j + kk, code.to(tl.uint8), mask=live)
+            pv = tl.div_rn(2.0 * code - levels, tl.zeros_like(pv) + levels) * scale  # applied by the replicas: removed
+            pv = tl.where(live, pv, 0.0)  # (a padding lane's 0 is a code like any other)
         a = tl.load(d_ptr + (pi // S)[:, None] * S + si[None, :]) * pv[:, None]
         b = tl.load(d_ptr + (pi % S)[:, None] * S + si[None, :])
         m = tl.dot(tl.trans(-a), b, acc=m, input_precision=PRECISION)
@@ -262,38 +278,43 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, scratch_ptr, table_pt
 
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float,
                   lr: float | torch.Tensor, k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
-                  options: KernelOptions = KernelOptions()) -> None:
+                  options: KernelOptions = KernelOptions(), bits: int = 0, out_codes: torch.Tensor | None = None,
+                  out_scales: torch.Tensor | None = None) -> None:
     """Same contract as ``encode_reference``; ``out_idx`` is int32; ``lr`` may be a one-element fp32 tensor on the
     device (read by the kernel: what a CUDA graph captures)."""
-    opts = _launch_options(options, k, layout.s, out_vals.dtype)
+    opts = _launch_options(options, k, layout.s, out_vals.dtype, bits)
     if layout.num_chunks == 0:
         return
     d = dct_matrix(layout.s, delta.device, torch.float32)
     g = grad if grad is not None else delta
     rate, lr_ptr = rate_arg(lr)
+    codes, scales = _code_outputs(bits, out_codes, out_scales, layout.num_chunks, k, d)
     return _encode_kernel[(layout.num_chunks,)](
-        g, delta, d, out_vals, out_idx, _scratch(layout.num_chunks, opts, delta.device), d, d, d, layout.rows,
-        layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), rate,
+        g, delta, d, out_vals, out_idx, codes, scales, _scratch(layout.num_chunks, opts, delta.device), d, d, d,
+        layout.rows, layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), rate,
         HAS_GRAD=grad is not None, GROUPED=False, LR_PTR=lr_ptr, **opts,
     )
 
 
 def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], deltas: list[torch.Tensor], beta: float,
                         lr: float | torch.Tensor, out_vals: torch.Tensor, out_idx: torch.Tensor,
-                        options: KernelOptions = KernelOptions(), addresses: torch.Tensor | None = None) -> None:
+                        options: KernelOptions = KernelOptions(), addresses: torch.Tensor | None = None,
+                        bits: int = 0, out_codes: torch.Tensor | None = None,
+                        out_scales: torch.Tensor | None = None) -> None:
     """``encode_triton`` for every tensor of ``table`` in one launch, at the table's k. grads[t] / deltas[t]:
     (rows, cols) views with unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the
     whole payload, each tensor writing at its first payload chunk. All gradients given must share one dtype.
     ``addresses``: the rows ``table.addresses(grads, deltas)`` would give, already on the device (a captured CUDA
     graph reads a fixed copy of them, rewritten each step)."""
-    opts = _launch_options(options, table.k, table.s, out_vals.dtype)
+    opts = _launch_options(options, table.k, table.s, out_vals.dtype, bits)
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
         raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
     d = dct_matrix(table.s, deltas[0].device, torch.float32)
     rate, lr_ptr = rate_arg(lr)
+    codes, scales = _code_outputs(bits, out_codes, out_scales, out_idx.numel() // table.k, table.k, d)
     _encode_kernel[(table.num_chunks,)](
-        present[0] if present else deltas[0], deltas[0], d, out_vals, out_idx,
+        present[0] if present else deltas[0], deltas[0], d, out_vals, out_idx, codes, scales,
         _scratch(table.num_chunks, opts, d.device), table.meta,
         table.addresses(grads, deltas) if addresses is None else addresses, table.tensor_of_chunk,
         0, 0, 0, 0, 0, 0, float(beta), rate,
@@ -312,14 +333,27 @@ def rate_arg(lr: float | torch.Tensor) -> tuple:
     return float(lr), False
 
 
-def _launch_options(options: KernelOptions, k: int, s: int, wire: torch.dtype) -> dict:
+def _launch_options(options: KernelOptions, k: int, s: int, wire: torch.dtype, bits: int = 0) -> dict:
     """The launch's compile-time arguments."""
     opts = dict(S=s, K=k, KB=payload_block(k, s), PRECISION=runnable(options.subtract_precision),
                 FWD_PRECISION=runnable(options.forward_for(wire)), SELECT=options.select,
-                num_warps=options.encode_warps)
+                num_warps=options.encode_warps, QBITS=bits)
     if s == 64 and options.maxnreg:  # measured for 64 x 64 only; the interpreter ignores it
         opts["maxnreg"] = options.maxnreg
     return opts
+
+
+def _code_outputs(bits: int, codes: torch.Tensor | None, scales: torch.Tensor | None, chunks: int, k: int,
+                  spare: torch.Tensor) -> tuple:
+    """The codes and scales a quantising launch writes (``spare``, never written, for a launch without codes)."""
+    if not bits:
+        return spare, spare
+    if bits not in VALUE_BITS[1:]:
+        raise ValueError(f"bits={bits}; allowed: 0 (values as sent), {', '.join(map(str, VALUE_BITS[1:]))}")
+    if codes is None or scales is None or codes.dtype != torch.uint8 or codes.numel() != chunks * k \
+            or scales.dtype != torch.float32 or scales.numel() != chunks:
+        raise ValueError(f"bits={bits} needs out_codes (uint8, {chunks * k}) and out_scales (fp32, {chunks})")
+    return codes, scales
 
 
 def _scratch(programs: int, opts: dict, device: torch.device) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 For each s x s chunk of a 2-D momentum shard: delta = beta * delta + lr * grad; 2-D DCT; the k largest |coefficients|
 go to the payload (values rounded to the wire dtype, chunk-local indices); the residual is the momentum minus the
-inverse DCT of what was sent, so it keeps everything not sent, rounding error included, and the unsent part never
-goes through a transform (no drift from a round trip every step).
+inverse DCT of what was sent (with values as codes: of what the codes stand for), so it keeps everything not sent,
+rounding error included, and the unsent part never goes through a transform (no drift from a round trip every step).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct2, idct2
+from flexdemo.quant import dequantize, quantize
 
 
 def topk_chunks(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,15 +27,24 @@ def topk_chunks(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
-                     k: int, out_vals: torch.Tensor, out_idx: torch.Tensor) -> None:
-    """Update ``delta`` (rows, cols) fp32 in place to the residual; write (num_chunks * k) values and indices."""
+                     k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, bits: int = 0,
+                     out_codes: torch.Tensor | None = None, out_scales: torch.Tensor | None = None) -> None:
+    """Update ``delta`` (rows, cols) fp32 in place to the residual; write (num_chunks * k) values and indices.
+    ``bits`` > 0: also each chunk's values as codes and a scale (``flexdemo.quant``; ``out_codes`` uint8,
+    ``out_scales`` fp32), and the residual keeps what the codes lose (it loses the dequantised values)."""
     delta.mul_(beta)
     if grad is not None:
         delta.add_(grad.float(), alpha=lr)
     coeffs = dct2(layout.to_chunks(delta)).reshape(layout.num_chunks, -1)
     idx, vals = topk_chunks(coeffs, k)
     sent = vals.to(out_vals.dtype)
-    sparse = torch.zeros_like(coeffs).scatter_(1, idx, sent.float())
+    applied = sent.float()
+    if bits:
+        codes, scales = quantize(applied, bits)
+        applied = dequantize(codes, scales, bits)
+        out_codes.copy_(codes.reshape(-1))
+        out_scales.copy_(scales)
+    sparse = torch.zeros_like(coeffs).scatter_(1, idx, applied)
     delta.sub_(layout.from_chunks(idct2(sparse.view(-1, layout.s, layout.s))))
     out_vals.copy_(sent.reshape(-1))
     out_idx.copy_(idx.reshape(-1))
