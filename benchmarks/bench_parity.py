@@ -411,6 +411,8 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
+    if args.first_seed < 0 or args.seeds < 1:
+        raise SystemExit(f"--first-seed {args.first_seed} --seeds {args.seeds}: seeds start at 0 or later, at least one")
     size = SIZES[args.size]
     for kv in args.set:
         k, v = kv.split("=")

@@ -83,6 +83,18 @@ def kernel_rows() -> list[list[str]]:
             rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`{what}",
                             f"{f32:.1f} ms; {b16:.1f} ms", f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
                             f"{f32 / a:.0f}×; {b16 / a:.0f}×", odev, o["date"], src))
+    w = load("optstep_h200/step_wire.json")  # k 28 with 2-bit codes: the quantisation inside the encode kernel
+    wm = {r["what"]: r["ms"] for r in w["rows"]}
+    for model in ("base", "1b"):
+        a, default = wm[f"{model}: fused AdamW step"], wm[f"{model}: FlexDeMo triton, 1 replica"]
+        q, qg = (wm[f"{model}: FlexDeMo triton, topk=28 value_bits=2{g}, 1 replica"] for g in ("", ", cuda_graphs"))
+        dg = wm[f"{model}: FlexDeMo triton, cuda_graphs, 1 replica"]
+        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton, k 28 with values as 2-bit codes (152.9× less "
+                        "than dense bf16 for `base` 2 × 2; eager; `cuda_graphs=true`)", f"{q:.2f} ms; {qg:.2f} ms",
+                        f"default (k 32, bf16 values) {default:.2f} ms; {dg:.2f} ms; fused AdamW {a:.2f} ms",
+                        f"{q / default:.2f}×; {qg / dg:.2f}× the default's", w["device"].replace("NVIDIA ", ""),
+                        w["date"], "`bench_optimizer_step.py --model base 1b --skip-slow` "
+                                   "(`optstep_h200/step_wire.json`)"))
     ker = load("kernels_h200/kernels.json")
     dev = ker["device"].replace("NVIDIA ", "")
     one = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
@@ -397,7 +409,13 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_wire_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
                                (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
                                                     "2 × 2"),)),
-                              ("parity_tiny_long/summary_ortho_wire_r4.json", "`tiny-long`, R = 4, one seed", (wire,))):
+                              ("parity_tiny_long/summary_ortho_wire_r4.json", "`tiny-long`, R = 4, one seed", (wire,)),
+                              ("parity_tiny_long/summary_k28q2_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
+                               (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
+                                                    "2 × 2"),)),
+                              ("parity_tiny_long/summary_meanall_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
+                               (nolr[0], ("flexdemo-meanall", "`optim.demo.replica_mean=all`: each position averaged "
+                                                              "over all R replicas, not over those that sent it")))):
         g = load(rel)  # a rule against the default (or AdamW), each swept
         i, cmd = g["in_distribution"], command(g)
         for name, what in names:
@@ -413,6 +431,27 @@ def parity_rows() -> list[list[str]]:
                             f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",
                             "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", ""), g["date"],
                             f"`{cmd}` (`{rel}`)"))
+    g = load("parity_small_4seeds/summary.json")  # four seeds at fixed rates, composed from two calls (its note)
+    src = "`bench_parity.py --size small --seeds 2 [--first-seed 2] ...` (`parity_small_4seeds/summary.json`)"
+    for name, what in (("flexdemo", "default"), ("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense "
+                                                                    "bf16 for `base` 2 × 2"),
+                       ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")):
+        v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name]
+        seeds = sorted(v["per_seed"])
+        mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
+        base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
+        extra = ""
+        if name == "flexdemo-k28-q2":
+            k = g["k28_q2_over_default"]
+            extra = (f"; over the default {k['val_loss']['mean']:.3f}, 95% CI [{k['val_loss']['ci95'][0]:.3f}, "
+                     f"{k['val_loss']['ci95'][1]:.3f}] (public, code, math {k['in_distribution']['mean']:.3f}, "
+                     f"[{k['in_distribution']['ci95'][0]:.3f}, {k['in_distribution']['ci95'][1]:.3f}])")
+        rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, `small` (1000 steps), R = 1, seeds "
+                        f"{', '.join(seeds)}, one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
+                        f"AdamW {base:.3f} (lr {g['rates']['adamw']:g})",
+                        f"{v['mean']:.3f}, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]; public, code, math only "
+                        f"{i['mean']:.3f}, [{i['ci95'][0]:.3f}, {i['ci95'][1]:.3f}]{extra} (goal ≤ 1.02)",
+                        g["device"].replace("NVIDIA ", ""), g["date"], src))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

@@ -3,8 +3,9 @@
 A chunk's scale is the largest |value| it sends, rounded to bf16 (2 bytes on the wire); code c in 0..2^b - 1 stands for
 (2c - (2^b - 1)) / (2^b - 1) x scale: 2^b levels spread evenly over [-scale, scale], none at zero (a top-k value is
 never small next to its chunk's largest). Encoder and decoder compute the dequantised value with the same fp32
-operations from the same code and bf16 scale, so the momentum can lose exactly what the replicas apply: the encoder
-adds the quantisation error back to it (error feedback).
+operations from the same code and bf16 scale, so the momentum can lose exactly what the replicas apply: the encode
+(its kernel, and its torch twin) subtracts the dequantised values, so the quantisation error stays in the momentum
+(error feedback).
 """
 
 from __future__ import annotations

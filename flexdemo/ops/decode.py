@@ -21,7 +21,7 @@ import triton.language as tl
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix, dct_matrix_halves
 from flexdemo.ops.chunk_table import ChunkTable
-from flexdemo.ops.decode_reference import REPLICA_MEANS
+from flexdemo.ops.decode_reference import mean_over_all
 from flexdemo.ops.encode import payload_block, rate_arg
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import dot_basis_rows_bf16x3
@@ -102,7 +102,7 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
         param, indices, values, d, dct_matrix_halves(s, param.device), d, d, d, layout.rows, layout.cols,
         param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), lr, decay, GROUPED=False,
         R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=options.decode_precision,
-        num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=_mean_all(mean),
+        num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=mean_over_all(mean),
     )
 
 
@@ -121,14 +121,8 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
         table.tensor_of_chunk, 0, 0, 0, 0,
         indices.stride(0), values.stride(0), lr, decay, GROUPED=True, R=indices.shape[0], S=table.s,
         K=table.k, KB=payload_block(table.k, table.s), SIGN=sign, PRECISION=options.decode_precision,
-        num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=_mean_all(mean),
+        num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=mean_over_all(mean),
     )
-
-
-def _mean_all(mean: str) -> bool:
-    if mean not in REPLICA_MEANS:
-        raise ValueError(f"mean={mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
-    return mean == "all"
 
 
 def _rates(lr: float | torch.Tensor, decay: float | torch.Tensor) -> tuple:

@@ -15,11 +15,17 @@ from flexdemo.dct import idct2
 REPLICA_MEANS = ("senders", "all")
 
 
+def mean_over_all(mean: str) -> bool:
+    """Whether ``mean`` divides by all replicas (checked: one of REPLICA_MEANS)."""
+    if mean not in REPLICA_MEANS:
+        raise ValueError(f"mean={mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
+    return mean == "all"
+
+
 def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, k: int,
                 mean: str = "senders") -> torch.Tensor:
     """indices (R, num_chunks * k) int, values (R, num_chunks * k) -> the decoded update (rows, cols) fp32."""
-    if mean not in REPLICA_MEANS:
-        raise ValueError(f"mean={mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
+    over_all = mean_over_all(mean)
     n = layout.num_chunks
     total = torch.zeros(n, layout.s * layout.s, dtype=torch.float32, device=values.device)
     count = torch.zeros_like(total)
@@ -27,7 +33,7 @@ def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout
         idx = indices[r].view(n, k).long()
         total.scatter_add_(1, idx, values[r].view(n, k).float())
         count.scatter_add_(1, idx, torch.ones(n, k, dtype=torch.float32, device=values.device))
-    if mean == "all":
+    if over_all:
         avg = total / indices.shape[0]
     else:
         avg = torch.where(count > 0, total / count.clamp(min=1), total)

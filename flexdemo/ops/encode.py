@@ -1,7 +1,8 @@
 """Fused encode as one Triton kernel: one program per s x s chunk, one pass over the gradient and the momentum.
 
 momentum update -> 2-D DCT (two small matmuls) -> top-k of |C| (ties: lowest index) -> payload (values in the wire
-dtype, int32 chunk-local indices) -> momentum minus the inverse DCT of what was sent (rank-k products of gathered
+dtype, int32 chunk-local indices; with ``bits``, also each value's code and the chunk's scale, ``flexdemo.quant``) ->
+momentum minus the inverse DCT of what was sent (of what the codes stand for; rank-k products of gathered
 basis rows, read back from the payload: a quarter of a dense inverse at k = 32 of 64 x 64, and the rest of the
 momentum never goes through a transform) -> momentum written back. The top-k method (``KernelOptions.select``):
 ``rank``, ``bisect`` or ``maxmask``. One tensor per launch, or every tensor of a ``ChunkTable``. Bytes moved per element: read grad, read + write momentum. The torch twin is ``encode_reference.py``.
