@@ -6,7 +6,9 @@ Two views, same run:
   same with ``cuda_graphs`` (each phase one graph replay), with the 152.9x wire (k 28, 2-bit codes: the
   quantisation inside the encode kernel), and with ``base_step=orthogonal`` over whole matrices and per chunk, fp32
   and bf16 (what its Newton-Schulz products add; ``--skip-slow`` leaves them and the torch path out);
-- one tensor (default 4096 x 11008 fp32): encode and decode + apply separately, against their memory floor
+- one tensor (default 4096 x 11008 fp32): encode and decode + apply separately (``FlexDeMo.encode`` and
+  ``decode_apply``: the kernels with the payload's packing in torch; bench_flexdemo_kernels.py times the kernels
+  alone), against their memory floor
   (encode: read grad, read + write momentum = 12 B/elt; decode + apply: read + write param = 8 B/elt) over the
   copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
 
