@@ -64,6 +64,13 @@ def params_with_grads(shapes, dtype=torch.float32):
     return ps
 
 
+def replica_rows(name: str, demo: FlexDeMo) -> list[dict]:
+    """The step with 1 replica, and with 2 simulated ones (its own payload decoded twice)."""
+    return [{"what": f"{name}, 1 replica", "ms": bench(demo.step)},
+            {"what": f"{name}, 2 replicas (decode twice)",
+             "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))}]
+
+
 def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     cfg = load_preset(model_name)
     cfg = dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259))
@@ -77,21 +84,15 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         demo = flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
-        rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
-        rows.append({"what": f"{name}, 2 replicas (decode twice)",
-                     "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+        rows += replica_rows(name, demo)
     for fwd in ("fp32", "tf32"):  # encode and decode + apply replayed as CUDA graphs: the host's launches go
         demo = flexdemo(params_with_grads(shapes), kernels="triton", dct_forward=fwd, cuda_graphs=True)
         name = f"{model_name}: FlexDeMo triton, cuda_graphs" + (TF32 if fwd == "tf32" else "")
-        rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
-        rows.append({"what": f"{name}, 2 replicas (decode twice)",
-                     "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+        rows += replica_rows(name, demo)
     for graphs in (False, True):  # k 28, values as 2-bit codes (152.9x less than dense bf16 for base on 2 x 2)
         demo = flexdemo(params_with_grads(shapes), kernels="triton", topk=28, value_bits=2, cuda_graphs=graphs)
         name = f"{model_name}: FlexDeMo triton, topk=28 value_bits=2" + (", cuda_graphs" if graphs else "")
-        rows.append({"what": f"{name}, 1 replica", "ms": bench(demo.step)})
-        rows.append({"what": f"{name}, 2 replicas (decode twice)",
-                     "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))})
+        rows += replica_rows(name, demo)
     for scope, precision in () if skip_slow else (("matrix", "fp32"), ("chunk", "fp32"), ("matrix", "bf16"),
                                                    ("chunk", "bf16")):
         # the orthogonal step's Newton-Schulz products on top of the above

@@ -87,8 +87,6 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-nolr": {"fold_lr": False},
             # the replicas' coefficients averaged over all R (sum / R), not over the replicas that sent each one
             "flexdemo-meanall": {"replica_mean": "all"},
-            "flexdemo-ortho-chunk-meanall": {"base_step": "orthogonal", "orthogonal_scope": "chunk",
-                                             "replica_mean": "all"},
             # each matrix's decoded direction orthogonalised (Newton-Schulz, as Muon), at AdamW's update RMS
             "flexdemo-ortho": {"base_step": "orthogonal"},
             "flexdemo-ortho-chunk": {"base_step": "orthogonal", "orthogonal_scope": "chunk"},

@@ -92,6 +92,15 @@ def _add_scaled(xs: list[torch.Tensor], ys: list[torch.Tensor | None], scale) ->
         torch._foreach_add_([x for x, _ in pairs], torch._foreach_mul([y for _, y in pairs], scale))
 
 
+def _allocated_once(store: dict, key, like: torch.Tensor) -> torch.Tensor:
+    """``store[key]``, allocated like ``like`` the first time: a graph captured on it reads it on every replay, so it
+    is never reallocated under the same key."""
+    box = store.get(key)
+    if box is None:
+        box = store[key] = torch.empty_like(like)
+    return box
+
+
 def _descend(params: list, steps: list[torch.Tensor], lr: float, decay: float) -> None:
     """p = p * decay - lr * step, in fp32, stored in p's dtype (the base steps' common last move)."""
     locals_ = [local_tensor(p) for p in params]
@@ -358,7 +367,7 @@ class FlexDeMo(torch.optim.Optimizer):
         the first steps)."""
         b1, b2 = self.cfg.adam_betas
         st = [self.state[p] for p in b.members]
-        live = [(s, grad_of(p).float()) for s, p in zip(st, b.members) if grad_of(p) is not None]
+        live = [(s, g.float()) for s, p in zip(st, b.members) if (g := grad_of(p)) is not None]
         if live:
             grads = [g for _, g in live]
             torch._foreach_lerp_([s["grad_avg"] for s, _ in live], grads, 1 - b1)
@@ -420,9 +429,7 @@ class FlexDeMo(torch.optim.Optimizer):
                     continue
                 # contiguous tensors of the layouts' sizes: the table takes them as they lie (no views to build)
                 rows = table.addresses(live, [self.state[p]["delta"] for p in ps])
-                box = self._boxes.get(("rows", id(table)))
-                if box is None:
-                    box = self._boxes[("rows", id(table))] = torch.empty_like(rows)
+                box = _allocated_once(self._boxes, ("rows", id(table)), rows)
                 dst, src = copies.setdefault(rows.dtype, ([], []))
                 dst.append(box)
                 src.append(rows)
@@ -435,10 +442,7 @@ class FlexDeMo(torch.optim.Optimizer):
             if g is None or direct:
                 feed.grads[id(p)] = g
                 continue
-            # allocated once per (tensor, dtype): a graph captured on it reads it on every replay
-            box = self._boxes.get((id(p), g.dtype))
-            if box is None:
-                box = self._boxes[(id(p), g.dtype)] = torch.empty_like(g)
+            box = _allocated_once(self._boxes, (id(p), g.dtype), g)
             dst, src = copies.setdefault(g.dtype, ([], []))
             dst.append(box)
             src.append(g)
@@ -478,9 +482,7 @@ class FlexDeMo(torch.optim.Optimizer):
             return self._decode_apply(gathered, bucket, steps)
         steps = self._device_rates(f"decode{bucket}", steps)
         where = (bucket, tuple(gathered.shape), gathered.dtype, gathered.device)
-        inbox = self._inboxes.get(where)  # allocated once per key: the graph captured on it reads it
-        if inbox is None:
-            inbox = self._inboxes[where] = torch.empty_like(gathered)
+        inbox = _allocated_once(self._inboxes, where, gathered)
         inbox.copy_(gathered)
         key = ("decode", *where, self._params_key(bucket))
         self._graphs.run(key, lambda: self._decode_apply(inbox, bucket, steps), self._held_addresses)

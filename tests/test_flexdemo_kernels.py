@@ -44,12 +44,18 @@ def opts(select: str = "rank", precision: str | None = None, **kw) -> KernelOpti
     return KernelOptions.all_in(precision, select=select, **kw) if precision else KernelOptions(select=select, **kw)
 
 
-def run_encode(fn, grad, delta, lay, beta, lr, k, wire, **kw):
+def run_encode(fn, grad, delta, lay, beta, lr, k, wire, bits=0, **kw):
+    """(residual, values, indices), one row per chunk; with ``bits``, also (codes, scales)."""
     vals = torch.full((lay.num_chunks * k,), float("nan"), dtype=wire, device=DEVICE)
     idx = torch.full((lay.num_chunks * k,), -7, dtype=torch.int32, device=DEVICE)
+    codes = torch.full((lay.num_chunks * k,), 255, dtype=torch.uint8, device=DEVICE)
+    scales = torch.full((lay.num_chunks,), float("nan"), device=DEVICE)
+    if bits:
+        kw.update(bits=bits, out_codes=codes, out_scales=scales)
     d = delta.clone()
     fn(grad, d, lay, beta, lr, k, vals, idx, **kw)
-    return d, vals.view(-1, k), idx.view(-1, k)
+    out = d, vals.view(-1, k), idx.view(-1, k)
+    return out + (codes.view(-1, k), scales) if bits else out
 
 
 @pytest.mark.parametrize("rows,cols,s", SHAPES)
@@ -707,17 +713,6 @@ def test_decode_mean_is_checked():
         decode_apply_reference(p, idx, vals, lay, 3, lr=1.0, decay=1.0, sign=False, mean="sum")
 
 
-def run_encode_codes(fn, grad, delta, lay, k, bits, **kw):
-    n = lay.num_chunks
-    vals = torch.full((n * k,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    idx = torch.full((n * k,), -7, dtype=torch.int32 if fn is not encode_reference else torch.int64, device=DEVICE)
-    codes = torch.full((n * k,), 255, dtype=torch.uint8, device=DEVICE)
-    scales = torch.full((n,), float("nan"), device=DEVICE)
-    d = delta.clone()
-    fn(grad, d, lay, 0.9, 0.1, k, vals, idx, bits=bits, out_codes=codes, out_scales=scales, **kw)
-    return d, vals.view(n, k), idx.view(n, k), codes.view(n, k), scales
-
-
 @pytest.mark.parametrize("rows,cols,s", [(37, 21, 16), (50, 70, 32)])
 @pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("bits", [2, 8])
@@ -733,14 +728,15 @@ def test_encode_with_codes_matches_reference(rows, cols, s, k, bits, select):
     delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
     delta[:s, :s] = 0.0  # with the gradient's chunk below: an all-zero chunk, scale 0
     grad[:s, :s] = 0.0
-    d_ref, v_ref, i_ref, c_ref, s_ref = run_encode_codes(encode_reference, grad, delta, lay, k, bits)
-    d_tri, v_tri, i_tri, c_tri, s_tri = run_encode_codes(encode_triton, grad, delta, lay, k, bits,
-                                                         options=opts(select))
+    d_ref, v_ref, i_ref, c_ref, s_ref = run_encode(encode_reference, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16,
+                                                   bits)
+    d_tri, v_tri, i_tri, c_tri, s_tri = run_encode(encode_triton, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16,
+                                                   bits, options=opts(select))
     assert (c_tri <= (1 << bits) - 1).all() and not s_tri.isnan().any()  # every code and scale written
     same = 0
     for c in range(lay.num_chunks):  # by index: the two order a payload differently
         a, b = i_ref[c].argsort(), i_tri[c].argsort()
-        if torch.equal(i_ref[c][a].int(), i_tri[c][b]) and torch.equal(v_ref[c][a], v_tri[c][b]):
+        if torch.equal(i_ref[c][a], i_tri[c][b]) and torch.equal(v_ref[c][a], v_tri[c][b]):
             same += 1
             assert s_tri[c] == s_ref[c] and torch.equal(c_tri[c][b], c_ref[c][a]), c
     assert same >= lay.num_chunks // 2 and s_tri[0] == 0
