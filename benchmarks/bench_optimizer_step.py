@@ -4,8 +4,9 @@ Two views, same run:
 - whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
   2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), the
   same with ``cuda_graphs`` (each phase one graph replay), with the 152.9x wire (k 28, 2-bit codes: the
-  quantisation inside the encode kernel), and with ``base_step=orthogonal`` over whole matrices and per chunk, fp32
-  and bf16 (what its Newton-Schulz products add; ``--skip-slow`` leaves them and the torch path out);
+  quantisation inside the encode kernel), with ``base_step=coefficient_sign``, and with ``base_step=orthogonal`` per
+  chunk (decode, Newton-Schulz and apply in one kernel) and over whole matrices, fp32 and bf16 (``--skip-slow``
+  leaves the whole matrices and the torch path out);
 - one tensor (default 4096 x 11008 fp32): encode and decode + apply separately (``FlexDeMo.encode`` and
   ``decode_apply``: the kernels with the payload's packing in torch; bench_flexdemo_kernels.py times the kernels
   alone), against their memory floor
@@ -93,12 +94,16 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
         demo = flexdemo(params_with_grads(shapes), kernels="triton", topk=28, value_bits=2, cuda_graphs=graphs)
         name = f"{model_name}: FlexDeMo triton, topk=28 value_bits=2" + (", cuda_graphs" if graphs else "")
         rows += replica_rows(name, demo)
-    for scope, precision in () if skip_slow else (("matrix", "fp32"), ("chunk", "fp32"), ("matrix", "bf16"),
-                                                   ("chunk", "bf16")):
-        # the orthogonal step's Newton-Schulz products on top of the above
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope=scope,
+    demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign")
+    rows += replica_rows(f"{model_name}: FlexDeMo triton, base_step=coefficient_sign", demo)
+    for precision in ("fp32", "bf16"):  # per chunk: decode, the orthogonal step and the apply in one pass
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope="chunk",
                         orthogonal_precision=precision)
-        rows.append({"what": f"{model_name}: FlexDeMo triton, base_step=orthogonal ({scope}, {precision}), 1 replica",
+        rows += replica_rows(f"{model_name}: FlexDeMo triton, base_step=orthogonal (chunk, {precision})", demo)
+    for precision in () if skip_slow else ("fp32", "bf16"):  # whole matrices: Newton-Schulz products in torch
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope="matrix",
+                        orthogonal_precision=precision)
+        rows.append({"what": f"{model_name}: FlexDeMo triton, base_step=orthogonal (matrix, {precision}), 1 replica",
                      "ms": bench(demo.step)})
     for r in rows:
         r["params"] = numel
@@ -123,6 +128,13 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
                  {"what": f"{tag}: {kernels} decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec,
                   "x_floor": dec / floor_dec},
                  {"what": f"{tag}: {kernels} (encode + decode) / AdamW", "ms": enc + dec, "ratio": (enc + dec) / ad}]
+    for precision in ("fp32", "bf16"):  # decode + the orthogonal step per chunk + apply, one pass
+        demo = flexdemo(params_with_grads([shape], dtype), kernels="triton", base_step="orthogonal",
+                        orthogonal_scope="chunk", orthogonal_precision=precision)
+        gathered = demo.encode()[None]
+        dec = bench(lambda: demo.decode_apply(gathered))
+        rows.append({"what": f"{tag}: triton decode + orthogonal step ({precision}) + apply (1 replica)", "ms": dec,
+                     "floor_ms": floor_dec, "x_floor": dec / floor_dec})
     return rows
 
 

@@ -94,7 +94,12 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-ortho-wd0.1": {"base_step": "orthogonal", "weight_decay": 0.1},
             "flexdemo-ortho-chunk-wd0.1": {"base_step": "orthogonal", "orthogonal_scope": "chunk", "weight_decay": 0.1},
             # ... with the bytes goal's wire (k 28, values in 2 bits: 152.9x less than dense bf16 for base 2 x 2)
-            "flexdemo-ortho-k28-q2": {"base_step": "orthogonal", "topk": 28, "value_bits": 2}}
+            "flexdemo-ortho-k28-q2": {"base_step": "orthogonal", "topk": 28, "value_bits": 2},
+            "flexdemo-ortho-chunk-bf16": {"base_step": "orthogonal", "orthogonal_scope": "chunk",
+                                          "orthogonal_precision": "bf16"},
+            # each chunk's mean coefficients replaced by their signs (the per-chunk orthogonal step's limit)
+            "flexdemo-coefsign": {"base_step": "coefficient_sign"},
+            "flexdemo-coefsign-k28-q2": {"base_step": "coefficient_sign", "topk": 28, "value_bits": 2}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -72,17 +72,32 @@ def kernel_rows() -> list[list[str]]:
                         t["device"].replace("NVIDIA ", ""), t["date"],
                         "`bench_train_step.py --models small base --compile on --optims adamw flexdemo "
                         "flexdemo-graphs` (`train_step_h200/optims.json`)"))
-    scopes = (("matrix", " (whole matrices; Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)"),
-              ("chunk", ", `orthogonal_scope=chunk` (one Triton launch, each 64² chunk iterated in registers; fp32; "
-                        "bf16)"))
+    c = load("optstep_h200/step_fused.json")  # the per-chunk step as one kernel, and the coefficient sign
+    cm = {r["what"]: r["ms"] for r in c["rows"]}
+    csrc = "`bench_optimizer_step.py --model base 1b --skip-slow` (`optstep_h200/step_fused.json`)"
     for model in ("base", "1b"):
         a, default = om[f"{model}: fused AdamW step"], om[f"{model}: FlexDeMo triton, 1 replica"]
-        for scope, what in scopes:
-            f32, b16 = (om[f"{model}: FlexDeMo triton, base_step=orthogonal ({scope}, {p}), 1 replica"]
+        f32, b16 = (om[f"{model}: FlexDeMo triton, base_step=orthogonal (matrix, {p}), 1 replica"]
+                    for p in ("fp32", "bf16"))
+        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal` (whole matrices; "
+                        "Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)", f"{f32:.1f} ms; {b16:.1f} ms",
+                        f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
+                        f"{f32 / a:.0f}×; {b16 / a:.0f}×", odev, o["date"], src))
+        a, default, two = (cm[f"{model}: {w}"] for w in ("fused AdamW step", "FlexDeMo triton, 1 replica",
+                                                         "FlexDeMo triton, 2 replicas (decode twice)"))
+        for reps, base in (("1 replica", default), ("2 replicas (decode twice)", two)):
+            f32, b16 = (cm[f"{model}: FlexDeMo triton, base_step=orthogonal (chunk, {p}), {reps}"]
                         for p in ("fp32", "bf16"))
-            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`{what}",
-                            f"{f32:.1f} ms; {b16:.1f} ms", f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
-                            f"{f32 / a:.0f}×; {b16 / a:.0f}×", odev, o["date"], src))
+            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`, "
+                            "`orthogonal_scope=chunk` (decode, Newton-Schulz on each chunk's coefficient block, apply: "
+                            f"one kernel), {reps} (fp32; bf16)", f"{f32:.1f} ms; {b16:.1f} ms",
+                            f"fused AdamW {a:.2f} ms; default FlexDeMo {base:.2f} ms",
+                            f"{f32 / base:.1f}×; {b16 / base:.1f}× the default's", c["device"].replace("NVIDIA ", ""),
+                            c["date"], csrc))
+        cs = cm[f"{model}: FlexDeMo triton, base_step=coefficient_sign, 1 replica"]
+        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=coefficient_sign`, 1 replica",
+                        f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
+                        f"{cs / default:.2f}× the default's", c["device"].replace("NVIDIA ", ""), c["date"], csrc))
     w = load("optstep_h200/step_wire.json")  # k 28 with 2-bit codes: the quantisation inside the encode kernel
     wm = {r["what"]: r["ms"] for r in w["rows"]}
     for model in ("base", "1b"):
@@ -357,6 +372,8 @@ def parity_rows() -> list[list[str]]:
     bf16 = ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")
     chunk = ("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk")
     chunk_wd = ("flexdemo-ortho-chunk-wd0.1", "`base_step=orthogonal`, per 64² chunk, weight decay 0.1")
+    fused = (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
+             ("flexdemo-coefsign", "`base_step=coefficient_sign`"))
 
     def decay(*wds: str) -> tuple:
         return tuple((f"flexdemo-wd{wd}", f"weight decay {wd}") for wd in wds)
@@ -413,6 +430,10 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_k28q2_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
                                (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
                                                     "2 × 2"),)),
+                              ("parity_tiny_long/summary_fused_r2.json", "`tiny-long`, R = 2, mean of 2 seeds",
+                               (nolr[0], *fused)),
+                              ("parity_tiny_long/summary_fused_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
+                               (nolr[0], *fused)),
                               ("parity_tiny_long/summary_meanall_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
                                (nolr[0], ("flexdemo-meanall", "`optim.demo.replica_mean=all`: each position averaged "
                                                               "over all R replicas, not over those that sent it")))):
@@ -423,6 +444,11 @@ def parity_rows() -> list[list[str]]:
             n = len(g["sweep"][name])
             over = g.get("variants", {}).get(name, {}).get("ratio_over_seeds")
             ci = f", 95% CI [{over['ci95'][0]:.3f}, {over['ci95'][1]:.3f}]" if over else ""
+            d = g.get("over_default", {}).get(name)  # paired by seed with the default of the same run
+            if d:
+                dv, di = d["val_loss"], d["in_distribution"]
+                ci += (f"; over the default {dv['mean']:.3f}, [{dv['ci95'][0]:.3f}, {dv['ci95'][1]:.3f}] (in "
+                       f"distribution {di['mean']:.3f}, [{di['ci95'][0]:.3f}, {di['ci95'][1]:.3f}])")
             rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, "
                             + (f"best of {n} rates" if n > 1 else "one rate"),
                             f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
@@ -452,6 +478,32 @@ def parity_rows() -> list[list[str]]:
                         f"{v['mean']:.3f}, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]; public, code, math only "
                         f"{i['mean']:.3f}, [{i['ci95'][0]:.3f}, {i['ci95'][1]:.3f}]{extra} (goal ≤ 1.02)",
                         g["device"].replace("NVIDIA ", ""), g["date"], src))
+    for rel, names in (("parity_fused_small/summary.json",
+                        (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
+                         ("flexdemo-ortho-chunk-bf16", "the same, Newton-Schulz in bf16"))),
+                       ("parity_coefsign_small/summary.json",
+                        (("flexdemo-coefsign", "`base_step=coefficient_sign`"),
+                         ("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
+                         ("flexdemo-ortho-chunk-bf16", "the same, Newton-Schulz in bf16")))):
+        g = load(rel)  # two seeds at fixed rates, each paired with AdamW and the default of its own call
+        calls = sorted({r["call"] for seed in g["seeds"].values() for r in seed.values()})
+        for name, what in names:
+            v, i, d = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name], g["over_default"][name]
+            dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
+            seeds = sorted(v["per_seed"])
+            mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
+            base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
+            ci = lambda x: f"[{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"  # noqa: E731
+            rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, `small` (1000 steps), R = 1, seeds "
+                            f"{', '.join(seeds)} ({' and '.join(calls)}), one rate each",
+                            f"{mean:.3f} (lr {g['rates'][name]:g})",
+                            f"AdamW {base:.3f} (lr {g['rates']['adamw']:g}); default {dv['mean']:.3f} "
+                            f"(public, code, math {di['mean']:.3f})",
+                            f"{v['mean']:.3f}, 95% CI {ci(v)}; public, code, math only {i['mean']:.3f}, {ci(i)}; "
+                            f"over the default {d['val_loss']['mean']:.3f}, {ci(d['val_loss'])} (public, code, math "
+                            f"{d['in_distribution']['mean']:.3f}, {ci(d['in_distribution'])}) (goal ≤ 1.02)",
+                            g["device"].replace("NVIDIA ", ""), g["date"],
+                            f"`bench_parity.py --size small ...` (`{rel}`; its commands)"))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

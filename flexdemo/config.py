@@ -12,7 +12,7 @@ from flexdemo.wire import WIRE_DTYPES, index_bits_for
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
-BASE_STEPS = ("direct", "adam", "lion", "orthogonal")
+BASE_STEPS = ("direct", "adam", "lion", "orthogonal", "coefficient_sign")
 ORTHOGONAL_SCOPES = ("matrix", "chunk")
 ORTHOGONAL_PRECISIONS = ("fp32", "bf16")
 OVERLAPS = ("off", "stale", "layerwise")
@@ -56,11 +56,15 @@ class DeMoConfig:
     # does to its momentum: every singular value near 1) and scaled to AdamW's typical update RMS (0.2 sqrt(max(rows,
     # cols)) times the orthogonal factor), so AdamW's learning rates apply; the dense-sent tensors step by sign(d).
     # ``orthogonal_scope``: "matrix" (the whole matrix: gathered over the node's shard group under FSDP) or "chunk"
-    # (each s x s chunk on its own: local, s x s products only; with the Triton kernels one launch that keeps each
-    # chunk in registers, flexdemo.ops.newton_schulz). ``orthogonal_precision``: the Newton-Schulz products in "fp32"
-    # or "bf16" (as Muon computes them: several times faster on tensor cores; the iteration only needs singular values
-    # near 1, which bf16's rounding leaves; but a chunk's direction has rank about k, and bf16's rounding grows into
-    # steps along the directions the payload left empty: keep fp32 at scope chunk).
+    # (each whole s x s decoded chunk on its own: local; decode, step and apply in one pass, the iteration run on the
+    # chunk's coefficient tile, where only the rows and columns the replicas sent into are nonzero:
+    # flexdemo.ops.decode_orthogonal). ``orthogonal_precision``: the Newton-Schulz products in "fp32" or "bf16" (as
+    # Muon computes them: the iteration only needs singular values near 1, which bf16's rounding leaves; per chunk
+    # within ~2-4% of the fp32 step).
+    # "coefficient_sign": each chunk's mean coefficients replaced by their signs before the inverse DCT, scaled as the
+    # orthogonal step per chunk is (UPDATE_RMS sqrt(s)): that step exactly where no two sent coefficients share a row
+    # or a column of the chunk's coefficient tile (the block is then a signed permutation, whose orthogonal factor is
+    # its sign pattern), at the cost of the direct step's decode; the dense-sent tensors step by sign(d).
     base_step: str = "direct"
     orthogonal_scope: str = "matrix"
     orthogonal_precision: str = "fp32"

@@ -8,9 +8,11 @@ Across nodes, the GPUs owning the same shard form the replicate group; this opti
     one all-gather of every replica's packed payload    (one collective per step; or one per layer, overlap=layerwise)
     p = p * (1 - lr * wd) - lr * sign(IDCT(mean over replicas of the coefficients))
     (base_step=adam / lion: that direction is instead the gradient of an Adam / Lion step; base_step=orthogonal: each
-    matrix's unsigned direction orthogonalised as Muon does (flexdemo.orthogonal); tensor_scale=adam_rms:
-    each tensor's step times the replicas' mean RMS of the Adam update of their own gradients, sent with the payload;
-    precondition=adam: each replica folds its own Adam update m / (sqrt(v) + eps) into delta instead of lr * grad)
+    matrix's unsigned direction orthogonalised as Muon does (flexdemo.orthogonal), or per chunk; base_step=
+    coefficient_sign: the mean coefficients' signs decoded, the per-chunk orthogonal step's limit;
+    tensor_scale=adam_rms: each tensor's step times the replicas' mean RMS of the Adam update of their own gradients,
+    sent with the payload; precondition=adam: each replica folds its own Adam update m / (sqrt(v) + eps) into delta
+    instead of lr * grad)
 
 Encode and decode + apply run as Triton kernels on CUDA (``kernels``), one launch per param group and dtype for all
 compressed tensors, with torch twins for the CPU.
@@ -36,7 +38,7 @@ from flexdemo.graphs import DeviceScalars, PhaseGraphs
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
-from flexdemo.orthogonal import orthogonalize_all
+from flexdemo.orthogonal import UPDATE_RMS, orthogonalize_all
 from flexdemo.quant import codes_nbytes
 from flexdemo.wire import WireLayout, index_nbytes
 
@@ -498,9 +500,20 @@ class FlexDeMo(torch.optim.Optimizer):
         indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
         # a base step with moments (adam, lion), or a scaled direct step: decode, then step
         stepped = self.cfg.base_step != "direct" or scale is not None
+        per_chunk = self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk"
         for (lr, decay), plan in zip(steps, bk.groups):
             directions = []
             for table, ps in plan.tables:
+                if per_chunk or self.cfg.base_step == "coefficient_sign":  # decode, step and apply in one pass
+                    targets = [local_tensor(p).view(lay.rows, lay.cols) for p, lay in zip(ps, table.layouts)]
+                    if per_chunk:
+                        ops.decode_orthogonal_table(self.kernels, table, targets, indices, values, lr, decay,
+                                                    self.cfg.orthogonal_precision, self.cfg.replica_mean)
+                    else:
+                        ops.decode_apply_table(self.kernels, table, targets, indices, values,
+                                               lr * UPDATE_RMS * table.s ** 0.5, decay, False, self.kernel_options,
+                                               self.cfg.replica_mean, coefficient_sign=True)
+                    continue
                 if stepped:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured
                     bufs = [torch.zeros_like(local_tensor(p), dtype=torch.float32) for p in ps]
                     targets = [b.view(lay.rows, lay.cols) for b, lay in zip(bufs, table.layouts)]
@@ -512,9 +525,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 ops.decode_apply_table(self.kernels, table, targets, indices, values, step_lr, step_decay,
                                        self.cfg.sign and self.cfg.base_step != "orthogonal", self.kernel_options,
                                        self.cfg.replica_mean)
-                if self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk":
-                    ops.orthogonalize_chunks_table(self.kernels, table, targets, self.cfg.orthogonal_precision)
-                elif self.cfg.base_step == "orthogonal":
+                if self.cfg.base_step == "orthogonal":
                     orthogonalize_all(ps, bufs, self.cfg.orthogonal_precision)
             if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
@@ -530,7 +541,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 steps = [d for _, d in directions]
                 torch._foreach_mul_(steps, [scale[id(p)] for p, _ in directions])
                 _descend([p for p, _ in directions], steps, lr, decay)
-            elif directions and self.cfg.base_step == "orthogonal":
+            elif directions and self.cfg.base_step in ("orthogonal", "coefficient_sign"):
                 _descend([p for p, _ in directions], [d for _, d in directions], lr, decay)
             elif directions:
                 step = self._adam_step if self.cfg.base_step == "adam" else self._lion_step

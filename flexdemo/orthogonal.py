@@ -1,5 +1,6 @@
 """base_step=orthogonal: the decoded direction of each matrix orthogonalised, as Muon does to its momentum (the
-iteration: ``flexdemo.ops.newton_schulz_reference``; per chunk on CUDA: ``flexdemo.ops.newton_schulz``)."""
+iteration: ``flexdemo.ops.newton_schulz_reference``; per chunk, decode, step and apply in one pass:
+``flexdemo.ops.decode_orthogonal``)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def orthogonalize_all(params: list, directions: list[torch.Tensor], precision: s
     """The whole-matrix orthogonal step of each (param, direction), in place, in few launches rather than one
     sequence per tensor: the matrices of one shape (not sharded inside the node) stacked into one batch, each still
     orthogonalised on its own (the numbers of one at a time, to rounding); batches hold at most BATCH_ELEMENTS
-    elements. Per chunk: ``flexdemo.ops.orthogonalize_chunks_table``."""
+    elements. Per chunk: ``flexdemo.ops.decode_orthogonal_table``."""
     groups: dict[tuple, list] = {}
     for i, (p, d) in enumerate(zip(params, directions)):
         if is_sharded(p):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flexdemo import DeMoConfig, FlexDeMo
+from flexdemo.orthogonal import UPDATE_RMS
 
 
 def naive_dct(n: int) -> torch.Tensor:
@@ -101,6 +102,7 @@ class NaiveDeMo:
         for i, (p, msgs) in enumerate(zip(self.params, msgs_per_param)):
             p.mul_(1 - self.lr * self.wd)
             update = torch.zeros_like(p)
+            chunks = {}  # the decoded chunks, padding included
             keys = msgs[0].keys()
             for key in keys:
                 total, count = {}, {}
@@ -116,22 +118,22 @@ class NaiveDeMo:
                 for pos in total:
                     C[pos] = total[pos] / (len(msgs) if self.mean_all else count[pos])
                     self.senders_seen.add(count[pos])
+                if self.orthogonal == "coefficient_sign":  # the signs, at the per-chunk orthogonal step's scale
+                    C = C.sign() * UPDATE_RMS * self.s ** 0.5
                 block = self.D.T @ C.view(self.s, self.s) @ self.D
                 ci, cj = key
+                chunks[key] = block
                 r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
                 update[ci : ci + r, cj : cj + c] = block[:r, :c]
             d = update.sign() if self.sign else update
-            if self.orthogonal == "chunk" and update.ndim == 2:  # each zero-padded s x s chunk on its own
-                s = self.s
-                for ci in range(0, p.shape[0], s):
-                    for cj in range(0, p.shape[1], s):
-                        r, c = min(s, p.shape[0] - ci), min(s, p.shape[1] - cj)
-                        block = torch.zeros(s, s, dtype=torch.float64)
-                        block[:r, :c] = update[ci : ci + r, cj : cj + c]
-                        p[ci : ci + r, cj : cj + c] -= self.lr * naive_orthogonal(block)[:r, :c]
+            if self.orthogonal == "chunk" and update.ndim == 2:  # each whole decoded s x s chunk on its own
+                for (ci, cj), block in chunks.items():
+                    r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
+                    p[ci : ci + r, cj : cj + c] -= self.lr * naive_orthogonal(block)[:r, :c]
                 continue
-            if self.orthogonal:
-                d = naive_orthogonal(update) if update.ndim == 2 else d
+            if self.orthogonal:  # the 2-D tensors' own step (unsigned), the 1-D ones' as configured
+                if update.ndim == 2:
+                    d = naive_orthogonal(update) if self.orthogonal is True else update
                 p.sub_(self.lr * d)
                 continue
             if self.lion is not None:
@@ -157,7 +159,8 @@ class NaiveDeMo:
     (True, "direct", 0.0, "none", "nofold"), (True, "direct", 0.9, "none", "nofold"),
     (True, "orthogonal", 0.0, "none", "none"), (False, "orthogonal", 0.9, "none", "nofold"),
     (True, "orthogonal-chunk", 0.0, "none", "none"), (True, "direct", 0.0, "none", "meanall"),
-    (False, "direct", 0.9, "none", "meanall"), (True, "orthogonal-chunk", 0.0, "none", "meanall")])
+    (False, "direct", 0.9, "none", "meanall"), (True, "orthogonal-chunk", 0.0, "none", "meanall"),
+    (True, "coefficient_sign", 0.0, "none", "none"), (False, "coefficient_sign", 0.9, "none", "nofold")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
     """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients);
     "meanall": precondition=none with replica_mean=all (each position averaged over both replicas)."""
@@ -185,7 +188,8 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     naive = NaiveDeMo(init, lr, beta, k, s, wd, sign, adam=(0.8, 0.9, 1e-3) if base_step == "adam" else None,
                       lion=(0.8, 0.9) if base_step == "lion" else None, nesterov=nesterov,
                       scale=(0.8, 0.9, eps) if local else None, replicas=R,
-                      orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk"}.get(base_step, False),
+                      orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk",
+                                  "coefficient_sign": "coefficient_sign"}.get(base_step, False),
                       mean_all=mean_all)
     if scale == "none":
         naive.tensor_scale = lambda i: 1.0
@@ -419,12 +423,10 @@ def test_orthogonal_step_of_a_sharded_matrix_is_its_shard_of_the_whole_matrix_st
 
 
 def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own(monkeypatch):
-    """orthogonalize_all stacks the matrices of one shape, and the chunk twin every tensor's chunks, in
-    batches of at most BATCH_ELEMENTS, and gives each matrix or chunk the step it gets alone; bf16 products (Muon's
-    precision) stay within bf16's rounding of the fp32 step and keep every singular value near 1."""
-    from flexdemo.chunks import ChunkLayout
+    """orthogonalize_all stacks the matrices of one shape, and the chunk twin every tensor's chunks, in batches of at
+    most BATCH_ELEMENTS, and gives each matrix or chunk the step it gets alone; bf16 products (Muon's precision) stay
+    within bf16's rounding of the fp32 step and keep every singular value near 1."""
     from flexdemo.ops import newton_schulz_reference as orthogonal  # where the batches' limit lives
-    from flexdemo.ops.newton_schulz_reference import orthogonalize_chunks_reference
     from flexdemo.orthogonal import UPDATE_RMS, orthogonal_step, orthogonalize_all
 
     g = torch.Generator().manual_seed(0)
@@ -439,14 +441,19 @@ def test_equal_shaped_matrices_are_orthogonalised_in_one_batch_each_on_its_own(m
         orthogonalize_all(params, got)
         for x, want in zip(got, alone):
             torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
-    layouts = [ChunkLayout(d.shape[0], d[0].numel(), 4) for d in directions]  # scope chunk: every 4 x 4 chunk
-    for limit in (whole, 200):  # every tensor's chunks in one batch; then a few tensors a batch
+    from flexdemo.chunks import ChunkLayout
+    from flexdemo.ops.decode_orthogonal_reference import decode_orthogonal_apply_reference
+
+    lay, k = ChunkLayout(24, 40, 4), 3  # scope chunk: the twin's chunks in batches too
+    idx = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(lay.num_chunks)]).view(1, -1)
+    vals = torch.randn(1, idx.numel(), generator=g)
+    got = []
+    for limit in (whole, 5 * 16):  # every chunk at once; then five chunks a batch
         monkeypatch.setattr(orthogonal, "BATCH_ELEMENTS", limit)
-        got = [d.clone() for d in directions]
-        orthogonalize_chunks_reference(layouts, got)
-        for x, d, lay in zip(got, directions, layouts):
-            want = lay.from_chunks(orthogonal_step(lay.to_chunks(d.view(lay.rows, lay.cols)))).reshape(d.shape)
-            torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+        got.append(torch.zeros(24, 40))
+        decode_orthogonal_apply_reference(got[-1], idx, vals, lay, k, 1.0, 1.0)
+    assert got[0].abs().max() > 0
+    torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-6)
     low = [d.clone() for d in directions]
     orthogonalize_all(params, low, precision="bf16")
     for x, want in zip(low, alone):

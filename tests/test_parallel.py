@@ -95,6 +95,10 @@ def job_four_ranks(tmp: str) -> dict:
     ac = train(tiny_config(tmp / "AC", optim={**DEMO, "base_step": "orthogonal", "orthogonal_scope": "chunk"},
                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_orthogonal_chunk"] = {"params": _local(ac.model), "delta": _residuals(ac)}
+    # ... and its limit, each chunk's mean coefficients replaced by their signs
+    acs = train(tiny_config(tmp / "ACS", optim={**DEMO, "base_step": "coefficient_sign"},
+                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
+    out["A_coefficient_sign"] = {"params": _local(acs.model), "delta": _residuals(acs)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
@@ -113,7 +117,8 @@ def four(tmp_path_factory):
     return tmp, run_distributed_test(job_four_ranks, 4, str(tmp), local_world_size=4)
 
 
-@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled", "A_orthogonal", "A_orthogonal_chunk"])
+@pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled", "A_orthogonal", "A_orthogonal_chunk",
+                                 "A_coefficient_sign"])
 def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four, run):
     _, ranks = four
     for shard in (0, 1):  # ranks shard and shard + 2 own the same shard on the two "nodes"

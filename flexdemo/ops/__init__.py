@@ -1,5 +1,5 @@
-"""Encode, decode + apply and the chunks' orthogonal step: Triton kernels with a torch twin beside each, and the
-dispatch between them.
+"""Encode, decode + apply and decode + the chunks' orthogonal step + apply: Triton kernels with a torch twin beside
+each, and the dispatch between them.
 
 ``kernels``: ``torch`` (the references, any device), ``triton`` (CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1), ``auto`` (triton on CUDA where the chunk size suits it, torch otherwise).
@@ -68,27 +68,34 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,
                        lr: float, decay: float, sign: bool, options: KernelOptions = KernelOptions(),
-                       mean: str = "senders") -> None:
+                       mean: str = "senders", coefficient_sign: bool = False) -> None:
     """Decode + apply every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always
-    fp32). ``mean``: per position over the replicas that sent it, or over all (``decode_reference``)."""
+    fp32). ``mean``: per position over the replicas that sent it, or over all (``decode_reference``);
+    ``coefficient_sign``: the mean coefficients' signs decoded instead."""
     if kernels == "triton":
         from flexdemo.ops.decode import decode_apply_triton_table
 
-        return decode_apply_triton_table(table, params, indices, values, lr, decay, sign, options, mean)
+        return decode_apply_triton_table(table, params, indices, values, lr, decay, sign, options, mean,
+                                         coefficient_sign)
     from flexdemo.ops.decode_reference import decode_apply_reference
 
     for t, (lay, p) in enumerate(zip(table.layouts, params)):
         sl = table.payload_slice(t)
-        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, sign, mean)
+        decode_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, sign, mean,
+                               coefficient_sign)
 
 
-def orthogonalize_chunks_table(kernels: str, table: ChunkTable, targets: list, precision: str) -> None:
-    """base_step=orthogonal at orthogonal_scope=chunk over every tensor of ``table``: one launch (triton) or the
-    twin's padded batches of chunks (torch)."""
+def decode_orthogonal_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor,
+                            values: torch.Tensor, lr: float, decay: float, precision: str = "fp32",
+                            mean: str = "senders") -> None:
+    """base_step=orthogonal at orthogonal_scope=chunk: decode, each chunk's orthogonal step and the apply for every
+    tensor of ``table``, one launch (triton) or the twin per tensor (torch)."""
     if kernels == "triton":
-        from flexdemo.ops.newton_schulz import orthogonalize_chunks_triton
+        from flexdemo.ops.decode_orthogonal import decode_orthogonal_apply_triton_table
 
-        return orthogonalize_chunks_triton(table, targets, precision)
-    from flexdemo.ops.newton_schulz_reference import orthogonalize_chunks_reference
+        return decode_orthogonal_apply_triton_table(table, params, indices, values, lr, decay, precision, mean)
+    from flexdemo.ops.decode_orthogonal_reference import decode_orthogonal_apply_reference
 
-    orthogonalize_chunks_reference(table.layouts, targets, precision)
+    for t, (lay, p) in enumerate(zip(table.layouts, params)):
+        sl = table.payload_slice(t)
+        decode_orthogonal_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, precision, mean)

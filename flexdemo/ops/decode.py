@@ -6,10 +6,11 @@ replica by replica in order 0..R-1 (the same bits on every replica). In bf16x3 (
 transposed, D[col]^T (w * D[row]), so that every operand reaches the tensor cores from shared memory as loaded (the
 parameter tile is read and written transposed to match); other precisions build (w * D[row])^T D[col].
 w = value / (number of replicas that sent that position), counted by comparing the index list with the other
-replicas' lists (DeMo's mean), or value / R (``mean="all"``: no counting). At k = 32 of 64 x 64 and R = 2 that is a
-quarter of the work of a dense inverse, and no dense coefficient tile is ever built. Then optional sign,
-p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). One tensor per launch, or every tensor of a
-``ChunkTable``. The torch twin is ``decode_reference.py``.
+replicas' lists (DeMo's mean), or value / R (``mean="all"``: no counting); with ``coefficient_sign``, the sign of
+the position's sum over its senders / their number (the mean coefficients' signs decoded). At k = 32 of 64 x 64
+and R = 2 that is a quarter of the work of a dense inverse, and no dense coefficient tile is ever built. Then
+optional sign, p = p * decay - lr * update, stored in p's dtype (fp32 or bf16). One tensor per launch, or every
+tensor of a ``ChunkTable``. The torch twin is ``decode_reference.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from flexdemo.ops.table_lookup import table_chunk
 def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p,
                    grid_cols, idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr,
                    S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr,
-                   LR_PTR: tl.constexpr, MEAN_ALL: tl.constexpr):
+                   LR_PTR: tl.constexpr, MEAN_ALL: tl.constexpr, COEF_SIGN: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, address and payload place
@@ -50,16 +51,30 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
             live = (j + kk) < K
             idx = tl.load(idx_ptr + rep * idx_rstride + c * K + j + kk, mask=live, other=-1)
             val = tl.load(vals_ptr + rep * val_rstride + c * K + j + kk, mask=live, other=0.0).to(tl.float32)
-            if MEAN_ALL:
-                count = tl.full((KB,), R, dtype=tl.float32)
-            else:  # the senders: this replica, and each other whose list holds the index (distinct within a chunk)
-                count = tl.full((KB,), 1.0, dtype=tl.float32)
-            for other in tl.static_range(R):
-                if other != rep and not MEAN_ALL:
+            if COEF_SIGN:  # the sign of the position's sum over its senders (in replica order), split among them
+                count = tl.zeros((KB,), dtype=tl.float32)
+                total = tl.zeros((KB,), dtype=tl.float32)
+                for other in tl.static_range(R):
                     for j2 in range(0, K, KB):
                         o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K, other=-2)
-                        count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
-            w = tl.fdiv(val, count, ieee_rounding=False)  # the fast division: within 2 ulps of value / count
+                        ov = tl.load(vals_ptr + other * val_rstride + c * K + j2 + kk, mask=(j2 + kk) < K,
+                                     other=0.0).to(tl.float32)
+                        hit = idx[:, None] == o[None, :]
+                        count += tl.sum(hit.to(tl.float32), axis=1)
+                        total += tl.sum(tl.where(hit, ov[None, :], 0.0), axis=1)
+                w = tl.div_rn(tl.where(total > 0, 1.0, tl.where(total < 0, -1.0, 0.0)), tl.maximum(count, 1.0))
+            else:
+                if MEAN_ALL:
+                    count = tl.full((KB,), R, dtype=tl.float32)
+                else:  # the senders: this replica, and each other whose list holds the index (distinct in a chunk)
+                    count = tl.full((KB,), 1.0, dtype=tl.float32)
+                for other in tl.static_range(R):
+                    if other != rep and not MEAN_ALL:
+                        for j2 in range(0, K, KB):
+                            o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K,
+                                        other=-2)
+                            count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
+                w = tl.fdiv(val, count, ieee_rounding=False)  # the fast division: within 2 ulps of value / count
             safe = tl.where(live, idx, 0)
             a = tl.load(d_ptr + (safe // S)[:, None] * S + si[None, :]) * w[:, None]
             if TRANSPOSED:
@@ -90,7 +105,8 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
 
 def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
                         k: int, lr: float | torch.Tensor, decay: float | torch.Tensor, sign: bool,
-                        options: KernelOptions = KernelOptions(), mean: str = "senders") -> None:
+                        options: KernelOptions = KernelOptions(), mean: str = "senders",
+                        coefficient_sign: bool = False) -> None:
     """Same contract as ``decode_apply_reference``; ``indices`` int32 (R, num_chunks * k), rows may be strided;
     ``lr`` and ``decay`` both floats, or both one-element fp32 tensors on the device (read by the kernel)."""
     if layout.num_chunks == 0:
@@ -103,12 +119,14 @@ def decode_apply_triton(param: torch.Tensor, indices: torch.Tensor, values: torc
         param.stride(0), layout.grid[1], indices.stride(0), values.stride(0), lr, decay, GROUPED=False,
         R=indices.shape[0], S=s, K=k, KB=payload_block(k, s), SIGN=sign, PRECISION=options.decode_precision,
         num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=mean_over_all(mean),
+        COEF_SIGN=coefficient_sign,
     )
 
 
 def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], indices: torch.Tensor,
                               values: torch.Tensor, lr: float | torch.Tensor, decay: float | torch.Tensor, sign: bool,
-                              options: KernelOptions = KernelOptions(), mean: str = "senders") -> None:
+                              options: KernelOptions = KernelOptions(), mean: str = "senders",
+                              coefficient_sign: bool = False) -> None:
     """``decode_apply_triton`` for every tensor of ``table`` in one launch, at the table's k. params[t]: (rows, cols)
     views with unit column stride, all of one dtype; ``indices`` / ``values`` (R, whole payload), each tensor
     reading at its first payload chunk."""
@@ -122,6 +140,7 @@ def decode_apply_triton_table(table: ChunkTable, params: list[torch.Tensor], ind
         indices.stride(0), values.stride(0), lr, decay, GROUPED=True, R=indices.shape[0], S=table.s,
         K=table.k, KB=payload_block(table.k, table.s), SIGN=sign, PRECISION=options.decode_precision,
         num_warps=options.decode_warps, LR_PTR=lr_ptr, MEAN_ALL=mean_over_all(mean),
+        COEF_SIGN=coefficient_sign,
     )
 
 

@@ -23,8 +23,16 @@ def mean_over_all(mean: str) -> bool:
 
 
 def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, k: int,
-                mean: str = "senders") -> torch.Tensor:
-    """indices (R, num_chunks * k) int, values (R, num_chunks * k) -> the decoded update (rows, cols) fp32."""
+                mean: str = "senders", coefficient_sign: bool = False) -> torch.Tensor:
+    """indices (R, num_chunks * k) int, values (R, num_chunks * k) -> the decoded update (rows, cols) fp32; with
+    ``coefficient_sign`` of the mean coefficients' signs."""
+    tiles = mean_coefficients(indices, values, layout, k, mean)
+    return layout.from_chunks(idct2(tiles.sign() if coefficient_sign else tiles))
+
+
+def mean_coefficients(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, k: int,
+                      mean: str = "senders") -> torch.Tensor:
+    """The replicas' mean coefficient tile of every chunk, (num_chunks, s, s) fp32."""
     over_all = mean_over_all(mean)
     n = layout.num_chunks
     total = torch.zeros(n, layout.s * layout.s, dtype=torch.float32, device=values.device)
@@ -37,12 +45,13 @@ def decode_mean(indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout
         avg = total / indices.shape[0]
     else:
         avg = torch.where(count > 0, total / count.clamp(min=1), total)
-    return layout.from_chunks(idct2(avg.view(n, layout.s, layout.s)))
+    return avg.view(n, layout.s, layout.s)
 
 
 def decode_apply_reference(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, layout: ChunkLayout,
-                           k: int, lr: float, decay: float, sign: bool, mean: str = "senders") -> None:
-    update = decode_mean(indices, values, layout, k, mean)
+                           k: int, lr: float, decay: float, sign: bool, mean: str = "senders",
+                           coefficient_sign: bool = False) -> None:
+    update = decode_mean(indices, values, layout, k, mean, coefficient_sign)
     if sign:
         update = update.sign()
     param.copy_((param.float() * decay - lr * update).to(param.dtype))

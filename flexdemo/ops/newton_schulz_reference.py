@@ -1,5 +1,6 @@
-"""The orthogonal step's Newton-Schulz iteration in torch: the twin of ``newton_schulz.py`` (per chunk), and the
-iteration itself for whole matrices (``flexdemo.orthogonal``).
+"""The orthogonal step's Newton-Schulz iteration in torch: for whole matrices (``flexdemo.orthogonal``) and for the
+chunks' coefficient tiles (``decode_orthogonal_reference``; the Triton kernel ``decode_orthogonal`` iterates the same
+way).
 
 A sign step moves every element by lr whatever the decoded direction's spectrum; an orthogonalised step moves every
 singular direction of the matrix alike, so the few directions that the top-k coefficients carry strongly do not drown
@@ -34,17 +35,6 @@ def orthogonal_step(d: torch.Tensor, steps: int = NS_STEPS, precision: str = "fp
     if tall:
         x = x.mT
     return x.float() * (UPDATE_RMS * max(d.shape[-2:]) ** 0.5)
-
-
-def orthogonalize_chunks_reference(layouts: list, targets: list[torch.Tensor], precision: str = "fp32") -> None:
-    """Each s x s chunk of every ``targets[t]`` (viewed as ``layouts[t]``) replaced by its orthogonal step, in
-    place: every tensor's chunks padded into batches (a ragged edge chunk's padding stays zero rows / columns, which
-    the iteration keeps zero), each chunk still on its own."""
-    chunked = ((i, lay.to_chunks(d.view(lay.rows, lay.cols))) for i, (d, lay) in enumerate(zip(targets, layouts)))
-    for batch in batches(chunked):
-        steps = orthogonal_step(torch.cat([c for _, c in batch]), precision=precision)
-        for (i, c), step in zip(batch, steps.split([c.shape[0] for _, c in batch])):
-            targets[i].copy_(layouts[i].from_chunks(step).reshape(targets[i].shape))
 
 
 def batches(items):
