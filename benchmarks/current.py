@@ -430,6 +430,8 @@ def parity_rows() -> list[list[str]]:
                               ("parity_tiny_long/summary_k28q2_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
                                (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
                                                     "2 × 2"),)),
+                              ("parity_tiny_long/summary_fused_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
+                               (nolr[0], *fused)),
                               ("parity_tiny_long/summary_fused_r2.json", "`tiny-long`, R = 2, mean of 2 seeds",
                                (nolr[0], *fused)),
                               ("parity_tiny_long/summary_fused_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",

@@ -7,7 +7,7 @@ cropped to the tensor, then p = p * decay - lr * step. The Newton-Schulz iterati
 so for D orthonormal NS(D^T M D) = D^T NS(M) D: it runs on M (``newton_schulz_reference.orthogonal_step``), whose
 rows and columns that no replica sent into are exactly zero and stay so, in bf16 too. Iterating on the decoded chunk
 instead, bf16's rounding fills those directions (a chunk's direction has rank about k, and the iteration grows a
-small singular value ~3.4x a round): 17-27% off the fp32 step at k 32 of 64 x 64, against 2% here.
+small singular value ~3.4x a round): 17-27% off the fp32 step at k 32 of 64 x 64, against ~3% here.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from flexdemo.dct import idct2
 from flexdemo.ops import newton_schulz_reference as ns
 from flexdemo.ops.decode_reference import mean_coefficients
 
-NS_PRECISIONS = ("fp32", "bf16")
-
 
 def check_precision(precision: str) -> None:
-    if precision not in NS_PRECISIONS:
-        raise ValueError(f"precision={precision!r}; allowed: {', '.join(NS_PRECISIONS)}")
+    if precision not in ns.PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(ns.PRECISIONS)}")
 
 
 def decode_orthogonal_apply_reference(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
