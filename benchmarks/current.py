@@ -310,6 +310,24 @@ def without_shifted(g: dict) -> str:
     return f"; {', '.join(i['domains'])} only {i['flexdemo']['ratio']:.3f}"
 
 
+def ci95(x: dict) -> str:
+    return f"[{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
+
+
+def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, extra: str, src: str) -> list[str]:
+    """A rule at one rate over the seeds of a summary composed by hand (`small`, 1,000 steps, R = 1): its mean loss,
+    and its ratio to AdamW paired by seed, over all domains and in distribution."""
+    v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name]
+    seeds = sorted(v["per_seed"])
+    mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
+    base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
+    return row(f"FlexDeMo ({what}) / AdamW validation loss, `small` (1000 steps), R = 1, seeds {', '.join(seeds)}"
+               f"{seeds_note}, one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
+               f"AdamW {base:.3f} (lr {g['rates']['adamw']:g}){adamw_note}",
+               f"{v['mean']:.3f}, 95% CI {ci95(v)}; public, code, math only {i['mean']:.3f}, {ci95(i)}{extra} "
+               "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"], src)
+
+
 def parity_rows() -> list[list[str]]:
     rows = []
     g = load("parity/summary.json")
@@ -449,8 +467,7 @@ def parity_rows() -> list[list[str]]:
             d = g.get("over_default", {}).get(name)  # paired by seed with the default of the same run
             if d:
                 dv, di = d["val_loss"], d["in_distribution"]
-                ci += (f"; over the default {dv['mean']:.3f}, [{dv['ci95'][0]:.3f}, {dv['ci95'][1]:.3f}] (in "
-                       f"distribution {di['mean']:.3f}, [{di['ci95'][0]:.3f}, {di['ci95'][1]:.3f}])")
+                ci += f"; over the default {dv['mean']:.3f}, {ci95(dv)} (in distribution {di['mean']:.3f}, {ci95(di)})"
             rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, "
                             + (f"best of {n} rates" if n > 1 else "one rate"),
                             f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
@@ -464,22 +481,12 @@ def parity_rows() -> list[list[str]]:
     for name, what in (("flexdemo", "default"), ("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense "
                                                                     "bf16 for `base` 2 × 2"),
                        ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")):
-        v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name]
-        seeds = sorted(v["per_seed"])
-        mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
-        base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
         extra = ""
         if name == "flexdemo-k28-q2":
             k = g["k28_q2_over_default"]
-            extra = (f"; over the default {k['val_loss']['mean']:.3f}, 95% CI [{k['val_loss']['ci95'][0]:.3f}, "
-                     f"{k['val_loss']['ci95'][1]:.3f}] (public, code, math {k['in_distribution']['mean']:.3f}, "
-                     f"[{k['in_distribution']['ci95'][0]:.3f}, {k['in_distribution']['ci95'][1]:.3f}])")
-        rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, `small` (1000 steps), R = 1, seeds "
-                        f"{', '.join(seeds)}, one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
-                        f"AdamW {base:.3f} (lr {g['rates']['adamw']:g})",
-                        f"{v['mean']:.3f}, 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]; public, code, math only "
-                        f"{i['mean']:.3f}, [{i['ci95'][0]:.3f}, {i['ci95'][1]:.3f}]{extra} (goal ≤ 1.02)",
-                        g["device"].replace("NVIDIA ", ""), g["date"], src))
+            extra = (f"; over the default {k['val_loss']['mean']:.3f}, 95% CI {ci95(k['val_loss'])} (public, code, "
+                     f"math {k['in_distribution']['mean']:.3f}, {ci95(k['in_distribution'])})")
+        rows.append(seeds_row(g, name, what, "", "", extra, src))
     for rel, names in (("parity_fused_small/summary.json",
                         (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
                          ("flexdemo-ortho-chunk-bf16", "the same, Newton-Schulz in bf16"))),
@@ -489,23 +496,14 @@ def parity_rows() -> list[list[str]]:
                          ("flexdemo-ortho-chunk-bf16", "the same, Newton-Schulz in bf16")))):
         g = load(rel)  # two seeds at fixed rates, each paired with AdamW and the default of its own call
         calls = sorted({r["call"] for seed in g["seeds"].values() for r in seed.values()})
+        dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
         for name, what in names:
-            v, i, d = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name], g["over_default"][name]
-            dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
-            seeds = sorted(v["per_seed"])
-            mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
-            base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
-            ci = lambda x: f"[{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"  # noqa: E731
-            rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, `small` (1000 steps), R = 1, seeds "
-                            f"{', '.join(seeds)} ({' and '.join(calls)}), one rate each",
-                            f"{mean:.3f} (lr {g['rates'][name]:g})",
-                            f"AdamW {base:.3f} (lr {g['rates']['adamw']:g}); default {dv['mean']:.3f} "
-                            f"(public, code, math {di['mean']:.3f})",
-                            f"{v['mean']:.3f}, 95% CI {ci(v)}; public, code, math only {i['mean']:.3f}, {ci(i)}; "
-                            f"over the default {d['val_loss']['mean']:.3f}, {ci(d['val_loss'])} (public, code, math "
-                            f"{d['in_distribution']['mean']:.3f}, {ci(d['in_distribution'])}) (goal ≤ 1.02)",
-                            g["device"].replace("NVIDIA ", ""), g["date"],
-                            f"`bench_parity.py --size small ...` (`{rel}`; its commands)"))
+            d = g["over_default"][name]
+            rows.append(seeds_row(g, name, what, f" ({' and '.join(calls)})",
+                                  f"; default {dv['mean']:.3f} (public, code, math {di['mean']:.3f})",
+                                  f"; over the default {d['val_loss']['mean']:.3f}, {ci95(d['val_loss'])} (public, "
+                                  f"code, math {d['in_distribution']['mean']:.3f}, {ci95(d['in_distribution'])})",
+                                  f"`bench_parity.py --size small ...` (`{rel}`; its commands)"))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
         v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]

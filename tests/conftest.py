@@ -1,8 +1,10 @@
-"""Shared fixtures: one generated-corpus cache per test session, single-threaded torch, tiny configs."""
+"""Shared fixtures: one generated-corpus cache per test session, single-threaded torch, tiny configs, and the naive
+orthogonal step that the optimizer and kernel tests check against."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import pytest
@@ -21,6 +23,18 @@ def corpus_cache(tmp_path_factory):
     os.environ["FLEXMORE_CACHE"] = str(path)
     os.environ.setdefault("WANDB_MODE", "disabled")
     return path
+
+
+def naive_orthogonal(d: torch.Tensor) -> torch.Tensor:
+    """The orthogonal step the long way: five quintic Newton-Schulz steps on the wide orientation, in float64, times
+    0.2 sqrt(max side)."""
+    x = d.double().T if d.shape[0] > d.shape[1] else d.double()
+    x = x / (math.sqrt(float((x * x).sum())) + 1e-7)
+    for _ in range(5):
+        a = x @ x.T
+        x = 3.4445 * x - 4.7750 * (a @ x) + 2.0315 * (a @ a @ x)
+    x = x.T if d.shape[0] > d.shape[1] else x
+    return x * 0.2 * math.sqrt(max(d.shape))
 
 
 def tiny_config(tmp_path, **sections):

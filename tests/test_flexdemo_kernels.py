@@ -623,7 +623,7 @@ def test_quantised_payload_on_the_triton_path_keeps_what_the_codes_lose():
 def naive_orthogonal_update(idx, vals, lay, k, mean):
     """float64, the long way: each chunk's mean coefficients, the whole decoded s x s chunk D^T M D, the quintic
     Newton-Schulz iteration on it (not on M: the kernel's shortcut is what this checks), cropped."""
-    from flexdemo.ops.newton_schulz_reference import NS_COEFFS, NS_STEPS, UPDATE_RMS
+    from conftest import naive_orthogonal
 
     s, n, replicas = lay.s, lay.num_chunks, idx.shape[0]
     d = dct_matrix(s, "cpu", torch.float64)
@@ -635,13 +635,7 @@ def naive_orthogonal_update(idx, vals, lay, k, mean):
                 total[int(idx[r, c * k + j])] += float(vals[r, c * k + j])
                 count[int(idx[r, c * k + j])] += 1
         m = (total / (replicas if mean == "all" else count.clamp(min=1))).view(s, s)
-        x = d.T @ m @ d
-        x = x / (x.norm() + 1e-7)
-        a, b, cc = NS_COEFFS
-        for _ in range(NS_STEPS):
-            g = x @ x.T
-            x = a * x + (b * g + cc * g @ g) @ x
-        out[c] = x * UPDATE_RMS * s ** 0.5
+        out[c] = naive_orthogonal(d.T @ m @ d)
     return lay.from_chunks(out)
 
 

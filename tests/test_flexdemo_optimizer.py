@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import naive_orthogonal
 
 from flexdemo import DeMoConfig, FlexDeMo
 from flexdemo.orthogonal import UPDATE_RMS
@@ -17,17 +18,6 @@ def naive_dct(n: int) -> torch.Tensor:
         for i in range(n):
             d[k, i] = math.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt((1 if k == 0 else 2) / n)
     return d
-
-
-def naive_orthogonal(d: torch.Tensor) -> torch.Tensor:
-    """Five quintic Newton-Schulz steps on the wide orientation, in float64, times 0.2 sqrt(max side)."""
-    x = d.double().T if d.shape[0] > d.shape[1] else d.double()
-    x = x / (math.sqrt(float((x * x).sum())) + 1e-7)
-    for _ in range(5):
-        a = x @ x.T
-        x = 3.4445 * x - 4.7750 * (a @ x) + 2.0315 * (a @ a @ x)
-    x = x.T if d.shape[0] > d.shape[1] else x
-    return x * 0.2 * math.sqrt(max(d.shape))
 
 
 class NaiveDeMo:

@@ -31,6 +31,21 @@ from flexdemo.ops.table_lookup import table_chunk
 
 
 @triton.jit
+def sender_count(idx, idx_ptr, rep: tl.constexpr, c, idx_rstride, R: tl.constexpr, K: tl.constexpr,
+                 KB: tl.constexpr):
+    """Per entry of replica rep's index block ``idx`` of chunk c: how many replicas sent that position (rep itself,
+    and each other whose list holds it; indices are distinct within a chunk)."""
+    kk = tl.arange(0, KB)
+    count = tl.full((KB,), 1.0, dtype=tl.float32)
+    for other in tl.static_range(R):
+        if other != rep:
+            for j2 in range(0, K, KB):
+                o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K, other=-2)
+                count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
+    return count
+
+
+@triton.jit
 def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_ptr, owner_ptr, rows, cols, stride_p,
                    grid_cols, idx_rstride, val_rstride, lr, decay, GROUPED: tl.constexpr, R: tl.constexpr,
                    S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, SIGN: tl.constexpr, PRECISION: tl.constexpr,
@@ -66,14 +81,8 @@ def _decode_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, halves_ptr, table_ptr, addr_
             else:
                 if MEAN_ALL:
                     count = tl.full((KB,), R, dtype=tl.float32)
-                else:  # the senders: this replica, and each other whose list holds the index (distinct in a chunk)
-                    count = tl.full((KB,), 1.0, dtype=tl.float32)
-                for other in tl.static_range(R):
-                    if other != rep and not MEAN_ALL:
-                        for j2 in range(0, K, KB):
-                            o = tl.load(idx_ptr + other * idx_rstride + c * K + j2 + kk, mask=(j2 + kk) < K,
-                                        other=-2)
-                            count += tl.sum((idx[:, None] == o[None, :]).to(tl.float32), axis=1)
+                else:
+                    count = sender_count(idx, idx_ptr, rep, c, idx_rstride, R, K, KB)
                 w = tl.fdiv(val, count, ieee_rounding=False)  # the fast division: within 2 ulps of value / count
             safe = tl.where(live, idx, 0)
             a = tl.load(d_ptr + (safe // S)[:, None] * S + si[None, :]) * w[:, None]

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.decode import sender_count
 from flexdemo.ops.decode_orthogonal_reference import check_precision
 from flexdemo.ops.decode_reference import mean_over_all
 from flexdemo.ops.encode import payload_block
@@ -87,15 +88,8 @@ def _decode_orthogonal_kernel(p_ptr, idx_ptr, vals_ptr, d_ptr, table_ptr, addr_p
             live, idx, val = _entries(idx_ptr, vals_ptr, rep, j, c, idx_rstride, val_rstride, K, KB)
             if MEAN_ALL:
                 w = tl.div_rn(val, tl.full((KB,), R, tl.float32))
-            else:  # the senders: this replica, and each other whose list holds the index (distinct within a chunk)
-                count = tl.full((KB,), 1.0, dtype=tl.float32)
-                for other in tl.static_range(R):
-                    if other != rep:
-                        for j2 in range(0, K, KB):
-                            _, o, _ = _entries(idx_ptr, vals_ptr, other, j2, c, idx_rstride, val_rstride, K, KB)
-                            count += tl.sum((idx[:, None] == tl.where(o < 0, -2, o)[None, :]).to(tl.float32),
-                                            axis=1)
-                w = tl.div_rn(val, count)
+            else:
+                w = tl.div_rn(val, sender_count(idx, idx_ptr, rep, c, idx_rstride, R, K, KB))
             at_r = tl.sum(tl.where((idx // S)[:, None] == si[None, :], rank_r[None, :], 0), axis=1)
             at_c = tl.sum(tl.where((idx % S)[:, None] == si[None, :], rank_c[None, :], 0), axis=1)
             a = tl.where(live[:, None] & (at_r[:, None] == cb[None, :]), w[:, None], 0.0)  # KB x CB
