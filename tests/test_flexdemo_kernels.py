@@ -678,6 +678,12 @@ def test_decode_orthogonal_matches_the_step_of_the_decoded_chunk_and_its_twin(re
     assert targets[2][:, :s].cpu().equal(init[2][:, :s] * decay)  # nothing sent there: only the decay
     with pytest.raises(ValueError, match="precision='fp16'; allowed: fp32, bf16"):
         decode_orthogonal_apply_triton_table(table, targets, idx, vals, lr, decay, "fp16", mean)
+    sl = table.payload_slice(1)
+    with pytest.raises(ValueError, match="precision='fp16'; allowed: fp32, bf16"):
+        decode_orthogonal_apply_reference(targets[1], idx[:, sl], vals[:, sl], layouts[1], k, lr, decay, "fp16")
+    with pytest.raises(ValueError, match=r"one parameter dtype per launch; got \['torch.bfloat16', 'torch.float32'\]"):
+        decode_orthogonal_apply_triton_table(table, [targets[0].bfloat16(), *targets[1:]], idx, vals, lr, decay,
+                                             precision, mean)
 
 
 def overlapping_payload(lay, k, replicas, wire):
