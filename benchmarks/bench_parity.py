@@ -99,7 +99,8 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
                                           "orthogonal_precision": "bf16"},
             # each chunk's mean coefficients replaced by their signs (the per-chunk orthogonal step's limit)
             "flexdemo-coefsign": {"base_step": "coefficient_sign"},
-            "flexdemo-coefsign-k28-q2": {"base_step": "coefficient_sign", "topk": 28, "value_bits": 2}}
+            "flexdemo-coefsign-k28-q2": {"base_step": "coefficient_sign", "topk": 28, "value_bits": 2},
+            "flexdemo-coefsign-wd0.1": {"base_step": "coefficient_sign", "weight_decay": 0.1}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 
 

@@ -13,6 +13,7 @@ from flexdemo.wire import WIRE_DTYPES, index_bits_for
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 BASE_STEPS = ("direct", "adam", "lion", "orthogonal", "coefficient_sign")
+GRAPHED_STEPS = ("direct", "coefficient_sign")  # those with no host work between the kernels (cuda_graphs)
 ORTHOGONAL_SCOPES = ("matrix", "chunk")
 ORTHOGONAL_PRECISIONS = ("fp32", "bf16")
 OVERLAPS = ("off", "stale", "layerwise")
@@ -102,8 +103,8 @@ class DeMoConfig:
     # keeps account of. The same at R = 1 and for the dense-sent tensors; no counting in the decode.
     replica_mean: str = "senders"
     # Encode and decode + apply each replayed as a captured CUDA graph (flexdemo.graphs): for a model of many small
-    # tensors, whose step is bound by the host queueing its launches. Triton kernels on CUDA, base_step=direct and
-    # tensor_scale=none only; the same bits as without. A phase runs eagerly at its first step, is captured at its
+    # tensors, whose step is bound by the host queueing its launches. Triton kernels on CUDA, base_step=direct or
+    # coefficient_sign, tensor_scale=none only; the same bits as without. A phase runs eagerly at its first step, is captured at its
     # second and replayed after (the rates read from device memory, the gradients wherever the backward put them).
     cuda_graphs: bool = False
 
@@ -111,10 +112,10 @@ class DeMoConfig:
         for name in ("fold_lr", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):  # a string such as "no" would otherwise read as true
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
-        if self.cuda_graphs and (self.base_step != "direct" or self.tensor_scale != "none"):
-            raise ValueError(f"cuda_graphs=true captures the direct step only; got base_step={self.base_step!r}, "
-                             f"tensor_scale={self.tensor_scale!r} (use base_step=direct, tensor_scale=none, or "
-                             "cuda_graphs=false)")
+        if self.cuda_graphs and (self.base_step not in GRAPHED_STEPS or self.tensor_scale != "none"):
+            raise ValueError(f"cuda_graphs=true captures base_step={' or '.join(GRAPHED_STEPS)} only; got base_step="
+                             f"{self.base_step!r}, tensor_scale={self.tensor_scale!r} (use one of those, tensor_scale="
+                             "none, or cuda_graphs=false)")
         if self.precondition not in PRECONDITIONS:
             raise ValueError(f"precondition={self.precondition!r}; allowed: {', '.join(PRECONDITIONS)}")
         if self.precondition != "none" and self.base_step != "direct":

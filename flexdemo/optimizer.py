@@ -479,7 +479,7 @@ class FlexDeMo(torch.optim.Optimizer):
     def decode_apply(self, gathered: torch.Tensor, bucket: int = 0, rates: list | None = None) -> None:
         """Average the replicas' coefficients (replica order 0..R-1), inverse DCT, sign, weight decay, step; at the
         param groups' learning rates and weight decays now, or at ``rates`` ((lr, wd) per group)."""
-        steps = [(lr, 1.0 - lr * wd) for lr, wd in (rates or self._rates())]  # (lr, decay) per group
+        steps = self._decode_steps(rates or self._rates())
         if self._graphs is None:
             return self._decode_apply(gathered, bucket, steps)
         steps = self._device_rates(f"decode{bucket}", steps)
@@ -488,6 +488,12 @@ class FlexDeMo(torch.optim.Optimizer):
         inbox.copy_(gathered)
         key = ("decode", *where, self._params_key(bucket))
         self._graphs.run(key, lambda: self._decode_apply(inbox, bucket, steps), self._held_addresses)
+
+    def _decode_steps(self, rates: list[tuple[float, float]]) -> list[tuple[float, float, float]]:
+        """(lr, wd) per group -> (lr, decay, lr of the coefficient sign's chunk step), all three computed here in
+        float64, so that as device scalars (cuda_graphs) they hold the bits the kernels get as arguments."""
+        gain = UPDATE_RMS * self.cfg.chunk ** 0.5
+        return [(lr, 1.0 - lr * wd, lr * gain) for lr, wd in rates]
 
     def _decode_apply(self, gathered: torch.Tensor, bucket: int, steps: list) -> None:
         bk = self.buckets[bucket]
@@ -499,9 +505,10 @@ class FlexDeMo(torch.optim.Optimizer):
             gathered = gathered[:, :at]
         indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
         # a base step with moments (adam, lion), or a scaled direct step: decode, then step
-        stepped = self.cfg.base_step != "direct" or scale is not None
+        # (the coefficient sign steps in its decode, and its dense-sent tensors as the direct step does)
+        stepped = self.cfg.base_step not in ("direct", "coefficient_sign") or scale is not None
         per_chunk = self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk"
-        for (lr, decay), plan in zip(steps, bk.groups):
+        for (lr, decay, chunk_lr), plan in zip(steps, bk.groups):
             directions = []
             for table, ps in plan.tables:
                 if per_chunk or self.cfg.base_step == "coefficient_sign":  # decode, step and apply in one pass
@@ -510,9 +517,9 @@ class FlexDeMo(torch.optim.Optimizer):
                         ops.decode_orthogonal_table(self.kernels, table, targets, indices, values, lr, decay,
                                                     self.cfg.orthogonal_precision, self.cfg.replica_mean)
                     else:
-                        ops.decode_apply_table(self.kernels, table, targets, indices, values,
-                                               lr * UPDATE_RMS * table.s ** 0.5, decay, False, self.kernel_options,
-                                               self.cfg.replica_mean, coefficient_sign=True)
+                        ops.decode_apply_table(self.kernels, table, targets, indices, values, chunk_lr, decay,
+                                               False, self.kernel_options, self.cfg.replica_mean,
+                                               coefficient_sign=True)
                     continue
                 if stepped:  # decode into zeroed buffers: "p -= -1 * d" leaves d there, signed as configured
                     bufs = [torch.zeros_like(local_tensor(p), dtype=torch.float32) for p in ps]
@@ -541,7 +548,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 steps = [d for _, d in directions]
                 torch._foreach_mul_(steps, [scale[id(p)] for p, _ in directions])
                 _descend([p for p, _ in directions], steps, lr, decay)
-            elif directions and self.cfg.base_step in ("orthogonal", "coefficient_sign"):
+            elif directions and self.cfg.base_step == "orthogonal":
                 _descend([p for p, _ in directions], [d for _, d in directions], lr, decay)
             elif directions:
                 step = self._adam_step if self.cfg.base_step == "adam" else self._lion_step

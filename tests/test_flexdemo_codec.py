@@ -225,7 +225,8 @@ def test_quantised_payload_the_momentum_keeps_what_the_codes_lose():
     for bits in (0, 4):
         p = torch.nn.Parameter(init.clone())
         p.grad = grad.clone()
-        opt = FlexDeMo([p], lr=0.1, chunk=8, topk=5, beta=0.9, sign=False, value_dtype="fp32", value_bits=bits)
+        opt = FlexDeMo([p], lr=0.1, base_step="direct", chunk=8, topk=5, beta=0.9, sign=False, value_dtype="fp32",
+                       value_bits=bits)
         opt.step()
         applied[bits] = (init - p.detach()) / 0.1  # the decoded update (no weight decay): what was sent, lr x grad's
         residual = opt.state[p]["delta"]

@@ -32,8 +32,12 @@ def fill_grads(params, step):
         p.grad = torch.randn(p.shape, generator=g).to(p.device)
 
 
+GRAPHED = [{}, {"nesterov": 0.5, "weight_decay": 0.1}, {"value_bits": 2},
+           {"base_step": "coefficient_sign", "weight_decay": 0.1}]
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-@pytest.mark.parametrize("settings", [{}, {"nesterov": 0.5, "weight_decay": 0.1}, {"value_bits": 2}])
+@pytest.mark.parametrize("settings", GRAPHED)
 def test_rates_as_device_scalars_give_the_same_bits(settings, kernels):
     """What a captured graph runs (encode and decode with rates read from device scalars, gradients new tensors
     every step read through their copies and address rows) equals the eager step."""
@@ -46,7 +50,7 @@ def test_rates_as_device_scalars_give_the_same_bits(settings, kernels):
             opt.param_groups[0]["lr"] = 0.02 / (step + 1)
             lr = opt.param_groups[0]["lr"]
             rates = [(lr * (1 + opt.cfg.nesterov), -opt.cfg.nesterov * lr)]
-            steps = [(lr, 1.0 - lr * opt.param_groups[0]["weight_decay"])]
+            steps = opt._decode_steps([(lr, opt.param_groups[0]["weight_decay"])])
             feed = None
             if as_tensors:  # and the gradients read through the buffers and address rows a graph reads
                 rates, steps = opt._device_rates("e", rates), opt._device_rates("d", steps)
@@ -73,7 +77,8 @@ def test_device_scalars_are_rewritten_in_place():
 
 @pytest.mark.parametrize("settings,message", [
     ({"cuda_graphs": "yes"}, "cuda_graphs='yes' must be true or false"),
-    ({"cuda_graphs": True, "base_step": "adam"}, "captures the direct step only; got base_step='adam'"),
+    ({"cuda_graphs": True, "base_step": "adam"}, "captures base_step=direct or coefficient_sign only; got "
+                                                 "base_step='adam'"),
     ({"cuda_graphs": True, "tensor_scale": "adam_rms"}, "tensor_scale='adam_rms'"),
 ])
 def test_bad_graph_settings_are_refused(settings, message):
@@ -88,7 +93,7 @@ def test_graphs_need_triton_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("settings", [{}, {"nesterov": 0.5, "weight_decay": 0.1}, {"value_bits": 2}])
+@pytest.mark.parametrize("settings", GRAPHED)
 def test_graphed_steps_equal_eager_steps(settings):
     """Ten steps, lr changing every step, two simulated replicas: gradients stay in place for steps 0-5 (captured at
     the second, replayed after), are new tensors at 6 and 7 (eager), and return to the first ones at 8-9, where a

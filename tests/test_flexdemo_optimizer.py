@@ -218,7 +218,7 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
 
 def test_single_worker_has_no_exchange_and_reports_no_replicate_traffic():
     p = torch.nn.Parameter(torch.randn(64, 64))
-    opt = FlexDeMo([p], lr=0.01)
+    opt = FlexDeMo([p], lr=0.01, base_step="direct")
     p.grad = torch.randn(64, 64)
     before = p.detach().clone()
     opt.step()
@@ -324,8 +324,8 @@ def test_uncompressed_unsigned_precondition_is_adam_with_decoupled_weight_decay(
     ref = [p.detach().double().clone() for p in ps]
     m, v = [torch.zeros_like(r) for r in ref], [torch.zeros_like(r) for r in ref]
     lr, wd, (b1, b2), eps = 0.01, 0.1, (0.9, 0.95), 1e-8
-    opt = FlexDeMo(ps, lr=lr, chunk=4, topk=16, beta=0.0, sign=False, value_dtype="fp32", weight_decay=wd,
-                   precondition="adam", adam_betas=(b1, b2), adam_eps=eps)
+    opt = FlexDeMo(ps, lr=lr, base_step="direct", chunk=4, topk=16, beta=0.0, sign=False, value_dtype="fp32",
+                   weight_decay=wd, precondition="adam", adam_betas=(b1, b2), adam_eps=eps)
     assert [p.layout for p in opt.plans] == [None, None]
     for _ in range(6):
         grads = [torch.randn(s) for s in shapes]
@@ -364,7 +364,8 @@ def test_tensor_scale_is_checked_and_sent_as_one_float_per_tensor():
     with pytest.raises(ValueError, match="tensor_scale='adam_rms' scales the direct step; base_step='adam'"):
         DeMoConfig(tensor_scale="adam_rms", base_step="adam")
     ps = [torch.nn.Parameter(torch.randn(70, 66)), torch.nn.Parameter(torch.randn(9))]
-    plain, scaled = FlexDeMo(ps, lr=0.01), FlexDeMo(ps, lr=0.01, tensor_scale="adam_rms")
+    plain, scaled = FlexDeMo(ps, lr=0.01, base_step="direct"), FlexDeMo(ps, lr=0.01, base_step="direct",
+                                                                     tensor_scale="adam_rms")
     assert scaled.payload_nbytes == plain.payload_nbytes + 4 * len(ps)
     for p in ps:
         p.grad = torch.randn_like(p)
