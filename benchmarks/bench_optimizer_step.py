@@ -6,7 +6,8 @@ Two views, same run:
   same with ``cuda_graphs`` (each phase one graph replay), with the 152.9x wire (k 28, 2-bit codes: the
   quantisation inside the encode kernel), with ``base_step=coefficient_sign``, and with ``base_step=orthogonal`` per
   chunk (decode, Newton-Schulz and apply in one kernel) and over whole matrices, fp32 and bf16 (``--skip-slow``
-  leaves the whole matrices and the torch path out);
+  leaves the whole matrices and the torch path out); rows that name no base_step are DeMo's direct step (the default
+  until 2026-12-04, and the one the others are compared with), the default's are the coefficient sign's;
 - one tensor (default 4096 x 11008 fp32): encode and decode + apply separately (``FlexDeMo.encode`` and
   ``decode_apply``: the kernels with the payload's packing in torch; bench_flexdemo_kernels.py times the kernels
   alone), against their memory floor
@@ -43,9 +44,9 @@ CHOICE: KernelOptions | None = None  # --kernel-choice: the kernels' fastest var
 
 
 def flexdemo(params, **settings) -> FlexDeMo:
-    """FlexDeMo with these DeMoConfig settings; with --kernel-choice, its kernel variants at the precisions the
-    settings ask for (dct_forward, dct_inverse)."""
-    cfg = DeMoConfig(**settings)
+    """FlexDeMo with these DeMoConfig settings (base_step=direct unless they name one); with --kernel-choice, its
+    kernel variants at the precisions the settings ask for (dct_forward, dct_inverse)."""
+    cfg = DeMoConfig(**{"base_step": "direct", **settings})
     opts = None
     if CHOICE is not None:
         own = cfg.kernel_options()
@@ -94,8 +95,10 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
         demo = flexdemo(params_with_grads(shapes), kernels="triton", topk=28, value_bits=2, cuda_graphs=graphs)
         name = f"{model_name}: FlexDeMo triton, topk=28 value_bits=2" + (", cuda_graphs" if graphs else "")
         rows += replica_rows(name, demo)
-    demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign")
-    rows += replica_rows(f"{model_name}: FlexDeMo triton, base_step=coefficient_sign", demo)
+    for graphs in (False, True):
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign", cuda_graphs=graphs)
+        name = f"{model_name}: FlexDeMo triton, base_step=coefficient_sign" + (", cuda_graphs" if graphs else "")
+        rows += replica_rows(name, demo)
     for precision in ("fp32", "bf16"):  # per chunk: decode, the orthogonal step and the apply in one pass
         demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope="chunk",
                         orthogonal_precision=precision)

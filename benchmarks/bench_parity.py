@@ -31,62 +31,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_demo_comm: bytes for the goal's layout
 
 DOMAINS = ["public", "code", "math", "facts"]
-# FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings
-VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"},
+# FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings (the
+# coefficient sign since 2026-12-04); "flexdemo-direct" DeMo's direct step, the default before, which the variants
+# named before then vary
+DIRECT = {"base_step": "direct"}
+PRE_ADAM = {**DIRECT, "precondition": "adam", "sign": False, "weight_decay": 0.1}  # each replica's own Adam update sent
+VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+adam": {"base_step": "adam"},
             "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
-            "flexdemo-k512": {"topk": 512}, "flexdemo-k4096": {"topk": 4096},  # diagnostics: less compression
+            # diagnostics: less compression
+            "flexdemo-k512": {**DIRECT, "topk": 512}, "flexdemo-k4096": {**DIRECT, "topk": 4096},
             # a check of the machinery: everything sent, no momentum, fp32 values: Adam (no weight decay, no bias
             # correction) on the gradient itself, through the DCT and back
             "flexdemo+adam-all": {"base_step": "adam", "sign": False, "topk": 4096, "beta": 0.0, "value_dtype": "fp32"},
-            "flexdemo-b0.99": {"beta": 0.99}, "flexdemo-b0.9": {"beta": 0.9},
+            "flexdemo-b0.99": {**DIRECT, "beta": 0.99}, "flexdemo-b0.9": {**DIRECT, "beta": 0.9},
             "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
             # fewer bytes: quantised values (codes + a bf16 scale per chunk, the error kept in the momentum), smaller k
-            "flexdemo-q4": {"value_bits": 4}, "flexdemo-q2": {"value_bits": 2},
-            "flexdemo-k16-q4": {"topk": 16, "value_bits": 4}, "flexdemo-k16": {"topk": 16},
-            "flexdemo-k64": {"topk": 64}, "flexdemo-k16-q2": {"topk": 16, "value_bits": 2},
-            "flexdemo-k28-q2": {"topk": 28, "value_bits": 2}, "flexdemo-k24-q2": {"topk": 24, "value_bits": 2},
+            "flexdemo-q4": {**DIRECT, "value_bits": 4}, "flexdemo-q2": {**DIRECT, "value_bits": 2},
+            "flexdemo-k16-q4": {**DIRECT, "topk": 16, "value_bits": 4}, "flexdemo-k16": {**DIRECT, "topk": 16},
+            "flexdemo-k64": {**DIRECT, "topk": 64}, "flexdemo-k16-q2": {**DIRECT, "topk": 16, "value_bits": 2},
+            "flexdemo-k28-q2": {**DIRECT, "topk": 28, "value_bits": 2},
+            "flexdemo-k24-q2": {**DIRECT, "topk": 24, "value_bits": 2},
             # the embedding, lm_head and 1-D tensors at a multiple of the learning rate (an optim setting)
-            "flexdemo-edge0.3": {"edge_lr_scale": 0.3}, "flexdemo-edge3": {"edge_lr_scale": 3.0},
+            "flexdemo-edge0.3": {**DIRECT, "edge_lr_scale": 0.3}, "flexdemo-edge3": {**DIRECT, "edge_lr_scale": 3.0},
             # the schedule: cosine to 0 instead of to 0.1 x lr (a sign step moves every element by lr, noise or not)
-            "flexdemo-min0": {"min_lr_ratio": 0.0},
+            "flexdemo-min0": {**DIRECT, "min_lr_ratio": 0.0},
             # decoupled weight decay (p *= 1 - lr * wd; DeMo's default is none; AdamW's here is 0.1), and AdamW without
-            "flexdemo-wd0.1": {"weight_decay": 0.1}, "flexdemo-wd1": {"weight_decay": 1.0},
-            "flexdemo-wd0.3": {"weight_decay": 0.3}, "flexdemo-wd3": {"weight_decay": 3.0},
+            "flexdemo-wd0.1": {**DIRECT, "weight_decay": 0.1}, "flexdemo-wd1": {**DIRECT, "weight_decay": 1.0},
+            "flexdemo-wd0.3": {**DIRECT, "weight_decay": 0.3}, "flexdemo-wd3": {**DIRECT, "weight_decay": 3.0},
             "adamw-wd0": {"weight_decay": 0.0},
-            "flexdemo-raw": {"sign": False},  # the decoded momentum itself, unsigned (SGD-like on its top-k)
+            "flexdemo-raw": {**DIRECT, "sign": False},  # the decoded momentum itself, unsigned (SGD-like on its top-k)
             # the exchange overlapped with the next step's compute: each update applied one step late, or each
             # layer's just before its next forward (the numbers of no overlap)
-            "flexdemo-overlap": {"overlap": "stale"}, "flexdemo-layerwise": {"overlap": "layerwise"},
+            "flexdemo-overlap": {**DIRECT, "overlap": "stale"},
+            "flexdemo-layerwise": {**DIRECT, "overlap": "layerwise"},
             # Nesterov-style look-ahead: the top-k of delta + nu * lr * grad sent, delta minus that kept
-            "flexdemo-nest0.5": {"nesterov": 0.5}, "flexdemo-nest1": {"nesterov": 1.0},
+            "flexdemo-nest0.5": {**DIRECT, "nesterov": 0.5}, "flexdemo-nest1": {**DIRECT, "nesterov": 1.0},
             # each tensor's step x the replicas' mean RMS of the Adam update of their own gradients
-            "flexdemo-scaled": {"tensor_scale": "adam_rms"},
+            "flexdemo-scaled": {**DIRECT, "tensor_scale": "adam_rms"},
             # each replica's own Adam update compressed with error feedback (uncompressed and unsigned: AdamW), applied
             # unsigned or signed; weight decay as AdamW's here
-            "flexdemo-adamw": {"precondition": "adam", "sign": False, "weight_decay": 0.1},
-            "flexdemo-adamw-sign": {"precondition": "adam", "weight_decay": 0.1},
-            "flexdemo-adamw-k64": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 64},
-            "flexdemo-adamw-k512": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 512},
+            "flexdemo-adamw": PRE_ADAM,
+            "flexdemo-adamw-sign": {**DIRECT, "precondition": "adam", "weight_decay": 0.1},
+            "flexdemo-adamw-k64": {**PRE_ADAM, "topk": 64},
+            "flexdemo-adamw-k512": {**PRE_ADAM, "topk": 512},
             # no error feedback: what is not sent is dropped (beta 0), so nothing is applied late
-            "flexdemo-adamw-b0": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.0},
-            "flexdemo-adamw-k512-b0": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 512,
-                                       "beta": 0.0},
+            "flexdemo-adamw-b0": {**PRE_ADAM, "beta": 0.0},
+            "flexdemo-adamw-k512-b0": {**PRE_ADAM, "topk": 512, "beta": 0.0},
             # what is not sent decays faster (Adam's own m already averages the gradient)
-            "flexdemo-adamw-b0.99": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.99},
-            "flexdemo-adamw-b0.9": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.9},
-            "flexdemo-adamw-b0.9999": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "beta": 0.9999},
+            "flexdemo-adamw-b0.99": {**PRE_ADAM, "beta": 0.99},
+            "flexdemo-adamw-b0.9": {**PRE_ADAM, "beta": 0.9},
+            "flexdemo-adamw-b0.9999": {**PRE_ADAM, "beta": 0.9999},
             # sent values in fp32 instead of bf16 (what the everything-sent check also changes)
-            "flexdemo-adamw-fp32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "value_dtype": "fp32"},
+            "flexdemo-adamw-fp32": {**PRE_ADAM, "value_dtype": "fp32"},
             # a check of the machinery: everything sent in fp32, so this is Adam without bias correction
-            "flexdemo-adamw-all": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "topk": 4096,
-                                   "value_dtype": "fp32"},
+            "flexdemo-adamw-all": {**PRE_ADAM, "topk": 4096, "value_dtype": "fp32"},
             # the same share of coefficients (1/128) from smaller chunks: 8 of 32², 2 of 16²
-            "flexdemo-c32": {"chunk": 32, "topk": 8}, "flexdemo-c16": {"chunk": 16, "topk": 2},
-            "flexdemo-adamw-c32": {"precondition": "adam", "sign": False, "weight_decay": 0.1, "chunk": 32, "topk": 8},
+            "flexdemo-c32": {**DIRECT, "chunk": 32, "topk": 8}, "flexdemo-c16": {**DIRECT, "chunk": 16, "topk": 2},
+            "flexdemo-adamw-c32": {**PRE_ADAM, "chunk": 32, "topk": 8},
             # the momentum gathers gradients, not lr x gradients: the annealed steps follow recent gradients
-            "flexdemo-nolr": {"fold_lr": False},
+            "flexdemo-nolr": {**DIRECT, "fold_lr": False},
             # the replicas' coefficients averaged over all R (sum / R), not over the replicas that sent each one
-            "flexdemo-meanall": {"replica_mean": "all"},
+            "flexdemo-meanall": {**DIRECT, "replica_mean": "all"},
             # each matrix's decoded direction orthogonalised (Newton-Schulz, as Muon), at AdamW's update RMS
             "flexdemo-ortho": {"base_step": "orthogonal"},
             "flexdemo-ortho-chunk": {"base_step": "orthogonal", "orthogonal_scope": "chunk"},
@@ -97,7 +102,8 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo+adam": {"base_step": "adam"
             "flexdemo-ortho-k28-q2": {"base_step": "orthogonal", "topk": 28, "value_bits": 2},
             "flexdemo-ortho-chunk-bf16": {"base_step": "orthogonal", "orthogonal_scope": "chunk",
                                           "orthogonal_precision": "bf16"},
-            # each chunk's mean coefficients replaced by their signs (the per-chunk orthogonal step's limit)
+            # each chunk's mean coefficients replaced by their signs (the per-chunk orthogonal step's limit; the
+            # default since 2026-12-04, named as the runs before then name it)
             "flexdemo-coefsign": {"base_step": "coefficient_sign"},
             "flexdemo-coefsign-k28-q2": {"base_step": "coefficient_sign", "topk": 28, "value_bits": 2},
             "flexdemo-coefsign-wd0.1": {"base_step": "coefficient_sign", "weight_decay": 0.1}}
@@ -121,24 +127,34 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", 300, 30, 128, 16, 400_000, 50, 4,
-                 {"adamw": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "flexdemo": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                  "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}),
+                 {"adamw": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "flexdemo": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+                  "flexdemo-direct": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "flexdemo+adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}),
     "small": Size("small", 1000, 100, 512, 32, 5_000_000, 100, 8,
-                  {"adamw": [2.5e-4, 5e-4, 1e-3, 3e-3], "flexdemo": [1e-4, 2e-4, 3e-4, 1e-3, 2e-3],
-                   "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
+                  {"adamw": [2.5e-4, 5e-4, 1e-3, 3e-3], "flexdemo": [1e-3, 2e-3, 4e-3, 8e-3],
+                   "flexdemo-direct": [1e-4, 2e-4, 3e-4, 6e-4, 1e-3, 2e-3], "flexdemo+adam": [5e-4, 1e-3, 3e-3]}),
     # ten times as long on CPU (0.26 epochs, data seen at most once): does the gap close with training length?
     "tiny-long": Size("tiny", 3000, 300, 128, 16, 6_000_000, 500, 4,
-                      {"adamw": [3e-2, 1e-1], "flexdemo": [1e-2, 3e-2]}),
+                      {"adamw": [3e-3, 1e-2, 3e-2], "flexdemo": [3e-3, 1e-2, 3e-2],
+                       "flexdemo-direct": [1e-3, 3e-3, 1e-2]}),
     # 4,000 steps on data seen at most once: the code domain (the standard library, ~9M tokens) would repeat, so the
     # three generated domains carry the run
     "small-long": Size("small", 4000, 200, 512, 32, 22_000_000, 500, 8,
-                       {"adamw": [1e-3, 2e-3], "flexdemo": [1e-3, 2e-3]}, ("public", "math", "facts"), 500),
+                       {"adamw": [5e-4, 1e-3], "flexdemo": [2e-3, 4e-3], "flexdemo-direct": [3e-4, 6e-4]},
+                       ("public", "math", "facts"), 500),
     # the same length with the standard library's code (real text) instead of facts (whose validation wording the
     # models fit worse the longer they train): code ends where the files do (~9M tokens on the H200's Python, ~14% of
     # the mix), the generated domains fill the rest, every token seen about once (the record's epochs say how often)
     "small-long-code": Size("small", 4000, 200, 512, 32, 29_000_000, 500, 8,
-                            {"adamw": [5e-4, 1e-3], "flexdemo": [3e-4, 6e-4]}, ("public", "code", "math"), 500),
+                            {"adamw": [5e-4, 1e-3], "flexdemo": [2e-3, 4e-3], "flexdemo-direct": [3e-4, 6e-4]},
+                            ("public", "code", "math"), 500),
 }
+
+
+def sweep_family(optim: str) -> str:
+    """Whose rates a variant without its own sweep takes: AdamW's, DeMo's direct step's, or the default's."""
+    if not optim.startswith("flexdemo"):
+        return "adamw"
+    return "flexdemo-direct" if (VARIANTS[optim] or {}).get("base_step") == "direct" else "flexdemo"
 
 
 def worker(args) -> None:
@@ -416,7 +432,8 @@ def main() -> None:
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
     if args.first_seed < 0 or args.seeds < 1:
-        raise SystemExit(f"--first-seed {args.first_seed} --seeds {args.seeds}: seeds start at 0 or later, at least one")
+        raise SystemExit(f"--first-seed {args.first_seed} --seeds {args.seeds}: seeds start at 0 or later, at least "
+                         "one")
     size = SIZES[args.size]
     for kv in args.set:
         k, v = kv.split("=")
@@ -436,7 +453,7 @@ def main() -> None:
     train_stream(size)
     plan = [(optim, lr, R, seed) for R in args.replicas
             for optim in dict.fromkeys(["adamw", "flexdemo", *args.variants])
-            for lr in size.lrs.get(optim, size.lrs["flexdemo" if optim.startswith("flexdemo") else "adamw"])
+            for lr in size.lrs.get(optim) or size.lrs[sweep_family(optim)]
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
 
     def one(job):

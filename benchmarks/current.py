@@ -314,18 +314,38 @@ def ci95(x: dict) -> str:
     return f"[{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
 
 
-def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, extra: str, src: str) -> list[str]:
-    """A rule at one rate over the seeds of a summary composed by hand (`small`, 1,000 steps, R = 1): its mean loss,
-    and its ratio to AdamW paired by seed, over all domains and in distribution."""
+def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, extra: str, src: str,
+              where: str = "`small` (1000 steps), R = 1") -> list[str]:
+    """A rule at one rate over the seeds of a summary composed by hand: its mean loss, and its ratio to AdamW paired
+    by seed, over all domains and in distribution."""
     v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name]
     seeds = sorted(v["per_seed"])
     mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
     base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
-    return row(f"FlexDeMo ({what}) / AdamW validation loss, `small` (1000 steps), R = 1, seeds {', '.join(seeds)}"
+    device = "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", "")
+    return row(f"FlexDeMo ({what}) / AdamW validation loss, {where}, seeds {', '.join(seeds)}"
                f"{seeds_note}, one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
                f"AdamW {base:.3f} (lr {g['rates']['adamw']:g}){adamw_note}",
                f"{v['mean']:.3f}, 95% CI {ci95(v)}; public, code, math only {i['mean']:.3f}, {ci95(i)}{extra} "
-               "(goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"], src)
+               "(goal ≤ 1.02)", device, g["date"], src)
+
+
+def coefsign_default_rows() -> list[list[str]]:
+    """The default step (the coefficient sign) against AdamW and DeMo's direct step at `tiny-long`, four seeds."""
+    rows = []
+    for R in (1, 2, 4):
+        rel = f"parity_tiny_long/summary_4seeds_r{R}.json"
+        g = load(rel)
+        d = g["over_default"]["flexdemo-coefsign"]
+        dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
+        rows.append(seeds_row(g, "flexdemo-coefsign", "`base_step=coefficient_sign`, the default", "",
+                              f"; direct step {dv['mean']:.3f} (public, code, math {di['mean']:.3f})",
+                              f"; over the direct step {d['val_loss']['mean']:.3f}, {ci95(d['val_loss'])} (public, "
+                              f"code, math {d['in_distribution']['mean']:.3f}, {ci95(d['in_distribution'])}); facts "
+                              f"{g['facts']['flexdemo-coefsign']:.3f} against AdamW's {g['facts']['adamw']:.3f}",
+                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
+                              f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
+    return rows
 
 
 def parity_rows() -> list[list[str]]:
@@ -382,7 +402,7 @@ def parity_rows() -> list[list[str]]:
                         g["device"].replace("NVIDIA ", ""), g["date"],
                         f"`{command(g)}` (`{rel}`)"))
     rows.append(pre)
-    nolr = (("flexdemo", "default"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`"))
+    nolr = (("flexdemo", "direct step, the default then"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`"))
     wire = ("flexdemo-ortho-k28-q2", "`base_step=orthogonal`, k 28, values in 2 bits: 152.9× less than dense bf16 "
                                      "for `base` 2 × 2")
     ortho = (("flexdemo-ortho", "`optim.demo.base_step=orthogonal`"),
@@ -478,7 +498,7 @@ def parity_rows() -> list[list[str]]:
                             f"`{cmd}` (`{rel}`)"))
     g = load("parity_small_4seeds/summary.json")  # four seeds at fixed rates, composed from two calls (its note)
     src = "`bench_parity.py --size small --seeds 2 [--first-seed 2] ...` (`parity_small_4seeds/summary.json`)"
-    for name, what in (("flexdemo", "default"), ("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense "
+    for name, what in (("flexdemo", "direct step, the default then"), ("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense "
                                                                     "bf16 for `base` 2 × 2"),
                        ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")):
         extra = ""
@@ -621,7 +641,7 @@ def slow_link_rows() -> list[list[str]]:
 
 def table() -> str:
     head = ["figure", "value", "baseline (same run)", "ratio / goal", "device", "date", "command (result file)"]
-    rows = kernel_rows() + parity_rows() + pareto_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
+    rows = kernel_rows() + coefsign_default_rows() + parity_rows() + pareto_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

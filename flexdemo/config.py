@@ -23,7 +23,8 @@ PRECONDITIONS = ("none", "adam")
 
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
 class DeMoConfig:
-    """Defaults follow the public DeMo code (β = 0.999, k = 32 of 64 x 64, sign update, no weight decay)."""
+    """Defaults follow the public DeMo code (β = 0.999, k = 32 of 64 x 64, signs, no weight decay) but for the base
+    step: the coefficient sign, measured nearer AdamW's loss than DeMo's direct step (base_step=direct), at its cost."""
 
     beta: float = 0.999  # decay of the error-feedback momentum
     topk: int = 32  # coefficients sent per chunk
@@ -65,8 +66,9 @@ class DeMoConfig:
     # "coefficient_sign": each chunk's mean coefficients replaced by their signs before the inverse DCT, scaled as the
     # orthogonal step per chunk is (UPDATE_RMS sqrt(s)): that step exactly where no two sent coefficients share a row
     # or a column of the chunk's coefficient tile (the block is then a signed permutation, whose orthogonal factor is
-    # its sign pattern), at the cost of the direct step's decode; the dense-sent tensors step by sign(d).
-    base_step: str = "direct"
+    # its sign pattern), at the cost of the direct step's decode; the dense-sent tensors step by sign(d). The default:
+    # nearer AdamW's loss than the direct step (benchmarks/README.md), at AdamW's learning rates or a few times them.
+    base_step: str = "coefficient_sign"
     orthogonal_scope: str = "matrix"
     orthogonal_precision: str = "fp32"
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -119,15 +121,15 @@ class DeMoConfig:
         if self.precondition not in PRECONDITIONS:
             raise ValueError(f"precondition={self.precondition!r}; allowed: {', '.join(PRECONDITIONS)}")
         if self.precondition != "none" and self.base_step != "direct":
-            raise ValueError(f"precondition={self.precondition!r} already folds Adam's steps into the momentum; "
-                             f"base_step={self.base_step!r} would take moments again (use base_step=direct)")
+            raise ValueError(f"precondition={self.precondition!r} folds Adam's steps into the momentum, to be "
+                             f"applied by the direct step; got base_step={self.base_step!r} (add base_step=direct)")
         if self.replica_mean not in REPLICA_MEANS:
             raise ValueError(f"replica_mean={self.replica_mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
         if self.tensor_scale not in TENSOR_SCALES:
             raise ValueError(f"tensor_scale={self.tensor_scale!r}; allowed: {', '.join(TENSOR_SCALES)}")
         if self.tensor_scale != "none" and self.base_step != "direct":
-            raise ValueError(f"tensor_scale={self.tensor_scale!r} scales the direct step; base_step="
-                             f"{self.base_step!r} has its own (use base_step=direct)")
+            raise ValueError(f"tensor_scale={self.tensor_scale!r} scales the direct step; got base_step="
+                             f"{self.base_step!r} (add base_step=direct)")
         if not (self.nesterov >= 0 and self.nesterov < float("inf")):
             raise ValueError(f"nesterov={self.nesterov} must be a finite number >= 0")
         if self.overlap not in OVERLAPS:

@@ -353,16 +353,20 @@ def test_replica_mean_is_checked():
 def test_precondition_is_checked():
     with pytest.raises(ValueError, match="precondition='sgd'; allowed: none, adam"):
         DeMoConfig(precondition="sgd")
-    with pytest.raises(ValueError, match="precondition='adam' already folds Adam's steps into the momentum; "
-                                         "base_step='lion' would take moments again"):
-        DeMoConfig(precondition="adam", base_step="lion")
+    for step in ("lion", "coefficient_sign"):
+        with pytest.raises(ValueError, match="precondition='adam' folds Adam's steps into the momentum, to be applied "
+                                             f"by the direct step; got base_step='{step}' \\(add base_step=direct\\)"):
+            DeMoConfig(precondition="adam", base_step=step)
+    assert DeMoConfig(precondition="adam", base_step="direct").precondition == "adam"
 
 
 def test_tensor_scale_is_checked_and_sent_as_one_float_per_tensor():
     from flexdemo import DeMoConfig
 
-    with pytest.raises(ValueError, match="tensor_scale='adam_rms' scales the direct step; base_step='adam'"):
+    with pytest.raises(ValueError, match="tensor_scale='adam_rms' scales the direct step; got base_step='adam'"):
         DeMoConfig(tensor_scale="adam_rms", base_step="adam")
+    with pytest.raises(ValueError, match="got base_step='coefficient_sign' \\(add base_step=direct\\)"):
+        DeMoConfig(tensor_scale="adam_rms")  # the default step has its own scale
     ps = [torch.nn.Parameter(torch.randn(70, 66)), torch.nn.Parameter(torch.randn(9))]
     plain, scaled = FlexDeMo(ps, lr=0.01, base_step="direct"), FlexDeMo(ps, lr=0.01, base_step="direct",
                                                                      tensor_scale="adam_rms")

@@ -40,8 +40,9 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("rule, key", [({"base_step": "adam"}, "exp_avg"), ({"tensor_scale": "adam_rms"}, "grad_avg"),
-                                       ({"precondition": "adam", "sign": False}, "grad_avg_sq")])
+@pytest.mark.parametrize("rule, key", [({"base_step": "adam"}, "exp_avg"),
+                                       ({"base_step": "direct", "tensor_scale": "adam_rms"}, "grad_avg"),
+                                       ({"base_step": "direct", "precondition": "adam", "sign": False}, "grad_avg_sq")])
 def test_resume_with_flexdemos_moments_is_bit_identical(tmp_path, capsys, rule, key):
     """The moments of base_step=adam, of tensor_scale or of precondition are checkpointed with the residuals: stop
     at 5, resume, same as straight."""
