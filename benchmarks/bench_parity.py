@@ -31,20 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_demo_comm: bytes for the goal's layout
 
 DOMAINS = ["public", "code", "math", "facts"]
-# FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields); "flexdemo" is the default settings (the
-# coefficient sign since 2026-12-04); "flexdemo-direct" DeMo's direct step, the default before, which the variants
-# named before then vary
-DIRECT = {"base_step": "direct"}
+# FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields and optim settings); "flexdemo" is the default
+# settings (since 2026-12-04 the coefficient sign with weight decay 0.1); "flexdemo-direct" DeMo's direct step without
+# weight decay, the default before, which the variants named before then vary; those with another base step ran
+# without weight decay too (NO_WD)
+NO_WD = {"weight_decay": 0.0}
+DIRECT = {"base_step": "direct", **NO_WD}
 PRE_ADAM = {**DIRECT, "precondition": "adam", "sign": False, "weight_decay": 0.1}  # each replica's own Adam update sent
-VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+adam": {"base_step": "adam"},
-            "flexdemo+adam+raw": {"base_step": "adam", "sign": False},
+VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+adam": {**NO_WD, "base_step": "adam"},
+            "flexdemo+adam+raw": {**NO_WD, "base_step": "adam", "sign": False},
             # diagnostics: less compression
             "flexdemo-k512": {**DIRECT, "topk": 512}, "flexdemo-k4096": {**DIRECT, "topk": 4096},
             # a check of the machinery: everything sent, no momentum, fp32 values: Adam (no weight decay, no bias
             # correction) on the gradient itself, through the DCT and back
-            "flexdemo+adam-all": {"base_step": "adam", "sign": False, "topk": 4096, "beta": 0.0, "value_dtype": "fp32"},
+            "flexdemo+adam-all": {**NO_WD, "base_step": "adam", "sign": False, "topk": 4096, "beta": 0.0,
+                                  "value_dtype": "fp32"},
             "flexdemo-b0.99": {**DIRECT, "beta": 0.99}, "flexdemo-b0.9": {**DIRECT, "beta": 0.9},
-            "flexdemo+lion": {"base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
+            "flexdemo+lion": {**NO_WD, "base_step": "lion", "sign": False, "adam_betas": (0.9, 0.99)},
             # fewer bytes: quantised values (codes + a bf16 scale per chunk, the error kept in the momentum), smaller k
             "flexdemo-q4": {**DIRECT, "value_bits": 4}, "flexdemo-q2": {**DIRECT, "value_bits": 2},
             "flexdemo-k16-q4": {**DIRECT, "topk": 16, "value_bits": 4}, "flexdemo-k16": {**DIRECT, "topk": 16},
@@ -93,21 +96,22 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
             # the replicas' coefficients averaged over all R (sum / R), not over the replicas that sent each one
             "flexdemo-meanall": {**DIRECT, "replica_mean": "all"},
             # each matrix's decoded direction orthogonalised (Newton-Schulz, as Muon), at AdamW's update RMS
-            "flexdemo-ortho": {"base_step": "orthogonal"},
-            "flexdemo-ortho-chunk": {"base_step": "orthogonal", "orthogonal_scope": "chunk"},
-            "flexdemo-ortho-bf16": {"base_step": "orthogonal", "orthogonal_precision": "bf16"},
+            "flexdemo-ortho": {**NO_WD, "base_step": "orthogonal"},
+            "flexdemo-ortho-chunk": {**NO_WD, "base_step": "orthogonal", "orthogonal_scope": "chunk"},
+            "flexdemo-ortho-bf16": {**NO_WD, "base_step": "orthogonal", "orthogonal_precision": "bf16"},
             "flexdemo-ortho-wd0.1": {"base_step": "orthogonal", "weight_decay": 0.1},
             "flexdemo-ortho-chunk-wd0.1": {"base_step": "orthogonal", "orthogonal_scope": "chunk", "weight_decay": 0.1},
             # ... with the bytes goal's wire (k 28, values in 2 bits: 152.9x less than dense bf16 for base 2 x 2)
-            "flexdemo-ortho-k28-q2": {"base_step": "orthogonal", "topk": 28, "value_bits": 2},
-            "flexdemo-ortho-chunk-bf16": {"base_step": "orthogonal", "orthogonal_scope": "chunk",
+            "flexdemo-ortho-k28-q2": {**NO_WD, "base_step": "orthogonal", "topk": 28, "value_bits": 2},
+            "flexdemo-ortho-chunk-bf16": {**NO_WD, "base_step": "orthogonal", "orthogonal_scope": "chunk",
                                           "orthogonal_precision": "bf16"},
-            # each chunk's mean coefficients replaced by their signs (the per-chunk orthogonal step's limit; the
-            # default since 2026-12-04, named as the runs before then name it)
-            "flexdemo-coefsign": {"base_step": "coefficient_sign"},
-            "flexdemo-coefsign-k28-q2": {"base_step": "coefficient_sign", "topk": 28, "value_bits": 2},
-            "flexdemo-coefsign-wd0.1": {"base_step": "coefficient_sign", "weight_decay": 0.1}}
+            # each chunk's mean coefficients replaced by their signs (the per-chunk orthogonal step's limit; with
+            # weight decay 0.1 the default since 2026-12-04, named as the runs before then name it)
+            "flexdemo-coefsign": {**NO_WD, "base_step": "coefficient_sign"},
+            "flexdemo-coefsign-k28-q2": {**NO_WD, "base_step": "coefficient_sign", "topk": 28, "value_bits": 2},
+            "flexdemo-coefsign-wd0.1": {"base_step": "coefficient_sign", "weight_decay": 0.1}}  # the default's values
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
+WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def worker(args) -> None:
         raise SystemExit(f"global batch {size.global_batch} does not split over {R} replicas")
     demo = args.optim.startswith("flexdemo")
     variant = dict(VARIANTS[args.optim] or {})
-    optim_extra = {"weight_decay": 0.0 if demo else 0.1, **{k: variant.pop(k) for k in OPTIM_KEYS if k in variant}}
+    optim_extra = {"weight_decay": WEIGHT_DECAY, **{k: variant.pop(k) for k in OPTIM_KEYS if k in variant}}
     cfg = Config(
         model=load_preset(size.model),
         data=data_config(size),

@@ -331,18 +331,23 @@ def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, e
 
 
 def coefsign_default_rows() -> list[list[str]]:
-    """The default step (the coefficient sign) against AdamW and DeMo's direct step at `tiny-long`, four seeds."""
+    """The default (the coefficient sign, weight decay 0.1) against AdamW, DeMo's direct step and the coefficient sign
+    without weight decay at `tiny-long`, four seeds."""
     rows = []
     for R in (1, 2, 4):
         rel = f"parity_tiny_long/summary_4seeds_r{R}.json"
         g = load(rel)
-        d = g["over_default"]["flexdemo-coefsign"]
+        name = "flexdemo-coefsign-wd0.1"
+        d, w = g["over_default"][name], g["wd_over_no_wd"]
         dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
-        rows.append(seeds_row(g, "flexdemo-coefsign", "`base_step=coefficient_sign`, the default", "",
-                              f"; direct step {dv['mean']:.3f} (public, code, math {di['mean']:.3f})",
+        cv, ci = g["ratio_over_seeds"]["flexdemo-coefsign"], g["in_distribution_over_seeds"]["flexdemo-coefsign"]
+        rows.append(seeds_row(g, name, "the default: `base_step=coefficient_sign`, weight decay 0.1", "",
+                              f"; direct step {dv['mean']:.3f} (public, code, math {di['mean']:.3f}); coefficient "
+                              f"sign without weight decay {cv['mean']:.3f} ({ci['mean']:.3f})",
                               f"; over the direct step {d['val_loss']['mean']:.3f}, {ci95(d['val_loss'])} (public, "
-                              f"code, math {d['in_distribution']['mean']:.3f}, {ci95(d['in_distribution'])}); facts "
-                              f"{g['facts']['flexdemo-coefsign']:.3f} against AdamW's {g['facts']['adamw']:.3f}",
+                              f"code, math {d['in_distribution']['mean']:.3f}, {ci95(d['in_distribution'])}); over "
+                              f"no weight decay {w['val_loss']['mean']:.3f}, {ci95(w['val_loss'])}; facts "
+                              f"{g['facts'][name]:.3f} against AdamW's {g['facts']['adamw']:.3f}",
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
                               f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
     return rows

@@ -24,7 +24,8 @@ PRECONDITIONS = ("none", "adam")
 @dataclass  # not frozen: hydra composes it as a structured config (optim.demo)
 class DeMoConfig:
     """Defaults follow the public DeMo code (β = 0.999, k = 32 of 64 x 64, signs, no weight decay) but for the base
-    step: the coefficient sign, measured nearer AdamW's loss than DeMo's direct step (base_step=direct), at its cost."""
+    step: the coefficient sign, measured nearer AdamW's loss than DeMo's direct step (base_step=direct), at its cost.
+    (flexmore's training sets the weight decay, 0.1 on matrices by default: conf/optim/flexdemo.yaml.)"""
 
     beta: float = 0.999  # decay of the error-feedback momentum
     topk: int = 32  # coefficients sent per chunk

@@ -155,3 +155,24 @@ def test_demo_and_flexdemo_share_one_set_of_settings():
     demo, flex = composed("optim=demo", "optim.demo.topk=8"), composed("optim=flexdemo", "optim.demo.topk=8")
     assert demo.optim.name == "demo" and flex.optim.name == "flexdemo"
     assert dataclasses.replace(demo.optim, name="flexdemo") == flex.optim and demo.optim.demo_config().topk == 8
+
+
+def test_the_parity_benchmarks_default_variant_is_the_frameworks_default():
+    """bench_parity's "flexdemo" runs what `optim=flexdemo` composes (the coefficient sign, weight decay 0.1), and
+    "flexdemo-direct" DeMo's step without weight decay, so the table's "default" is the one users get."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(CONF.parent / "benchmarks"))
+    import bench_parity
+
+    optim = composed("optim=flexdemo").optim
+    assert optim.demo.base_step == "coefficient_sign" and optim.weight_decay == 0.1
+    assert bench_parity.WEIGHT_DECAY == optim.weight_decay == composed("optim=adamw").optim.weight_decay
+    for name, step, wd in (("flexdemo", "coefficient_sign", 0.1), ("flexdemo-direct", "direct", 0.0),
+                           ("flexdemo-coefsign-wd0.1", "coefficient_sign", 0.1)):
+        variant = dict(bench_parity.VARIANTS[name])
+        extra = {k: variant.pop(k) for k in bench_parity.OPTIM_KEYS if k in variant}
+        assert dataclasses.replace(optim.demo, **variant).base_step == step
+        assert extra.get("weight_decay", bench_parity.WEIGHT_DECAY) == wd
+    assert dataclasses.replace(optim.demo, **dict(bench_parity.VARIANTS["flexdemo"])) == optim.demo
