@@ -107,8 +107,9 @@ class DeMoConfig:
     replica_mean: str = "senders"
     # Encode and decode + apply each replayed as a captured CUDA graph (flexdemo.graphs): for a model of many small
     # tensors, whose step is bound by the host queueing its launches. Triton kernels on CUDA, base_step=direct or
-    # coefficient_sign, tensor_scale=none only; the same bits as without. A phase runs eagerly at its first step, is captured at its
-    # second and replayed after (the rates read from device memory, the gradients wherever the backward put them).
+    # coefficient_sign, tensor_scale=none only; the same bits as without. A phase runs eagerly at its first step, is
+    # captured at its second and replayed after (the rates read from device memory, the gradients wherever the
+    # backward put them).
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
