@@ -615,7 +615,8 @@ def test_quantised_payload_on_the_triton_path_keeps_what_the_codes_lose():
     init, grad = torch.randn(40, 48, device=DEVICE), torch.randn(40, 48, device=DEVICE)
     p = torch.nn.Parameter(init.clone())
     p.grad = grad.clone()
-    opt = FlexDeMo([p], lr=0.1, chunk=16, topk=6, beta=0.9, sign=False, value_bits=4, kernels="triton")
+    opt = FlexDeMo([p], lr=0.1, base_step="direct", chunk=16, topk=6, beta=0.9, sign=False, value_bits=4,
+                   kernels="triton")
     opt.step()
     torch.testing.assert_close(opt.state[p]["delta"] + (init - p.detach()) / 0.1, 0.1 * grad, rtol=1e-4, atol=1e-4)
 
