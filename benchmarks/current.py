@@ -350,6 +350,13 @@ def coefsign_default_rows() -> list[list[str]]:
                               f"{g['facts'][name]:.3f} against AdamW's {g['facts']['adamw']:.3f}",
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
                               f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
+        wire, q = "flexdemo-coefsign-wd0.1-k28-q2", g["wire_over_default"]
+        rows.append(seeds_row(g, wire, "the default with k 28, values in 2 bits: 152.9× less than dense bf16 for "
+                              "`base` 2 × 2", "", "",
+                              f"; over the default {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, "
+                              f"math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
+                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
+                              f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
     return rows
 
 
