@@ -32,8 +32,10 @@ def fill_grads(params, step):
         p.grad = torch.randn(p.shape, generator=g).to(p.device)
 
 
-GRAPHED = [{}, {"nesterov": 0.5, "weight_decay": 0.1}, {"value_bits": 2},
-           {"base_step": "coefficient_sign", "weight_decay": 0.1}]
+DIRECT = {"base_step": "direct"}
+# DeMo's direct step, and the default (the coefficient sign), each with a look-ahead, weight decay, 2-bit values
+GRAPHED = [DIRECT, {**DIRECT, "nesterov": 0.5, "weight_decay": 0.1}, {**DIRECT, "value_bits": 2},
+           {}, {"nesterov": 0.5, "weight_decay": 0.1, "value_bits": 2}]
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
