@@ -31,6 +31,11 @@ def load(rel: str) -> dict:
     return json.loads((RESULTS / rel).read_text())
 
 
+def device_of(result: dict) -> str:
+    """A result's device as the table names it: "CPU", or the GPU without its vendor."""
+    return "CPU" if result["device"] == "cpu" else result["device"].replace("NVIDIA ", "")
+
+
 def row(what, value, baseline, ratio, device, date, source) -> list[str]:
     return [what, value, baseline, ratio, device, date, source]
 
@@ -48,11 +53,11 @@ def kernel_rows() -> list[list[str]]:
                             "(host time to queue it; GPU work)", f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; "
                             f"{f['gpu_ms']:.2f})", f"fused AdamW {a:.2f} ms",
                             f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
-                            h["device"].replace("NVIDIA ", ""), h["date"],
+                            device_of(h), h["date"],
                             f"`bench_optimizer_step.py --model {model} --profile` (`{rel}`)"))
     o = load("optstep_h200/step.json")  # the same benchmark on the goal's device, without the profiler
     om = {r["what"]: r["ms"] for r in o["rows"]}
-    odev = o["device"].replace("NVIDIA ", "")
+    odev = device_of(o)
     src = "`bench_optimizer_step.py --model base 1b` (`optstep_h200/step.json`)"
     for model in ("base", "1b"):
         a = om[f"{model}: fused AdamW step"]
@@ -69,7 +74,7 @@ def kernel_rows() -> list[list[str]]:
                         f"{a['micro_batch']} × {a['seq_len']}, FlexDeMo 1 replica (eager; `cuda_graphs=true`)",
                         f"{f['step_ms']:.1f} ms; {g['step_ms']:.1f} ms", f"fused AdamW {a['step_ms']:.1f} ms",
                         f"{f['step_ms'] / a['step_ms']:.3f}×; {g['step_ms'] / a['step_ms']:.3f}×",
-                        t["device"].replace("NVIDIA ", ""), t["date"],
+                        device_of(t), t["date"],
                         "`bench_train_step.py --models small base --compile on --optims adamw flexdemo "
                         "flexdemo-graphs` (`train_step_h200/optims.json`)"))
     c = load("optstep_h200/step_fused.json")  # the per-chunk step as one kernel, and the coefficient sign
@@ -92,12 +97,12 @@ def kernel_rows() -> list[list[str]]:
                             "`orthogonal_scope=chunk` (decode, Newton-Schulz on each chunk's coefficient block, apply: "
                             f"one kernel), {reps} (fp32; bf16)", f"{f32:.1f} ms; {b16:.1f} ms",
                             f"fused AdamW {a:.2f} ms; default FlexDeMo {base:.2f} ms",
-                            f"{f32 / base:.1f}×; {b16 / base:.1f}× the default's", c["device"].replace("NVIDIA ", ""),
+                            f"{f32 / base:.1f}×; {b16 / base:.1f}× the default's", device_of(c),
                             c["date"], csrc))
         cs = cm[f"{model}: FlexDeMo triton, base_step=coefficient_sign, 1 replica"]
         rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=coefficient_sign`, 1 replica",
                         f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
-                        f"{cs / default:.2f}× the default's", c["device"].replace("NVIDIA ", ""), c["date"], csrc))
+                        f"{cs / default:.2f}× the default's", device_of(c), c["date"], csrc))
     w = load("optstep_h200/step_wire.json")  # k 28 with 2-bit codes: the quantisation inside the encode kernel
     wm = {r["what"]: r["ms"] for r in w["rows"]}
     for model in ("base", "1b"):
@@ -107,11 +112,11 @@ def kernel_rows() -> list[list[str]]:
         rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton, k 28 with values as 2-bit codes (152.9× less "
                         "than dense bf16 for `base` 2 × 2; eager; `cuda_graphs=true`)", f"{q:.2f} ms; {qg:.2f} ms",
                         f"default (k 32, bf16 values) {default:.2f} ms; {dg:.2f} ms; fused AdamW {a:.2f} ms",
-                        f"{q / default:.2f}×; {qg / dg:.2f}× the default's", w["device"].replace("NVIDIA ", ""),
+                        f"{q / default:.2f}×; {qg / dg:.2f}× the default's", device_of(w),
                         w["date"], "`bench_optimizer_step.py --model base 1b --skip-slow` "
                                    "(`optstep_h200/step_wire.json`)"))
     ker = load("kernels_h200/kernels.json")
-    dev = ker["device"].replace("NVIDIA ", "")
+    dev = device_of(ker)
     one = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
     adam = next(r["ms"] for r in one if r["op"] == "adamw")
     # the defaults (bf16x3 products both ways), and encode with dct_forward=tf32
@@ -136,7 +141,7 @@ def kernel_rows() -> list[list[str]]:
                     f"{e2e['max_rel_diff_graphs_vs_triton']:.3f})",
                     f"torch vs torch {e2e['max_rel_diff_torch_vs_torch']:.3f}",
                     "replicas bit-identical" if e2e["replicas"]["params_bit_identical"] else "replicas DIFFER",
-                    e2e["device"].replace("NVIDIA ", ""), e2e["date"],
+                    device_of(e2e), e2e["date"],
                     "`check_triton_e2e.py` (`kernels_h200/e2e.json`)"))
     return rows
 
@@ -322,12 +327,11 @@ def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, e
     seeds = sorted(v["per_seed"])
     mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
     base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
-    device = "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", "")
     return row(f"FlexDeMo ({what}) / AdamW validation loss, {where}, seeds {', '.join(seeds)}"
                f"{seeds_note}, one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
                f"AdamW {base:.3f} (lr {g['rates']['adamw']:g}){adamw_note}",
                f"{v['mean']:.3f}, 95% CI {ci95(v)}; public, code, math only {i['mean']:.3f}, {ci95(i)}{extra} "
-               "(goal ≤ 1.02)", device, g["date"], src)
+               "(goal ≤ 1.02)", device_of(g), g["date"], src)
 
 
 def coefsign_default_rows() -> list[list[str]]:
@@ -367,7 +371,7 @@ def parity_rows() -> list[list[str]]:
     edge = " (both at the low edge of their sweeps)" if a["lr_at_sweep_edge"] and f["lr_at_sweep_edge"] else ""
     rows.append(row(f"FlexDeMo / AdamW validation loss, `small`, {g['size']['steps']} steps, R = 1{edge}",
                     f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
-                    f"{g['ratio']:.3f} (goal ≤ 1.02)", g["device"].replace("NVIDIA ", ""), g["date"],
+                    f"{g['ratio']:.3f} (goal ≤ 1.02)", device_of(g), g["date"],
                     "`bench_parity.py --size small` (`parity/summary.json`)"))
     # two seeds, the sign step scaled per tensor (the default's `small` row is the later, bracketed two-seed run's)
     g = load("parity_scaled_small/summary.json")
@@ -376,7 +380,7 @@ def parity_rows() -> list[list[str]]:
     rows.append(row("FlexDeMo (sign step × replicas' Adam RMS per tensor) / AdamW validation loss, `small`, R = 1, "
                     "mean of 2 seeds", f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
                     f"(lr {g['adamw']['lr']:g})", f"{v['ratio']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}] (goal ≤ 1.02)",
-                    g["device"].replace("NVIDIA ", ""), g["date"],
+                    device_of(g), g["date"],
                     "`bench_parity.py --size small --seeds 2 --variants adamw flexdemo flexdemo-scaled` "
                     "(`parity_scaled_small/`)"))
     rel = "parity_tiny_long/summary_9k.json"  # three times as long: the gap at `tiny` does not close with length
@@ -393,7 +397,7 @@ def parity_rows() -> list[list[str]]:
     pre = row("FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small-long`, R = 1",
               f"{v['val_loss']:.3f} (lr {v['lr']:g}; best {v['best_val_loss']:.3f})",
               f"AdamW {a['val_loss']:.3f}", f"{v['ratio']:.3f} (facts {by['flexdemo-adamw']['facts']:.3f} "
-              f"against {by['adamw']['facts']:.3f})", g["device"].replace("NVIDIA ", ""), g["date"],
+              f"against {by['adamw']['facts']:.3f})", device_of(g), g["date"],
               "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
     for rel, label in (("parity_small_long/summary_sweep.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                 "best of 2 rates each"),
@@ -411,7 +415,7 @@ def parity_rows() -> list[list[str]]:
                         f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
                         f"{a['best_val_loss']:.3f})",
                         f"{g['ratio']:.3f}; per domain {doms}{without_shifted(g)} (goal ≤ 1.02)",
-                        g["device"].replace("NVIDIA ", ""), g["date"],
+                        device_of(g), g["date"],
                         f"`{command(g)}` (`{rel}`)"))
     rows.append(pre)
     nolr = (("flexdemo", "direct step, the default then"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`"))
@@ -506,7 +510,7 @@ def parity_rows() -> list[list[str]]:
                             f"AdamW {g['adamw']['val_loss']:.3f} (lr {swept_lr(g, 'adamw')})",
                             f"{v['val_loss'] / g['adamw']['val_loss']:.3f}{ci}; {', '.join(i['domains'])} only "
                             f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",
-                            "CPU" if g["device"] == "cpu" else g["device"].replace("NVIDIA ", ""), g["date"],
+                            device_of(g), g["date"],
                             f"`{cmd}` (`{rel}`)"))
     g = load("parity_small_4seeds/summary.json")  # four seeds at fixed rates, composed from two calls (its note)
     src = "`bench_parity.py --size small --seeds 2 [--first-seed 2] ...` (`parity_small_4seeds/summary.json`)"
@@ -544,7 +548,7 @@ def parity_rows() -> list[list[str]]:
         rows.append(row(f"FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small`, R = 1, run {run}",
                         f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
                         f"(lr {g['adamw']['lr']:g}); default {d['ratio']:.3f}{sent}", f"{v['ratio']:.3f} (goal ≤ 1.02)",
-                        g["device"].replace("NVIDIA ", ""), g["date"],
+                        device_of(g), g["date"],
                         f"`bench_parity.py --size small --variants adamw flexdemo flexdemo-adamw ...` "
                         f"(`parity_precondition_small/run{run}.json`)"))
     s = load("parity_tiny/summary.json")
@@ -559,7 +563,7 @@ def parity_rows() -> list[list[str]]:
 
 def study_rows() -> list[list[str]]:
     a, p = load("study_small_h200/analysis.json"), load("study_small_h200/provenance.json")
-    dev, src = p["device"].replace("NVIDIA ", ""), f"`{p['command']}` (`study_small_h200/`)"
+    dev, src = device_of(p), f"`{p['command']}` (`study_small_h200/`)"
     cats, b = a["categories"], a["best_vs_full"]
     fit = a["tasks"]["math_mc"]["fit"]
     d, d_lo, d_hi = slope_difference(cats)
@@ -615,7 +619,7 @@ def pareto_rows() -> list[list[str]]:
                        "`base` 2 × 2", f"{mean[o + '@3e-4']:.3f}; {v['base_2x2_x_dense_bf16']:.1f}×",
                        f"k 32 bf16 {mean['flexdemo@3e-4']:.3f}; {d['base_2x2_x_dense_bf16']:.1f}×",
                        f"{mean[o + '@3e-4'] / mean['flexdemo@3e-4']:.3f}× loss (AdamW {mean['adamw@5e-4']:.3f})",
-                       g["device"].replace("NVIDIA ", ""), g["date"],
+                       device_of(g), g["date"],
                        "`bench_parity.py --size small --seeds 2 --variants ...` (`pareto_small/summary.json`)"))
     return out
 
@@ -623,7 +627,7 @@ def pareto_rows() -> list[list[str]]:
 def slow_link_rows() -> list[list[str]]:
     s = load("slow_link/summary.json")
     rows_by = {r["name"]: r for r in s["rows"]}
-    dev, src = s["device"].replace("NVIDIA ", ""), "`bench_slow_link.py --model base --links uncapped 10 1` " \
+    dev, src = device_of(s), "`bench_slow_link.py --model base --links uncapped 10 1` " \
         "(`slow_link/summary.json`)"
     out = []
     for link, goal in (("uncapped", "—"), ("10", "goal ≥ 3"), ("1", "goal ≥ 15")):
@@ -646,7 +650,7 @@ def slow_link_rows() -> list[list[str]]:
         out.append(row(f"FlexDeMo overlapped (one step stale): validation loss, {label}, {g['size']['steps']} steps",
                        f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"not overlapped {f['val_loss']:.3f} (lr {f['lr']:g})",
                        f"{v['val_loss'] / f['val_loss']:.3f}× (the stale update's cost)",
-                       g["device"].replace("NVIDIA ", "") if g["device"] != "cpu" else "CPU", g["date"],
+                       device_of(g), g["date"],
                        f"`bench_parity.py --variants adamw flexdemo flexdemo-overlap` (`{rel}`)"))
     return out
 

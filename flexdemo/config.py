@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexdemo.ops.decode_reference import REPLICA_MEANS
+from flexdemo.ops.newton_schulz_reference import PRECISIONS as NS_PRECISIONS
 from flexdemo.ops.options import KernelOptions
 from flexdemo.quant import VALUE_BITS
 from flexdemo.wire import WIRE_DTYPES, index_bits_for
@@ -15,7 +16,7 @@ DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's preci
 BASE_STEPS = ("direct", "adam", "lion", "orthogonal", "coefficient_sign")
 GRAPHED_STEPS = ("direct", "coefficient_sign")  # those with no host work between the kernels (cuda_graphs)
 ORTHOGONAL_SCOPES = ("matrix", "chunk")
-ORTHOGONAL_PRECISIONS = ("fp32", "bf16")
+ORTHOGONAL_PRECISIONS = tuple(NS_PRECISIONS)  # the iteration's (fp32, bf16), as its twin and kernel check them
 OVERLAPS = ("off", "stale", "layerwise")
 TENSOR_SCALES = ("none", "adam_rms")
 PRECONDITIONS = ("none", "adam")
