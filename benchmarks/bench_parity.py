@@ -112,7 +112,12 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
             "flexdemo-coefsign-wd0.1": {"base_step": "coefficient_sign", "weight_decay": 0.1},  # the default's values
             # ... with the bytes goal's wire (k 28, values in 2 bits: 152.9x less than dense bf16 for base 2 x 2)
             "flexdemo-coefsign-wd0.1-k28-q2": {"base_step": "coefficient_sign", "weight_decay": 0.1, "topk": 28,
-                                               "value_bits": 2}}
+                                               "value_bits": 2},
+            # ... values in 2 bits at k 32, and in 4 bits at k 30 (with Elias-Fano indices, index_coding=elias_fano:
+            # 174x and 157x)
+            "flexdemo-coefsign-wd0.1-q2": {"base_step": "coefficient_sign", "weight_decay": 0.1, "value_bits": 2},
+            "flexdemo-coefsign-wd0.1-k30-q4": {"base_step": "coefficient_sign", "weight_decay": 0.1, "topk": 30,
+                                               "value_bits": 4}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
 
