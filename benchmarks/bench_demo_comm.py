@@ -68,12 +68,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--value-dtype", default="bf16")
     ap.add_argument("--index-bits", type=int, default=0)
+    ap.add_argument("--index-coding", default="fixed", help="fixed (--index-bits each) or elias_fano")
     ap.add_argument("--value-bits", type=int, default=0, help="2 / 4 / 8: quantised values (0: --value-dtype)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = meta_model(args.model, args.vocab)
     demo = DeMoConfig(topk=args.topk, chunk=args.chunk, value_dtype=args.value_dtype, index_bits=args.index_bits,
-                      value_bits=args.value_bits)
+                      value_bits=args.value_bits, index_coding=args.index_coding)
     R = args.replicate
     N = sum(p.numel() for p in model.parameters())
     rows = [comm_row(model, demo, R, S) for S in args.shards]

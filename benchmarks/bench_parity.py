@@ -114,10 +114,14 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
             "flexdemo-coefsign-wd0.1-k28-q2": {"base_step": "coefficient_sign", "weight_decay": 0.1, "topk": 28,
                                                "value_bits": 2},
             # ... values in 2 bits at k 32, and in 4 bits at k 30 (with Elias-Fano indices, index_coding=elias_fano:
-            # 174x and 157x)
+            # 168.7x and 152.9x)
             "flexdemo-coefsign-wd0.1-q2": {"base_step": "coefficient_sign", "weight_decay": 0.1, "value_bits": 2},
             "flexdemo-coefsign-wd0.1-k30-q4": {"base_step": "coefficient_sign", "weight_decay": 0.1, "topk": 30,
-                                               "value_bits": 4}}
+                                               "value_bits": 4},
+            # ... each value's sign at its chunk's scale, the momentum losing the whole value (value_bits=1), with
+            # Elias-Fano indices: 183.8x
+            "flexdemo-coefsign-wd0.1-q1-ef": {"base_step": "coefficient_sign", "weight_decay": 0.1, "value_bits": 1,
+                                              "index_coding": "elias_fano"}}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
 
@@ -352,6 +356,7 @@ def base_compression(demo: dict) -> float:
     from flexdemo import DeMoConfig
 
     wire = {k: demo[k] for k in ("topk", "chunk", "value_dtype", "index_bits", "value_bits")}
+    wire["index_coding"] = demo.get("index_coding", "fixed")  # runs from before it existed: fixed
     return comm_row(meta_model("base"), DeMoConfig(**wire), 2, 2)["ratio_vs_dense_bf16"]
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from flexdemo.ops.decode_reference import REPLICA_MEANS
 from flexdemo.ops.newton_schulz_reference import PRECISIONS as NS_PRECISIONS
 from flexdemo.ops.options import KernelOptions
-from flexdemo.quant import VALUE_BITS
-from flexdemo.wire import WIRE_DTYPES, index_bits_for
+from flexdemo.quant import WIRE_VALUE_BITS
+from flexdemo.wire import INDEX_CODINGS, WIRE_DTYPES, index_bits_for
 
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
@@ -35,9 +35,13 @@ class DeMoConfig:
     weight_decay: float = 0.0  # decoupled: p *= 1 - lr * wd
     value_dtype: str = "bf16"  # bf16 | fp32 | fp16: dtype of the sent coefficients
     index_bits: int = 0  # 0 = smallest that holds chunk*chunk (12 for 64x64), or 12 / 16
+    # "fixed": index_bits a position; "elias_fano": each chunk's k positions sorted and coded in one fixed-size
+    # Elias-Fano code (flexdemo.elias_fano: 36 bytes for 32 of 64 x 64, against 48), the same update, lossless
+    index_coding: str = "fixed"
     # 0: sent values in value_dtype; 2 / 4 / 8: as codes of that many bits with a bf16 scale per chunk, the
     # quantisation error kept in the momentum (flexdemo.quant; computed inside the encode kernel: at k 28 with 2 bits
-    # the step takes ~5% more time than the default's)
+    # the step takes ~5% more time than the default's); 1: each value's sign at its chunk's scale, the momentum
+    # losing the whole value as unquantised (flexdemo.quant.SIGN_BITS)
     value_bits: int = 0
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton
     # Triton encode's forward DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: the
@@ -159,8 +163,14 @@ class DeMoConfig:
         if self.value_dtype not in WIRE_DTYPES:
             raise ValueError(f"value_dtype={self.value_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
         index_bits_for(self.chunk, self.index_bits)
-        if self.value_bits not in VALUE_BITS:
-            raise ValueError(f"value_bits={self.value_bits}; allowed: {', '.join(map(str, VALUE_BITS))} (0: unquantised)")
+        if self.index_coding not in INDEX_CODINGS:
+            raise ValueError(f"index_coding={self.index_coding!r}; allowed: {', '.join(INDEX_CODINGS)}")
+        if self.index_coding == "elias_fano" and self.index_bits:
+            raise ValueError(f"index_bits={self.index_bits} sets the width of fixed indices; with "
+                             f"index_coding=elias_fano leave it 0")
+        if self.value_bits not in WIRE_VALUE_BITS:
+            raise ValueError(f"value_bits={self.value_bits}; allowed: {', '.join(map(str, WIRE_VALUE_BITS))} "
+                             f"(0: unquantised, 1: signs)")
         from flexdemo.ops import KERNELS
 
         if self.kernels not in KERNELS:
@@ -182,3 +192,8 @@ class DeMoConfig:
     @property
     def resolved_index_bits(self) -> int:
         return index_bits_for(self.chunk, self.index_bits)
+
+    @property
+    def elias_fano_positions(self) -> int:
+        """The positions a chunk's Elias-Fano code chooses among (s*s), or 0 for fixed-width indices."""
+        return self.chunk * self.chunk if self.index_coding == "elias_fano" else 0

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-VALUE_BITS = (0, 2, 4, 8)  # 0: values in the wire dtype, unquantised
+VALUE_BITS = (0, 2, 4, 8)  # 0: values in the wire dtype, unquantised; else codes whose error the momentum keeps
+# value_bits=1: each value's sign at its chunk's scale (the two levels +-scale), taken from the unquantised values
+# after the encode: the momentum loses the whole value, as unquantised, so no magnitude is fed back (a 1-bit code's
+# error would be most of each value). With the coefficient sign at one replica the update is the unquantised one.
+SIGN_BITS = 1
+WIRE_VALUE_BITS = (0, SIGN_BITS, *VALUE_BITS[1:])
 
 
 def quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,10 @@
 
 Layout: [values of all compressed then all dense tensors, in the wire dtype | chunk-local indices], padded to 8 bytes
 (with value_bits: the compressed tensors' values as codes and per-chunk scales, ``WireLayout``).
-Indices take 12 bits when s*s <= 4096 (two per 3 bytes) or 16 bits otherwise; values are bf16 (default) or fp32.
-With the defaults (64x64 chunks, k = 32, bf16) a coefficient costs 3.5 bytes, against 12 in the public DeMo code.
+Indices take 12 bits when s*s <= 4096 (two per 3 bytes) or 16 bits otherwise, or (index_coding=elias_fano) each
+chunk's sorted positions as one Elias-Fano code (``flexdemo.elias_fano``: 9 bits a position at k = 32 of 64 x 64);
+values are bf16 (default) or fp32. With the defaults (64x64 chunks, k = 32, bf16) a coefficient costs 3.5 bytes,
+against 12 in the public DeMo code.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from flexdemo import elias_fano
 from flexdemo.quant import codes_nbytes, dequantize, pack_codes, unpack_codes
 
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+INDEX_CODINGS = ("fixed", "elias_fano")
 
 
 def index_bits_for(chunk: int, requested: int = 0) -> int:
@@ -61,7 +65,10 @@ def unpack_indices(raw: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return out.reshape(*lead, -1)[..., :n]
 
 
-def index_nbytes(n: int, bits: int) -> int:
+def index_nbytes(n: int, bits: int, k: int = 1, positions: int = 0) -> int:
+    """n indices at ``bits`` each, or (``positions`` > 0) as Elias-Fano codes of k among ``positions`` a chunk."""
+    if positions:
+        return n // k * elias_fano.chunk_nbytes(positions, k)
     return 2 * n if bits == 16 else 3 * ((n + 1) // 2)
 
 
@@ -79,6 +86,7 @@ class WireLayout:
     index_bits: int
     value_bits: int = 0
     k: int = 1  # coefficients per chunk (quantised: one scale per chunk)
+    positions: int = 0  # > 0: the indices as Elias-Fano codes, k among this many (s*s) a chunk; 0: index_bits each
 
     @property
     def _item(self) -> int:
@@ -93,15 +101,24 @@ class WireLayout:
 
     @property
     def nbytes(self) -> int:
-        raw = self.value_nbytes + index_nbytes(self.num_sparse, self.index_bits)
-        return -(-raw // 8) * 8
+        return -(-(self.value_nbytes + self.indices_nbytes) // 8) * 8
+
+    @property
+    def indices_nbytes(self) -> int:
+        return index_nbytes(self.num_sparse, self.index_bits, self.k, self.positions)
 
     def pack(self, sparse_idx: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
              codes: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
         """values: (num_sparse + num_dense,) in value_dtype (quantised: only the dense ones are read; ``codes``
         (num_sparse,) and ``scales`` (num_sparse / k,) carry the rest); sparse_idx: (num_sparse,) -> out (nbytes,)."""
-        vb = self.value_nbytes
-        ib = index_nbytes(self.num_sparse, self.index_bits)
+        vb, ib = self.value_nbytes, self.indices_nbytes
+        if self.positions:  # each chunk's positions ascending, its values and codes in the same order
+            sparse_idx, order = elias_fano.sort_chunks(sparse_idx, self.k)
+            if self.value_bits:
+                codes = codes.view(-1, self.k).gather(1, order.to(torch.int64))
+            else:
+                values = torch.cat([values[: self.num_sparse].view(-1, self.k).gather(1, order.to(torch.int64))
+                                    .view(-1), values[self.num_sparse :]])
         if self.value_bits:
             db, sb = self.num_dense * self._item, 2 * (self.num_sparse // self.k)
             out[:db] = values[self.num_sparse :].view(torch.uint8)
@@ -109,16 +126,21 @@ class WireLayout:
             pack_codes(codes, self.value_bits, out[db + sb : vb])
         else:
             out[:vb] = values.view(torch.uint8)
-        pack_indices(sparse_idx, self.index_bits, out[vb : vb + ib])
+        if self.positions:
+            elias_fano.pack(sparse_idx, self.positions, out[vb : vb + ib])
+        else:
+            pack_indices(sparse_idx, self.index_bits, out[vb : vb + ib])
         out[vb + ib :] = 0
         return out
 
     def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(nbytes,) or (replicas, nbytes) uint8 -> indices int32 and values (num_sparse + num_dense, same leading
         dims): views into ``rows`` in value_dtype, or (quantised) dequantised fp32."""
-        vb = self.value_nbytes
-        idx = unpack_indices(rows[..., vb : vb + index_nbytes(self.num_sparse, self.index_bits)], self.num_sparse,
-                             self.index_bits)
+        vb, raw = self.value_nbytes, rows[..., self.value_nbytes : self.value_nbytes + self.indices_nbytes]
+        if self.positions:
+            idx = elias_fano.unpack(raw, self.positions, self.k)
+        else:
+            idx = unpack_indices(raw, self.num_sparse, self.index_bits)
         if not self.value_bits:
             return idx, rows[..., :vb].view(self.value_dtype)
         db, chunks = self.num_dense * self._item, self.num_sparse // self.k

@@ -168,6 +168,8 @@ def test_1d_and_tiny_tensors_go_dense():
     ({"value_dtype": "int8"}, "value_dtype='int8'"),
     ({"chunk": 128, "index_bits": 12, "topk": 8}, "index_bits=12 cannot hold"),
     ({"beta": 1.0}, "beta=1.0"),
+    ({"index_coding": "huffman"}, "index_coding='huffman'; allowed: fixed, elias_fano"),
+    ({"index_coding": "elias_fano", "index_bits": 16}, "index_bits=16 sets the width of fixed indices"),
 ])
 def test_bad_settings_are_rejected(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -178,7 +180,7 @@ def test_index_bits_auto():
     assert index_bits_for(64) == 12 and index_bits_for(65) == 16 and index_bits_for(64, 16) == 16
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_quantised_values_round_trip_within_half_a_level(bits):
     from flexdemo.quant import codes_nbytes, dequantize, pack_codes, quantize, unpack_codes
 
@@ -237,5 +239,68 @@ def test_quantised_payload_the_momentum_keeps_what_the_codes_lose():
 
 
 def test_bad_value_bits_is_refused():
-    with pytest.raises(ValueError, match=r"value_bits=3; allowed: 0, 2, 4, 8"):
+    with pytest.raises(ValueError, match=r"value_bits=3; allowed: 0, 1, 2, 4, 8 \(0: unquantised, 1: signs\)"):
         DeMoConfig(value_bits=3)
+
+
+@pytest.mark.parametrize("positions, k", [(4096, 32), (4096, 30), (4096, 1), (4096, 4096), (25, 3), (16, 5), (1, 1),
+                                          (65536, 32)])
+def test_elias_fano_round_trips_each_chunks_sorted_positions_in_a_fixed_size(positions, k):
+    import math
+
+    from flexdemo import elias_fano
+
+    torch.manual_seed(k)
+    chunks = 5
+    idx = torch.stack([torch.randperm(positions)[:k] for _ in range(chunks)])
+    idx[0, :] = positions - 1  # a chunk of repeats at the top position (a non-decreasing sequence is allowed)
+    idx[1, 0] = 0
+    ordered, order = elias_fano.sort_chunks(idx.reshape(-1), k)
+    assert torch.equal(idx.gather(1, order), ordered) and (ordered.diff(dim=1) >= 0).all()
+    nb = elias_fano.chunk_nbytes(positions, k)
+    out = torch.full((chunks * nb,), 255, dtype=torch.uint8)
+    elias_fano.pack(ordered, positions, out)
+    back = elias_fano.unpack(torch.stack([out, out]), positions, k)  # several replicas' rows at once
+    assert back.dtype == torch.int32 and back.shape == (2, chunks * k)
+    assert torch.equal(back[1].view(chunks, k).long(), ordered.long())
+    # the size: k (l + 1) + (u >> l) + 1 bits with l = floor(log2(u / k)), close to the fewest any code can use
+    lo = math.floor(math.log2(positions / k))
+    assert nb == -(-(k * (lo + 1) + ((positions - 1) >> lo) + 1) // 8)
+    bound = (math.lgamma(positions + 1) - math.lgamma(k + 1) - math.lgamma(positions - k + 1)) / math.log(2)
+    assert 8 * nb <= bound + 3 * k + 8
+
+
+@pytest.mark.parametrize("value_bits", [0, 2])
+def test_elias_fano_wire_sends_each_chunks_pairs_sorted_in_fewer_bytes(value_bits):
+    from flexdemo.quant import dequantize, quantize
+
+    k, chunks, dense = 32, 3, 5
+    fixed = WireLayout(k * chunks, dense, torch.bfloat16, 12, value_bits=value_bits, k=k)
+    wire = WireLayout(k * chunks, dense, torch.bfloat16, 12, value_bits=value_bits, k=k, positions=4096)
+    assert fixed.indices_nbytes == chunks * 48 and wire.indices_nbytes == chunks * 36
+    vals = torch.randn(k * chunks + dense).bfloat16()
+    idx = torch.stack([torch.randperm(4096)[:k] for _ in range(chunks)]).view(-1).to(torch.int32)
+    codes = scales = None
+    if value_bits:
+        codes, scales = quantize(vals[: k * chunks].float().view(chunks, k), value_bits)
+        codes = codes.reshape(-1)
+    rows = []
+    for r in range(2):
+        kept = vals.clone()
+        rows.append(wire.pack(idx, kept, torch.full((wire.nbytes,), 255, dtype=torch.uint8), codes, scales))
+        assert torch.equal(kept, vals)  # the caller's values are not reordered in place
+    got_idx, got = wire.unpack(torch.stack(rows))
+    sent = dequantize(codes.view(chunks, k), scales, value_bits).reshape(-1) if value_bits else vals[: k * chunks]
+    for r in range(2):
+        for c in range(chunks):  # each chunk: the same (position, value) pairs, in ascending position order
+            cut = slice(c * k, (c + 1) * k)
+            mine = dict(zip(idx[cut].tolist(), sent[cut].float().tolist()))
+            assert got_idx[r, cut].tolist() == sorted(mine)
+            assert got[r, cut].float().tolist() == [mine[i] for i in sorted(mine)]
+        assert torch.equal(got[r, k * chunks :].float(), vals[k * chunks :].float())  # the dense ones as they were
+
+
+def test_elias_fano_default_payload_is_3_125_bytes_per_coefficient():
+    plans, wire = plan_params([torch.Size([4096, 4096])], DeMoConfig(index_coding="elias_fano"))
+    coeffs = 4096 * 4096 // (64 * 64) * 32
+    assert wire.nbytes == coeffs * (2 + 36 / 32)

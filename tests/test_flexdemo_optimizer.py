@@ -216,6 +216,82 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     assert not torch.equal(opts[0].state[reps[0][0]]["delta"], opts[1].state[reps[1][0]]["delta"])
 
 
+@pytest.mark.parametrize("base_step, value_bits", [("coefficient_sign", 0), ("coefficient_sign", 2), ("direct", 0)])
+def test_elias_fano_indices_take_the_same_steps_as_fixed_ones_in_fewer_bytes(base_step, value_bits):
+    """Each chunk's positions go sorted, with their values: the replicas' mean of every position is the same sum, so
+    two simulated replicas end bit-identical to the same run with 12-bit indices."""
+    torch.manual_seed(0)
+    shapes = [(70, 66), (64, 64), (7,)]  # ragged edge chunks, a full chunk, a dense 1-D tensor
+    init = [torch.randn(s) for s in shapes]
+    runs = {}
+    for coding in ("fixed", "elias_fano"):
+        reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
+        opts = [FlexDeMo(ps, lr=0.01, weight_decay=0.1, base_step=base_step, value_bits=value_bits,
+                         index_coding=coding) for ps in reps]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for ps in reps:
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen)
+            gathered = torch.stack([o.encode() for o in opts])
+            for o in opts:
+                o.decode_apply(gathered)
+        runs[coding] = (reps, gathered.shape[1])
+    (fixed, fixed_bytes), (coded, coded_bytes) = runs["fixed"], runs["elias_fano"]
+    for r in range(2):
+        for p, q in zip(fixed[r], coded[r]):
+            assert torch.equal(p, q)
+    chunks = 2 * 2 + 1  # 70 x 66 in four chunks (three of them ragged), 64 x 64 in one
+    assert fixed_bytes - coded_bytes >= chunks * (48 - 36) - 8  # the payload rounds up to 8 bytes
+
+
+def test_sign_values_are_the_unquantised_step_at_one_replica_and_a_scale_weighted_vote_at_two():
+    """value_bits=1: the momentum loses what the unquantised wire's does; the replicas receive each value's sign at
+    its chunk's largest |value|. One replica: the coefficient sign's step is the unquantised one, bit for bit. Two:
+    the mean of the +-scales, decoded by the reference from the unquantised payload."""
+    from flexdemo.chunks import ChunkLayout
+    from flexdemo.ops.decode_reference import decode_apply_reference
+    from flexdemo.orthogonal import UPDATE_RMS
+
+    torch.manual_seed(0)
+    shapes = [(70, 66), (7,)]
+    init = [torch.randn(s) for s in shapes]
+    lr, wd, k = 0.01, 0.1, 32
+    for replicas in (1, 2):
+        runs = {}
+        for bits in (0, 1):
+            reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(replicas)]
+            opts = [FlexDeMo(ps, lr=lr, weight_decay=wd, value_bits=bits) for ps in reps]
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                for ps in reps:
+                    for p in ps:
+                        p.grad = torch.randn(p.shape, generator=gen)
+                before = [p.detach().clone() for p in reps[0]]
+                gathered = torch.stack([o.encode() for o in opts])
+                for o in opts:
+                    o.decode_apply(gathered)
+            runs[bits] = (reps, opts, before, gathered)
+        (plain, popts, _, pgathered), (signs, sopts, before, _) = runs[0], runs[1]
+        for r in range(replicas):  # the momenta lose the same values
+            for p, q in zip(plain[r], signs[r]):
+                assert torch.equal(popts[r].state[p]["delta"], sopts[r].state[q]["delta"])
+        if replicas == 1:
+            assert all(torch.equal(p, q) for p, q in zip(plain[0], signs[0]))
+            continue
+        # the last step, from the same parameters: each replica's values of the unquantised payload as +-scale
+        idx, vals = popts[0].buckets[0].wire.unpack(pgathered)
+        n = idx.shape[1]
+        v = vals[:, :n].float().view(replicas, -1, k)
+        scale = v.abs().amax(dim=2, keepdim=True)
+        pm = torch.where(v >= 0, scale, -scale).view(replicas, n)
+        want = before[0].clone()
+        decode_apply_reference(want, idx, pm, ChunkLayout(70, 66, 64), k, lr * UPDATE_RMS * 8, 1 - lr * wd,
+                               False, coefficient_sign=True)
+        assert torch.equal(signs[0][0].detach(), want) and not torch.equal(signs[0][0], plain[0][0])
+        assert torch.equal(signs[0][0], signs[1][0])
+
+
 def test_single_worker_has_no_exchange_and_reports_no_replicate_traffic():
     p = torch.nn.Parameter(torch.randn(64, 64))
     opt = FlexDeMo([p], lr=0.01, base_step="direct")

@@ -101,6 +101,11 @@ def job_four_ranks(tmp: str) -> dict:
     acs = train(tiny_config(tmp / "ACS", optim={**DEMO, "base_step": "coefficient_sign"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_coefficient_sign"] = {"params": _local(acs.model), "delta": _residuals(acs)}
+    # ... with 2-bit values and each chunk's positions as one Elias-Fano code
+    aef = train(tiny_config(tmp / "AEF", optim={**DEMO, "base_step": "coefficient_sign", "value_bits": 2,
+                                                "index_coding": "elias_fano"},
+                            train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
+    out["A_elias_fano"] = {"params": _local(aef.model), "delta": _residuals(aef)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}
     # D: FlexDeMo with one replica (1 node x 4 GPUs): no exchange, sign off
     d = train(tiny_config(tmp / "D", optim=UNSIGNED,
@@ -120,7 +125,7 @@ def four(tmp_path_factory):
 
 
 @pytest.mark.parametrize("run", ["A", "A_rules", "A_scaled", "A_orthogonal", "A_orthogonal_chunk",
-                                 "A_coefficient_sign"])
+                                 "A_coefficient_sign", "A_elias_fano"])
 def test_flexdemo_replicas_stay_bit_identical_and_residuals_differ(four, run):
     _, ranks = four
     for shard in (0, 1):  # ranks shard and shard + 2 own the same shard on the two "nodes"
