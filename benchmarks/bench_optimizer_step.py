@@ -4,7 +4,8 @@ Two views, same run:
 - whole model (``--model``): every parameter with a random gradient; FlexDeMo with 1 replica (no exchange) and with
   2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), the
   same with ``cuda_graphs`` (each phase one graph replay), with the 152.9x wire (k 28, 2-bit codes: the
-  quantisation inside the encode kernel), with ``base_step=coefficient_sign``, and with ``base_step=orthogonal`` per
+  quantisation inside the encode kernel), with ``base_step=coefficient_sign`` (also with the 183.8x wire: signs
+  and Elias-Fano indices, packed in torch), and with ``base_step=orthogonal`` per
   chunk (decode, Newton-Schulz and apply in one kernel) and over whole matrices, fp32 and bf16 (``--skip-slow``
   leaves the whole matrices and the torch path out); rows that name no base_step are DeMo's direct step (the default
   until 2026-12-04, and the one the others are compared with), the default's are the coefficient sign's;
@@ -98,6 +99,12 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     for graphs in (False, True):
         demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign", cuda_graphs=graphs)
         name = f"{model_name}: FlexDeMo triton, base_step=coefficient_sign" + (", cuda_graphs" if graphs else "")
+        rows += replica_rows(name, demo)
+    for graphs in (False, True):  # the sign wire with Elias-Fano indices (183.8x): torch packing around the kernels
+        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign", value_bits=1,
+                        index_coding="elias_fano", cuda_graphs=graphs)
+        name = (f"{model_name}: FlexDeMo triton, base_step=coefficient_sign value_bits=1 index_coding=elias_fano"
+                + (", cuda_graphs" if graphs else ""))
         rows += replica_rows(name, demo)
     for precision in ("fp32", "bf16"):  # per chunk: decode, the orthogonal step and the apply in one pass
         demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope="chunk",

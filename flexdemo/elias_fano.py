@@ -31,34 +31,42 @@ def sort_chunks(idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx.view(-1, k).sort(dim=1, stable=True)
 
 
+def _field_dtype(width: int) -> torch.dtype:
+    """The narrowest dtype that holds a field of ``width`` bits built from shifted bits (less memory traffic)."""
+    return torch.uint8 if width <= 8 else torch.int32
+
+
 def pack(sorted_idx: torch.Tensor, positions: int, out: torch.Tensor) -> torch.Tensor:
     """(chunks, k) ascending positions < ``positions`` -> ``out`` (chunks * chunk_nbytes,) uint8: per chunk the k
     low parts (l bits each, lowest bit first), then the bitmap of the high parts; bits fill each byte from its low
     end."""
     chunks, k = sorted_idx.shape
     lo, nb = low_bits(positions, k), chunk_nbytes(positions, k)
-    x = sorted_idx.to(torch.int64)
-    bits = torch.zeros(chunks, nb * 8, dtype=torch.uint8, device=x.device)
+    dev = sorted_idx.device
+    x = sorted_idx.to(torch.int32)
+    bits = torch.zeros(chunks, nb * 8, dtype=torch.uint8, device=dev)
     if lo:
-        shifts = torch.arange(lo, device=x.device)
-        bits[:, : k * lo] = ((x[..., None] >> shifts) & 1).reshape(chunks, k * lo)
-    high = (x >> lo) + torch.arange(k, device=x.device)
+        dt = _field_dtype(lo)
+        low = (x & ((1 << lo) - 1)).to(dt)
+        bits[:, : k * lo] = ((low[..., None] >> torch.arange(lo, dtype=dt, device=dev)) & 1).reshape(chunks, k * lo)
+    high = ((x >> lo) + torch.arange(k, dtype=torch.int32, device=dev)).to(torch.int64)
     bits[:, k * lo :].scatter_(1, high, 1)
-    weights = 1 << torch.arange(8, dtype=torch.int32, device=x.device)  # no host tensor: graph-capturable
-    out.copy_((bits.view(chunks, nb, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8).reshape(-1))
+    shifted = bits.view(chunks, nb, 8) << torch.arange(8, dtype=torch.uint8, device=dev)  # no host tensor: capturable
+    out.copy_(shifted.sum(-1, dtype=torch.uint8).reshape(-1))  # the bits of a byte are disjoint: the sum is their OR
     return out
 
 
 def unpack(raw: torch.Tensor, positions: int, k: int) -> torch.Tensor:
     """uint8 (..., chunks * chunk_nbytes) -> int32 (..., chunks * k), each chunk's positions in ascending order."""
     lo, nb, hb = low_bits(positions, k), chunk_nbytes(positions, k), _high_bits(positions, k)
-    lead = raw.shape[:-1]
+    lead, dev = raw.shape[:-1], raw.device
     by = raw.reshape(*lead, -1, nb)
-    bits = ((by[..., None] >> torch.arange(8, dtype=torch.uint8, device=raw.device)) & 1).flatten(-2)
+    bits = ((by[..., None] >> torch.arange(8, dtype=torch.uint8, device=dev)) & 1).flatten(-2)
     # the k set bits of the bitmap, in ascending order (a stable sort puts the ones first, in place order)
     at = torch.argsort(bits[..., k * lo : k * lo + hb], dim=-1, descending=True, stable=True)[..., :k]
-    idx = (at - torch.arange(k, device=raw.device)) << lo
+    idx = ((at - torch.arange(k, device=dev)) << lo).to(torch.int32)
     if lo:
-        weights = 1 << torch.arange(lo, device=raw.device)
-        idx = idx + (bits[..., : k * lo].unflatten(-1, (k, lo)).to(torch.int64) * weights).sum(-1)
-    return idx.to(torch.int32).flatten(-2)
+        dt = _field_dtype(lo)
+        low = bits[..., : k * lo].unflatten(-1, (k, lo)).to(dt) << torch.arange(lo, dtype=dt, device=dev)
+        idx += low.sum(-1, dtype=dt).to(torch.int32)
+    return idx.flatten(-2)
