@@ -364,6 +364,32 @@ def coefsign_default_rows() -> list[list[str]]:
     return rows
 
 
+WIRE_CODES = {"flexdemo-coefsign-wd0.1-q2": "the default with values in 2 bits",
+              "flexdemo-coefsign-wd0.1-k30-q4": "the default with k 30, values in 4 bits",
+              "flexdemo-coefsign-wd0.1-q1-ef": "the default with each value's sign at its chunk's scale "
+                                               "(`value_bits=1`) and Elias-Fano indices"}
+
+
+def wire_codes_rows() -> list[list[str]]:
+    """Fewer bytes for the default: quantised values and coded indices at `tiny-long`, four seeds, over the default
+    of the same seeds."""
+    rows = []
+    for R in (2, 4):
+        rel = f"parity_tiny_long/summary_codes_r{R}.json"
+        g = load(rel)
+        for name, what in WIRE_CODES.items():
+            if name not in g["over_default"]:
+                continue
+            q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
+            bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
+            rows.append(seeds_row(g, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}", "", "",
+                                  f"; over the default {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, "
+                                  f"code, math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
+                                  f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 ...` (`{rel}`; its "
+                                  "commands)", f"`tiny-long` (3000 steps), R = {R}"))
+    return rows
+
+
 def parity_rows() -> list[list[str]]:
     rows = []
     g = load("parity/summary.json")
@@ -657,7 +683,7 @@ def slow_link_rows() -> list[list[str]]:
 
 def table() -> str:
     head = ["figure", "value", "baseline (same run)", "ratio / goal", "device", "date", "command (result file)"]
-    rows = kernel_rows() + coefsign_default_rows() + parity_rows() + pareto_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
+    rows = kernel_rows() + coefsign_default_rows() + wire_codes_rows() + parity_rows() + pareto_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
