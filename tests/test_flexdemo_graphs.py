@@ -35,7 +35,8 @@ def fill_grads(params, step):
 DIRECT = {"base_step": "direct"}
 # DeMo's direct step, and the default (the coefficient sign), each with a look-ahead, weight decay, 2-bit values
 GRAPHED = [DIRECT, {**DIRECT, "nesterov": 0.5, "weight_decay": 0.1}, {**DIRECT, "value_bits": 2},
-           {}, {"nesterov": 0.5, "weight_decay": 0.1, "value_bits": 2}]
+           {}, {"nesterov": 0.5, "weight_decay": 0.1, "value_bits": 2},
+           {"weight_decay": 0.1, "value_bits": 1, "index_coding": "elias_fano"}]  # the torch packing captured too
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

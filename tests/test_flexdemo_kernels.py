@@ -337,7 +337,9 @@ def test_decode_apply_with_sign_and_param_dtypes(dtype, replicas, lr):
                                                       (2, "direct", {"sign": True, "tensor_scale": "adam_rms"}),
                                                       (2, "direct", {"precondition": "adam"}),
                                                       (2, "orthogonal", {"orthogonal_scope": "chunk"}),
-                                                      (2, "coefficient_sign", {})])
+                                                      (2, "coefficient_sign", {}),
+                                                      (2, "coefficient_sign", {"value_bits": 1,
+                                                                               "index_coding": "elias_fano"})])
 def test_optimizer_triton_path_matches_torch_path_and_keeps_replicas_identical(replicas, base_step, rule):
     torch.manual_seed(0)
     shapes = [(37, 21), (32, 48), (9,)]
