@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -74,47 +75,55 @@ def replica_rows(name: str, demo: FlexDeMo) -> list[dict]:
              "ms": bench(lambda: demo.decode_apply(torch.stack([demo.encode()] * 2)))}]
 
 
+def released(rows: list[dict]) -> list[dict]:
+    """Rows measured by an optimizer no longer referenced: its parameters, states and graph pools are freed before
+    the next one is built (`1b` holds ~19 GB per optimizer; two at once do not fit an 80 GB H100 beside AdamW's)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     cfg = load_preset(model_name)
     cfg = dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259))
     shapes = [p.shape for p in build_model(cfg, device="meta").parameters()]
     numel = sum(torch.Size(s).numel() for s in shapes)
-    rows = []
-    adam = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, fused=True)
-    rows.append({"what": f"{model_name}: fused AdamW step", "ms": bench(adam.step)})
-    adam_f = torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, foreach=True)
-    rows.append({"what": f"{model_name}: foreach AdamW step", "ms": bench(adam_f.step)})
+
+    def adamw(**kind) -> float:
+        return bench(torch.optim.AdamW(params_with_grads(shapes), lr=1e-4, **kind).step)
+
+    def demo_rows(name: str, **settings) -> list[dict]:
+        return replica_rows(name, flexdemo(params_with_grads(shapes), kernels="triton", **settings))
+
+    rows = released([{"what": f"{model_name}: fused AdamW step", "ms": adamw(fused=True)}])
+    rows += released([{"what": f"{model_name}: foreach AdamW step", "ms": adamw(foreach=True)}])
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
-        demo = flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
-        rows += replica_rows(name, demo)
+        rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))
     for fwd in ("fp32", "tf32"):  # encode and decode + apply replayed as CUDA graphs: the host's launches go
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", dct_forward=fwd, cuda_graphs=True)
         name = f"{model_name}: FlexDeMo triton, cuda_graphs" + (TF32 if fwd == "tf32" else "")
-        rows += replica_rows(name, demo)
+        rows += released(demo_rows(name, dct_forward=fwd, cuda_graphs=True))
     for graphs in (False, True):  # k 28, values as 2-bit codes (152.9x less than dense bf16 for base on 2 x 2)
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", topk=28, value_bits=2, cuda_graphs=graphs)
         name = f"{model_name}: FlexDeMo triton, topk=28 value_bits=2" + (", cuda_graphs" if graphs else "")
-        rows += replica_rows(name, demo)
+        rows += released(demo_rows(name, topk=28, value_bits=2, cuda_graphs=graphs))
     for graphs in (False, True):
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign", cuda_graphs=graphs)
         name = f"{model_name}: FlexDeMo triton, base_step=coefficient_sign" + (", cuda_graphs" if graphs else "")
-        rows += replica_rows(name, demo)
-    for graphs in (False, True):  # the sign wire with Elias-Fano indices (183.8x): torch packing around the kernels
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="coefficient_sign", value_bits=1,
-                        index_coding="elias_fano", cuda_graphs=graphs)
+        rows += released(demo_rows(name, base_step="coefficient_sign", cuda_graphs=graphs))
+    for graphs in (False, True):  # the sign wire with Elias-Fano indices (183.8x): Elias-Fano packing in torch
         name = (f"{model_name}: FlexDeMo triton, base_step=coefficient_sign value_bits=1 index_coding=elias_fano"
                 + (", cuda_graphs" if graphs else ""))
-        rows += replica_rows(name, demo)
+        rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=1, index_coding="elias_fano",
+                                   cuda_graphs=graphs))
     for precision in ("fp32", "bf16"):  # per chunk: decode, the orthogonal step and the apply in one pass
-        demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope="chunk",
-                        orthogonal_precision=precision)
-        rows += replica_rows(f"{model_name}: FlexDeMo triton, base_step=orthogonal (chunk, {precision})", demo)
+        rows += released(demo_rows(f"{model_name}: FlexDeMo triton, base_step=orthogonal (chunk, {precision})",
+                                   base_step="orthogonal", orthogonal_scope="chunk", orthogonal_precision=precision))
     for precision in () if skip_slow else ("fp32", "bf16"):  # whole matrices: Newton-Schulz products in torch
         demo = flexdemo(params_with_grads(shapes), kernels="triton", base_step="orthogonal", orthogonal_scope="matrix",
                         orthogonal_precision=precision)
         rows.append({"what": f"{model_name}: FlexDeMo triton, base_step=orthogonal (matrix, {precision}), 1 replica",
                      "ms": bench(demo.step)})
+        del demo
+        released(rows)
     for r in rows:
         r["params"] = numel
     return rows

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from flexdemo.ops.decode_reference import REPLICA_MEANS
 from flexdemo.ops.newton_schulz_reference import PRECISIONS as NS_PRECISIONS
 from flexdemo.ops.options import KernelOptions
-from flexdemo.quant import WIRE_VALUE_BITS
+from flexdemo.quant import VALUE_BITS
 from flexdemo.wire import INDEX_CODINGS, WIRE_DTYPES, index_bits_for
 
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
@@ -168,8 +168,8 @@ class DeMoConfig:
         if self.index_coding == "elias_fano" and self.index_bits:
             raise ValueError(f"index_bits={self.index_bits} sets the width of fixed indices; with "
                              f"index_coding=elias_fano leave it 0")
-        if self.value_bits not in WIRE_VALUE_BITS:
-            raise ValueError(f"value_bits={self.value_bits}; allowed: {', '.join(map(str, WIRE_VALUE_BITS))} "
+        if self.value_bits not in VALUE_BITS:
+            raise ValueError(f"value_bits={self.value_bits}; allowed: {', '.join(map(str, VALUE_BITS))} "
                              f"(0: unquantised, 1: signs)")
         from flexdemo.ops import KERNELS
 

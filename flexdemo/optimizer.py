@@ -39,7 +39,7 @@ from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
 from flexdemo.orthogonal import UPDATE_RMS, orthogonalize_all
-from flexdemo.quant import SIGN_BITS, codes_nbytes, quantize
+from flexdemo.quant import codes_nbytes
 from flexdemo.wire import WireLayout, index_nbytes
 
 # torch >= 2.13 names it all_gather_single and deprecates all_gather_into_tensor; both fill a flat output.
@@ -331,8 +331,7 @@ class FlexDeMo(torch.optim.Optimizer):
         values = torch.empty(wire.num_sparse + wire.num_dense, dtype=cfg.wire_dtype, device=device)
         indices = torch.empty(wire.num_sparse, dtype=torch.int32, device=device)
         codes = scales = None
-        coded = cfg.value_bits if cfg.value_bits != SIGN_BITS else 0  # codes the kernels make (signs: after them)
-        if coded:
+        if cfg.value_bits:  # codes the kernels make with the values
             codes = torch.empty(wire.num_sparse, dtype=torch.uint8, device=device)
             scales = torch.empty(wire.num_sparse // cfg.topk, dtype=torch.float32, device=device)
         local = None  # the replica's own gradient moments (tensor_scale, precondition)
@@ -348,7 +347,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 # with a look-ahead the kernel works on delta + nesterov * lr * grad, taken back below
                 ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lead, values, indices,
                                  self.kernel_options, feed.addresses.get(id(table)) if feed else None,
-                                 coded, codes, scales)
+                                 cfg.value_bits, codes, scales)
                 self._take_back_lead(deltas, grads, back)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]
@@ -359,9 +358,6 @@ class FlexDeMo(torch.optim.Optimizer):
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
                 self._take_back_lead(deltas, grads, back)
-        if cfg.value_bits == SIGN_BITS:  # the unquantised values' signs; the momentum has lost the whole values
-            codes, scales = quantize(values[: wire.num_sparse].view(-1, cfg.topk), SIGN_BITS)
-            codes = codes.view(-1)
         payload = wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
         if cfg.tensor_scale != "none":
             payload = torch.cat([payload, self._local_scales(b, local).view(torch.uint8)])

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import torch
 
-VALUE_BITS = (0, 2, 4, 8)  # 0: values in the wire dtype, unquantised; else codes whose error the momentum keeps
-# value_bits=1: each value's sign at its chunk's scale (the two levels +-scale), taken from the unquantised values
-# after the encode: the momentum loses the whole value, as unquantised, so no magnitude is fed back (a 1-bit code's
-# error would be most of each value). With the coefficient sign at one replica the update is the unquantised one.
-# A chunk of zeros has scale 0 and sends zeros; a 0 among nonzero values would go as +scale (top-k values are zero
-# only where a tile's DCT has fewer than k nonzero coefficients).
+# 0: values in the wire dtype, unquantised; 2, 4, 8: codes whose error the momentum keeps (it loses what they stand
+# for); 1 (SIGN_BITS): each value's sign at its chunk's scale (the two levels +-scale), the momentum losing the whole
+# value, as unquantised, so no magnitude is fed back (a 1-bit code's error would be most of each value). With the
+# coefficient sign at one replica the sign codes' update is the unquantised one. A chunk of zeros has scale 0 and
+# sends zeros; a 0 among nonzero values would go as +scale (top-k values are zero only where a tile's DCT has fewer
+# than k nonzero coefficients).
 SIGN_BITS = 1
-WIRE_VALUE_BITS = (0, SIGN_BITS, *VALUE_BITS[1:])
+VALUE_BITS = (0, SIGN_BITS, 2, 4, 8)
+
+
+def keeps_error(bits: int) -> bool:
+    """Whether the momentum keeps what ``bits``-bit codes lose (it loses the dequantised values), or (0 and signs)
+    loses each sent value whole."""
+    return bits > SIGN_BITS
 
 
 def quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -773,13 +773,14 @@ def test_decode_mean_is_checked():
 
 @pytest.mark.parametrize("rows,cols,s", [(37, 21, 16), (50, 70, 32)])
 @pytest.mark.parametrize("k", [1, 5])
-@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("bits", [1, 2, 8])
 @pytest.mark.parametrize("select", SELECT_METHODS)
 def test_encode_with_codes_matches_reference(rows, cols, s, k, bits, select):
     """value_bits in the kernel: each chunk's scale (its largest |value|, to bf16) and each value's code are the
     reference's (``quant.quantize``) wherever the two sent the same values, and the momentum loses exactly what the
-    codes stand for (``quant.dequantize``): residual + what they stand for = the updated momentum."""
-    from flexdemo.quant import dequantize
+    codes stand for (``quant.dequantize``), or with sign codes the values sent: residual + that = the updated
+    momentum."""
+    from flexdemo.quant import dequantize, keeps_error
 
     torch.manual_seed(rows + k + bits)
     lay = ChunkLayout(rows, cols, s)
@@ -798,11 +799,14 @@ def test_encode_with_codes_matches_reference(rows, cols, s, k, bits, select):
             same += 1
             assert s_tri[c] == s_ref[c] and torch.equal(c_tri[c][b], c_ref[c][a]), c
     assert same >= lay.num_chunks // 2 and s_tri[0] == 0
-    applied = dequantize(c_tri, s_tri, bits)
+    coded = dequantize(c_tri, s_tri, bits)
+    applied = coded if keeps_error(bits) else v_tri.float()
     sent = torch.zeros(lay.num_chunks, s * s, device=DEVICE).scatter_(1, i_tri.long(), applied)
     m = 0.9 * delta + 0.1 * grad
     torch.testing.assert_close(d_tri + lay.from_chunks(idct2(sent.view(-1, s, s))), m, rtol=1e-5, atol=1e-5)
-    assert k == 1 or not torch.equal(applied, v_tri.float())  # it did quantise (one value per chunk is its scale)
+    assert k == 1 or not torch.equal(coded, v_tri.float())  # it did quantise (one value per chunk is its scale)
+    if not keeps_error(bits):  # each code is its value's sign
+        assert torch.equal(coded.sign()[v_tri != 0], v_tri.float().sign()[v_tri != 0])
 
 
 def test_encode_with_codes_one_launch_for_a_table_equals_one_per_tensor():
@@ -836,7 +840,7 @@ def test_encode_codes_are_checked():
     delta = torch.randn(16, 16, device=DEVICE)
     vals = torch.empty(3, dtype=torch.bfloat16, device=DEVICE)
     idx = torch.empty(3, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="bits=3; allowed: 0 .values as sent., 2, 4, 8"):
+    with pytest.raises(ValueError, match="bits=3; allowed: 0 .values as sent., 1, 2, 4, 8"):
         encode_triton(None, delta, lay, 0.9, 0.1, 3, vals, idx, bits=3)
     with pytest.raises(ValueError, match=r"bits=2 needs out_codes \(uint8, 3\) and out_scales \(fp32, 1\)"):
         encode_triton(None, delta, lay, 0.9, 0.1, 3, vals, idx, bits=2,

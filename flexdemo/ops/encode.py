@@ -264,8 +264,9 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
             x = (tl.div_rn(pv, tl.zeros_like(pv) + unit_of) + 1.0) * levels * 0.5 + 0.5
             code = tl.minimum(tl.maximum(tl.floor(x), 0.0), levels)
             tl.store(codes_ptr + c * K + j + kk, code.to(tl.uint8), mask=live)
-            pv = tl.div_rn(2.0 * code - levels, tl.zeros_like(pv) + levels) * scale  # applied by the replicas: removed
-            pv = tl.where(live, pv, 0.0)  # (a padding lane's 0 is a code like any other)
+            if QBITS > 1:  # the replicas apply what the codes stand for: removed (signs: the value, removed whole)
+                pv = tl.div_rn(2.0 * code - levels, tl.zeros_like(pv) + levels) * scale
+                pv = tl.where(live, pv, 0.0)  # (a padding lane's 0 is a code like any other)
         a = tl.load(d_ptr + (pi // S)[:, None] * S + si[None, :]) * pv[:, None]
         b = tl.load(d_ptr + (pi % S)[:, None] * S + si[None, :])
         m = tl.dot(tl.trans(-a), b, acc=m, input_precision=PRECISION)

@@ -12,7 +12,7 @@ import torch
 
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct2, idct2
-from flexdemo.quant import dequantize, quantize
+from flexdemo.quant import dequantize, keeps_error, quantize
 
 
 def topk_chunks(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,8 @@ def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: Chu
                      out_codes: torch.Tensor | None = None, out_scales: torch.Tensor | None = None) -> None:
     """Update ``delta`` (rows, cols) fp32 in place to the residual; write (num_chunks * k) values and indices.
     ``bits`` > 0: also each chunk's values as codes and a scale (``flexdemo.quant``; ``out_codes`` uint8,
-    ``out_scales`` fp32), and the residual keeps what the codes lose (it loses the dequantised values)."""
+    ``out_scales`` fp32), and the residual keeps what the codes lose (it loses the dequantised values; 1-bit sign
+    codes: the sent values whole)."""
     delta.mul_(beta)
     if grad is not None:
         delta.add_(grad.float(), alpha=lr)
@@ -41,7 +42,8 @@ def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: Chu
     applied = sent.float()
     if bits:
         codes, scales = quantize(applied, bits)
-        applied = dequantize(codes, scales, bits)
+        if keeps_error(bits):
+            applied = dequantize(codes, scales, bits)
         out_codes.copy_(codes.reshape(-1))
         out_scales.copy_(scales)
     sparse = torch.zeros_like(coeffs).scatter_(1, idx, applied)
