@@ -68,8 +68,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--value-dtype", default="bf16")
     ap.add_argument("--index-bits", type=int, default=0)
-    ap.add_argument("--index-coding", default="fixed", help="fixed (--index-bits each) or elias_fano")
-    ap.add_argument("--value-bits", type=int, default=0, help="2 / 4 / 8: quantised values (0: --value-dtype)")
+    wire = DeMoConfig()  # the default wire unless told otherwise
+    ap.add_argument("--index-coding", default=wire.index_coding, help="elias_fano or fixed (--index-bits each)")
+    ap.add_argument("--value-bits", type=int, default=wire.value_bits,
+                    help="1 / 2 / 4 / 8: quantised values (0: --value-dtype)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = meta_model(args.model, args.vocab)

@@ -46,9 +46,10 @@ CHOICE: KernelOptions | None = None  # --kernel-choice: the kernels' fastest var
 
 
 def flexdemo(params, **settings) -> FlexDeMo:
-    """FlexDeMo with these DeMoConfig settings (base_step=direct unless they name one); with --kernel-choice, its
-    kernel variants at the precisions the settings ask for (dct_forward, dct_inverse)."""
-    cfg = DeMoConfig(**{"base_step": "direct", **settings})
+    """FlexDeMo with these DeMoConfig settings (DeMo's: base_step=direct, bf16 values, 12-bit indices, unless they
+    name others; the rows keep what they measured before the defaults changed); with --kernel-choice, its kernel
+    variants at the precisions the settings ask for (dct_forward, dct_inverse)."""
+    cfg = DeMoConfig(**{"base_step": "direct", "value_bits": 0, "index_coding": "fixed", **settings})
     opts = None
     if CHOICE is not None:
         own = cfg.kernel_options()
@@ -113,6 +114,11 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
         name = (f"{model_name}: FlexDeMo triton, base_step=coefficient_sign value_bits=1 index_coding=elias_fano"
                 + (", cuda_graphs" if graphs else ""))
         rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=1, index_coding="elias_fano",
+                                   cuda_graphs=graphs))
+    for graphs in (False, True):  # the default: the coefficient sign, 2-bit values, Elias-Fano indices (168.7x)
+        name = (f"{model_name}: FlexDeMo triton, the default (base_step=coefficient_sign value_bits=2 "
+                "index_coding=elias_fano)" + (", cuda_graphs" if graphs else ""))
+        rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=2, index_coding="elias_fano",
                                    cuda_graphs=graphs))
     for precision in ("fp32", "bf16"):  # per chunk: decode, the orthogonal step and the apply in one pass
         rows += released(demo_rows(f"{model_name}: FlexDeMo triton, base_step=orthogonal (chunk, {precision})",

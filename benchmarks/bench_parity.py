@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_demo_comm: byt
 
 DOMAINS = ["public", "code", "math", "facts"]
 # FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields and optim settings); "flexdemo" is the default
-# settings (since 2026-12-04 the coefficient sign with weight decay 0.1); "flexdemo-direct" DeMo's direct step without
+# settings (since 2026-12-04 the coefficient sign with weight decay 0.1; since 2026-12-05 with 2-bit values and
+# Elias-Fano indices, WIRE_BEFORE below); "flexdemo-direct" DeMo's direct step without
 # weight decay, the default before, which the variants named before then vary; those with another base step ran
 # without weight decay too (NO_WD)
 NO_WD = {"weight_decay": 0.0}
@@ -122,6 +123,10 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
             # Elias-Fano indices: 183.8x
             "flexdemo-coefsign-wd0.1-q1-ef": {"base_step": "coefficient_sign", "weight_decay": 0.1, "value_bits": 1,
                                               "index_coding": "elias_fano"}}
+# the wire every run before 2026-12-05 sent (bf16 values, 12-bit indices): the variants named then keep it, and the
+# default's (2-bit values, Elias-Fano indices) is "flexdemo" only
+WIRE_BEFORE = {"value_bits": 0, "index_coding": "fixed"}
+VARIANTS = {name: v if v is None or name == "flexdemo" else {**WIRE_BEFORE, **v} for name, v in VARIANTS.items()}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
 

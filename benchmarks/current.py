@@ -356,7 +356,8 @@ def coefsign_default_rows() -> list[list[str]]:
         d, w = g["over_default"][name], g["wd_over_no_wd"]
         dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
         cv, ci = g["ratio_over_seeds"]["flexdemo-coefsign"], g["in_distribution_over_seeds"]["flexdemo-coefsign"]
-        rows.append(seeds_row(g, name, "the default: `base_step=coefficient_sign`, weight decay 0.1", "",
+        rows.append(seeds_row(g, name, "the default update: `base_step=coefficient_sign`, weight decay 0.1; bf16 values, "
+                              "12-bit indices", "",
                               f"; direct step {dv['mean']:.3f} (public, code, math {di['mean']:.3f}); coefficient "
                               f"sign without weight decay {cv['mean']:.3f} ({ci['mean']:.3f})",
                               f"; over the direct step {d['val_loss']['mean']:.3f}, {ci95(d['val_loss'])} (public, "
@@ -366,25 +367,39 @@ def coefsign_default_rows() -> list[list[str]]:
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
                               f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
         wire, q = "flexdemo-coefsign-wd0.1-k28-q2", g["wire_over_default"]
-        rows.append(seeds_row(g, wire, "the default with k 28, values in 2 bits: 152.9× less than dense bf16 for "
+        rows.append(seeds_row(g, wire, "the default update with k 28, values in 2 bits: 152.9× less than dense bf16 for "
                               "`base` 2 × 2", "", "",
-                              f"; over the default {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, "
+                              f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, "
                               f"math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
                               f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
     return rows
 
 
-WIRE_CODES = {"flexdemo-coefsign-wd0.1-q2": "the default with values in 2 bits",
-              "flexdemo-coefsign-wd0.1-k30-q4": "the default with k 30, values in 4 bits",
-              "flexdemo-coefsign-wd0.1-q1-ef": "the default with each value's sign at its chunk's scale "
+WIRE_CODES = {"flexdemo-coefsign-wd0.1-q2": "the default update with values in 2 bits (with Elias-Fano indices the "
+                                            "default wire since 2026-12-05)",
+              "flexdemo-coefsign-wd0.1-k30-q4": "the default update with k 30, values in 4 bits",
+              "flexdemo-coefsign-wd0.1-q1-ef": "the default update with each value's sign at its chunk's scale "
                                                "(`value_bits=1`) and Elias-Fano indices"}
 
 
 def wire_codes_rows() -> list[list[str]]:
-    """Fewer bytes for the default: quantised values and coded indices at `tiny-long`, four seeds, over the default
-    of the same seeds."""
+    """Fewer bytes for the default update: quantised values and coded indices at `tiny-long`, four seeds, over bf16
+    values and 12-bit indices with the same seeds; at R = 4 eight seeds of the default wire and the sign wire."""
     rows = []
+    rel = "parity_tiny_long/summary_r4_8seeds.json"
+    g = load(rel)
+    for name, what in (("flexdemo-coefsign-wd0.1", "the default update with bf16 values and 12-bit indices "
+                                                   "(71.5× less than dense bf16 for `base` 2 × 2)"),
+                       ("flexdemo-coefsign-wd0.1-q2", "the default: values in 2 bits, Elias-Fano indices (168.7×)"),
+                       ("flexdemo-coefsign-wd0.1-q1-ef", "the default update with signs for values, Elias-Fano "
+                                                         "indices (183.8×)")):
+        q = g["over_bf16_values"].get(name)
+        extra = "" if q is None else (f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} "
+                                      f"(public, code, math {q['in_distribution']['mean']:.3f}, "
+                                      f"{ci95(q['in_distribution'])})")
+        rows.append(seeds_row(g, name, what, "", "", extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
+                              f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
     for R in (2, 4):
         rel = f"parity_tiny_long/summary_codes_r{R}.json"
         g = load(rel)
@@ -394,7 +409,7 @@ def wire_codes_rows() -> list[list[str]]:
             q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
             bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
             rows.append(seeds_row(g, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}", "", "",
-                                  f"; over the default {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, "
+                                  f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, "
                                   f"code, math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
                                   f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 ...` (`{rel}`; its "
                                   "commands)", f"`tiny-long` (3000 steps), R = {R}"))

@@ -145,12 +145,15 @@ def test_wire_unpacks_every_replica_at_once(bits):
         assert torch.equal(idx[r].long(), i) and torch.equal(vals[r], v)
 
 
-def test_default_payload_is_3_5_bytes_per_coefficient_and_64x_below_dense_bf16():
-    cfg = DeMoConfig()
-    plans, wire = plan_params([torch.Size([4096, 4096])], cfg)
+def test_bf16_payload_is_3_5_bytes_per_coefficient_and_the_default_1_44():
+    """DeMo's wire (bf16 values, 12-bit indices) and the default (2-bit codes with a bf16 scale per chunk, Elias-Fano
+    positions: 8 + 2 + 36 bytes for 32 of 64 x 64)."""
     coeffs = 4096 * 4096 // (64 * 64) * 32
+    plans, wire = plan_params([torch.Size([4096, 4096])], DeMoConfig(value_bits=0, index_coding="fixed"))
     assert wire.num_sparse == coeffs and wire.nbytes == coeffs * 3.5
     assert 4096 * 4096 * 2 / wire.nbytes >= 64
+    plans, wire = plan_params([torch.Size([4096, 4096])], DeMoConfig())
+    assert wire.num_sparse == coeffs and wire.nbytes == coeffs * (8 + 2 + 36) / 32
 
 
 def test_1d_and_tiny_tensors_go_dense():
@@ -235,7 +238,7 @@ def test_quantised_payload_the_momentum_keeps_what_the_codes_lose():
         torch.testing.assert_close(residual + applied[bits], 0.1 * grad, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(applied[0], applied[4], atol=1e-4)
     assert FlexDeMo([torch.nn.Parameter(init.clone())], chunk=8, topk=5, value_bits=4).wire.nbytes < \
-        FlexDeMo([torch.nn.Parameter(init.clone())], chunk=8, topk=5).wire.nbytes
+        FlexDeMo([torch.nn.Parameter(init.clone())], chunk=8, topk=5, value_bits=0).wire.nbytes
 
 
 def test_bad_value_bits_is_refused():
@@ -300,7 +303,7 @@ def test_elias_fano_wire_sends_each_chunks_pairs_sorted_in_fewer_bytes(value_bit
         assert torch.equal(got[r, k * chunks :].float(), vals[k * chunks :].float())  # the dense ones as they were
 
 
-def test_elias_fano_default_payload_is_3_125_bytes_per_coefficient():
-    plans, wire = plan_params([torch.Size([4096, 4096])], DeMoConfig(index_coding="elias_fano"))
+def test_elias_fano_payload_with_bf16_values_is_3_125_bytes_per_coefficient():
+    plans, wire = plan_params([torch.Size([4096, 4096])], DeMoConfig(value_bits=0, index_coding="elias_fano"))
     coeffs = 4096 * 4096 // (64 * 64) * 32
     assert wire.nbytes == coeffs * (2 + 36 / 32)

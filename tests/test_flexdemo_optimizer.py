@@ -169,9 +169,9 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     # the top-k away from ties that fp32 and float64 would break differently
     eps = 0.5 if precondition != "none" else 1e-3
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
-                     base_step=base_step.split("-")[0], orthogonal_scope="chunk" if "chunk" in base_step else "matrix",
-                     adam_betas=(0.8, 0.9), adam_eps=eps, nesterov=nesterov, tensor_scale=scale,
-                     precondition=precondition, fold_lr=fold_lr, replica_mean="all" if mean_all else "senders")
+                     value_bits=0, base_step=base_step.split("-")[0],
+                     orthogonal_scope="chunk" if "chunk" in base_step else "matrix", adam_betas=(0.8, 0.9),
+                     adam_eps=eps, nesterov=nesterov, tensor_scale=scale, precondition=precondition, fold_lr=fold_lr, replica_mean="all" if mean_all else "senders")
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
@@ -401,7 +401,7 @@ def test_uncompressed_unsigned_precondition_is_adam_with_decoupled_weight_decay(
     m, v = [torch.zeros_like(r) for r in ref], [torch.zeros_like(r) for r in ref]
     lr, wd, (b1, b2), eps = 0.01, 0.1, (0.9, 0.95), 1e-8
     opt = FlexDeMo(ps, lr=lr, base_step="direct", chunk=4, topk=16, beta=0.0, sign=False, value_dtype="fp32",
-                   weight_decay=wd, precondition="adam", adam_betas=(b1, b2), adam_eps=eps)
+                   value_bits=0, weight_decay=wd, precondition="adam", adam_betas=(b1, b2), adam_eps=eps)
     assert [p.layout for p in opt.plans] == [None, None]
     for _ in range(6):
         grads = [torch.randn(s) for s in shapes]

@@ -153,7 +153,8 @@ def test_edge_lr_scale_moves_the_embedding_lm_head_and_1d_tensors_by_that_multip
     names = {id(p): n for n, p in model.named_parameters()}
     edge = {names[id(p)] for g in groups if g.get("lr_scale") == 0.3 for p in g["params"]}
     assert {"embed.weight", "lm_head.weight", "norm.weight"} <= edge and not any(".attn.q_proj" in n for n in edge)
-    opt = FlexDeMo(groups, lr=1.0, chunk=16, topk=256, kernels="torch")  # k = s*s: every coefficient sent
+    # k = s*s: every coefficient sent, as bf16 values
+    opt = FlexDeMo(groups, lr=1.0, chunk=16, topk=256, kernels="torch", value_bits=0, index_coding="fixed")
     LRSchedule.apply(opt, 0.01)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
