@@ -43,7 +43,7 @@ class DeMoConfig:
     index_coding: str = "elias_fano"
     # 0: sent values in value_dtype; 2 / 4 / 8: as codes of that many bits with a bf16 scale per chunk, the
     # quantisation error kept in the momentum (flexdemo.quant; computed inside the encode kernel: at k 28 with 2 bits
-    # the step takes ~5% more time than the default's); 1: each value's sign at its chunk's scale, the momentum
+    # the step takes ~5% more time than with bf16 values); 1: each value's sign at its chunk's scale, the momentum
     # losing the whole value as unquantised (flexdemo.quant.SIGN_BITS)
     value_bits: int = 2
     kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton

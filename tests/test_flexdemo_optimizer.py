@@ -171,7 +171,8 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     opts = [FlexDeMo(ps, lr=lr, beta=beta, topk=k, chunk=s, weight_decay=wd, sign=sign, value_dtype="fp32",
                      value_bits=0, base_step=base_step.split("-")[0],
                      orthogonal_scope="chunk" if "chunk" in base_step else "matrix", adam_betas=(0.8, 0.9),
-                     adam_eps=eps, nesterov=nesterov, tensor_scale=scale, precondition=precondition, fold_lr=fold_lr, replica_mean="all" if mean_all else "senders")
+                     adam_eps=eps, nesterov=nesterov, tensor_scale=scale, precondition=precondition, fold_lr=fold_lr,
+                     replica_mean="all" if mean_all else "senders")
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
