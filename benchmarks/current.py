@@ -387,6 +387,14 @@ def wire_codes_rows() -> list[list[str]]:
     """Fewer bytes for the default update: quantised values and coded indices at `tiny-long`, four seeds, over bf16
     values and 12-bit indices with the same seeds; at R = 4 eight seeds of the default wire and the sign wire."""
     rows = []
+    rel = "parity_tiny_long/summary_r1_default_wire.json"  # R = 1: the default against the same update in bf16
+    g = load(rel)
+    q = g["over_bf16_values"]["flexdemo"]
+    rows.append(seeds_row(g, "flexdemo", "the default: values in 2 bits, Elias-Fano indices (168.7×)", "", "",
+                          f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, "
+                          f"math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
+                          f"`bench_parity.py --worker --size tiny-long --optim flexdemo --lr 0.01 --replicas 1 "
+                          f"--seed S ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 1"))
     rel = "parity_tiny_long/summary_r4_8seeds.json"
     g = load(rel)
     for name, what in (("flexdemo-coefsign-wd0.1", "the default update with bf16 values and 12-bit indices "
