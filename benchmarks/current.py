@@ -122,9 +122,11 @@ def kernel_rows() -> list[list[str]]:
     a = hm["base: fused AdamW step"]
     rows.append(row("optimizer step, `base`, the default (`base_step=coefficient_sign`), 1 replica (eager; "
                     "`cuda_graphs=true`); with the sign wire and Elias-Fano indices (183.8× less than dense bf16 "
-                    "for `base` 2 × 2; the signs then a torch pass after the encode kernel)", f"{d:.2f} ms; {dg:.2f} ms; sign wire {q:.2f} ms; {qg:.2f} ms",
-                    f"fused AdamW {a:.2f} ms", f"{d / a:.2f}×; {dg / a:.2f}×; sign wire {q / d:.2f}×; {qg / dg:.2f}× "
-                    "the default's (goal ≤ 1.0 against AdamW)", device_of(h), h["date"],
+                    "for `base` 2 × 2; the signs then a torch pass after the encode kernel)",
+                    f"{d:.2f} ms; {dg:.2f} ms; sign wire {q:.2f} ms; {qg:.2f} ms",
+                    f"fused AdamW {a:.2f} ms",
+                    f"{d / a:.2f}×; {dg / a:.2f}×; sign wire {q / d:.2f}×; {qg / dg:.2f}× the default's (goal ≤ 1.0 "
+                    "against AdamW)", device_of(h), h["date"],
                     "`bench_optimizer_step.py --model base --skip-slow` (`optstep_h100/step_base.json`)"))
     ker = load("kernels_h200/kernels.json")
     dev = device_of(ker)
@@ -330,6 +332,13 @@ def ci95(x: dict) -> str:
     return f"[{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
 
 
+def paired_over(what: str, q: dict) -> str:
+    """A paired ratio against another setting ({"val_loss": ..., "in_distribution": ...}), over all domains and on
+    held-out text of the training distribution."""
+    return (f"; over {what} {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, math "
+            f"{q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})")
+
+
 def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, extra: str, src: str,
               where: str = "`small` (1000 steps), R = 1") -> list[str]:
     """A rule at one rate over the seeds of a summary composed by hand: its mean loss, and its ratio to AdamW paired
@@ -356,21 +365,18 @@ def coefsign_default_rows() -> list[list[str]]:
         d, w = g["over_default"][name], g["wd_over_no_wd"]
         dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
         cv, ci = g["ratio_over_seeds"]["flexdemo-coefsign"], g["in_distribution_over_seeds"]["flexdemo-coefsign"]
-        rows.append(seeds_row(g, name, "the default update: `base_step=coefficient_sign`, weight decay 0.1; bf16 values, "
-                              "12-bit indices", "",
+        rows.append(seeds_row(g, name, "the default update: `base_step=coefficient_sign`, weight decay 0.1; bf16 "
+                              "values, 12-bit indices", "",
                               f"; direct step {dv['mean']:.3f} (public, code, math {di['mean']:.3f}); coefficient "
                               f"sign without weight decay {cv['mean']:.3f} ({ci['mean']:.3f})",
-                              f"; over the direct step {d['val_loss']['mean']:.3f}, {ci95(d['val_loss'])} (public, "
-                              f"code, math {d['in_distribution']['mean']:.3f}, {ci95(d['in_distribution'])}); over "
-                              f"no weight decay {w['val_loss']['mean']:.3f}, {ci95(w['val_loss'])}; facts "
+                              paired_over("the direct step", d) + f"; over no weight decay "
+                              f"{w['val_loss']['mean']:.3f}, {ci95(w['val_loss'])}; facts "
                               f"{g['facts'][name]:.3f} against AdamW's {g['facts']['adamw']:.3f}",
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
                               f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
         wire, q = "flexdemo-coefsign-wd0.1-k28-q2", g["wire_over_default"]
-        rows.append(seeds_row(g, wire, "the default update with k 28, values in 2 bits: 152.9× less than dense bf16 for "
-                              "`base` 2 × 2", "", "",
-                              f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, "
-                              f"math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
+        rows.append(seeds_row(g, wire, "the default update with k 28, values in 2 bits: 152.9× less than dense bf16 "
+                              "for `base` 2 × 2", "", "", paired_over("bf16 values", q),
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
                               f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
     return rows
@@ -391,8 +397,7 @@ def wire_codes_rows() -> list[list[str]]:
     g = load(rel)
     q = g["over_bf16_values"]["flexdemo"]
     rows.append(seeds_row(g, "flexdemo", "the default: values in 2 bits, Elias-Fano indices (168.7×)", "", "",
-                          f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, code, "
-                          f"math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
+                          paired_over("bf16 values", q),
                           f"`bench_parity.py --worker --size tiny-long --optim flexdemo --lr 0.01 --replicas 1 "
                           f"--seed S ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 1"))
     rel = "parity_tiny_long/summary_r4_8seeds.json"
@@ -403,9 +408,7 @@ def wire_codes_rows() -> list[list[str]]:
                        ("flexdemo-coefsign-wd0.1-q1-ef", "the default update with signs for values, Elias-Fano "
                                                          "indices (183.8×)")):
         q = g["over_bf16_values"].get(name)
-        extra = "" if q is None else (f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} "
-                                      f"(public, code, math {q['in_distribution']['mean']:.3f}, "
-                                      f"{ci95(q['in_distribution'])})")
+        extra = "" if q is None else paired_over("bf16 values", q)
         rows.append(seeds_row(g, name, what, "", "", extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
                               f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
     for R in (2, 4):
@@ -417,8 +420,7 @@ def wire_codes_rows() -> list[list[str]]:
             q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
             bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
             rows.append(seeds_row(g, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}", "", "",
-                                  f"; over bf16 values {q['val_loss']['mean']:.3f}, {ci95(q['val_loss'])} (public, "
-                                  f"code, math {q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})",
+                                  paired_over("bf16 values", q),
                                   f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 ...` (`{rel}`; its "
                                   "commands)", f"`tiny-long` (3000 steps), R = {R}"))
     return rows
@@ -428,7 +430,8 @@ def parity_rows() -> list[list[str]]:
     rows = []
     g = load("parity/summary.json")  # the default, two seeds, each optimizer's rate bracketed by its sweep
     a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
-    edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f)) if x["lr_at_sweep_edge"])
+    edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
+                   if x["lr_at_sweep_edge"])
     rows.append(row(f"FlexDeMo (the default) / AdamW validation loss, `small`, {g['size']['steps']} steps, R = 1, "
                     f"seeds {', '.join(g['ratio_over_seeds']['per_seed'])}, best of {len(g['sweep']['flexdemo'])} "
                     f"rates each{edge}", f"{f['val_loss']:.3f} (lr {f['lr']:g})",
@@ -603,8 +606,7 @@ def parity_rows() -> list[list[str]]:
             d = g["over_default"][name]
             rows.append(seeds_row(g, name, what, f" ({' and '.join(calls)})",
                                   f"; default {dv['mean']:.3f} (public, code, math {di['mean']:.3f})",
-                                  f"; over the default {d['val_loss']['mean']:.3f}, {ci95(d['val_loss'])} (public, "
-                                  f"code, math {d['in_distribution']['mean']:.3f}, {ci95(d['in_distribution'])})",
+                                  paired_over("the default", d),
                                   f"`bench_parity.py --size small ...` (`{rel}`; its commands)"))
     for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
         g = load(f"parity_precondition_small/run{run}.json")
