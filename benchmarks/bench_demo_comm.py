@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -80,7 +81,10 @@ def main() -> None:
     R = args.replicate
     N = sum(p.numel() for p in model.parameters())
     rows = [comm_row(model, demo, R, S) for S in args.shards]
-    head = {"model": args.model, "params": N, "replicate": R, **dataclasses.asdict(demo)}
+    # a count of the payload's layout: no device runs it
+    head = {"device": "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "command": "python " + " ".join(sys.argv), "model": args.model, "params": N, "replicate": R,
+            **dataclasses.asdict(demo)}
     print(json.dumps(head))
     print(f"{'shard':>5}{'params/rank':>13}{'payload MB':>12}{'FlexDeMo MB':>13}{'HSDP fp32 MB':>14}{'dense bf16 MB':>15}"
           f"{'x vs fp32':>11}{'x vs bf16':>11}{'B/coef':>8}")

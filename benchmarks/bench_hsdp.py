@@ -97,8 +97,9 @@ def main() -> None:
     stream = TokenStream([embedded_path("public", "train", tok, chars, 0)])
     loader = SequenceLoader(stream, args.seq_len, args.micro_batch, 1, ctx.rank, ctx.world, seed=0)
     model = build_parallel_model(cfg, ctx, args.strategy, seed=0, mixed_precision=mp)
-    ocfg = OptimConfig(name=args.strategy, lr=args.lr or (1e-3 if args.strategy == "adamw" else 4e-4),
-                       weight_decay=0.0 if args.strategy == "flexdemo" else 0.1, warmup_steps=args.warmup,
+    # each at its best rate at `small` (benchmarks/results/parity), FlexDeMo's default update with AdamW's decay
+    ocfg = OptimConfig(name=args.strategy, lr=args.lr or (1e-3 if args.strategy == "adamw" else 2e-3),
+                       weight_decay=0.1, warmup_steps=args.warmup,
                        demo=DeMoConfig(topk=args.topk, chunk=args.chunk, overlap=args.overlap,
                                        cuda_graphs=args.cuda_graphs))
     opt = build_optimizer(model, ocfg, dev, ctx.replicate_group, link=link)

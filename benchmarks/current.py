@@ -6,8 +6,8 @@ states a number that no result file holds.
     python benchmarks/current.py --check   # exit 1 if the README's table is not the generated one (a test runs it)
 
 A figure is a row: what, the value, the baseline measured in the same run, their ratio, device, date and the command
-(or result file). Add a row here when a benchmark's result becomes a current figure; delete its raw result files
-when it stops being one (the history of past runs is benchmarks/HISTORY.md).
+(or result file). Add a row here when a benchmark's result becomes a current figure; when it stops being one, move
+what it said to benchmarks/HISTORY.md and delete its row and the result files no other row reads.
 """
 
 from __future__ import annotations
@@ -42,19 +42,6 @@ def row(what, value, baseline, ratio, device, date, source) -> list[str]:
 
 def kernel_rows() -> list[list[str]]:
     rows = []
-    # the goal's device: the step against the host's time to queue it (base measured again with cuda_graphs)
-    for rel, model, graphs in (("optstep_h200/prof_graphs.json", "base", ("", " cuda_graphs")),
-                               ("optstep_h200/prof.json", "1b", ("",))):
-        h = load(rel)
-        a = next(r["ms"] for r in h["rows"] if r["what"] == f"{model}: fused AdamW step")
-        for g in graphs:
-            f = next(r for r in h["rows"] if r["what"].startswith(f"{model}: FlexDeMo triton{g} step, host"))
-            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton{' with `cuda_graphs=true`' if g else ''} "
-                            "(host time to queue it; GPU work)", f"{f['step_ms']:.2f} ms ({f['ms']:.2f}; "
-                            f"{f['gpu_ms']:.2f})", f"fused AdamW {a:.2f} ms",
-                            f"{f['step_ms'] / a:.2f}× (goal ≤ 1.0)",
-                            device_of(h), h["date"],
-                            f"`bench_optimizer_step.py --model {model} --profile` (`{rel}`)"))
     o = load("optstep_h200/step.json")  # the same benchmark on the goal's device, without the profiler
     om = {r["what"]: r["ms"] for r in o["rows"]}
     odev = device_of(o)
@@ -63,8 +50,9 @@ def kernel_rows() -> list[list[str]]:
         a = om[f"{model}: fused AdamW step"]
         for g in ("", ", cuda_graphs"):
             f, t = (om[f"{model}: FlexDeMo triton{g}{v}, 1 replica"] for v in ("", ", dct_forward=tf32"))
-            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton{' with `cuda_graphs=true`' if g else ''} "
-                            "(fp32 DCT; `dct_forward=tf32`)", f"{f:.2f} ms; {t:.2f} ms", f"fused AdamW {a:.2f} ms",
+            graphs = " with `cuda_graphs=true`" if g else ""
+            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton, direct step{graphs} (fp32 DCT; "
+                            "`dct_forward=tf32`)", f"{f:.2f} ms; {t:.2f} ms", f"fused AdamW {a:.2f} ms",
                             f"{f / a:.2f}×; {t / a:.2f}× (goal ≤ 1.0)", odev, o["date"], src))
     t = load("train_step_h200/optims.json")  # the same optimizers inside a whole compiled training step
     tm = {(r["case"], r["optim"]): r for r in t["rows"]}
@@ -77,44 +65,16 @@ def kernel_rows() -> list[list[str]]:
                         device_of(t), t["date"],
                         "`bench_train_step.py --models small base --compile on --optims adamw flexdemo "
                         "flexdemo-graphs` (`train_step_h200/optims.json`)"))
-    c = load("optstep_h200/step_fused.json")  # the per-chunk step as one kernel, and the coefficient sign
+    c = load("optstep_h200/step_fused.json")  # the coefficient sign against the direct step, same run
     cm = {r["what"]: r["ms"] for r in c["rows"]}
     csrc = "`bench_optimizer_step.py --model base 1b --skip-slow` (`optstep_h200/step_fused.json`)"
     for model in ("base", "1b"):
-        a, default = om[f"{model}: fused AdamW step"], om[f"{model}: FlexDeMo triton, 1 replica"]
-        f32, b16 = (om[f"{model}: FlexDeMo triton, base_step=orthogonal (matrix, {p}), 1 replica"]
-                    for p in ("fp32", "bf16"))
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal` (whole matrices; "
-                        "Newton-Schulz in fp32; in bf16, `orthogonal_precision=bf16`)", f"{f32:.1f} ms; {b16:.1f} ms",
-                        f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
-                        f"{f32 / a:.0f}×; {b16 / a:.0f}×", odev, o["date"], src))
-        a, default, two = (cm[f"{model}: {w}"] for w in ("fused AdamW step", "FlexDeMo triton, 1 replica",
-                                                         "FlexDeMo triton, 2 replicas (decode twice)"))
-        for reps, base in (("1 replica", default), ("2 replicas (decode twice)", two)):
-            f32, b16 = (cm[f"{model}: FlexDeMo triton, base_step=orthogonal (chunk, {p}), {reps}"]
-                        for p in ("fp32", "bf16"))
-            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=orthogonal`, "
-                            "`orthogonal_scope=chunk` (decode, Newton-Schulz on each chunk's coefficient block, apply: "
-                            f"one kernel), {reps} (fp32; bf16)", f"{f32:.1f} ms; {b16:.1f} ms",
-                            f"fused AdamW {a:.2f} ms; default FlexDeMo {base:.2f} ms",
-                            f"{f32 / base:.1f}×; {b16 / base:.1f}× the default's", device_of(c),
-                            c["date"], csrc))
+        a, default = (cm[f"{model}: {w}"] for w in ("fused AdamW step", "FlexDeMo triton, 1 replica"))
         cs = cm[f"{model}: FlexDeMo triton, base_step=coefficient_sign, 1 replica"]
         rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=coefficient_sign`, 1 replica",
-                        f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; default FlexDeMo {default:.2f} ms",
-                        f"{cs / default:.2f}× the default's", device_of(c), c["date"], csrc))
-    w = load("optstep_h200/step_wire.json")  # k 28 with 2-bit codes: the quantisation inside the encode kernel
-    wm = {r["what"]: r["ms"] for r in w["rows"]}
-    for model in ("base", "1b"):
-        a, default = wm[f"{model}: fused AdamW step"], wm[f"{model}: FlexDeMo triton, 1 replica"]
-        q, qg = (wm[f"{model}: FlexDeMo triton, topk=28 value_bits=2{g}, 1 replica"] for g in ("", ", cuda_graphs"))
-        dg = wm[f"{model}: FlexDeMo triton, cuda_graphs, 1 replica"]
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton, k 28 with values as 2-bit codes (152.9× less "
-                        "than dense bf16 for `base` 2 × 2; eager; `cuda_graphs=true`)", f"{q:.2f} ms; {qg:.2f} ms",
-                        f"default (k 32, bf16 values) {default:.2f} ms; {dg:.2f} ms; fused AdamW {a:.2f} ms",
-                        f"{q / default:.2f}×; {qg / dg:.2f}× the default's", device_of(w),
-                        w["date"], "`bench_optimizer_step.py --model base 1b --skip-slow` "
-                                   "(`optstep_h200/step_wire.json`)"))
+                        f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; direct step {default:.2f} ms",
+                        f"{cs / a:.2f}× (goal ≤ 1.0); {cs / default:.2f}× the direct step's", device_of(c), c["date"],
+                        csrc))
     h = load("optstep_h100/step_base.json")  # the default's step and the sign wire's, on an H100
     hm = {r["what"]: r["ms"] for r in h["rows"]}
     cs, sw = "base: FlexDeMo triton, base_step=coefficient_sign", " value_bits=1 index_coding=elias_fano"
@@ -146,8 +106,16 @@ def kernel_rows() -> list[list[str]]:
                     f"{enc['x_floor']:.2f}×; {tf32['x_floor']:.2f}×", dev, ker["date"], src))
     rows.append(row("decode + apply / its memory floor", f"{dec['ms']:.3f} ms", f"floor {dec['floor_ms']:.3f} ms",
                     f"{dec['x_floor']:.2f}×", dev, ker["date"], src))
-    rows.append(row("bytes sent across nodes per 64² chunk (k 32, 3.5 B per coefficient)", "112 B",
-                    "dense bf16 8,192 B", f"1/{ker['ratio_vs_dense_bf16']:.1f}", dev, ker["date"], src))
+    w, d = (load(f"demo_comm/{f}.json") for f in ("base_2x2", "base_2x2_demo_wire"))  # a count: no device runs it
+    wr, dr = w["rows"][0], d["rows"][0]
+    rows.append(row(f"bytes per step across nodes, `{w['model']}` on {w['replicate']} nodes × {wr['shard']} GPUs, the "
+                    f"default wire ({w['value_bits']}-bit values, Elias-Fano indices; {wr['bytes_per_coeff']:.4g} B per "
+                    "coefficient)", f"{wr['flexdemo_bytes'] / 1e6:.3f} MB",
+                    f"dense bf16 all-reduce {wr['dense_bf16_bytes'] / 1e6:.2f} MB; DeMo's wire (bf16 values, 12-bit "
+                    f"indices) {dr['flexdemo_bytes'] / 1e6:.3f} MB ({dr['ratio_vs_dense_bf16']:.1f}×)",
+                    f"1/{wr['ratio_vs_dense_bf16']:.1f} (goal ≥ 150×)", "count (CPU)", w["date"],
+                    "`bench_demo_comm.py --model base --replicate 2 --shards 2 [--value-bits 0 --index-coding fixed]` "
+                    "(`demo_comm/base_2x2.json`, `base_2x2_demo_wire.json`)"))
     e2e = load("kernels_h200/e2e.json")
     rows.append(row(f"Triton vs torch path, `{e2e['model']}`, {e2e['steps']} steps: largest loss difference (Triton "
                     "with `cuda_graphs=true` vs Triton)", f"{e2e['max_rel_diff_triton_vs_torch']:.3f} (relative; "
@@ -220,73 +188,7 @@ def mixture_rows() -> list[list[str]]:
                         "alone " + seeds(f"{a[dom]['tasks'][task]:.3f}" for a in v3_alone),
                         seeds(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in diffs)
                         + f" (goal ≥ −0.02: {'met' if worst >= -0.02 else 'missed'})", dev, date, src))
-    runs = [r for r in runs if r["default"].replace("@posterior", "@likelihood") in r["mixtures"]]  # seeds 0-2
-    v3 = [r["mixtures"][r["default"]] for r in runs]
-    like = [r["mixtures"][r["default"].replace("@posterior", "@likelihood")] for r in runs]  # same experts
-    oracle = [r["mixtures"][r["default"].split("/")[0] + "/oracle"]["losses"]["facts"] for r in runs]
-    src, date = source(len(runs)), runs[-1]["provenance"]["date"]
-    rows.append(row("merged mixture (seeds 0 / 1 / 2), routed by likelihood instead (the hard choice; same experts): "
-                    "largest opt-out change; facts loss above the oracle (facts' own two-expert model)",
-                    seeds(f"{m['opt_out_max_change']:.3f}" for m in like) + "; " + above(like, oracle),
-                    "posterior " + seeds(f"{m['opt_out_max_change']:.3f}" for m in v3) + "; " + above(v3, oracle),
-                    optout_goal(max(like, key=lambda m: m["opt_out_max_change"])), dev, date, src))
-    mc = [load(f"mc_item_tiny_long/mc_seed{i}.json")["facts_mc"] for i in range(3)]  # evidence="item", on the CPU
-    rows.append(row("`facts_mc` items the mixture answers differently from the facts expert alone (of 400; "
-                    "`tiny-long`, facts data v3, seeds 0 / 1 / 2): choices scored with the expert picked from the "
-                    "question and all its choices (`evidence=item`, the default now)",
-                    seeds(str(r["discordant_vs_own:likelihood/item"]) for r in mc),
-                    "from the question alone " + seeds(str(r["discordant_vs_own:likelihood/context"]) for r in mc),
-                    "accuracy " + seeds(f"{r['likelihood/item'] - r['facts']:+.3f}" for r in mc) + " against alone",
-                    "CPU", "2026-12-03", "`mc_routing.py --work outputs/bm/tiny --n 400` "
-                    "(`mc_item_tiny_long/mc_seed{0,1,2}.json`)"))
-    cpu = [load(f"mixture_tiny_long/seed{i}.json") for i in range(3)]  # likelihood against posterior, same experts
-    rules = {rule: [r["mixtures"][f"negatives+route+bias/merged@{rule}"] for r in cpu]
-             for rule in ("likelihood", "posterior")}
-    like, post = rules["likelihood"], rules["posterior"]
-    oracle = [r["mixtures"]["negatives+route+bias/oracle"]["losses"]["facts"] for r in cpu]
-    tsrc = ("`bench_mixture.py --size tiny --routings likelihood posterior --set base_steps=1500 expert_steps=600 "
-            "train_chars=1000000 micro_batch=16 mc_items=400 seed=S` (`mixture_tiny_long/seed{0,1,2}.json`)")
-    rows += [
-        row("`tiny-long`, facts data v3, seeds 0 / 1 / 2: posterior routing (`route_context=posterior`): largest "
-            "opt-out change", seeds(f"{m['opt_out_max_change']:.3f}" for m in post),
-            "likelihood " + seeds(f"{m['opt_out_max_change']:.3f}" for m in like),
-            optout_goal(max(post, key=lambda m: m["opt_out_max_change"])), "CPU", cpu[0]["provenance"]["date"], tsrc),
-        row("`tiny-long`, same runs: facts loss above the oracle (facts' own two-expert model), posterior routing",
-            above(post, oracle), "likelihood " + above(like, oracle),
-            "public " + seeds(f"{m['losses']['public']:.3f}" for m in post) + " (likelihood "
-            + seeds(f"{m['losses']['public']:.3f}" for m in like) + ")", "CPU", cpu[0]["provenance"]["date"], tsrc),
-    ]
-    r = load("mixture_small/likelihood.json")  # an earlier run: the router tuned first, then each rule
-    tuned = r["default"].split("@")[0]
-    tok, seq = (r["mixtures"][tuned + x] for x in ("", "@sequence"))
-    rdate = r["provenance"]["date"]
-    rsrc = "`bench_mixture.py --size small --routings sequence likelihood posterior` (`mixture_small/likelihood.json`)"
-    rows += [
-        row("router tuned, routed by token (FlexOlmo's workflow; an earlier run): public loss; largest opt-out change",
-            f"{tok['losses']['public']:.3f}; {tok['opt_out_max_change']:.3f}",
-            f"public base {r['base']['losses']['public']:.3f}", optout_goal(tok), dev, rdate, rsrc),
-        row("router tuned, sequence routing (`route_context=sequence`; same run): largest opt-out change",
-            f"{seq['opt_out_max_change']:.3f} (harm {seq['opt_out_max_increase']:.3f})",
-            f"public {seq['losses']['public']:.3f}, gap recovery {spread(seq['gap_recovery'])}", optout_goal(seq),
-            dev, rdate, rsrc),
-    ]
-    r = load("mixture_small/routings.json")  # an earlier run: top-2 with renormalised weights
-    top2 = r["mixtures"][f"{r['default']}@top2"]
-    rows.append(row("token routing to the top-2 experts, weights renormalised (an earlier run): largest opt-out change",
-                    f"{top2['opt_out_max_change']:.3f} (harm {top2['opt_out_max_increase']:.3f})",
-                    f"public {top2['losses']['public']:.3f}", optout_goal(top2), dev, r["provenance"]["date"],
-                    "`bench_mixture.py --size small --routings top2 prefix sequence` (`mixture_small/routings.json`)"))
     return rows
-
-
-def swept_lr(g: dict, name: str) -> str:
-    """A best learning rate, marked where it is the end of its sweep (the sweep does not bracket it)."""
-    lr, rates = g[name]["lr"], [float(r) for r in g["sweep"][name]]
-    return f"{lr:g}" + (", end of sweep" if len(rates) > 1 and lr in (min(rates), max(rates)) else "")
-
-
-def optout_goal(m: dict) -> str:
-    return "goal ≤ 0.02 (" + ("met" if m["opt_out_max_change"] <= 0.02 else "missed") + ")"
 
 
 def optout_over_seeds(changes: list[float]) -> str:
@@ -354,34 +256,6 @@ def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, e
                "(goal ≤ 1.02)", device_of(g), g["date"], src)
 
 
-def coefsign_default_rows() -> list[list[str]]:
-    """The default (the coefficient sign, weight decay 0.1) against AdamW, DeMo's direct step and the coefficient sign
-    without weight decay at `tiny-long`, four seeds."""
-    rows = []
-    for R in (1, 2, 4):
-        rel = f"parity_tiny_long/summary_4seeds_r{R}.json"
-        g = load(rel)
-        name = "flexdemo-coefsign-wd0.1"
-        d, w = g["over_default"][name], g["wd_over_no_wd"]
-        dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
-        cv, ci = g["ratio_over_seeds"]["flexdemo-coefsign"], g["in_distribution_over_seeds"]["flexdemo-coefsign"]
-        rows.append(seeds_row(g, name, "the default update: `base_step=coefficient_sign`, weight decay 0.1; bf16 "
-                              "values, 12-bit indices", "",
-                              f"; direct step {dv['mean']:.3f} (public, code, math {di['mean']:.3f}); coefficient "
-                              f"sign without weight decay {cv['mean']:.3f} ({ci['mean']:.3f})",
-                              paired_over("the direct step", d) + f"; over no weight decay "
-                              f"{w['val_loss']['mean']:.3f}, {ci95(w['val_loss'])}; facts "
-                              f"{g['facts'][name]:.3f} against AdamW's {g['facts']['adamw']:.3f}",
-                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
-                              f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
-        wire, q = "flexdemo-coefsign-wd0.1-k28-q2", g["wire_over_default"]
-        rows.append(seeds_row(g, wire, "the default update with k 28, values in 2 bits: 152.9× less than dense bf16 "
-                              "for `base` 2 × 2", "", "", paired_over("bf16 values", q),
-                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 2 [--first-seed 2] ...` "
-                              f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
-    return rows
-
-
 WIRE_CODES = {"flexdemo-coefsign-wd0.1-q2": "the default update with values in 2 bits (with Elias-Fano indices the "
                                             "default wire since 2026-12-05)",
               "flexdemo-coefsign-wd0.1-k30-q4": "the default update with k 30, values in 4 bits",
@@ -411,7 +285,7 @@ def wire_codes_rows() -> list[list[str]]:
         extra = "" if q is None else paired_over("bf16 values", q)
         rows.append(seeds_row(g, name, what, "", "", extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
                               f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
-    for R in (2, 4):
+    for R in (2,):  # R = 4: the eight seeds above
         rel = f"parity_tiny_long/summary_codes_r{R}.json"
         g = load(rel)
         for name, what in WIRE_CODES.items():
@@ -440,43 +314,10 @@ def parity_rows() -> list[list[str]]:
                     f"{i['flexdemo']['ratio']:.3f} (goal ≤ 1.02)", device_of(g), g["date"],
                     "`bench_parity.py --size small --seeds 2 --variants adamw flexdemo ...` (`parity/summary.json`; "
                     "its commands)"))
-    # two seeds, the sign step scaled per tensor (the default's `small` row is the later, bracketed two-seed run's)
-    g = load("parity_scaled_small/summary.json")
-    v = g["variants"]["flexdemo-scaled"]
-    lo, hi = v["ratio_over_seeds"]["ci95"]
-    rows.append(row("FlexDeMo (sign step × replicas' Adam RMS per tensor) / AdamW validation loss, `small`, R = 1, "
-                    "mean of 2 seeds", f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
-                    f"(lr {g['adamw']['lr']:g})", f"{v['ratio']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}] (goal ≤ 1.02)",
-                    device_of(g), g["date"],
-                    "`bench_parity.py --size small --seeds 2 --variants adamw flexdemo flexdemo-scaled` "
-                    "(`parity_scaled_small/`)"))
-    rel = "parity_tiny_long/summary_9k.json"  # three times as long: the gap at `tiny` does not close with length
-    g = load(rel)
-    a, f = g["adamw"], g["flexdemo"]
-    spread = f", per seed {' / '.join(f'{x:.3f}' for x in g['ratio_over_seeds']['per_seed'].values())}"
-    rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny-long` ({g['size']['steps']} steps), R = 1, mean of 2 "
-                    "seeds", f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
-                    f"{g['ratio']:.3f}{spread}{without_shifted(g)} (goal ≤ 1.02)", "CPU", g["date"],
-                    f"`{command(g)}` (`{rel}`)"))
-    g = load("parity_small_long/summary.json")  # 4,000 steps, data seen once; one rate per optimizer, no sweep
-    a, by = g["adamw"], g["val_by_domain"]
-    v = g["variants"]["flexdemo-adamw"]
-    pre = row("FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small-long`, R = 1",
-              f"{v['val_loss']:.3f} (lr {v['lr']:g}; best {v['best_val_loss']:.3f})",
-              f"AdamW {a['val_loss']:.3f}", f"{v['ratio']:.3f} (facts {by['flexdemo-adamw']['facts']:.3f} "
-              f"against {by['adamw']['facts']:.3f})", device_of(g), g["date"],
-              "`bench_parity.py --size small-long ...` (`parity_small_long/summary.json`)")
     for rel, label in (("parity_small_long/summary_default.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                   "the default at `small`'s best rate, one seed"),
-                       ("parity_small_long/summary_sweep.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
-                                                                "best of 2 rates each"),
-                       ("parity_small_long/summary_small_rates.json", "`small-long` (4000 steps, 0.99 epochs), R "
-                                                                      "= 1, one rate each (`small`'s best)"),
-                       ("parity_small_long/summary_k28q2.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
-                                                                "one rate each (`small`'s best), again"),
-                       ("parity_small_long_code/summary_2k.json", "`small-long-code` cut to 2000 steps (public, "
-                                                                  "math and code, 0.49 epochs), R = 1, one rate each"),
-                       ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each")):
+                       ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each "
+                                                        "(direct step, the default then)")):
         g = load(rel)
         a, f = g["adamw"], g["flexdemo"]
         doms = " / ".join(f"{d} {x:.3f}" for d, x in g["ratio_by_domain"].items())
@@ -486,146 +327,6 @@ def parity_rows() -> list[list[str]]:
                         f"{g['ratio']:.3f}; per domain {doms}{without_shifted(g)} (goal ≤ 1.02)",
                         device_of(g), g["date"],
                         f"`{command(g)}` (`{rel}`)"))
-    rows.append(pre)
-    nolr = (("flexdemo", "direct step, the default then"), ("flexdemo-nolr", "`optim.demo.fold_lr=false`"))
-    wire = ("flexdemo-ortho-k28-q2", "`base_step=orthogonal`, k 28, values in 2 bits: 152.9× less than dense bf16 "
-                                     "for `base` 2 × 2")
-    ortho = (("flexdemo-ortho", "`optim.demo.base_step=orthogonal`"),
-             ("flexdemo-ortho-wd0.1", "`base_step=orthogonal`, weight decay 0.1"))
-    bf16 = ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")
-    chunk = ("flexdemo-ortho-chunk", "`base_step=orthogonal`, per 64² chunk")
-    chunk_wd = ("flexdemo-ortho-chunk-wd0.1", "`base_step=orthogonal`, per 64² chunk, weight decay 0.1")
-    fused = (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
-             ("flexdemo-coefsign", "`base_step=coefficient_sign`"))
-
-    def decay(*wds: str) -> tuple:
-        return tuple((f"flexdemo-wd{wd}", f"weight decay {wd}") for wd in wds)
-
-    for rel, label, names in (("parity_tiny_long/summary_nolr.json", "`tiny-long`, R = 1, mean of 2 seeds", nolr),
-                              ("parity_nolr_small/summary.json", "`small` (1000 steps), R = 1, one seed", nolr[1:]),
-                              ("parity_tiny_long/summary_ortho.json", "`tiny-long`, R = 1, mean of 2 seeds", ortho),
-                              ("parity_ortho_small/summary.json", "`small` (1000 steps), R = 1, one seed",
-                               (*ortho, wire)),
-                              ("parity_ortho_bf16_small/summary.json", "`small` (1000 steps), R = 1, the same "
-                               "seed again", (ortho[0], bf16)),
-                              ("parity_ortho_bf16_small_2seeds/summary.json", "`small` (1000 steps), R = 1, mean of "
-                               "2 seeds", (nolr[0], bf16)),
-                              ("parity_ortho_chunk_small/summary_2seeds.json", "`small` (1000 steps), R = 1, mean "
-                               "of 2 seeds (public, code, math: seed 0)", (nolr[0], chunk)),
-                              ("parity_small_long/summary_small_rates.json", "`small-long` (4000 steps), R = 1, one "
-                               "seed", (bf16,)),
-                              ("parity_small_long/summary_k28q2.json", "`small-long` (4000 steps), R = 1, one "
-                               "seed", (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for "
-                                                            "`base` 2 × 2"),)),
-                              ("parity_tiny_long/summary_ortho_r2_bracketed.json", "`tiny-long`, R = 2, mean of 2 "
-                               "seeds", (nolr[0], ortho[0])),
-                              ("parity_tiny_long/summary_ortho_r4_bracketed.json", "`tiny-long`, R = 4, mean of 2 "
-                               "seeds", (nolr[0], ortho[0])),
-                              ("parity_tiny_long/summary_ortho_chunk_r2.json", "`tiny-long`, R = 2, mean of 2 "
-                               "seeds (AdamW and the default at their bracketed best rates of the earlier run)",
-                               (chunk,)),
-                              ("parity_tiny_long/summary_ortho_chunk_r4.json", "`tiny-long`, R = 4, mean of 2 "
-                               "seeds (AdamW and the default at their bracketed best rates of the earlier run)",
-                               (chunk,)),
-                              ("parity_tiny_long/summary_wd_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
-                               decay("1")),
-                              ("parity_tiny_long/summary_wd_r2.json", "`tiny-long`, R = 2, mean of 2 seeds (AdamW "
-                               "and the default as in the per-chunk R = 2 row)",
-                               decay("0.3", "1", "3")),
-                              ("parity_tiny_long/summary_ortho_chunk_wd_r2.json", "`tiny-long`, R = 2, mean of 2 "
-                               "seeds (AdamW and the default as in the per-chunk R = 2 row)", (chunk_wd,)),
-                              ("parity_tiny_long/summary_wd_r4.json", "`tiny-long`, R = 4, mean of 2 seeds (AdamW "
-                               "and the default as in the per-chunk R = 4 row)", (*decay("0.1", "1"), chunk_wd)),
-                              ("parity_tiny_long/summary_ortho_r2.json", "`tiny-long`, R = 2, one seed", ortho[1:]),
-                              ("parity_tiny_long/summary_ortho_wire.json", "`tiny-long`, R = 1, mean of 2 seeds",
-                               (chunk, wire)),
-                              ("parity_tiny_long/summary_ortho_wire_r2.json", "`tiny-long`, R = 2, mean of 2 seeds",
-                               (wire,)),
-                              ("parity_tiny_long/summary_wire_r2.json", "`tiny-long`, R = 2, mean of 2 seeds",
-                               (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
-                                                    "2 × 2"),
-                                ("flexdemo-k24-q2", "k 24, values in 2 bits: 175.9× less than dense bf16 for `base` "
-                                                    "2 × 2"))),
-                              ("parity_tiny_long/summary_wire_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
-                               (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
-                                                    "2 × 2"),)),
-                              ("parity_tiny_long/summary_ortho_wire_r4.json", "`tiny-long`, R = 4, one seed", (wire,)),
-                              ("parity_tiny_long/summary_k28q2_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
-                               (("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense bf16 for `base` "
-                                                    "2 × 2"),)),
-                              ("parity_tiny_long/summary_fused_r1.json", "`tiny-long`, R = 1, mean of 2 seeds",
-                               (nolr[0], *fused)),
-                              ("parity_tiny_long/summary_fused_r2.json", "`tiny-long`, R = 2, mean of 2 seeds",
-                               (nolr[0], *fused)),
-                              ("parity_tiny_long/summary_fused_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
-                               (nolr[0], *fused)),
-                              ("parity_tiny_long/summary_meanall_r4.json", "`tiny-long`, R = 4, mean of 2 seeds",
-                               (nolr[0], ("flexdemo-meanall", "`optim.demo.replica_mean=all`: each position averaged "
-                                                              "over all R replicas, not over those that sent it")))):
-        g = load(rel)  # a rule against the default (or AdamW), each swept
-        i, cmd = g["in_distribution"], command(g)
-        for name, what in names:
-            v = g[name]
-            n = len(g["sweep"][name])
-            over = g.get("variants", {}).get(name, {}).get("ratio_over_seeds")
-            ci = f", 95% CI [{over['ci95'][0]:.3f}, {over['ci95'][1]:.3f}]" if over else ""
-            d = g.get("over_default", {}).get(name)  # paired by seed with the default of the same run
-            if d:
-                dv, di = d["val_loss"], d["in_distribution"]
-                ci += f"; over the default {dv['mean']:.3f}, {ci95(dv)} (in distribution {di['mean']:.3f}, {ci95(di)})"
-            rows.append(row(f"FlexDeMo ({what}) / AdamW validation loss, {label}, "
-                            + (f"best of {n} rates" if n > 1 else "one rate"),
-                            f"{v['val_loss']:.3f} (lr {swept_lr(g, name)})",
-                            f"AdamW {g['adamw']['val_loss']:.3f} (lr {swept_lr(g, 'adamw')})",
-                            f"{v['val_loss'] / g['adamw']['val_loss']:.3f}{ci}; {', '.join(i['domains'])} only "
-                            f"{i[name]['ratio']:.3f} (goal ≤ 1.02)",
-                            device_of(g), g["date"],
-                            f"`{cmd}` (`{rel}`)"))
-    g = load("parity_small_4seeds/summary.json")  # four seeds at fixed rates, composed from two calls (its note)
-    src = "`bench_parity.py --size small --seeds 2 [--first-seed 2] ...` (`parity_small_4seeds/summary.json`)"
-    for name, what in (("flexdemo", "direct step, the default then"), ("flexdemo-k28-q2", "k 28, values in 2 bits: 152.9× less than dense "
-                                                                    "bf16 for `base` 2 × 2"),
-                       ("flexdemo-ortho-bf16", "`base_step=orthogonal`, Newton-Schulz in bf16")):
-        extra = ""
-        if name == "flexdemo-k28-q2":
-            k = g["k28_q2_over_default"]
-            extra = (f"; over the default {k['val_loss']['mean']:.3f}, 95% CI {ci95(k['val_loss'])} (public, code, "
-                     f"math {k['in_distribution']['mean']:.3f}, {ci95(k['in_distribution'])})")
-        rows.append(seeds_row(g, name, what, "", "", extra, src))
-    for rel, names in (("parity_fused_small/summary.json",
-                        (("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
-                         ("flexdemo-ortho-chunk-bf16", "the same, Newton-Schulz in bf16"))),
-                       ("parity_coefsign_small/summary.json",
-                        (("flexdemo-coefsign", "`base_step=coefficient_sign`"),
-                         ("flexdemo-ortho-chunk", "`base_step=orthogonal`, per whole decoded 64² chunk, one kernel"),
-                         ("flexdemo-ortho-chunk-bf16", "the same, Newton-Schulz in bf16")))):
-        g = load(rel)  # two seeds at fixed rates, each paired with AdamW and the default of its own call
-        calls = sorted({r["call"] for seed in g["seeds"].values() for r in seed.values()})
-        dv, di = g["ratio_over_seeds"]["flexdemo"], g["in_distribution_over_seeds"]["flexdemo"]
-        for name, what in names:
-            d = g["over_default"][name]
-            rows.append(seeds_row(g, name, what, f" ({' and '.join(calls)})",
-                                  f"; default {dv['mean']:.3f} (public, code, math {di['mean']:.3f})",
-                                  paired_over("the default", d),
-                                  f"`bench_parity.py --size small ...` (`{rel}`; its commands)"))
-    for run in (1, 2):  # each replica's own Adam update, compressed with error feedback, applied unsigned
-        g = load(f"parity_precondition_small/run{run}.json")
-        v, d = g["variants"]["flexdemo-adamw"], g["variants"]["flexdemo"]
-        extra = g["variants"].get("flexdemo-adamw-all")
-        sent = f"; everything sent {extra['ratio']:.3f}" if extra else ""
-        rows.append(row(f"FlexDeMo, `optim.demo.precondition=adam` / AdamW validation loss, `small`, R = 1, run {run}",
-                        f"{v['val_loss']:.3f} (lr {v['lr']:g})", f"AdamW {g['adamw']['val_loss']:.3f} "
-                        f"(lr {g['adamw']['lr']:g}); default {d['ratio']:.3f}{sent}", f"{v['ratio']:.3f} (goal ≤ 1.02)",
-                        device_of(g), g["date"],
-                        f"`bench_parity.py --size small --variants adamw flexdemo flexdemo-adamw ...` "
-                        f"(`parity_precondition_small/run{run}.json`)"))
-    s = load("parity_tiny/summary.json")
-    src = "`bench_parity.py --size tiny --replicas 1 2 4` (`parity_tiny/summary.json`)"
-    for R, r in s["by_replicas"].items():
-        a, f = r["adamw"], r["flexdemo"]
-        rows.append(row(f"FlexDeMo / AdamW validation loss, `tiny`, {s['size']['steps']} steps, R = {R}",
-                        f"{f['val_loss']:.3f} (lr {f['lr']:g})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
-                        f"{r['ratio']:.3f} (goal ≤ 1.02)", "CPU", s["date"], src))
     return rows
 
 
@@ -662,36 +363,6 @@ def study_rows() -> list[list[str]]:
             f"{b['diff']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]: {second}", dev, p["date"], src)]
 
 
-def pareto_rows() -> list[list[str]]:
-    """Loss against bytes: each wire setting's `tiny` loss (its own best rate, 2 seeds) beside the bytes it would
-    send for `base` on 2 nodes x 2 GPUs, where the goal is set."""
-    s = load("pareto_tiny/summary.json")
-    src = "`bench_parity.py --size tiny --seeds 2 --variants ...` (`pareto_tiny/summary.json`)"
-    d = s["variants"]["flexdemo"]
-    out = []
-    for o, label in (("flexdemo-q4", "values in 4 bits"), ("flexdemo-q2", "values in 2 bits"),
-                     ("flexdemo-k28-q2", "k 28, values in 2 bits"), ("flexdemo-k24-q2", "k 24, values in 2 bits"),
-                     ("flexdemo-k16-q2", "k 16, values in 2 bits")):
-        v = s["variants"][o]
-        out.append(row(f"FlexDeMo wire, {label}: `tiny` validation loss (2 seeds); bytes for `base` 2 × 2",
-                       f"{v['val_loss']:.3f}; {v['base_2x2_x_dense_bf16']:.1f}× less than dense bf16",
-                       f"k 32 bf16 {d['val_loss']:.3f}; {d['base_2x2_x_dense_bf16']:.1f}×",
-                       f"{v['val_loss'] / d['val_loss']:.3f}× loss (goal ≥ 150× bytes at AdamW's loss)", "CPU",
-                       s["date"], src))
-    g = load("pareto_small/summary.json")
-    seeds = g["repeats"]["seed1_same_call"]
-    mean, d = seeds["mean_over_seeds_0_1"], g["variants"]["flexdemo"]
-    for o, label in (("flexdemo-q2", "values in 2 bits"), ("flexdemo-k28-q2", "k 28, values in 2 bits")):
-        v = g["variants"][o]
-        out.append(row(f"FlexDeMo wire, {label}: `small` validation loss (lr 3e-4, mean of 2 seeds); bytes for "
-                       "`base` 2 × 2", f"{mean[o + '@3e-4']:.3f}; {v['base_2x2_x_dense_bf16']:.1f}×",
-                       f"k 32 bf16 {mean['flexdemo@3e-4']:.3f}; {d['base_2x2_x_dense_bf16']:.1f}×",
-                       f"{mean[o + '@3e-4'] / mean['flexdemo@3e-4']:.3f}× loss (AdamW {mean['adamw@5e-4']:.3f})",
-                       device_of(g), g["date"],
-                       "`bench_parity.py --size small --seeds 2 --variants ...` (`pareto_small/summary.json`)"))
-    return out
-
-
 def slow_link_rows() -> list[list[str]]:
     s = load("slow_link/summary.json")
     rows_by = {r["name"]: r for r in s["rows"]}
@@ -725,7 +396,8 @@ def slow_link_rows() -> list[list[str]]:
 
 def table() -> str:
     head = ["figure", "value", "baseline (same run)", "ratio / goal", "device", "date", "command (result file)"]
-    rows = kernel_rows() + coefsign_default_rows() + wire_codes_rows() + parity_rows() + pareto_rows() + slow_link_rows() + recipe_rows() + mixture_rows() + study_rows()
+    rows = (kernel_rows() + parity_rows() + wire_codes_rows() + slow_link_rows() + recipe_rows() + mixture_rows()
+            + study_rows())
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
