@@ -98,6 +98,12 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
 
     rows = released([{"what": f"{model_name}: fused AdamW step", "ms": adamw(fused=True)}])
     rows += released([{"what": f"{model_name}: foreach AdamW step", "ms": adamw(foreach=True)}])
+    # the default first: the coefficient sign, 2-bit values, Elias-Fano indices (168.7x)
+    for graphs in (False, True):
+        name = (f"{model_name}: FlexDeMo triton, the default (base_step=coefficient_sign value_bits=2 "
+                "index_coding=elias_fano)" + (", cuda_graphs" if graphs else ""))
+        rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=2, index_coding="elias_fano",
+                                   cuda_graphs=graphs))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))
@@ -114,11 +120,6 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
         name = (f"{model_name}: FlexDeMo triton, base_step=coefficient_sign value_bits=1 index_coding=elias_fano"
                 + (", cuda_graphs" if graphs else ""))
         rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=1, index_coding="elias_fano",
-                                   cuda_graphs=graphs))
-    for graphs in (False, True):  # the default: the coefficient sign, 2-bit values, Elias-Fano indices (168.7x)
-        name = (f"{model_name}: FlexDeMo triton, the default (base_step=coefficient_sign value_bits=2 "
-                "index_coding=elias_fano)" + (", cuda_graphs" if graphs else ""))
-        rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=2, index_coding="elias_fano",
                                    cuda_graphs=graphs))
     for precision in ("fp32", "bf16"):  # per chunk: decode, the orthogonal step and the apply in one pass
         rows += released(demo_rows(f"{model_name}: FlexDeMo triton, base_step=orthogonal (chunk, {precision})",
@@ -225,25 +226,29 @@ def main() -> None:
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = []
-    for m in args.model:
-        rows += model_rows(m, args.skip_slow)
-        if args.profile:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-            rows.append(profile_step(m, Path(args.profile) / f"profile_{m}.txt"))
-            rows.append(profile_step(m, Path(args.profile) / f"profile_{m}_graphs.txt", cuda_graphs=True))
-    rows += tensor_rows(tuple(args.tensor), torch.float32, bw)
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "copy_bandwidth_GBps": bw / 1e9, "triton_variants": None if CHOICE is None else dataclasses.asdict(CHOICE)}
     print(json.dumps(head))
-    for r in rows:
-        extra = f"  floor {r['floor_ms']:.3f} ms ({r['x_floor']:.1f}x)" if "floor_ms" in r else ""
-        extra += f"  ratio {r['ratio']:.2f}" if "ratio" in r else ""
-        extra += f"  (the step itself {r['step_ms']:.3f} ms)" if "step_ms" in r else ""
-        extra += f"  (GPU work {r['gpu_ms']:.3f} ms)" if "gpu_ms" in r else ""
-        print(f"{r['what']:<55}{r['ms']:>9.3f} ms{extra}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=1))
 
+    def report(new: list[dict]) -> None:
+        """Print and save as each model finishes, so a run cut by a time limit keeps what it measured."""
+        rows.extend(new)
+        for r in new:
+            extra = f"  floor {r['floor_ms']:.3f} ms ({r['x_floor']:.1f}x)" if "floor_ms" in r else ""
+            extra += f"  ratio {r['ratio']:.2f}" if "ratio" in r else ""
+            extra += f"  (the step itself {r['step_ms']:.3f} ms)" if "step_ms" in r else ""
+            extra += f"  (GPU work {r['gpu_ms']:.3f} ms)" if "gpu_ms" in r else ""
+            print(f"{r['what']:<55}{r['ms']:>9.3f} ms{extra}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=1))
+
+    for m in args.model:
+        report(model_rows(m, args.skip_slow))
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            report([profile_step(m, Path(args.profile) / f"profile_{m}.txt"),
+                    profile_step(m, Path(args.profile) / f"profile_{m}_graphs.txt", cuda_graphs=True)])
+    report(tensor_rows(tuple(args.tensor), torch.float32, bw))
 
 if __name__ == "__main__":
     main()
