@@ -45,6 +45,11 @@ TF32 = ", dct_forward=tf32"  # the fast rows (dct_inverse's default, three bf16 
 CHOICE: KernelOptions | None = None  # --kernel-choice: the kernels' fastest variants, else their defaults
 
 
+# the default's settings that flexdemo() below would otherwise pin to DeMo's (today: the coefficient sign, 2-bit
+# values, Elias-Fano indices)
+DEFAULT = {k: getattr(DeMoConfig(), k) for k in ("base_step", "value_bits", "index_coding")}
+
+
 def flexdemo(params, **settings) -> FlexDeMo:
     """FlexDeMo with these DeMoConfig settings (DeMo's: base_step=direct, bf16 values, 12-bit indices, unless they
     name others; the rows keep what they measured before the defaults changed); with --kernel-choice, its kernel
@@ -98,12 +103,10 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
 
     rows = released([{"what": f"{model_name}: fused AdamW step", "ms": adamw(fused=True)}])
     rows += released([{"what": f"{model_name}: foreach AdamW step", "ms": adamw(foreach=True)}])
-    # the default first: the coefficient sign, 2-bit values, Elias-Fano indices (168.7x)
-    for graphs in (False, True):
-        name = (f"{model_name}: FlexDeMo triton, the default (base_step=coefficient_sign value_bits=2 "
-                "index_coding=elias_fano)" + (", cuda_graphs" if graphs else ""))
-        rows += released(demo_rows(name, base_step="coefficient_sign", value_bits=2, index_coding="elias_fano",
-                                   cuda_graphs=graphs))
+    for graphs in (False, True):  # the default first (a run cut short keeps it)
+        name = (f"{model_name}: FlexDeMo triton, the default ({' '.join(f'{k}={v}' for k, v in DEFAULT.items())})"
+                + (", cuda_graphs" if graphs else ""))
+        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))

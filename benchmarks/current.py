@@ -241,8 +241,7 @@ def paired_over(what: str, q: dict) -> str:
             f"{q['in_distribution']['mean']:.3f}, {ci95(q['in_distribution'])})")
 
 
-def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, extra: str, src: str,
-              where: str = "`small` (1000 steps), R = 1") -> list[str]:
+def seeds_row(g: dict, name: str, what: str, extra: str, src: str, where: str) -> list[str]:
     """A rule at one rate over the seeds of a summary composed by hand: its mean loss, and its ratio to AdamW paired
     by seed, over all domains and in distribution."""
     v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name]
@@ -250,8 +249,8 @@ def seeds_row(g: dict, name: str, what: str, seeds_note: str, adamw_note: str, e
     mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
     base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
     return row(f"FlexDeMo ({what}) / AdamW validation loss, {where}, seeds {', '.join(seeds)}"
-               f"{seeds_note}, one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
-               f"AdamW {base:.3f} (lr {g['rates']['adamw']:g}){adamw_note}",
+               ", one rate each", f"{mean:.3f} (lr {g['rates'][name]:g})",
+               f"AdamW {base:.3f} (lr {g['rates']['adamw']:g})",
                f"{v['mean']:.3f}, 95% CI {ci95(v)}; public, code, math only {i['mean']:.3f}, {ci95(i)}{extra} "
                "(goal ≤ 1.02)", device_of(g), g["date"], src)
 
@@ -270,7 +269,7 @@ def wire_codes_rows() -> list[list[str]]:
     rel = "parity_tiny_long/summary_r1_default_wire.json"  # R = 1: the default against the same update in bf16
     g = load(rel)
     q = g["over_bf16_values"]["flexdemo"]
-    rows.append(seeds_row(g, "flexdemo", "the default: values in 2 bits, Elias-Fano indices (168.7×)", "", "",
+    rows.append(seeds_row(g, "flexdemo", "the default: values in 2 bits, Elias-Fano indices (168.7×)",
                           paired_over("bf16 values", q),
                           f"`bench_parity.py --worker --size tiny-long --optim flexdemo --lr 0.01 --replicas 1 "
                           f"--seed S ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 1"))
@@ -283,20 +282,17 @@ def wire_codes_rows() -> list[list[str]]:
                                                          "indices (183.8×)")):
         q = g["over_bf16_values"].get(name)
         extra = "" if q is None else paired_over("bf16 values", q)
-        rows.append(seeds_row(g, name, what, "", "", extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
+        rows.append(seeds_row(g, name, what, extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
                               f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
-    for R in (2,):  # R = 4: the eight seeds above
-        rel = f"parity_tiny_long/summary_codes_r{R}.json"
-        g = load(rel)
-        for name, what in WIRE_CODES.items():
-            if name not in g["over_default"]:
-                continue
-            q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
-            bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
-            rows.append(seeds_row(g, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}", "", "",
-                                  paired_over("bf16 values", q),
-                                  f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 ...` (`{rel}`; its "
-                                  "commands)", f"`tiny-long` (3000 steps), R = {R}"))
+    rel = "parity_tiny_long/summary_codes_r2.json"  # R = 2 (R = 4: the eight seeds above)
+    g = load(rel)
+    for name, what in WIRE_CODES.items():
+        q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
+        bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
+        rows.append(seeds_row(g, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}",
+                              paired_over("bf16 values", q),
+                              f"`bench_parity.py --size tiny-long --replicas 2 --seeds 4 ...` (`{rel}`; its commands)",
+                              "`tiny-long` (3000 steps), R = 2"))
     return rows
 
 
