@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
 sys.path.insert(0, str(HERE.parent))
+from flexdemo import DeMoConfig  # noqa: E402
 from flexmore.study.regression import mean_ci  # noqa: E402
 from flexmore.study.report import MATCH_MARGIN, outcome, slope_difference  # noqa: E402  (the report's own rules)
 
@@ -302,7 +303,10 @@ def parity_rows() -> list[list[str]]:
     a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
     edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
                    if x["lr_at_sweep_edge"])
-    rows.append(row(f"FlexDeMo (the default) / AdamW validation loss, `small`, {g['size']['steps']} steps, R = 1, "
+    sent, now = g["settings"]["demo"], DeMoConfig()  # a run of an earlier default wire says which it sent
+    wire = "" if (sent["value_bits"], sent["index_coding"]) == (now.value_bits, now.index_coding) else \
+        f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
+    rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, R = 1, "
                     f"seeds {', '.join(g['ratio_over_seeds']['per_seed'])}, best of {len(g['sweep']['flexdemo'])} "
                     f"rates each{edge}", f"{f['val_loss']:.3f} (lr {f['lr']:g})",
                     f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
