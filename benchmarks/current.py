@@ -82,7 +82,8 @@ def kernel_rows() -> list[list[str]]:
     for model in ("base", "1b"):
         d, dg = (hm[f"{model}: FlexDeMo triton, the default (base_step=coefficient_sign {wire}){g}, 1 replica"]
                  for g in ("", ", cuda_graphs"))
-        q, qg = (hm[f"{model}: FlexDeMo triton, base_step=coefficient_sign{g}, 1 replica"] for g in ("", ", cuda_graphs"))
+        q, qg = (hm[f"{model}: FlexDeMo triton, base_step=coefficient_sign{g}, 1 replica"]
+                 for g in ("", ", cuda_graphs"))
         a = hm[f"{model}: fused AdamW step"]
         rows.append(row(f"optimizer step, `{model}`, the default (the coefficient sign; 2-bit values, Elias-Fano "
                         "indices, packed and unpacked in torch around the kernels), 1 replica (eager; "
