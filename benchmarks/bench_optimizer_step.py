@@ -174,7 +174,7 @@ def gpu_work_ms(events, steps: int) -> float:
 
 
 def profile_step(model_name: str, out: Path, cuda_graphs: bool = False) -> dict:
-    """Where a FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the step
+    """Where the default FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the step
     itself (equal: host-bound), its GPU work per step, and torch.profiler's tables (``out``): ops by host time, then
     by device time, so the kernels a GPU-bound step spends its time in are listed too."""
     from torch.profiler import ProfilerActivity, profile
@@ -182,7 +182,7 @@ def profile_step(model_name: str, out: Path, cuda_graphs: bool = False) -> dict:
     cfg = load_preset(model_name)
     shapes = [p.shape for p in build_model(dataclasses.replace(cfg, vocab_size=cfg.resolved_vocab(259)),
                                            device="meta").parameters()]
-    demo = flexdemo(params_with_grads(shapes), kernels="triton", cuda_graphs=cuda_graphs)
+    demo = flexdemo(params_with_grads(shapes), kernels="triton", cuda_graphs=cuda_graphs, **DEFAULT)
     for _ in range(10):
         demo.step()
     torch.cuda.synchronize()
@@ -201,8 +201,8 @@ def profile_step(model_name: str, out: Path, cuda_graphs: bool = False) -> dict:
     out.write_text(f"by host time\n{ops.table(sort_by='self_cpu_time_total', row_limit=50)}\n\nby device time\n"
                    f"{ops.table(sort_by='self_cuda_time_total', row_limit=30)}\n")
     name = "cuda_graphs step" if cuda_graphs else "step"
-    return {"what": f"{model_name}: FlexDeMo triton {name}, host enqueue time (profile: {out.name})", "ms": host,
-            "step_ms": total, "gpu_ms": gpu_ms}
+    return {"what": f"{model_name}: FlexDeMo triton, the default {name}, host enqueue time (profile: {out.name})",
+            "ms": host, "step_ms": total, "gpu_ms": gpu_ms}
 
 
 def kernel_choice(path: str) -> KernelOptions:
