@@ -174,9 +174,9 @@ def gpu_work_ms(events, steps: int) -> float:
 
 
 def profile_step(model_name: str, out: Path, cuda_graphs: bool = False) -> dict:
-    """Where the default FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the step
-    itself (equal: host-bound), its GPU work per step, and torch.profiler's tables (``out``): ops by host time, then
-    by device time, so the kernels a GPU-bound step spends its time in are listed too."""
+    """Where the default FlexDeMo step's time goes (Triton, 1 replica): the host's time to enqueue a step against the
+    step itself (equal: host-bound), its GPU work per step, and torch.profiler's tables (``out``): ops by host time,
+    then by device time, so the kernels a GPU-bound step spends its time in are listed too."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = load_preset(model_name)

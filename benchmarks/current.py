@@ -74,8 +74,8 @@ def kernel_rows() -> list[list[str]]:
         cs = cm[f"{model}: FlexDeMo triton, base_step=coefficient_sign, 1 replica"]
         rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=coefficient_sign`, 1 replica",
                         f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; direct step {default:.2f} ms",
-                        f"{cs / a:.2f}× (goal ≤ 1.0); {cs / default:.2f}× the direct step's", device_of(c), c["date"],
-                        csrc))
+                        f"{cs / a:.2f}× (goal ≤ 1.0); {cs / default:.2f}× the direct step's", device_of(c),
+                        c["date"], csrc))
     h = load("optstep_h100/step.json")  # the default's step, and the same update with DeMo's wire, on an H100
     hm = {r["what"]: r["ms"] for r in h["rows"]}
     wire = "value_bits=2 index_coding=elias_fano"
@@ -113,8 +113,8 @@ def kernel_rows() -> list[list[str]]:
     w, d = (load(f"demo_comm/{f}.json") for f in ("base_2x2", "base_2x2_demo_wire"))  # a count: no device runs it
     wr, dr = w["rows"][0], d["rows"][0]
     rows.append(row(f"bytes per step across nodes, `{w['model']}` on {w['replicate']} nodes × {wr['shard']} GPUs, the "
-                    f"default wire ({w['value_bits']}-bit values, Elias-Fano indices; {wr['bytes_per_coeff']:.4g} B per "
-                    "coefficient)", f"{wr['flexdemo_bytes'] / 1e6:.3f} MB",
+                    f"default wire ({w['value_bits']}-bit values, Elias-Fano indices; "
+                    f"{wr['bytes_per_coeff']:.4g} B per coefficient)", f"{wr['flexdemo_bytes'] / 1e6:.3f} MB",
                     f"dense bf16 all-reduce {wr['dense_bf16_bytes'] / 1e6:.2f} MB; DeMo's wire (bf16 values, 12-bit "
                     f"indices) {dr['flexdemo_bytes'] / 1e6:.3f} MB ({dr['ratio_vs_dense_bf16']:.1f}×)",
                     f"1/{wr['ratio_vs_dense_bf16']:.1f} (goal ≥ 150×)", "count (CPU)", w["date"],
@@ -309,9 +309,9 @@ def parity_rows() -> list[list[str]]:
     sent, now = g["settings"]["demo"], DeMoConfig()  # a run of an earlier default wire says which it sent
     wire = "" if (sent["value_bits"], sent["index_coding"]) == (now.value_bits, now.index_coding) else \
         f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
-    rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, R = 1, "
-                    f"seeds {', '.join(g['ratio_over_seeds']['per_seed'])}, best of {len(g['sweep']['flexdemo'])} "
-                    f"rates each{edge}", f"{f['val_loss']:.3f} (lr {f['lr']:g})",
+    rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, "
+                    f"R = 1, seeds {', '.join(g['ratio_over_seeds']['per_seed'])}, "
+                    f"best of {len(g['sweep']['flexdemo'])} rates each{edge}", f"{f['val_loss']:.3f} (lr {f['lr']:g})",
                     f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                     f"{g['ratio']:.3f}, 95% CI {ci95(g['ratio_over_seeds'])}; public, code, math only "
                     f"{i['flexdemo']['ratio']:.3f} (goal ≤ 1.02)", device_of(g), g["date"],
