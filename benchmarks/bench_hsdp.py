@@ -97,7 +97,8 @@ def main() -> None:
     stream = TokenStream([embedded_path("public", "train", tok, chars, 0)])
     loader = SequenceLoader(stream, args.seq_len, args.micro_batch, 1, ctx.rank, ctx.world, seed=0)
     model = build_parallel_model(cfg, ctx, args.strategy, seed=0, mixed_precision=mp)
-    # each at its best rate at `small` (benchmarks/results/parity), FlexDeMo's default update with AdamW's decay
+    # AdamW at its best rate at `small`, FlexDeMo's default update at 2e-3 (its best there on 2026-12-05; 4e-3 by
+    # 0.004 on 2026-12-06, benchmarks/results/parity), with AdamW's decay
     ocfg = OptimConfig(name=args.strategy, lr=args.lr or (1e-3 if args.strategy == "adamw" else 2e-3),
                        weight_decay=0.1, warmup_steps=args.warmup,
                        demo=DeMoConfig(topk=args.topk, chunk=args.chunk, overlap=args.overlap,
