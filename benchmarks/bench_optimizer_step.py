@@ -5,12 +5,13 @@ Two views, same run:
   2 simulated replicas (its own payload decoded twice: the decode cost of a 2-node run, without the network), the
   same with ``cuda_graphs`` (each phase one graph replay), with the 152.9x wire (k 28, 2-bit codes: the
   quantisation inside the encode kernel), with ``base_step=coefficient_sign`` (also with the 183.8x wire: signs
-  and Elias-Fano indices, packed in torch), and with ``base_step=orthogonal`` per
+  and Elias-Fano indices), the default with its wire packed in torch (``wire_pack=torch``, the Triton packing's
+  baseline), and with ``base_step=orthogonal`` per
   chunk (decode, Newton-Schulz and apply in one kernel) and over whole matrices, fp32 and bf16 (``--skip-slow``
   leaves the whole matrices and the torch path out); rows that name no base_step are DeMo's direct step (the default
   until 2026-12-04, and the one the others are compared with), the default's are the coefficient sign's;
 - one tensor (default 4096 x 11008 fp32): encode and decode + apply separately (``FlexDeMo.encode`` and
-  ``decode_apply``: the kernels with the payload's packing in torch; bench_flexdemo_kernels.py times the kernels
+  ``decode_apply``: the kernels with the payload's packing; bench_flexdemo_kernels.py times the kernels
   alone), against their memory floor
   (encode: read grad, read + write momentum = 12 B/elt; decode + apply: read + write param = 8 B/elt) over the
   copy bandwidth measured in the same run, and against one fused AdamW step on the same tensor.
@@ -50,16 +51,19 @@ CHOICE: KernelOptions | None = None  # --kernel-choice: the kernels' fastest var
 DEFAULT = {k: getattr(DeMoConfig(), k) for k in ("base_step", "value_bits", "index_coding")}
 
 
-def flexdemo(params, **settings) -> FlexDeMo:
+def flexdemo(params, wire_pack: str = "triton", **settings) -> FlexDeMo:
     """FlexDeMo with these DeMoConfig settings (DeMo's: base_step=direct, bf16 values, 12-bit indices, unless they
     name others; the rows keep what they measured before the defaults changed); with --kernel-choice, its kernel
-    variants at the precisions the settings ask for (dct_forward, dct_inverse)."""
+    variants at the precisions the settings ask for (dct_forward, dct_inverse); ``wire_pack``: the wire's packing in
+    Triton or torch (``KernelOptions.wire_pack``)."""
     cfg = DeMoConfig(**{"base_step": "direct", "value_bits": 0, "index_coding": "fixed", **settings})
     opts = None
     if CHOICE is not None:
         own = cfg.kernel_options()
         opts = dataclasses.replace(CHOICE, forward_precision=own.forward_precision,
                                    decode_precision=own.decode_precision)
+    if wire_pack != "triton":
+        opts = dataclasses.replace(opts or cfg.kernel_options(), wire_pack=wire_pack)
     return FlexDeMo(params, lr=1e-4, config=cfg, kernel_options=opts)
 
 
@@ -107,6 +111,9 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
         name = (f"{model_name}: FlexDeMo triton, the default ({' '.join(f'{k}={v}' for k, v in DEFAULT.items())})"
                 + (", cuda_graphs" if graphs else ""))
         rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs))
+    for graphs in (False, True):  # the same with the wire packed and unpacked in torch (before 2026-12-06)
+        name = (f"{model_name}: FlexDeMo triton, the default, wire_pack=torch" + (", cuda_graphs" if graphs else ""))
+        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, wire_pack="torch"))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))

@@ -287,18 +287,21 @@ def over_seeds(runs: list[dict]) -> list[dict]:
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("val_loss", "best_val_loss")}
         ids = [in_distribution(r) for r in rs]
         mean["val_in_distribution"] = None if None in ids else sum(ids) / len(ids)
-        out.append({**rs[0], **mean, "seeds": {r.get("seed", 0): r["val_loss"] for r in rs}})
+        out.append({**rs[0], **mean, "seeds": {r.get("seed", 0): r["val_loss"] for r in rs},
+                    "seeds_in_distribution": {r.get("seed", 0): x for r, x in zip(rs, ids)}})
     return out
 
 
-def paired_ratio(f: dict, a: dict) -> dict | None:
-    """FlexDeMo / AdamW per seed (same seed: same initial weights), its mean and 95% t-interval; None for 1 seed."""
-    seeds = sorted(set(f["seeds"]) & set(a["seeds"]))
+def paired_ratio(f: dict, a: dict, key: str = "seeds") -> dict | None:
+    """FlexDeMo / AdamW per seed (same seed: same initial weights), its mean and 95% t-interval; None for 1 seed.
+    ``key``: the per-seed losses compared (``seeds_in_distribution``: on held-out text of the training
+    distribution)."""
+    seeds = sorted(set(f[key]) & set(a[key]))
     if len(seeds) < 2:
         return None
     from flexmore.study.regression import mean_ci
 
-    ratios = [f["seeds"][s] / a["seeds"][s] for s in seeds]
+    ratios = [f[key][s] / a[key][s] for s in seeds]
     mean, lo, hi = mean_ci(ratios)
     return {"n": len(ratios), "mean": mean, "ci95": [lo, hi], "per_seed": dict(zip(map(str, seeds), ratios))}
 
@@ -349,8 +352,15 @@ def in_distribution_summary(mine: list[dict], names: list[str]) -> dict | None:
     best = {o: min((r for r in mine if r["optim"] == o), key=lambda r: r["val_in_distribution"]) for o in names}
     base = best["adamw"]["val_in_distribution"]
     return {"domains": [d for d in mine[0]["val_by_domain"] if d not in SHIFTED],
-            **{o: {"lr": b["lr"], "val_loss": b["val_in_distribution"],
-                   "ratio": b["val_in_distribution"] / base} for o, b in best.items()}}
+            **{o: {"lr": b["lr"], "val_loss": b["val_in_distribution"], "ratio": b["val_in_distribution"] / base,
+                   "ratio_over_seeds": None if o == "adamw" else
+                   paired_ratio(b, best["adamw"], "seeds_in_distribution")}
+               for o, b in best.items()}}
+
+
+def over_seeds_ci(v: dict) -> str:
+    q = v.get("ratio_over_seeds")
+    return f"; over {q['n']} seeds {q['mean']:.3f}, 95% CI [{q['ci95'][0]:.3f}, {q['ci95'][1]:.3f}]" if q else ""
 
 
 def base_compression(demo: dict) -> float:
@@ -396,7 +406,7 @@ def table(by_r: dict) -> str:
     for R, s in by_r.items():
         if s.get("in_distribution"):
             i = s["in_distribution"]
-            rest = ", ".join(f"{o} {v['ratio']:.3f} (lr {v['lr']:g})" for o, v in i.items()
+            rest = ", ".join(f"{o} {v['ratio']:.3f} (lr {v['lr']:g}{over_seeds_ci(v)})" for o, v in i.items()
                              if o not in ("domains", "adamw"))
             shifted += (f"\n\nR = {R}, on held-out text of the training distribution only ({', '.join(i['domains'])}; "
                         f"each at its best rate by that measure): AdamW {i['adamw']['val_loss']:.4f} (lr "

@@ -76,21 +76,25 @@ def kernel_rows() -> list[list[str]]:
                         f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; direct step {default:.2f} ms",
                         f"{cs / a:.2f}× (goal ≤ 1.0); {cs / default:.2f}× the direct step's", device_of(c),
                         c["date"], csrc))
-    h = load("optstep_h100/step.json")  # the default's step, and the same update with DeMo's wire, on an H100
+    h = load("optstep_h100/step.json")  # the default's step, its torch packing and DeMo's wire, on an H100
     hm = {r["what"]: r["ms"] for r in h["rows"]}
     wire = "value_bits=2 index_coding=elias_fano"
     for model in ("base", "1b"):
         d, dg = (hm[f"{model}: FlexDeMo triton, the default (base_step=coefficient_sign {wire}){g}, 1 replica"]
                  for g in ("", ", cuda_graphs"))
+        t, tg = (hm[f"{model}: FlexDeMo triton, the default, wire_pack=torch{g}, 1 replica"]
+                 for g in ("", ", cuda_graphs"))
         q, qg = (hm[f"{model}: FlexDeMo triton, base_step=coefficient_sign{g}, 1 replica"]
                  for g in ("", ", cuda_graphs"))
         a = hm[f"{model}: fused AdamW step"]
         rows.append(row(f"optimizer step, `{model}`, the default (the coefficient sign; 2-bit values, Elias-Fano "
-                        "indices, packed and unpacked in torch around the kernels), 1 replica (eager; "
-                        "`cuda_graphs=true`); the same update with DeMo's wire (bf16 values, 12-bit indices)",
-                        f"{d:.2f} ms; {dg:.2f} ms; DeMo's wire {q:.2f} ms; {qg:.2f} ms", f"fused AdamW {a:.2f} ms",
-                        f"{d / a:.2f}×; {dg / a:.2f}×; DeMo's wire {q / a:.2f}×; {qg / a:.2f}× (goal ≤ 1.0)",
-                        device_of(h), h["date"],
+                        "indices, packed and unpacked by Triton kernels), 1 replica (eager; `cuda_graphs=true`); the "
+                        "same packed in torch (`wire_pack=torch`); the same update with DeMo's wire (bf16 values, "
+                        "12-bit indices)",
+                        f"{d:.2f} ms; {dg:.2f} ms; torch packing {t:.2f} ms; {tg:.2f} ms; DeMo's wire {q:.2f} ms; "
+                        f"{qg:.2f} ms", f"fused AdamW {a:.2f} ms",
+                        f"{d / a:.2f}×; {dg / a:.2f}×; torch packing {t / a:.2f}×; {tg / a:.2f}×; DeMo's wire "
+                        f"{q / a:.2f}×; {qg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"],
                         "`bench_optimizer_step.py --model base 1b --skip-slow` (`optstep_h100/step.json`)"))
     ker = load("kernels_h200/kernels.json")
     dev = device_of(ker)
@@ -302,7 +306,7 @@ def wire_codes_rows() -> list[list[str]]:
 
 def parity_rows() -> list[list[str]]:
     rows = []
-    g = load("parity/summary.json")  # the default, two seeds, each optimizer's rate bracketed by its sweep
+    g = load("parity/summary.json")  # the default, four seeds (two calls), two rates each
     a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
     edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
                    if x["lr_at_sweep_edge"])
@@ -314,9 +318,10 @@ def parity_rows() -> list[list[str]]:
                     f"best of {len(g['sweep']['flexdemo'])} rates each{edge}", f"{f['val_loss']:.3f} (lr {f['lr']:g})",
                     f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                     f"{g['ratio']:.3f}, 95% CI {ci95(g['ratio_over_seeds'])}; public, code, math only "
-                    f"{i['flexdemo']['ratio']:.3f} (goal ≤ 1.02)", device_of(g), g["date"],
-                    "`bench_parity.py --size small --seeds 2 --variants adamw flexdemo ...` (`parity/summary.json`; "
-                    "its commands)"))
+                    f"{i['flexdemo']['ratio']:.3f} (lr {i['flexdemo']['lr']:g}; AdamW lr {i['adamw']['lr']:g}), "
+                    f"95% CI {ci95(i['flexdemo']['ratio_over_seeds'])} (goal ≤ 1.02)", device_of(g), g["date"],
+                    "`bench_parity.py --size small --seeds 2 [--first-seed 2] --variants adamw flexdemo ...`, two "
+                    "calls (`parity/summary.json`; its command)"))
     for rel, label in (("parity_small_long/summary_default.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                   "the default at `small`'s best rate, one seed"),
                        ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each "
@@ -378,7 +383,17 @@ def slow_link_rows() -> list[list[str]]:
         label = "gloo, uncapped" if link == "uncapped" else f"{link} Gbit/s + {s['latency_ms']:g} ms"
         out.append(row(f"tokens/s FlexDeMo / HSDP AdamW, `{s['model']}`, {s['replicate']} nodes on one GPU, {label}",
                        f"{q['tokens_per_s_ratio']:.2f}×{bound}", f"AdamW {a['tokens_per_s']:,.0f} tokens/s",
-                       f"{goal}; loss ratio {q['final_loss_ratio']:.3f} (goal ≤ 1.02)", dev, s["date"], src))
+                       f"{goal}; loss ratio over {s['steps']} steps {q['final_loss_ratio']:.3f} (goal ≤ 1.02)",
+                       dev, s["date"], src))
+    long = load("slow_link/summary_200steps.json")  # the loss does not depend on the link: uncapped only
+    lr_, la = long["rows"][1], long["rows"][0]
+    out.append(row(f"final training loss (last 5 steps) FlexDeMo / HSDP AdamW, `{long['model']}`, "
+                   f"{long['replicate']} nodes on one GPU, uncapped, {long['steps']} steps (the default; AdamW 1e-3, "
+                   "FlexDeMo 2e-3, one seed)", f"{lr_['final_loss']:.4f}", f"AdamW {la['final_loss']:.4f}",
+                   f"{lr_['final_loss'] / la['final_loss']:.3f} (goal ≤ 1.02); tokens/s "
+                   f"{long['ratios']['flexdemo-uncapped']['tokens_per_s_ratio']:.2f}×", device_of(long),
+                   long["date"], f"`{long['command'].replace('python benchmarks/', '')}` "
+                   "(`slow_link/summary_200steps.json`)"))
     for mode, suffix, label in (("stale", "overlap", "one step stale"), ("layerwise", "layerwise",
                                                                             "layerwise: the numbers of no overlap")):
         over = s["ratios"][f"flexdemo-10-{suffix}"]

@@ -17,12 +17,12 @@ def low_bits(positions: int, k: int) -> int:
     return max(0, (positions // k).bit_length() - 1)
 
 
-def _high_bits(positions: int, k: int) -> int:
+def high_bits(positions: int, k: int) -> int:
     return k + ((positions - 1) >> low_bits(positions, k)) + 1
 
 
 def chunk_nbytes(positions: int, k: int) -> int:
-    return -(-(k * low_bits(positions, k) + _high_bits(positions, k)) // 8)
+    return -(-(k * low_bits(positions, k) + high_bits(positions, k)) // 8)
 
 
 def sort_chunks(idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,7 @@ def pack(sorted_idx: torch.Tensor, positions: int, out: torch.Tensor) -> torch.T
 
 def unpack(raw: torch.Tensor, positions: int, k: int) -> torch.Tensor:
     """uint8 (..., chunks * chunk_nbytes) -> int32 (..., chunks * k), each chunk's positions in ascending order."""
-    lo, nb, hb = low_bits(positions, k), chunk_nbytes(positions, k), _high_bits(positions, k)
+    lo, nb, hb = low_bits(positions, k), chunk_nbytes(positions, k), high_bits(positions, k)
     lead, dev = raw.shape[:-1], raw.device
     by = raw.reshape(*lead, -1, nb)
     bits = ((by[..., None] >> torch.arange(8, dtype=torch.uint8, device=dev)) & 1).flatten(-2)

@@ -358,7 +358,9 @@ class FlexDeMo(torch.optim.Optimizer):
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
                 self._take_back_lead(deltas, grads, back)
-        payload = wire.pack(indices, values, torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales)
+        payload = ops.pack_wire(self.kernels, wire, indices, values,
+                                torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales,
+                                self.kernel_options)
         if cfg.tensor_scale != "none":
             payload = torch.cat([payload, self._local_scales(b, local).view(torch.uint8)])
         return payload
@@ -503,7 +505,8 @@ class FlexDeMo(torch.optim.Optimizer):
             each = gathered[:, at : at + self._scale_nbytes(bk)].contiguous().view(torch.float32)
             scale = dict(zip((id(p) for p in bk.members), _replica_mean(each).unbind()))
             gathered = gathered[:, :at]
-        indices, values = bk.wire.unpack(gathered)  # (replicas, n) each; values a view of the bytes, or dequantised
+        # (replicas, n) each; values a view of the bytes, or dequantised
+        indices, values = ops.unpack_wire(self.kernels, bk.wire, gathered, self.kernel_options)
         # a base step with moments (adam, lion), or a scaled direct step: decode, then step
         # (the coefficient sign steps in its decode, and its dense-sent tensors as the direct step does)
         stepped = self.cfg.base_step not in ("direct", "coefficient_sign") or scale is not None

@@ -43,7 +43,9 @@ def quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """codes (..., chunks, k), scales (..., chunks) -> fp32 values (..., chunks, k)."""
     levels = (1 << bits) - 1
-    return (2 * codes.float() - levels) / levels * scales[..., None]
+    # divided by a tensor: a Python number as divisor makes CUDA multiply by its rounded reciprocal (1 ulp off the
+    # Triton kernels' correctly rounded division)
+    return (2 * codes.float() - levels) / codes.new_full((), levels, dtype=torch.float32) * scales[..., None]
 
 
 def codes_nbytes(n: int, bits: int) -> int:

@@ -1,5 +1,5 @@
-"""Encode, decode + apply and decode + the chunks' orthogonal step + apply: Triton kernels with a torch twin beside
-each, and the dispatch between them.
+"""Encode, decode + apply, decode + the chunks' orthogonal step + apply, and the wire's packing: Triton kernels with a
+torch twin beside each, and the dispatch between them.
 
 ``kernels``: ``torch`` (the references, any device), ``triton`` (CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1), ``auto`` (triton on CUDA where the chunk size suits it, torch otherwise).
@@ -13,6 +13,7 @@ import torch
 
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
+from flexdemo.wire import WireLayout
 
 KERNELS = ("auto", "torch", "triton")
 TRITON_CHUNKS = (16, 32, 64, 128)  # tl.arange wants powers of two; tl.dot wants >= 16
@@ -99,3 +100,24 @@ def decode_orthogonal_table(kernels: str, table: ChunkTable, params: list, indic
     for t, (lay, p) in enumerate(zip(table.layouts, params)):
         sl = table.payload_slice(t)
         decode_orthogonal_apply_reference(p, indices[:, sl], values[:, sl], lay, table.k, lr, decay, precision, mean)
+
+
+def pack_wire(kernels: str, wire: WireLayout, sparse_idx: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
+              codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+              options: KernelOptions = KernelOptions()) -> torch.Tensor:
+    """``wire.pack``: its per-chunk work in one launch (triton, ``options.wire_pack``) or in torch; the same bytes."""
+    if kernels == "triton" and options.wire_pack == "triton":
+        from flexdemo.ops.wire_pack import pack_triton
+
+        return pack_triton(wire, sparse_idx, values, out, codes, scales)
+    return wire.pack(sparse_idx, values, out, codes, scales)
+
+
+def unpack_wire(kernels: str, wire: WireLayout, rows: torch.Tensor,
+                options: KernelOptions = KernelOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``wire.unpack``, its per-chunk work in one launch over every replica (triton) or in torch; the same numbers."""
+    if kernels == "triton" and options.wire_pack == "triton":
+        from flexdemo.ops.wire_pack import unpack_triton
+
+        return unpack_triton(wire, rows)
+    return wire.unpack(rows)

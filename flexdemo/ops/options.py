@@ -9,6 +9,7 @@ import torch
 
 SELECT_METHODS = ("rank", "bisect", "maxmask")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3")
+WIRE_PACKS = ("triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class KernelOptions:
     ``decode_precision``: bf16x3 (max error 5.5e-6 of the largest update), faster than ieee (CUDA-core fp32) and
     than tf32 (one pass, 7.9e-4, the gathered rows transposed to shared memory).
 
+    ``wire_pack``: the default wire's per-chunk packing (sort, Elias-Fano codes, value codes) and unpacking in Triton
+    kernels, or ``torch`` (their twins: the same bytes; kept to measure against).
+
     ``encode_warps`` / ``decode_warps``: 8 is slower. ``maxnreg``: the encode's register cap at 64 x 64 chunks (3
     blocks of 4 warps per SM instead of 2, 0-6 bytes spilled); None: uncapped; other chunk sizes are never capped.
     """
@@ -44,6 +48,7 @@ class KernelOptions:
     encode_warps: int = 4
     decode_warps: int = 4
     maxnreg: int | None = 168
+    wire_pack: str = "triton"
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_METHODS:
@@ -52,6 +57,8 @@ class KernelOptions:
             value = getattr(self, name)
             if value not in PRECISIONS and not (name == "forward_precision" and value is None):
                 raise ValueError(f"{name}={value!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.wire_pack not in WIRE_PACKS:
+            raise ValueError(f"wire_pack={self.wire_pack!r}; allowed: {', '.join(WIRE_PACKS)}")
         for name in ("encode_warps", "decode_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: 1, 2, 4, 8, 16")
