@@ -79,13 +79,17 @@ def test_pack_kernel_keeps_repeated_positions_in_slot_order():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_codes_that_straddle_chunks_go_through_torch():
-    """k * value_bits not a multiple of 8 (a chunk's codes end mid-byte): the whole payload packs in torch."""
-    wire, idx, vals, codes, scales = payload(4096, 30, 1, torch.bfloat16, 5, 3, 0)
+@pytest.mark.parametrize("positions, k, bits", [(4096, 30, 1), (4096, 2048, 2)])
+def test_wires_the_kernels_do_not_take_go_through_torch(positions, k, bits):
+    """k * value_bits not a multiple of 8 (a chunk's codes end mid-byte), or a k whose bytes-by-positions tile would
+    not fit a program: the whole payload packs and unpacks in torch."""
+    wire, idx, vals, codes, scales = payload(positions, k, bits, torch.bfloat16, 3, 3, 0)
     assert not kernels_fit(wire)
     out = [pack_wire("triton", wire, idx, vals, torch.empty(wire.nbytes, dtype=torch.uint8, device=DEVICE), codes,
                      scales, KernelOptions(wire_pack=w)) for w in ("triton", "torch")]
     assert torch.equal(out[0], out[1])
+    back = [unpack_wire("triton", wire, out[0], KernelOptions(wire_pack=w)) for w in ("triton", "torch")]
+    assert all(torch.equal(a, b) for a, b in zip(*back))
 
 
 def test_bad_wire_pack_is_refused():

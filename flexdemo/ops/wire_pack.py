@@ -89,9 +89,17 @@ def _unpack_kernel(raw_ptr, row_stride, ef_off, codes_off, scales_off, idx_ptr, 
         tl.store(val_ptr + r * val_rstride + c * K + i, val, mask=live)
 
 
+TILE_LIMIT = 1 << 16  # elements of a program's bytes-by-positions tile (the default's: 64 x 32)
+
+
 def kernels_fit(wire: WireLayout) -> bool:
-    """Whether the kernels take this wire: Elias-Fano indices, and codes (if any) that fill whole bytes a chunk."""
-    return bool(wire.positions) and wire.num_sparse > 0 and (wire.k * wire.value_bits) % 8 == 0
+    """Whether the kernels take this wire: Elias-Fano indices, codes (if any) that fill whole bytes a chunk, and a
+    tile of bytes by positions that fits a program (k up to a few hundred)."""
+    if not wire.positions or wire.num_sparse == 0 or (wire.k * wire.value_bits) % 8:
+        return False
+    k, u = wire.k, wire.positions
+    widest = max(elias_fano.chunk_nbytes(u, k), elias_fano.high_bits(u, k), k * wire.value_bits // 8)
+    return triton.next_power_of_2(k) * triton.next_power_of_2(widest) <= TILE_LIMIT
 
 
 def _shape(wire: WireLayout) -> dict:
