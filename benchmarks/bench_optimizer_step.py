@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import copy_bandwidth, ms  # noqa: E402
 
 from flexdemo import DeMoConfig, FlexDeMo  # noqa: E402
+from flexdemo.config import DEMO_WIRE  # noqa: E402
 from flexdemo.ops.options import KernelOptions  # noqa: E402
 from flexmore.model import build_model, load_preset  # noqa: E402
 
@@ -56,7 +57,7 @@ def flexdemo(params, wire_pack: str = "triton", **settings) -> FlexDeMo:
     name others; the rows keep what they measured before the defaults changed); with --kernel-choice, its kernel
     variants at the precisions the settings ask for (dct_forward, dct_inverse); ``wire_pack``: the wire's packing in
     Triton or torch (``KernelOptions.wire_pack``)."""
-    cfg = DeMoConfig(**{"base_step": "direct", "value_bits": 0, "index_coding": "fixed", **settings})
+    cfg = DeMoConfig(**{"base_step": "direct", **DEMO_WIRE, **settings})
     opts = None
     if CHOICE is not None:
         own = cfg.kernel_options()
@@ -114,6 +115,9 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     for graphs in (False, True):  # the same with the wire packed and unpacked in torch (before 2026-12-06)
         name = (f"{model_name}: FlexDeMo triton, the default, wire_pack=torch" + (", cuda_graphs" if graphs else ""))
         rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, wire_pack="torch"))
+    for graphs in (False, True):  # with 2-bit values the forward DCT's precision moves only near-ties of the selection
+        name = f"{model_name}: FlexDeMo triton, the default, dct_forward=tf32" + (", cuda_graphs" if graphs else "")
+        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward="tf32"))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))

@@ -30,10 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_demo_comm: bytes for the goal's layout
 
+from flexdemo.config import DEMO_WIRE  # noqa: E402
+
 DOMAINS = ["public", "code", "math", "facts"]
 # FlexDeMo's update rules compared (name -> flexdemo.DeMoConfig fields and optim settings); "flexdemo" is the default
 # settings (since 2026-12-04 the coefficient sign with weight decay 0.1; since 2026-12-05 with 2-bit values and
-# Elias-Fano indices, WIRE_BEFORE below); "flexdemo-direct" DeMo's direct step without
+# Elias-Fano indices; the variants below keep DeMo's wire, DEMO_WIRE); "flexdemo-direct" DeMo's direct step without
 # weight decay, the default before, which the variants named before then vary; those with another base step ran
 # without weight decay too (NO_WD)
 NO_WD = {"weight_decay": 0.0}
@@ -125,8 +127,7 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
                                               "index_coding": "elias_fano"}}
 # the wire every run before 2026-12-05 sent (bf16 values, 12-bit indices): the variants named then keep it, and the
 # default's (2-bit values, Elias-Fano indices) is "flexdemo" only
-WIRE_BEFORE = {"value_bits": 0, "index_coding": "fixed"}
-VARIANTS = {name: v if v is None or name == "flexdemo" else {**WIRE_BEFORE, **v} for name, v in VARIANTS.items()}
+VARIANTS = {name: v if v is None or name == "flexdemo" else {**DEMO_WIRE, **v} for name, v in VARIANTS.items()}
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
 

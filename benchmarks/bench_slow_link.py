@@ -154,8 +154,8 @@ def main() -> int:
               flush=True)
     summary = summarize(rows, args.links, args.latency_ms, args.replicate, args.overlaps)
     first = next(iter(rows.values()), {})
-    summary.update({"model": args.model, "replicate": args.replicate, "latency_ms": args.latency_ms, "steps": args.steps,
-                    "device": first.get("device"), "date": time.strftime("%Y-%m-%d"),
+    summary.update({"model": args.model, "replicate": args.replicate, "latency_ms": args.latency_ms,
+                    "steps": args.steps, "device": first.get("device"), "date": time.strftime("%Y-%m-%d"),
                     "command": " ".join(["python benchmarks/bench_slow_link.py", *sys.argv[1:]])})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_table(summary, out / "table.md")

@@ -16,8 +16,9 @@ import bench_parity  # noqa: E402
 from bench_demo_comm import comm_row, meta_model  # noqa: E402
 
 from flexdemo import DeMoConfig  # noqa: E402
+from flexdemo.config import DEMO_WIRE  # noqa: E402
 
-BF16 = {"value_bits": 0, "index_coding": "fixed"}  # bf16 values, 12-bit indices (the wire before 2026-12-05)
+BF16 = DEMO_WIRE  # bf16 values, 12-bit indices (the wire before 2026-12-05)
 
 
 def _run(optim: str, lr: float, seed: int, loss: float, **demo) -> dict:

@@ -44,7 +44,8 @@ def _pack_kernel(idx_ptr, src_ptr, ef_ptr, dst_ptr, U: tl.constexpr, K: tl.const
     b = tl.arange(0, NBP)[:, None]
     shift = (i * LO)[None, :] - 8 * b
     low = (sp & ((1 << LO) - 1))[None, :]
-    part = tl.where(shift >= 0, low << tl.minimum(tl.maximum(shift, 0), 31), low >> tl.minimum(tl.maximum(-shift, 0), 31))
+    left, right = tl.minimum(tl.maximum(shift, 0), 31), tl.minimum(tl.maximum(-shift, 0), 31)
+    part = tl.where(shift >= 0, low << left, low >> right)
     part &= 0xFF
     top = (K * LO + (sp >> LO) + i)[None, :]
     part += tl.where((top >> 3) == b, 1 << (top & 7), 0)
