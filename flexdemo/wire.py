@@ -93,10 +93,15 @@ class WireLayout:
         return torch.empty(0, dtype=self.value_dtype).element_size()
 
     @property
+    def code_offsets(self) -> tuple[int, int]:
+        """value_bits > 0: where the scales and where the codes start (the dense values come first)."""
+        dense = self.num_dense * self._item
+        return dense, dense + 2 * (self.num_sparse // self.k)
+
+    @property
     def value_nbytes(self) -> int:
         if self.value_bits:
-            return (self.num_dense * self._item + 2 * (self.num_sparse // self.k)
-                    + codes_nbytes(self.num_sparse, self.value_bits))
+            return self.code_offsets[1] + codes_nbytes(self.num_sparse, self.value_bits)
         return (self.num_sparse + self.num_dense) * self._item
 
     @property
@@ -120,10 +125,10 @@ class WireLayout:
                 values = torch.cat([values[: self.num_sparse].view(-1, self.k).gather(1, order.to(torch.int64))
                                     .view(-1), values[self.num_sparse :]])
         if self.value_bits:
-            db, sb = self.num_dense * self._item, 2 * (self.num_sparse // self.k)
+            db, cb = self.code_offsets
             out[:db] = values[self.num_sparse :].view(torch.uint8)
-            out[db : db + sb] = scales.bfloat16().view(torch.uint8)
-            pack_codes(codes, self.value_bits, out[db + sb : vb])
+            out[db:cb] = scales.bfloat16().view(torch.uint8)
+            pack_codes(codes, self.value_bits, out[cb:vb])
         else:
             out[:vb] = values.view(torch.uint8)
         if self.positions:
@@ -143,10 +148,10 @@ class WireLayout:
             idx = unpack_indices(raw, self.num_sparse, self.index_bits)
         if not self.value_bits:
             return idx, rows[..., :vb].view(self.value_dtype)
-        db, chunks = self.num_dense * self._item, self.num_sparse // self.k
+        (db, cb), chunks = self.code_offsets, self.num_sparse // self.k
         lead = rows.shape[:-1]
         dense = rows[..., :db].view(self.value_dtype).float()
-        scales = rows[..., db : db + 2 * chunks].view(torch.bfloat16).float()
-        codes = unpack_codes(rows[..., db + 2 * chunks : vb], self.num_sparse, self.value_bits)
+        scales = rows[..., db:cb].view(torch.bfloat16).float()
+        codes = unpack_codes(rows[..., cb:vb], self.num_sparse, self.value_bits)
         sparse = dequantize(codes.reshape(*lead, chunks, self.k), scales, self.value_bits).reshape(*lead, -1)
         return idx, torch.cat([sparse, dense], dim=-1)

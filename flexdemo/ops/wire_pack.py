@@ -108,12 +108,6 @@ def _shape(wire: WireLayout) -> dict:
     return dict(K=k, KP=triton.next_power_of_2(k), LO=elias_fano.low_bits(u, k), NB=elias_fano.chunk_nbytes(u, k))
 
 
-def _regions(wire: WireLayout) -> tuple[int, int, int]:
-    """Byte offsets of the dense values, the scales and the codes (value_bits > 0)."""
-    db = wire.num_dense * torch.empty(0, dtype=wire.value_dtype).element_size()
-    return 0, db, db + 2 * (wire.num_sparse // wire.k)
-
-
 def pack_triton(wire: WireLayout, sparse_idx: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
                 codes: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """``WireLayout.pack`` with the per-chunk work in one launch; the same bytes."""
@@ -123,7 +117,7 @@ def pack_triton(wire: WireLayout, sparse_idx: torch.Tensor, values: torch.Tensor
     chunks, shape = ns // wire.k, _shape(wire)
     ef = out[vb : vb + ib]
     if wire.value_bits:
-        _, db, cb = _regions(wire)
+        db, cb = wire.code_offsets
         out[:db] = values[ns:].view(torch.uint8)
         out[db:cb] = scales.bfloat16().view(torch.uint8)
         src, dst = codes, out[cb:vb]
@@ -148,7 +142,7 @@ def unpack_triton(wire: WireLayout, rows: torch.Tensor) -> tuple[torch.Tensor, t
     hb = elias_fano.high_bits(wire.positions, wire.k)
     idx = torch.empty(replicas, ns, dtype=torch.int32, device=rows.device)
     if wire.value_bits:
-        _, db, cb = _regions(wire)
+        db, cb = wire.code_offsets
         vals = torch.empty(replicas, ns + wire.num_dense, dtype=torch.float32, device=rows.device)
         vals[:, ns:] = flat[:, :db].view(wire.value_dtype).float()
     else:
