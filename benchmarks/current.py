@@ -78,14 +78,16 @@ def kernel_rows() -> list[list[str]]:
                         c["date"], csrc))
     h = load("optstep_h100/step.json")  # the default's step, its torch packing and DeMo's wire, on an H100
     hm = {r["what"]: r["ms"] for r in h["rows"]}
+    hsrc = "`bench_optimizer_step.py --model 1b base --skip-slow` (`optstep_h100/step.json`)"
     wire = "value_bits=2 index_coding=elias_fano"
     for model in ("base", "1b"):
-        d, dg = (hm[f"{model}: FlexDeMo triton, the default (base_step=coefficient_sign {wire}){g}, 1 replica"]
-                 for g in ("", ", cuda_graphs"))
-        t, tg = (hm[f"{model}: FlexDeMo triton, the default, wire_pack=torch{g}, 1 replica"]
-                 for g in ("", ", cuda_graphs"))
-        q, qg = (hm[f"{model}: FlexDeMo triton, base_step=coefficient_sign{g}, 1 replica"]
-                 for g in ("", ", cuda_graphs"))
+        def eager_graphed(what: str) -> tuple[float, float]:
+            return tuple(hm[f"{model}: FlexDeMo triton, {what}{g}, 1 replica"] for g in ("", ", cuda_graphs"))
+
+        d, dg = eager_graphed(f"the default (base_step=coefficient_sign {wire})")
+        t, tg = eager_graphed("the default, wire_pack=torch")
+        q, qg = eager_graphed("base_step=coefficient_sign")
+        f, fg = eager_graphed("the default, dct_forward=tf32")
         a = hm[f"{model}: fused AdamW step"]
         rows.append(row(f"optimizer step, `{model}`, the default (the coefficient sign; 2-bit values, Elias-Fano "
                         "indices, packed and unpacked by Triton kernels), 1 replica (eager; `cuda_graphs=true`); the "
@@ -94,15 +96,11 @@ def kernel_rows() -> list[list[str]]:
                         f"{d:.2f} ms; {dg:.2f} ms; torch packing {t:.2f} ms; {tg:.2f} ms; DeMo's wire {q:.2f} ms; "
                         f"{qg:.2f} ms", f"fused AdamW {a:.2f} ms",
                         f"{d / a:.2f}×; {dg / a:.2f}×; torch packing {t / a:.2f}×; {tg / a:.2f}×; DeMo's wire "
-                        f"{q / a:.2f}×; {qg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"],
-                        "`bench_optimizer_step.py --model 1b base --skip-slow` (`optstep_h100/step.json`)"))
-        f, fg = (hm[f"{model}: FlexDeMo triton, the default, dct_forward=tf32{g}, 1 replica"]
-                 for g in ("", ", cuda_graphs"))
+                        f"{q / a:.2f}×; {qg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
         rows.append(row(f"optimizer step, `{model}`, the default with `dct_forward=tf32` (one tf32 product per forward "
                         "DCT instead of three bf16 ones; not measured for loss), 1 replica (eager; `cuda_graphs=true`)",
                         f"{f:.2f} ms; {fg:.2f} ms", f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
-                        f"{f / a:.2f}×; {fg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"],
-                        "`bench_optimizer_step.py --model 1b base --skip-slow` (`optstep_h100/step.json`)"))
+                        f"{f / a:.2f}×; {fg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
     ker = load("kernels_h200/kernels.json")
     dev = device_of(ker)
     one = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
@@ -393,13 +391,13 @@ def slow_link_rows() -> list[list[str]]:
                        f"{goal}; loss ratio over {s['steps']} steps {q['final_loss_ratio']:.3f} (goal ≤ 1.02)",
                        dev, s["date"], src))
     long = load("slow_link/summary_200steps.json")  # the loss does not depend on the link: uncapped only
-    lr_, la = long["rows"][1], long["rows"][0]
+    by_name, q = {r["name"]: r for r in long["rows"]}, long["ratios"]["flexdemo-uncapped"]
     out.append(row(f"final training loss (last 5 steps) FlexDeMo / HSDP AdamW, `{long['model']}`, "
                    f"{long['replicate']} nodes on one GPU, uncapped, {long['steps']} steps (the default; AdamW 1e-3, "
-                   "FlexDeMo 2e-3, one seed)", f"{lr_['final_loss']:.4f}", f"AdamW {la['final_loss']:.4f}",
-                   f"{lr_['final_loss'] / la['final_loss']:.3f} (goal ≤ 1.02); tokens/s "
-                   f"{long['ratios']['flexdemo-uncapped']['tokens_per_s_ratio']:.2f}×", device_of(long),
-                   long["date"], f"`{long['command'].replace('python benchmarks/', '')}` "
+                   "FlexDeMo 2e-3, one seed)", f"{by_name['flexdemo-uncapped']['final_loss']:.4f}",
+                   f"AdamW {by_name['adamw-uncapped']['final_loss']:.4f}",
+                   f"{q['final_loss_ratio']:.3f} (goal ≤ 1.02); tokens/s {q['tokens_per_s_ratio']:.2f}×",
+                   device_of(long), long["date"], f"`{long['command'].replace('python benchmarks/', '')}` "
                    "(`slow_link/summary_200steps.json`)"))
     for mode, suffix, label in (("stale", "overlap", "one step stale"), ("layerwise", "layerwise",
                                                                             "layerwise: the numbers of no overlap")):
