@@ -359,9 +359,9 @@ def in_distribution_summary(mine: list[dict], names: list[str]) -> dict | None:
                for o, b in best.items()}}
 
 
-def over_seeds_ci(v: dict) -> str:
-    q = v.get("ratio_over_seeds")
-    return f"; over {q['n']} seeds {q['mean']:.3f}, 95% CI [{q['ci95'][0]:.3f}, {q['ci95'][1]:.3f}]" if q else ""
+def over_seeds_text(q: dict) -> str:
+    """A ``paired_ratio`` as the tables print it."""
+    return f"over {q['n']} seeds {q['mean']:.3f}, 95% CI [{q['ci95'][0]:.3f}, {q['ci95'][1]:.3f}]"
 
 
 def base_compression(demo: dict) -> float:
@@ -407,13 +407,14 @@ def table(by_r: dict) -> str:
     for R, s in by_r.items():
         if s.get("in_distribution"):
             i = s["in_distribution"]
-            rest = ", ".join(f"{o} {v['ratio']:.3f} (lr {v['lr']:g}{over_seeds_ci(v)})" for o, v in i.items()
-                             if o not in ("domains", "adamw"))
+            rest = ", ".join(f"{o} {v['ratio']:.3f} (lr {v['lr']:g}"
+                             + (f"; {over_seeds_text(q)})" if (q := v.get("ratio_over_seeds")) else ")")
+                             for o, v in i.items() if o not in ("domains", "adamw"))
             shifted += (f"\n\nR = {R}, on held-out text of the training distribution only ({', '.join(i['domains'])}; "
                         f"each at its best rate by that measure): AdamW {i['adamw']['val_loss']:.4f} (lr "
                         f"{i['adamw']['lr']:g}); FlexDeMo / AdamW {rest}")
-    seeds = [f"R = {R}: FlexDeMo / AdamW over {q['n']} seeds {q['mean']:.3f}, 95% CI [{q['ci95'][0]:.3f}, "
-             f"{q['ci95'][1]:.3f}]" for R, s in by_r.items() if (q := s.get("ratio_over_seeds"))]
+    seeds = [f"R = {R}: FlexDeMo / AdamW {over_seeds_text(q)}" for R, s in by_r.items()
+             if (q := s.get("ratio_over_seeds"))]
     return ("\n".join(lines) + (note if any("*" in line for line in lines[2:]) else "") + shifted
             + ("\n\n" + "\n".join(seeds) if seeds else ""))
 
