@@ -18,11 +18,9 @@ from bench_demo_comm import comm_row, meta_model  # noqa: E402
 from flexdemo import DeMoConfig  # noqa: E402
 from flexdemo.config import DEMO_WIRE  # noqa: E402
 
-BF16 = DEMO_WIRE  # bf16 values, 12-bit indices (the wire before 2026-12-05)
-
 
 def _run(optim: str, lr: float, seed: int, loss: float, **demo) -> dict:
-    settings = {"demo": dataclasses.asdict(DeMoConfig(**{**BF16, **demo}))}
+    settings = {"demo": dataclasses.asdict(DeMoConfig(**{**DEMO_WIRE, **demo}))}
     return {"optim": optim, "lr": lr, "replicas": 1, "seed": seed, "val_loss": loss, "best_val_loss": loss - 0.01,
             "best_step": 300, "epochs": 0.4, "comm": {"comm/payload_bytes": 1000.0 / (2 if demo else 1)},
             "settings": settings, "val_by_domain": {"public": loss / 4, "code": loss * 1.5 + 10 * lr, "facts": 5 - loss}}
@@ -56,7 +54,7 @@ def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
     assert q["n"] == 2 and q["mean"] == pytest.approx((1.75 / 1.30 + 1.77 / 1.32) / 2)
     base = meta_model("base")
     want = {o: comm_row(base, cfg, 2, 2)["ratio_vs_dense_bf16"]
-            for o, cfg in (("flexdemo", DeMoConfig(**BF16)), ("flexdemo-q4", DeMoConfig(**{**BF16, "value_bits": 4})))}
+            for o, cfg in (("flexdemo", DeMoConfig(**DEMO_WIRE)), ("flexdemo-q4", DeMoConfig(**{**DEMO_WIRE, "value_bits": 4})))}
     for o, x in want.items():
         assert s["variants"][o]["base_2x2_x_dense_bf16"] == pytest.approx(x)
     assert want["flexdemo-q4"] > 1.5 * want["flexdemo"]  # 4-bit codes + a scale per chunk against bf16 values
