@@ -128,6 +128,13 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
 # the wire every run before 2026-12-05 sent (bf16 values, 12-bit indices): the variants named then keep it, and the
 # default's (2-bit values, Elias-Fano indices) is "flexdemo" only
 VARIANTS = {name: v if v is None or name == "flexdemo" else {**DEMO_WIRE, **v} for name, v in VARIANTS.items()}
+# the default (its wire too) with one setting changed
+VARIANTS.update({
+    # the forward DCT in one tf32 pass instead of three bf16 ones (the encode's cost, benchmarks/README.md)
+    "flexdemo-tf32": {"dct_forward": "tf32"},
+    # the dense-sent tensors (norm gains) by an Adam step on their mean gradient instead of its sign
+    "flexdemo-dense-adam": {"dense_step": "adam"},
+})
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
 

@@ -20,6 +20,8 @@ ORTHOGONAL_PRECISIONS = tuple(NS_PRECISIONS)  # the iteration's (fp32, bf16), as
 OVERLAPS = ("off", "stale", "layerwise")
 TENSOR_SCALES = ("none", "adam_rms")
 PRECONDITIONS = ("none", "adam")
+DENSE_STEPS = ("sign", "adam")
+DENSE_SIGN_STEPS = ("direct", "coefficient_sign")  # the base steps whose dense-sent tensors step by a sign
 # DeMo's own wire (bf16 values, 12-bit indices: 71.5x less than dense bf16 for `base` on 2 x 2), the default before
 # 2026-12-05: what the benchmarks name when they measure against it
 DEMO_WIRE = {"value_bits": 0, "index_coding": "fixed"}
@@ -116,6 +118,12 @@ class DeMoConfig:
     # all R (the sum / R): the mean of what the replicas took out of their momenta, which is what error feedback
     # keeps account of. The same at R = 1 and for the dense-sent tensors; no counting in the decode.
     replica_mean: str = "senders"
+    # How the dense-sent tensors (those a top-k payload would not shrink: norm gains, biases) step on the replicas'
+    # mean of what they sent: "sign" (DeMo): p -= lr * sign(mean), the whole momentum sent each step, so a sign of
+    # one step's gradient; "adam": their gradients sent lr-free and an Adam step on the mean (moments at
+    # ``adam_betas``, ``adam_eps``, no bias correction; the same numbers on every replica), as AdamW steps them.
+    # For base_step=direct or coefficient_sign (the other base steps already step them by their own rule).
+    dense_step: str = "sign"
     # Encode and decode + apply each replayed as a captured CUDA graph (flexdemo.graphs): for a model of many small
     # tensors, whose step is bound by the host queueing its launches. Triton kernels on CUDA, base_step=direct or
     # coefficient_sign, tensor_scale=none only; the same bits as without. A phase runs eagerly at its first step, is
@@ -136,6 +144,14 @@ class DeMoConfig:
         if self.precondition != "none" and self.base_step != "direct":
             raise ValueError(f"precondition={self.precondition!r} folds Adam's steps into the momentum, to be "
                              f"applied by the direct step; got base_step={self.base_step!r} (add base_step=direct)")
+        if self.dense_step not in DENSE_STEPS:
+            raise ValueError(f"dense_step={self.dense_step!r}; allowed: {', '.join(DENSE_STEPS)}")
+        if self.dense_step != "sign" and (self.base_step not in DENSE_SIGN_STEPS or self.precondition != "none"
+                                          or self.tensor_scale != "none"):
+            raise ValueError(f"dense_step={self.dense_step!r} steps the dense-sent tensors of base_step="
+                             f"{' or '.join(DENSE_SIGN_STEPS)} (no precondition, tensor_scale=none); got base_step="
+                             f"{self.base_step!r}, precondition={self.precondition!r}, tensor_scale="
+                             f"{self.tensor_scale!r} (use dense_step=sign)")
         if self.replica_mean not in REPLICA_MEANS:
             raise ValueError(f"replica_mean={self.replica_mean!r}; allowed: {', '.join(REPLICA_MEANS)}")
         if self.tensor_scale not in TENSOR_SCALES:

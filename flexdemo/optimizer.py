@@ -236,6 +236,11 @@ class FlexDeMo(torch.optim.Optimizer):
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
         plans = {k: pl for b in self.buckets for k, pl in b.plans.items()}
         self.plans = [plans[id(p)] for p in self.params]
+        if cfg.dense_step == "adam":  # the dense-sent tensors' moments, alike on every replica
+            for p, plan in zip(self.params, self.plans):
+                if plan.layout is None:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        self.state[p][key] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
         self.last_comm: dict[str, float] = {}
         self._pending: list[_Pending] = []  # overlap: exchanges whose updates are not applied yet
         self._inboxes: dict = {}  # cuda_graphs: where a captured decode reads the gathered payloads
@@ -353,11 +358,13 @@ class FlexDeMo(torch.optim.Optimizer):
                 deltas = [self.state[p]["delta"] for p in plan.dense]
                 torch._foreach_mul_(deltas, cfg.beta)
                 grads = [self._folded(p, local, grad_of) for p in plan.dense]
-                _add_scaled(deltas, grads, lead)
+                adam = cfg.dense_step == "adam"  # gradients sent lr-free, no look-ahead: Adam's moments take them
+                _add_scaled(deltas, grads, 1.0 if adam else lead)
                 sent = torch.cat([d.reshape(-1) for d in deltas]).to(cfg.wire_dtype)
                 values[plan.dense_slice] = sent
                 torch._foreach_sub_(deltas, _views_like(sent.float(), deltas))  # residual: only what rounding lost
-                self._take_back_lead(deltas, grads, back)
+                if not adam:
+                    self._take_back_lead(deltas, grads, back)
         payload = ops.pack_wire(self.kernels, wire, indices, values,
                                 torch.empty(wire.nbytes, dtype=torch.uint8, device=device), codes, scales,
                                 self.kernel_options)
@@ -537,7 +544,9 @@ class FlexDeMo(torch.optim.Optimizer):
                                        self.cfg.replica_mean)
                 if self.cfg.base_step == "orthogonal":
                     orthogonalize_all(ps, bufs, self.cfg.orthogonal_precision)
-            if plan.dense:
+            if plan.dense and self.cfg.dense_step == "adam":
+                self._dense_adam_step(plan.dense, _replica_mean(values[:, plan.dense_slice].float()), lr, decay)
+            elif plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
                 if self.cfg.sign:
                     update = update.sign()
@@ -578,6 +587,22 @@ class FlexDeMo(torch.optim.Optimizer):
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, self.cfg.adam_eps)
         _descend(params, torch._foreach_div(m, denom), lr, decay)
+
+    def _dense_adam_step(self, params: list, update: torch.Tensor, lr, decay) -> None:
+        """dense_step="adam": the moments of the replicas' mean gradient ``update`` (flat over ``params``), then
+        p = p * decay - lr * m / (sqrt(v) + eps); lr and decay floats or device scalars (a captured graph)."""
+        b1, b2 = self.cfg.adam_betas
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        g = _views_like(update, m)
+        torch._foreach_lerp_(m, g, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+        denom = torch._foreach_add(torch._foreach_sqrt(v), self.cfg.adam_eps)
+        locals_ = [local_tensor(p) for p in params]
+        flat = torch.cat([x.reshape(-1).float() for x in locals_])
+        step = torch.cat([x.reshape(-1) for x in torch._foreach_div(m, denom)])
+        torch._foreach_copy_(locals_, _views_like(flat * decay - lr * step, locals_))
 
     def _rates(self) -> list[tuple[float, float]]:
         return [(g["lr"], g["weight_decay"]) for g in self.param_groups]

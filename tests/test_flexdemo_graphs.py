@@ -36,7 +36,8 @@ DIRECT = {"base_step": "direct"}
 # DeMo's direct step, and the default (the coefficient sign), each with a look-ahead, weight decay, 2-bit values
 GRAPHED = [DIRECT, {**DIRECT, "nesterov": 0.5, "weight_decay": 0.1}, {**DIRECT, "value_bits": 2},
            {}, {"nesterov": 0.5, "weight_decay": 0.1, "value_bits": 2},
-           {"weight_decay": 0.1, "value_bits": 1, "index_coding": "elias_fano"}]  # the torch packing captured too
+           {"weight_decay": 0.1, "value_bits": 1, "index_coding": "elias_fano"},  # the torch packing captured too
+           {"weight_decay": 0.1, "dense_step": "adam"}]  # the 1-D tensor by Adam, at device-scalar rates
 
 
 # the Triton interpreter (CPU) takes ~25 s a case: there, one case per kernel path (each base step's decode, the

@@ -24,7 +24,8 @@ class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
     def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0, scale=None, replicas=1,
-                 orthogonal=False, mean_all=False):
+                 orthogonal=False, mean_all=False, dense_adam=None):
+        self.dense_adam = dense_adam  # (beta1, beta2, eps): 1-D tensors sent lr-free, stepped by Adam on the mean
         self.mean_all = mean_all  # average each position over all replicas, not over those that sent it
         self.senders_seen = set()  # how many replicas sent a position, over every position decoded
         self.orthogonal = orthogonal  # each matrix's unsigned direction orthogonalised (Newton-Schulz), 1-D signed
@@ -50,8 +51,11 @@ class NaiveDeMo:
         """Returns {chunk (ci, cj) or 'dense': {position: value}} and updates delta in place; ``fold`` multiplies
         grad as it enters delta (default lr)."""
         fold = self.lr if fold is None else fold
+        nesterov = self.nesterov
+        if delta.ndim == 1 and self.dense_adam is not None:
+            fold, nesterov = 1.0, 0.0
         delta.mul_(self.beta).add_(grad.double(), alpha=fold)
-        ahead = delta + self.nesterov * fold * grad.double()
+        ahead = delta + nesterov * fold * grad.double()
         if delta.ndim == 1:
             msg = {"dense": {i: ahead[i].item() for i in range(delta.numel())}}
             delta.sub_(ahead)
@@ -115,6 +119,12 @@ class NaiveDeMo:
                 chunks[key] = block
                 r, c = min(self.s, p.shape[0] - ci), min(self.s, p.shape[1] - cj)
                 update[ci : ci + r, cj : cj + c] = block[:r, :c]
+            if update.ndim == 1 and self.dense_adam is not None:
+                b1, b2, eps = self.dense_adam
+                self.m[i] = b1 * self.m[i] + (1 - b1) * update
+                self.v[i] = b2 * self.v[i] + (1 - b2) * update * update
+                p.sub_(self.lr * self.m[i] / (self.v[i].sqrt() + eps))
+                continue
             d = update.sign() if self.sign else update
             if self.orthogonal == "chunk" and update.ndim == 2:  # each whole decoded s x s chunk on its own
                 for (ci, cj), block in chunks.items():
@@ -150,13 +160,16 @@ class NaiveDeMo:
     (True, "orthogonal", 0.0, "none", "none"), (False, "orthogonal", 0.9, "none", "nofold"),
     (True, "orthogonal-chunk", 0.0, "none", "none"), (True, "direct", 0.0, "none", "meanall"),
     (False, "direct", 0.9, "none", "meanall"), (True, "orthogonal-chunk", 0.0, "none", "meanall"),
-    (True, "coefficient_sign", 0.0, "none", "none"), (False, "coefficient_sign", 0.9, "none", "nofold")])
+    (True, "coefficient_sign", 0.0, "none", "none"), (False, "coefficient_sign", 0.9, "none", "nofold"),
+    (True, "coefficient_sign", 0.0, "none", "denseadam"), (True, "direct", 0.9, "none", "denseadam")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
     """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients);
-    "meanall": precondition=none with replica_mean=all (each position averaged over both replicas)."""
+    "meanall": precondition=none with replica_mean=all (each position averaged over both replicas); "denseadam":
+    precondition=none with dense_step=adam (the 1-D tensor by Adam on the replicas' mean gradient)."""
     fold_lr = precondition != "nofold"
     mean_all = precondition == "meanall"
-    precondition = "none" if not fold_lr or mean_all else precondition
+    dense_adam = precondition == "denseadam"
+    precondition = "none" if not fold_lr or mean_all or dense_adam else precondition
     torch.manual_seed(0)
     # ragged edges of 2 rows and 2 columns (an edge of 1 row makes coefficients (0, j) and (2, j) tie exactly in
     # the DCT, and fp32 and float64 pick differently among ties)
@@ -172,7 +185,7 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
                      value_bits=0, base_step=base_step.split("-")[0],
                      orthogonal_scope="chunk" if "chunk" in base_step else "matrix", adam_betas=(0.8, 0.9),
                      adam_eps=eps, nesterov=nesterov, tensor_scale=scale, precondition=precondition, fold_lr=fold_lr,
-                     replica_mean="all" if mean_all else "senders")
+                     replica_mean="all" if mean_all else "senders", dense_step="adam" if dense_adam else "sign")
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
@@ -181,7 +194,7 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
                       scale=(0.8, 0.9, eps) if local else None, replicas=R,
                       orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk",
                                   "coefficient_sign": "coefficient_sign"}.get(base_step, False),
-                      mean_all=mean_all)
+                      mean_all=mean_all, dense_adam=(0.8, 0.9, eps) if dense_adam else None)
     if scale == "none":
         naive.tensor_scale = lambda i: 1.0
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
@@ -425,6 +438,16 @@ def test_fold_lr_is_checked():
 def test_replica_mean_is_checked():
     with pytest.raises(ValueError, match="replica_mean='sum'; allowed: senders, all"):
         DeMoConfig(replica_mean="sum")
+
+
+def test_dense_step_is_checked():
+    with pytest.raises(ValueError, match="dense_step='lion'; allowed: sign, adam"):
+        DeMoConfig(dense_step="lion")
+    with pytest.raises(ValueError, match="dense_step='adam' steps the dense-sent tensors of base_step=direct or "
+                                         "coefficient_sign .* got base_step='lion'"):
+        DeMoConfig(dense_step="adam", base_step="lion")
+    with pytest.raises(ValueError, match="got base_step='direct', precondition='adam'"):
+        DeMoConfig(dense_step="adam", base_step="direct", precondition="adam")
 
 
 def test_precondition_is_checked():

@@ -101,9 +101,10 @@ def job_four_ranks(tmp: str) -> dict:
     acs = train(tiny_config(tmp / "ACS", optim={**DEMO, "base_step": "coefficient_sign"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_coefficient_sign"] = {"params": _local(acs.model), "delta": _residuals(acs)}
-    # ... with each value's sign at its chunk's scale and each chunk's positions as one Elias-Fano code
+    # ... with each value's sign at its chunk's scale and each chunk's positions as one Elias-Fano code, and the
+    # dense-sent tensors by Adam (dense_step=adam)
     aef = train(tiny_config(tmp / "AEF", optim={**DEMO, "base_step": "coefficient_sign", "value_bits": 1,
-                                                "index_coding": "elias_fano"},
+                                                "index_coding": "elias_fano", "dense_step": "adam"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_elias_fano"] = {"params": _local(aef.model), "delta": _residuals(aef)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}

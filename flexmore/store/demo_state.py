@@ -24,8 +24,8 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-# the residual, the base step's moments (adam, lion; the same on every replica), and tensor_scale's moments of the
-# local gradient (each replica its own, like the residual)
+# the residual, the base step's moments (adam, lion) or the dense-sent tensors' (dense_step=adam; the same on every
+# replica), and tensor_scale's moments of the local gradient (each replica its own, like the residual)
 STATES = ("delta", "exp_avg", "exp_avg_sq", "grad_avg", "grad_avg_sq")
 
 
