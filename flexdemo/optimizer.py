@@ -576,8 +576,8 @@ class FlexDeMo(torch.optim.Optimizer):
         torch._foreach_lerp_(m, directions, 1 - b2)
         _descend(params, step, lr, decay)
 
-    def _adam_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
-        """p = p * decay - lr * m / (sqrt(v) + eps), with m, v the moving moments of the decoded directions."""
+    def _adam_update(self, params: list, directions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The moving moments m, v of ``directions`` updated in ``params``' state; returns m / (sqrt(v) + eps)."""
         b1, b2 = self.cfg.adam_betas
         m = [self.state[p]["exp_avg"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
@@ -586,22 +586,18 @@ class FlexDeMo(torch.optim.Optimizer):
         torch._foreach_addcmul_(v, directions, directions, value=1 - b2)
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, self.cfg.adam_eps)
-        _descend(params, torch._foreach_div(m, denom), lr, decay)
+        return torch._foreach_div(m, denom)
+
+    def _adam_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
+        """p = p * decay - lr * m / (sqrt(v) + eps), with m, v the moving moments of the decoded directions."""
+        _descend(params, self._adam_update(params, directions), lr, decay)
 
     def _dense_adam_step(self, params: list, update: torch.Tensor, lr, decay) -> None:
-        """dense_step="adam": the moments of the replicas' mean gradient ``update`` (flat over ``params``), then
-        p = p * decay - lr * m / (sqrt(v) + eps); lr and decay floats or device scalars (a captured graph)."""
-        b1, b2 = self.cfg.adam_betas
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
-        g = _views_like(update, m)
-        torch._foreach_lerp_(m, g, 1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, g, g, value=1 - b2)
-        denom = torch._foreach_add(torch._foreach_sqrt(v), self.cfg.adam_eps)
+        """dense_step="adam": ``_adam_step`` on the replicas' mean gradient ``update`` (flat over ``params``), with
+        lr and decay floats or device scalars (a captured graph)."""
         locals_ = [local_tensor(p) for p in params]
+        step = torch.cat([x.reshape(-1) for x in self._adam_update(params, _views_like(update, locals_))])
         flat = torch.cat([x.reshape(-1).float() for x in locals_])
-        step = torch.cat([x.reshape(-1) for x in torch._foreach_div(m, denom)])
         torch._foreach_copy_(locals_, _views_like(flat * decay - lr * step, locals_))
 
     def _rates(self) -> list[tuple[float, float]]:
