@@ -94,6 +94,12 @@ class DeMoConfig:
     # numbers as "off", with the exchange hidden behind the forward of the layers before. ``flush`` applies what is
     # in flight.
     overlap: str = "off"
+    # The share of each sent DCT coefficient (of what its code stands for) the momentum keeps instead of losing it
+    # all (0: DeMo's error feedback). A coefficient sent step after step then carries a momentum of rate ~beta *
+    # sent_keep (DeMo's sends each such step's own gradient alone), and one sent once keeps a head start. The
+    # dense-sent tensors lose all they send, as before. Replicas stay bit-identical (each keeps part of its own
+    # residual).
+    sent_keep: float = 0.0
     # Nesterov-style look-ahead: each step sends the top-k of delta + nesterov * lr * grad (the fresh gradient counted
     # once more) and keeps delta minus what was sent, so the momentum leads the update and error feedback pays the
     # lead back the next step. 0: DeMo.
@@ -159,6 +165,8 @@ class DeMoConfig:
         if self.tensor_scale != "none" and self.base_step != "direct":
             raise ValueError(f"tensor_scale={self.tensor_scale!r} scales the direct step; got base_step="
                              f"{self.base_step!r} (add base_step=direct)")
+        if not 0.0 <= self.sent_keep < 1.0:
+            raise ValueError(f"sent_keep={self.sent_keep} must be in [0, 1) (0: the momentum loses all it sent)")
         if not (self.nesterov >= 0 and self.nesterov < float("inf")):
             raise ValueError(f"nesterov={self.nesterov} must be a finite number >= 0")
         if self.overlap not in OVERLAPS:

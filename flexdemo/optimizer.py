@@ -352,7 +352,7 @@ class FlexDeMo(torch.optim.Optimizer):
                 # with a look-ahead the kernel works on delta + nesterov * lr * grad, taken back below
                 ops.encode_table(self.kernels, table, grads, deltas, cfg.beta, lead, values, indices,
                                  self.kernel_options, feed.addresses.get(id(table)) if feed else None,
-                                 cfg.value_bits, codes, scales)
+                                 cfg.value_bits, codes, scales, cfg.sent_keep)
                 self._take_back_lead(deltas, grads, back)
             if plan.dense:
                 deltas = [self.state[p]["delta"] for p in plan.dense]

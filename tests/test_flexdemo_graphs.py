@@ -37,7 +37,7 @@ DIRECT = {"base_step": "direct"}
 GRAPHED = [DIRECT, {**DIRECT, "nesterov": 0.5, "weight_decay": 0.1}, {**DIRECT, "value_bits": 2},
            {}, {"nesterov": 0.5, "weight_decay": 0.1, "value_bits": 2},
            {"weight_decay": 0.1, "value_bits": 1, "index_coding": "elias_fano"},  # the torch packing captured too
-           {"weight_decay": 0.1, "dense_step": "adam"}]  # the 1-D tensor by Adam, at device-scalar rates
+           {"weight_decay": 0.1, "dense_step": "adam", "sent_keep": 0.5}]  # the 1-D tensor by Adam; part kept
 
 
 # the Triton interpreter (CPU) takes ~25 s a case: there, one case per kernel path (each base step's decode, the

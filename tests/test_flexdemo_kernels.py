@@ -809,6 +809,35 @@ def test_encode_with_codes_matches_reference(rows, cols, s, k, bits, select):
         assert torch.equal(coded.sign()[v_tri != 0], v_tri.float().sign()[v_tri != 0])
 
 
+@pytest.mark.parametrize("path", ["torch", "triton", "triton-table"])
+@pytest.mark.parametrize("bits", [0, 2])
+def test_sent_keep_leaves_that_share_of_what_was_sent_in_the_momentum(path, bits):
+    """sent_keep: residual + (1 - keep) x what was sent (what its codes stand for) = the updated momentum, and the
+    payload is the one sent without it."""
+    from flexdemo.quant import dequantize
+
+    torch.manual_seed(11 + bits)
+    rows, cols, s, k, keep = 37, 21, 16, 5, 0.3
+    lay = ChunkLayout(rows, cols, s)
+    delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
+
+    def table_launch(g, d, lay, beta, lr, k, vals, idx, **kw):
+        encode_triton_table(ChunkTable.build([lay], [0], k, torch.device(DEVICE)), [g], [d], beta, lr, vals, idx,
+                            **kw)
+
+    fn = {"torch": encode_reference, "triton": encode_triton, "triton-table": table_launch}[path]
+    kept = run_encode(fn, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, bits, keep=keep)
+    plain = run_encode(fn, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, bits)
+    for a, b in zip(kept[1:], plain[1:]):  # the same payload
+        assert torch.equal(a, b)
+    applied = dequantize(kept[3], kept[4], bits) if bits else kept[1].float()
+    sent = torch.zeros(lay.num_chunks, s * s, device=DEVICE).scatter_(1, kept[2].long(), applied)
+    lost = lay.from_chunks(idct2(sent.view(-1, s, s)))
+    m = 0.9 * delta + 0.1 * grad
+    torch.testing.assert_close(kept[0] + (1 - keep) * lost, m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept[0] - plain[0], keep * lost, rtol=1e-5, atol=1e-5)
+
+
 def test_encode_with_codes_one_launch_for_a_table_equals_one_per_tensor():
     torch.manual_seed(8)
     s, k, bits = 16, 5, 2

@@ -24,7 +24,8 @@ class NaiveDeMo:
     """One replica's state in float64; ``step`` takes every replica's gradients and returns the new params."""
 
     def __init__(self, params, lr, beta, k, s, wd, sign, adam=None, lion=None, nesterov=0.0, scale=None, replicas=1,
-                 orthogonal=False, mean_all=False, dense_adam=None):
+                 orthogonal=False, mean_all=False, dense_adam=None, keep=0.0):
+        self.keep = keep  # the share of each sent coefficient that the momentum keeps (2-D tensors)
         self.dense_adam = dense_adam  # (beta1, beta2, eps): 1-D tensors sent lr-free, stepped by Adam on the mean
         self.mean_all = mean_all  # average each position over all replicas, not over those that sent it
         self.senders_seen = set()  # how many replicas sent a position, over every position decoded
@@ -73,7 +74,7 @@ class NaiveDeMo:
                 sent = torch.zeros(s * s, dtype=torch.float64)
                 for j in chosen:
                     sent[j] = C[j]
-                delta[ci : ci + r, cj : cj + c] -= (self.D.T @ sent.view(s, s) @ self.D)[:r, :c]
+                delta[ci : ci + r, cj : cj + c] -= (1 - self.keep) * (self.D.T @ sent.view(s, s) @ self.D)[:r, :c]
         return msg
 
     def observe(self, replica, grads):
@@ -161,15 +162,18 @@ class NaiveDeMo:
     (True, "orthogonal-chunk", 0.0, "none", "none"), (True, "direct", 0.0, "none", "meanall"),
     (False, "direct", 0.9, "none", "meanall"), (True, "orthogonal-chunk", 0.0, "none", "meanall"),
     (True, "coefficient_sign", 0.0, "none", "none"), (False, "coefficient_sign", 0.9, "none", "nofold"),
-    (True, "coefficient_sign", 0.0, "none", "denseadam"), (True, "direct", 0.9, "none", "denseadam")])
+    (True, "coefficient_sign", 0.0, "none", "denseadam"), (True, "direct", 0.9, "none", "denseadam"),
+    (True, "coefficient_sign", 0.0, "none", "keep"), (True, "direct", 0.9, "none", "keep")])
 def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nesterov, scale, precondition):
     """precondition "nofold" here: precondition=none with fold_lr=False (the momentum gathers bare gradients);
     "meanall": precondition=none with replica_mean=all (each position averaged over both replicas); "denseadam":
-    precondition=none with dense_step=adam (the 1-D tensor by Adam on the replicas' mean gradient)."""
+    precondition=none with dense_step=adam (the 1-D tensor by Adam on the replicas' mean gradient); "keep":
+    precondition=none with sent_keep=0.4 (the momenta keep 0.4 of the coefficients they sent)."""
     fold_lr = precondition != "nofold"
     mean_all = precondition == "meanall"
     dense_adam = precondition == "denseadam"
-    precondition = "none" if not fold_lr or mean_all or dense_adam else precondition
+    keep = 0.4 if precondition == "keep" else 0.0
+    precondition = "none" if not fold_lr or mean_all or dense_adam or keep else precondition
     torch.manual_seed(0)
     # ragged edges of 2 rows and 2 columns (an edge of 1 row makes coefficients (0, j) and (2, j) tie exactly in
     # the DCT, and fp32 and float64 pick differently among ties)
@@ -185,7 +189,8 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
                      value_bits=0, base_step=base_step.split("-")[0],
                      orthogonal_scope="chunk" if "chunk" in base_step else "matrix", adam_betas=(0.8, 0.9),
                      adam_eps=eps, nesterov=nesterov, tensor_scale=scale, precondition=precondition, fold_lr=fold_lr,
-                     replica_mean="all" if mean_all else "senders", dense_step="adam" if dense_adam else "sign")
+                     replica_mean="all" if mean_all else "senders", dense_step="adam" if dense_adam else "sign",
+                     sent_keep=keep)
             for ps in reps]
     local = scale != "none" or precondition != "none"  # the replicas' own gradient moments
     assert [p.layout is not None for p in opts[0].plans] == [True, True, False]
@@ -194,7 +199,7 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
                       scale=(0.8, 0.9, eps) if local else None, replicas=R,
                       orthogonal={"orthogonal": True, "orthogonal-chunk": "chunk",
                                   "coefficient_sign": "coefficient_sign"}.get(base_step, False),
-                      mean_all=mean_all, dense_adam=(0.8, 0.9, eps) if dense_adam else None)
+                      mean_all=mean_all, dense_adam=(0.8, 0.9, eps) if dense_adam else None, keep=keep)
     if scale == "none":
         naive.tensor_scale = lambda i: 1.0
     naive_deltas = [NaiveDeMo.new_deltas(init) for _ in range(R)]
@@ -448,6 +453,12 @@ def test_dense_step_is_checked():
         DeMoConfig(dense_step="adam", base_step="lion")
     with pytest.raises(ValueError, match="got base_step='direct', precondition='adam'"):
         DeMoConfig(dense_step="adam", base_step="direct", precondition="adam")
+
+
+@pytest.mark.parametrize("keep", [-0.1, 1.0, float("nan")])
+def test_sent_keep_is_checked(keep):
+    with pytest.raises(ValueError, match=rf"sent_keep={keep} must be in \[0, 1\)"):
+        DeMoConfig(sent_keep=keep)
 
 
 def test_precondition_is_checked():

@@ -101,10 +101,11 @@ def job_four_ranks(tmp: str) -> dict:
     acs = train(tiny_config(tmp / "ACS", optim={**DEMO, "base_step": "coefficient_sign"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_coefficient_sign"] = {"params": _local(acs.model), "delta": _residuals(acs)}
-    # ... with each value's sign at its chunk's scale and each chunk's positions as one Elias-Fano code, and the
-    # dense-sent tensors by Adam (dense_step=adam)
+    # ... with each value's sign at its chunk's scale and each chunk's positions as one Elias-Fano code, the
+    # dense-sent tensors by Adam (dense_step=adam) and the momenta keeping half of what they sent (sent_keep)
     aef = train(tiny_config(tmp / "AEF", optim={**DEMO, "base_step": "coefficient_sign", "value_bits": 1,
-                                                "index_coding": "elias_fano", "dense_step": "adam"},
+                                                "index_coding": "elias_fano", "dense_step": "adam",
+                                                "sent_keep": 0.5},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_elias_fano"] = {"params": _local(aef.model), "delta": _residuals(aef)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}

@@ -46,16 +46,16 @@ def resolve_kernels(requested: str, device: torch.device, chunk: int) -> str:
 def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, beta: float, lr,
                  out_vals: torch.Tensor, out_idx: torch.Tensor, options: KernelOptions = KernelOptions(),
                  addresses: torch.Tensor | None = None, bits: int = 0, out_codes: torch.Tensor | None = None,
-                 out_scales: torch.Tensor | None = None) -> None:
+                 out_scales: torch.Tensor | None = None, keep: float = 0.0) -> None:
     """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32).
     ``addresses``: the triton launch reads the tensors through these rows instead of ``table.addresses``'s.
     ``bits``: the values also as codes (``out_codes``, one per value) and scales (``out_scales``, one per chunk), the
-    momenta losing what the codes stand for."""
+    momenta losing what the codes stand for; ``keep``: (1 - keep) times that."""
     if kernels == "triton":
         from flexdemo.ops.encode import encode_triton_table
 
         return encode_triton_table(table, grads, deltas, beta, lr, out_vals, out_idx, options, addresses=addresses,
-                                   bits=bits, out_codes=out_codes, out_scales=out_scales)
+                                   bits=bits, out_codes=out_codes, out_scales=out_scales, keep=keep)
     from flexdemo.ops.encode_reference import encode_reference
 
     k = table.k
@@ -64,7 +64,7 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
         codes = scales = None
         if bits:
             codes, scales = out_codes[sl], out_scales[sl.start // k : sl.stop // k]
-        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl], bits, codes, scales)
+        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl], bits, codes, scales, keep)
 
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,

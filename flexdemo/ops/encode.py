@@ -157,9 +157,10 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 
 @triton.jit
 def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr, scratch_ptr, table_ptr, addr_ptr,
-                   owner_ptr, rows, cols, stride_g, stride_m, grid_cols, zero, beta, lr, HAS_GRAD: tl.constexpr,
+                   owner_ptr, rows, cols, stride_g, stride_m, grid_cols, zero, beta, lr, lose, HAS_GRAD: tl.constexpr,
                    GROUPED: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
-                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr, LR_PTR: tl.constexpr, QBITS: tl.constexpr):
+                   FWD_PRECISION: tl.constexpr, SELECT: tl.constexpr, LR_PTR: tl.constexpr, QBITS: tl.constexpr,
+                   LOSE_PART: tl.constexpr):
     c = tl.program_id(0)  # the payload chunk, and (one tensor) the chunk of that tensor
     si = tl.arange(0, S)
     if GROUPED:  # a ChunkTable launch: this chunk's tensor, its shape, addresses and payload place
@@ -267,6 +268,8 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
             if QBITS > 1:  # the replicas apply what the codes stand for: removed (signs: the value, removed whole)
                 pv = tl.div_rn(2.0 * code - levels, tl.zeros_like(pv) + levels) * scale
                 pv = tl.where(live, pv, 0.0)  # (a padding lane's 0 is a code like any other)
+        if LOSE_PART:  # sent_keep: the momentum loses (1 - keep) times what was sent
+            pv = pv * lose
         a = tl.load(d_ptr + (pi // S)[:, None] * S + si[None, :]) * pv[:, None]
         b = tl.load(d_ptr + (pi % S)[:, None] * S + si[None, :])
         m = tl.dot(tl.trans(-a), b, acc=m, input_precision=PRECISION)
@@ -281,7 +284,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float,
                   lr: float | torch.Tensor, k: int, out_vals: torch.Tensor, out_idx: torch.Tensor,
                   options: KernelOptions = KernelOptions(), bits: int = 0, out_codes: torch.Tensor | None = None,
-                  out_scales: torch.Tensor | None = None) -> None:
+                  out_scales: torch.Tensor | None = None, keep: float = 0.0) -> None:
     """Same contract as ``encode_reference``; ``out_idx`` is int32; ``lr`` may be a one-element fp32 tensor on the
     device (read by the kernel: what a CUDA graph captures)."""
     opts = _launch_options(options, k, layout.s, out_vals.dtype, bits)
@@ -293,8 +296,8 @@ def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkL
     codes, scales = _code_outputs(bits, out_codes, out_scales, layout.num_chunks, k, d)
     return _encode_kernel[(layout.num_chunks,)](
         g, delta, d, out_vals, out_idx, codes, scales, _scratch(layout.num_chunks, opts, delta.device), d, d, d,
-        layout.rows, layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), rate,
-        HAS_GRAD=grad is not None, GROUPED=False, LR_PTR=lr_ptr, **opts,
+        layout.rows, layout.cols, g.stride(0), delta.stride(0), layout.grid[1], 0, float(beta), rate, 1.0 - keep,
+        HAS_GRAD=grad is not None, GROUPED=False, LR_PTR=lr_ptr, LOSE_PART=bool(keep), **opts,
     )
 
 
@@ -302,7 +305,7 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
                         lr: float | torch.Tensor, out_vals: torch.Tensor, out_idx: torch.Tensor,
                         options: KernelOptions = KernelOptions(), addresses: torch.Tensor | None = None,
                         bits: int = 0, out_codes: torch.Tensor | None = None,
-                        out_scales: torch.Tensor | None = None) -> None:
+                        out_scales: torch.Tensor | None = None, keep: float = 0.0) -> None:
     """``encode_triton`` for every tensor of ``table`` in one launch, at the table's k. grads[t] / deltas[t]:
     (rows, cols) views with unit column stride (grads[t] None: no gradient); ``out_vals`` / ``out_idx`` span the
     whole payload, each tensor writing at its first payload chunk. All gradients given must share one dtype.
@@ -319,8 +322,8 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
         present[0] if present else deltas[0], deltas[0], d, out_vals, out_idx, codes, scales,
         _scratch(table.num_chunks, opts, d.device), table.meta,
         table.addresses(grads, deltas) if addresses is None else addresses, table.tensor_of_chunk,
-        0, 0, 0, 0, 0, 0, float(beta), rate,
-        HAS_GRAD=bool(present), GROUPED=True, LR_PTR=lr_ptr, **opts,
+        0, 0, 0, 0, 0, 0, float(beta), rate, 1.0 - keep,
+        HAS_GRAD=bool(present), GROUPED=True, LR_PTR=lr_ptr, LOSE_PART=bool(keep), **opts,
     )
 
 

@@ -28,11 +28,12 @@ def topk_chunks(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
                      k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, bits: int = 0,
-                     out_codes: torch.Tensor | None = None, out_scales: torch.Tensor | None = None) -> None:
+                     out_codes: torch.Tensor | None = None, out_scales: torch.Tensor | None = None,
+                     keep: float = 0.0) -> None:
     """Update ``delta`` (rows, cols) fp32 in place to the residual; write (num_chunks * k) values and indices.
     ``bits`` > 0: also each chunk's values as codes and a scale (``flexdemo.quant``; ``out_codes`` uint8,
     ``out_scales`` fp32), and the residual keeps what the codes lose (it loses the dequantised values; 1-bit sign
-    codes: the sent values whole)."""
+    codes: the sent values whole). ``keep``: the residual loses only (1 - keep) times what was sent."""
     delta.mul_(beta)
     if grad is not None:
         delta.add_(grad.float(), alpha=lr)
@@ -46,6 +47,8 @@ def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: Chu
             applied = dequantize(codes, scales, bits)
         out_codes.copy_(codes.reshape(-1))
         out_scales.copy_(scales)
+    if keep:
+        applied = applied * (1.0 - keep)
     sparse = torch.zeros_like(coeffs).scatter_(1, idx, applied)
     delta.sub_(layout.from_chunks(idct2(sparse.view(-1, layout.s, layout.s))))
     out_vals.copy_(sent.reshape(-1))
