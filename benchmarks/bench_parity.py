@@ -134,8 +134,8 @@ VARIANTS.update({
     "flexdemo-tf32": {"dct_forward": "tf32"},
     # the dense-sent tensors (norm gains) by an Adam step on their mean gradient instead of its sign
     "flexdemo-dense-adam": {"dense_step": "adam"},
-    # the momentum keeps 0.3 of each coefficient it sent (a momentum on those sent step after step)
-    "flexdemo-keep0.3": {"sent_keep": 0.3},
+    # the momentum keeps 0.2 / 0.3 of each coefficient it sent (a momentum on those sent step after step)
+    "flexdemo-keep0.2": {"sent_keep": 0.2}, "flexdemo-keep0.3": {"sent_keep": 0.3},
 })
 OPTIM_KEYS = ("edge_lr_scale", "min_lr_ratio", "weight_decay")  # variant keys that are optim settings, not DeMoConfig's
 WEIGHT_DECAY = 0.1  # AdamW's and FlexDeMo's default (conf/optim), on matrices, unless a variant names its own
