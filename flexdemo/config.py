@@ -14,14 +14,15 @@ from flexdemo.wire import INDEX_CODINGS, WIRE_DTYPES, index_bits_for
 DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 BASE_STEPS = ("direct", "adam", "lion", "orthogonal", "coefficient_sign")
-GRAPHED_STEPS = ("direct", "coefficient_sign")  # those with no host work between the kernels (cuda_graphs)
+# the base steps whose decode applies the update itself, the dense-sent tensors by a sign: no moments, no host work
+# between the kernels (what cuda_graphs captures, and what dense_step=adam replaces the dense sign of)
+DECODE_STEPS = ("direct", "coefficient_sign")
 ORTHOGONAL_SCOPES = ("matrix", "chunk")
 ORTHOGONAL_PRECISIONS = tuple(NS_PRECISIONS)  # the iteration's (fp32, bf16), as its twin and kernel check them
 OVERLAPS = ("off", "stale", "layerwise")
 TENSOR_SCALES = ("none", "adam_rms")
 PRECONDITIONS = ("none", "adam")
 DENSE_STEPS = ("sign", "adam")
-DENSE_SIGN_STEPS = ("direct", "coefficient_sign")  # the base steps whose dense-sent tensors step by a sign
 # DeMo's own wire (bf16 values, 12-bit indices: 71.5x less than dense bf16 for `base` on 2 x 2), the default before
 # 2026-12-05: what the benchmarks name when they measure against it
 DEMO_WIRE = {"value_bits": 0, "index_coding": "fixed"}
@@ -141,8 +142,8 @@ class DeMoConfig:
         for name in ("fold_lr", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):  # a string such as "no" would otherwise read as true
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
-        if self.cuda_graphs and (self.base_step not in GRAPHED_STEPS or self.tensor_scale != "none"):
-            raise ValueError(f"cuda_graphs=true captures base_step={' or '.join(GRAPHED_STEPS)} only; got base_step="
+        if self.cuda_graphs and (self.base_step not in DECODE_STEPS or self.tensor_scale != "none"):
+            raise ValueError(f"cuda_graphs=true captures base_step={' or '.join(DECODE_STEPS)} only; got base_step="
                              f"{self.base_step!r}, tensor_scale={self.tensor_scale!r} (use one of those, tensor_scale="
                              "none, or cuda_graphs=false)")
         if self.precondition not in PRECONDITIONS:
@@ -152,10 +153,10 @@ class DeMoConfig:
                              f"applied by the direct step; got base_step={self.base_step!r} (add base_step=direct)")
         if self.dense_step not in DENSE_STEPS:
             raise ValueError(f"dense_step={self.dense_step!r}; allowed: {', '.join(DENSE_STEPS)}")
-        if self.dense_step != "sign" and (self.base_step not in DENSE_SIGN_STEPS or self.precondition != "none"
+        if self.dense_step != "sign" and (self.base_step not in DECODE_STEPS or self.precondition != "none"
                                           or self.tensor_scale != "none"):
             raise ValueError(f"dense_step={self.dense_step!r} steps the dense-sent tensors of base_step="
-                             f"{' or '.join(DENSE_SIGN_STEPS)} (no precondition, tensor_scale=none); got base_step="
+                             f"{' or '.join(DECODE_STEPS)} (no precondition, tensor_scale=none); got base_step="
                              f"{self.base_step!r}, precondition={self.precondition!r}, tensor_scale="
                              f"{self.tensor_scale!r} (use dense_step=sign)")
         if self.replica_mean not in REPLICA_MEANS:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
-from flexdemo.config import DeMoConfig
+from flexdemo.config import DECODE_STEPS, DeMoConfig
 from flexdemo.graphs import DeviceScalars, PhaseGraphs
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
@@ -516,7 +516,7 @@ class FlexDeMo(torch.optim.Optimizer):
         indices, values = ops.unpack_wire(self.kernels, bk.wire, gathered, self.kernel_options)
         # a base step with moments (adam, lion), or a scaled direct step: decode, then step
         # (the coefficient sign steps in its decode, and its dense-sent tensors as the direct step does)
-        stepped = self.cfg.base_step not in ("direct", "coefficient_sign") or scale is not None
+        stepped = self.cfg.base_step not in DECODE_STEPS or scale is not None
         per_chunk = self.cfg.base_step == "orthogonal" and self.cfg.orthogonal_scope == "chunk"
         for (lr, decay, chunk_lr), plan in zip(steps, bk.groups):
             directions = []
@@ -544,13 +544,14 @@ class FlexDeMo(torch.optim.Optimizer):
                                        self.cfg.replica_mean)
                 if self.cfg.base_step == "orthogonal":
                     orthogonalize_all(ps, bufs, self.cfg.orthogonal_precision)
-            if plan.dense and self.cfg.dense_step == "adam":
-                self._dense_adam_step(plan.dense, _replica_mean(values[:, plan.dense_slice].float()), lr, decay)
-            elif plan.dense:
+            if plan.dense:
                 update = _replica_mean(values[:, plan.dense_slice].float())
-                if self.cfg.sign:
-                    update = update.sign()
                 locals_ = [local_tensor(p) for p in plan.dense]
+                if self.cfg.dense_step == "adam":  # (a decode step: not ``stepped``)
+                    update = torch.cat([x.reshape(-1) for x in
+                                        self._adam_update(plan.dense, _views_like(update, locals_))])
+                elif self.cfg.sign:
+                    update = update.sign()
                 if stepped:
                     directions += list(zip(plan.dense, _views_like(update, locals_)))
                 else:
@@ -591,14 +592,6 @@ class FlexDeMo(torch.optim.Optimizer):
     def _adam_step(self, params: list, directions: list[torch.Tensor], lr: float, decay: float) -> None:
         """p = p * decay - lr * m / (sqrt(v) + eps), with m, v the moving moments of the decoded directions."""
         _descend(params, self._adam_update(params, directions), lr, decay)
-
-    def _dense_adam_step(self, params: list, update: torch.Tensor, lr, decay) -> None:
-        """dense_step="adam": ``_adam_step`` on the replicas' mean gradient ``update`` (flat over ``params``), with
-        lr and decay floats or device scalars (a captured graph)."""
-        locals_ = [local_tensor(p) for p in params]
-        step = torch.cat([x.reshape(-1) for x in self._adam_update(params, _views_like(update, locals_))])
-        flat = torch.cat([x.reshape(-1).float() for x in locals_])
-        torch._foreach_copy_(locals_, _views_like(flat * decay - lr * step, locals_))
 
     def _rates(self) -> list[tuple[float, float]]:
         return [(g["lr"], g["weight_decay"]) for g in self.param_groups]
