@@ -453,6 +453,8 @@ def test_dense_step_is_checked():
         DeMoConfig(dense_step="adam", base_step="lion")
     with pytest.raises(ValueError, match="got base_step='direct', precondition='adam'"):
         DeMoConfig(dense_step="adam", base_step="direct", precondition="adam")
+    with pytest.raises(ValueError, match="dense_step='adam' .* tensor_scale='adam_rms' .use dense_step=sign."):
+        DeMoConfig(dense_step="adam", base_step="direct", tensor_scale="adam_rms")
 
 
 @pytest.mark.parametrize("keep", [-0.1, 1.0, float("nan")])
