@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import sys
 import time
@@ -115,9 +116,10 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     for graphs in (False, True):  # the same with the wire packed and unpacked in torch (before 2026-12-06)
         name = (f"{model_name}: FlexDeMo triton, the default, wire_pack=torch" + (", cuda_graphs" if graphs else ""))
         rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, wire_pack="torch"))
-    for graphs in (False, True):  # with 2-bit values the forward DCT's precision moves only near-ties of the selection
-        name = f"{model_name}: FlexDeMo triton, the default, dct_forward=tf32" + (", cuda_graphs" if graphs else "")
-        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward="tf32"))
+    for fwd, graphs in itertools.product(("tf32", "bf16"), (False, True)):  # with 2-bit values the forward DCT's
+        # precision moves only near-ties of the selection
+        name = f"{model_name}: FlexDeMo triton, the default, dct_forward={fwd}" + (", cuda_graphs" if graphs else "")
+        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward=fwd))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))
@@ -159,11 +161,11 @@ def tensor_rows(shape: tuple[int, int], dtype: torch.dtype, bw: float) -> list[d
     ad = bench(adam.step)
     floor_adam = (28 if dtype == torch.float32 else 20) * n / bw * 1e3  # read p, g, m, v; write p, m, v
     rows = [{"what": f"{tag}: fused AdamW step", "ms": ad, "floor_ms": floor_adam, "x_floor": ad / floor_adam}]
-    for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32")):
+    for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"), ("triton", "bf16")):
         demo = flexdemo(params_with_grads([shape], dtype), kernels=kernels, dct_forward=fwd)
         gathered = demo.encode()[None]
         enc, dec = bench(demo.encode), bench(lambda: demo.decode_apply(gathered))
-        kernels += TF32 if fwd == "tf32" else ""
+        kernels += f", dct_forward={fwd}" if fwd != "fp32" else ""
         rows += [{"what": f"{tag}: {kernels} encode", "ms": enc, "floor_ms": floor_enc, "x_floor": enc / floor_enc},
                  {"what": f"{tag}: {kernels} decode + apply (1 replica)", "ms": dec, "floor_ms": floor_dec,
                   "x_floor": dec / floor_dec},

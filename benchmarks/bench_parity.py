@@ -130,8 +130,8 @@ VARIANTS = {"adamw": None, "flexdemo": {}, "flexdemo-direct": DIRECT, "flexdemo+
 VARIANTS = {name: v if v is None or name == "flexdemo" else {**DEMO_WIRE, **v} for name, v in VARIANTS.items()}
 # the default (its wire too) with one setting changed
 VARIANTS.update({
-    # the forward DCT in one tf32 pass instead of three bf16 ones (the encode's cost, benchmarks/README.md)
-    "flexdemo-tf32": {"dct_forward": "tf32"},
+    # the forward DCT in one tf32 (bf16) pass instead of three bf16 ones (the encode's cost, benchmarks/README.md)
+    "flexdemo-tf32": {"dct_forward": "tf32"}, "flexdemo-bf16fwd": {"dct_forward": "bf16"},
     # the dense-sent tensors (norm gains) by an Adam step on their mean gradient instead of its sign
     "flexdemo-dense-adam": {"dense_step": "adam"},
     # the momentum keeps 0.2 / 0.3 of each coefficient it sent (a momentum on those sent step after step)

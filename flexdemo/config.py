@@ -11,7 +11,7 @@ from flexdemo.quant import VALUE_BITS
 from flexdemo.wire import INDEX_CODINGS, WIRE_DTYPES, index_bits_for
 
 # -> the Triton encode's forward_precision (None: its fp32 products for the wire: bf16x3, or tf32x3 for an fp32 wire)
-DCT_FORWARD = {"fp32": None, "tf32": "tf32"}
+DCT_FORWARD = {"fp32": None, "tf32": "tf32", "bf16": "bf16"}
 DCT_INVERSE = {"fp32": "bf16x3", "tf32": "tf32"}  # -> the Triton decode's precision
 BASE_STEPS = ("direct", "adam", "lion", "orthogonal", "coefficient_sign")
 # the base steps whose decode applies the update itself, the dense-sent tensors by a sign: no moments, no host work
@@ -56,8 +56,9 @@ class DeMoConfig:
     # Triton encode's forward DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: the
     # fp32 reference's set but for near-ties within ~2^-15, 1 chunk in 2000 on random data; tf32x3, ~2^-21, for
     # value_dtype=fp32) or tf32 (one pass, 11% less encode time; ~5e-4 relative error: 3% of chunks swap a near-tie,
-    # a quarter of the sent values move one bf16 step). Either way the momentum loses exactly what was sent. The
-    # torch path is always fp32.
+    # a quarter of the sent values move one bf16 step) or bf16 (one bf16 pass: factors to 8 significant bits, so
+    # more near-ties swap; for 2-bit codes, whose steps are a third of the scale). Either way the momentum loses
+    # exactly what was sent. The torch path is always fp32.
     dct_forward: str = "fp32"
     # Triton decode's inverse DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: within
     # ~6e-6 of the largest update, and the fastest) or tf32 (one tensor-core pass: the basis rounds to 2^-11 relative;

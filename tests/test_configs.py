@@ -129,7 +129,7 @@ def test_fault_settings_fail_at_start_up(override, match):
 
 @pytest.mark.parametrize("override, match", [
     ("optim.demo.topk=5000", r"optim.demo.topk=5000 must be in \[1, chunk\*chunk=4096\]"),
-    ("optim.demo.dct_forward=tf16", "optim.demo.dct_forward='tf16'; allowed: fp32, tf32"),
+    ("optim.demo.dct_forward=tf16", "optim.demo.dct_forward='tf16'; allowed: fp32, tf32, bf16"),
     ("optim.demo.base_step=sgd",
      "optim.demo.base_step='sgd'; allowed: direct, adam, lion, orthogonal, coefficient_sign"),
     ("optim.adamw.betas=[0.9,1.5]", r"optim.adamw.betas=\[0.9, 1.5\]: two values in \[0, 1\)"),

@@ -490,7 +490,7 @@ def test_chunk_table_rejects_bad_input_before_launch():
 
 
 @pytest.mark.parametrize("field,value,allowed", [
-    ("select", "sort", "rank, bisect, maxmask"), ("forward_precision", "bf16", "ieee, tf32, tf32x3, bf16x3"),
+    ("select", "sort", "rank, bisect, maxmask"), ("forward_precision", "fp16", "ieee, tf32, tf32x3, bf16x3, bf16"),
     ("subtract_precision", None, "ieee, tf32"), ("decode_precision", "fp32", "ieee, tf32"),
     ("encode_warps", 3, "1, 2, 4, 8, 16"), ("decode_warps", 0, "1, 2, 4, 8, 16"),
 ])
@@ -529,21 +529,22 @@ def test_default_settings_64x64_k32_bf16_gradients_and_parameters():
     assert torch.equal(a[~near_zero], b[~near_zero])
 
 
-def test_forward_dct_in_tf32_still_keeps_the_momentum_consistent():
-    """A one-pass tf32 forward DCT (a benchmark variant) moves coefficients by ~1e-3 relative: it may choose another
+@pytest.mark.parametrize("precision,tol", [("tf32", 1e-2), ("bf16", 3e-2)])
+def test_one_pass_forward_dct_still_keeps_the_momentum_consistent(precision, tol):
+    """A one-pass tf32 (bf16) forward DCT moves coefficients by ~1e-3 (~4e-3) relative: it may choose another
     near-tie and send a slightly different value, but the momentum still loses exactly what was sent."""
     torch.manual_seed(9)
     lay, k = ChunkLayout(70, 130, 64), 32
     delta, grad = torch.randn(70, 130, device=DEVICE), torch.randn(70, 130, device=DEVICE)
     d_new, vals, idx = run_encode(encode_triton, grad, delta, lay, 0.9, 0.1, k, torch.float32,
-                                  options=KernelOptions(forward_precision="tf32"))
+                                  options=KernelOptions(forward_precision=precision))
     m = 0.9 * delta + 0.1 * grad
     sent = torch.zeros(lay.num_chunks, 64 * 64, device=DEVICE).scatter_(1, idx.long(), vals.float())
     torch.testing.assert_close(d_new, m - lay.from_chunks(idct2(sent.view(-1, 64, 64))), rtol=1e-5, atol=1e-5)
     coeffs = dct2(lay.to_chunks(m)).reshape(lay.num_chunks, -1)
     kth = coeffs.abs().sort(dim=1, descending=True).values[:, k - 1 : k]
-    assert (coeffs.abs().gather(1, idx.long()) >= kth * (1 - 1e-2)).all()
-    torch.testing.assert_close(vals.float(), coeffs.gather(1, idx.long()), rtol=1e-2, atol=1e-2 * kth.min().item())
+    assert (coeffs.abs().gather(1, idx.long()) >= kth * (1 - tol)).all()
+    torch.testing.assert_close(vals.float(), coeffs.gather(1, idx.long()), rtol=tol, atol=tol * kth.min().item())
 
 
 def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient():
@@ -594,8 +595,9 @@ def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(m
     from flexdemo import DeMoConfig
     from flexmore.config import OptimConfig
 
-    with pytest.raises(ValueError, match=f"{setting}='bf16'; allowed: fp32, tf32"):
-        DeMoConfig(**{setting: "bf16"})
+    allowed = "fp32, tf32, bf16" if setting == "dct_forward" else "fp32, tf32"
+    with pytest.raises(ValueError, match=f"{setting}='fp16'; allowed: {allowed}"):
+        DeMoConfig(**{setting: "fp16"})
     assert getattr(OptimConfig(name="flexdemo", demo=DeMoConfig(**{setting: "tf32"})).demo_config(), setting) == "tf32"
     mod = importlib.import_module(f"flexdemo.ops.{module}")
     seen, launch = [], getattr(mod, launch_fn)

@@ -19,7 +19,7 @@ from flexdemo.dct import dct_matrix
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import runnable
-from flexdemo.ops.rounding import cast_like
+from flexdemo.ops.rounding import INTERPRETING, cast_like, round_to_bf16
 from flexdemo.ops.table_lookup import table_chunk
 from flexdemo.quant import VALUE_BITS
 
@@ -156,6 +156,24 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
+def _forward_dct_bf16(d, m, TRANSPOSED: tl.constexpr):
+    """D m D^T (TRANSPOSED: its transpose, D m^T D^T) in one bf16 tensor-core pass per product, fp32 accumulation.
+    The interpreter, whose bf16 tl.dot is wrong, multiplies the same bf16 factors in fp32."""
+    if INTERPRETING:
+        db = round_to_bf16(d)
+        mb = round_to_bf16(m)
+        if TRANSPOSED:
+            mb = tl.trans(mb)
+        half = round_to_bf16(tl.dot(db, mb, input_precision="ieee"))
+        return tl.dot(half, tl.trans(db), input_precision="ieee")
+    db = d.to(tl.bfloat16)
+    mb = m.to(tl.bfloat16)
+    if TRANSPOSED:
+        mb = tl.trans(mb)
+    return tl.dot(tl.dot(db, mb).to(tl.bfloat16), tl.trans(db))
+
+
+@triton.jit
 def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr, scratch_ptr, table_ptr, addr_ptr,
                    owner_ptr, rows, cols, stride_g, stride_m, grid_cols, zero, beta, lr, lose, HAS_GRAD: tl.constexpr,
                    GROUPED: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
@@ -190,7 +208,9 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
         m = beta * m
     d = tl.load(d_ptr + si[:, None] * S + si[None, :])
     COMPACT: tl.constexpr = SELECT == "rank" and 2 * K <= S  # rank selection of at most s candidates
-    if COMPACT:
+    if FWD_PRECISION == "bf16":
+        coef = _forward_dct_bf16(d, m, COMPACT)
+    elif COMPACT:
         # The tile is C^T (its rows are C's columns, which the selection below may use as well as C's rows):
         # C^T = D m^T D^T: the first product's B operand is then m^T, which tf32 wants K-major, i.e. m as it lies in
         # registers; B = m (C = D m D^T) would be stored transposed to shared memory, 8-way bank conflicts.

@@ -9,6 +9,7 @@ import torch
 
 SELECT_METHODS = ("rank", "bisect", "maxmask")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3")
+FORWARD_PRECISIONS = PRECISIONS + ("bf16",)  # the forward DCT may also take one bf16 pass (the wire is coarser)
 WIRE_PACKS = ("triton", "torch")
 
 
@@ -25,7 +26,8 @@ class KernelOptions:
     values, never the momentum's consistency (it loses what was sent, as sent). None: three bf16 products (each
     factor to 16 significant bits, 128x finer than a bf16 wire's rounding; on 4096 x 11008 the ieee set in all but 5
     of 11008 chunks; 14% faster than tf32x3, ieee 2.5-5x slower) for a 16-bit wire, and tf32x3 (~2^-21) for an fp32
-    wire, whose values keep 24 bits.
+    wire, whose values keep 24 bits. ``bf16``: one bf16 product each (factors to 8 significant bits: near-ties of
+    the selection swap, values move by ~2^-8; coarser than a bf16 wire, finer than 2-bit codes).
 
     ``subtract_precision``, the encode's subtraction of what was sent: bf16x3 (the momentum within 1.5e-6 of the
     ieee result, relative to its largest entry). tf32 wants both operands K-major, so the gathered basis rows would
@@ -54,9 +56,9 @@ class KernelOptions:
         if self.select not in SELECT_METHODS:
             raise ValueError(f"select={self.select!r}; allowed: {', '.join(SELECT_METHODS)}")
         for name in ("forward_precision", "subtract_precision", "decode_precision"):
-            value = getattr(self, name)
-            if value not in PRECISIONS and not (name == "forward_precision" and value is None):
-                raise ValueError(f"{name}={value!r}; allowed: {', '.join(PRECISIONS)}")
+            value, allowed = getattr(self, name), FORWARD_PRECISIONS if name == "forward_precision" else PRECISIONS
+            if value not in allowed and not (name == "forward_precision" and value is None):
+                raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
         if self.wire_pack not in WIRE_PACKS:
             raise ValueError(f"wire_pack={self.wire_pack!r}; allowed: {', '.join(WIRE_PACKS)}")
         for name in ("encode_warps", "decode_warps"):
