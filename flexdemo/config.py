@@ -58,7 +58,8 @@ class DeMoConfig:
     # value_dtype=fp32) or tf32 (one pass, 11% less encode time; ~5e-4 relative error: 3% of chunks swap a near-tie,
     # a quarter of the sent values move one bf16 step) or bf16 (one bf16 pass: factors to 8 significant bits, so
     # more near-ties swap; for 2-bit codes, whose steps are a third of the scale). Either way the momentum loses
-    # exactly what was sent. The torch path is always fp32.
+    # exactly what was sent. The torch path takes fp32 products, or for tf32 / bf16 rounds the same factors
+    # (``encode_reference.forward_dct``: CPU runs measure what the setting costs).
     dct_forward: str = "fp32"
     # Triton decode's inverse DCT: fp32 (three bf16 tensor-core products, each factor to 16 significant bits: within
     # ~6e-6 of the largest update, and the fastest) or tf32 (one tensor-core pass: the basis rounds to 2^-11 relative;

@@ -22,7 +22,7 @@ from flexdemo.dct import dct2, dct_matrix, dct_matrix_halves, idct2
 from flexdemo.ops import resolve_kernels
 from flexdemo.ops.chunk_table import ChunkTable
 from flexdemo.ops.decode_reference import decode_apply_reference, decode_mean
-from flexdemo.ops.encode_reference import encode_reference
+from flexdemo.ops.encode_reference import encode_reference, forward_dct
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -545,6 +545,35 @@ def test_one_pass_forward_dct_still_keeps_the_momentum_consistent(precision, tol
     kth = coeffs.abs().sort(dim=1, descending=True).values[:, k - 1 : k]
     assert (coeffs.abs().gather(1, idx.long()) >= kth * (1 - tol)).all()
     torch.testing.assert_close(vals.float(), coeffs.gather(1, idx.long()), rtol=tol, atol=tol * kth.min().item())
+
+
+@pytest.mark.parametrize("rows,cols,s,k", [(70, 130, 64, 32), (37, 50, 16, 5), (33, 70, 32, 8)])
+@pytest.mark.parametrize("bits", [0, 2])
+def test_one_pass_bf16_forward_dct_matches_its_torch_twin(rows, cols, s, k, bits):
+    """``dct_forward=bf16``: the kernel and ``encode_reference(forward="bf16")`` round the same factors (the torch
+    path's twin, which CPU training runs use), so where the k-th and (k+1)-th magnitudes are apart by more than the
+    summation order can move them, they send the same coefficients and codes and leave the same momentum (which
+    the fp32 transform's payload is not)."""
+    torch.manual_seed(rows + k)
+    lay = ChunkLayout(rows, cols, s)
+    delta, grad = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
+    ref = run_encode(encode_reference, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, bits, forward="bf16")
+    tri = run_encode(encode_triton, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, bits,
+                     options=KernelOptions(forward_precision="bf16"))
+    fp32 = run_encode(encode_reference, grad, delta, lay, 0.9, 0.1, k, torch.bfloat16, bits)
+    m = lay.to_chunks(0.9 * delta + 0.1 * grad)
+    top = forward_dct(m, "bf16").reshape(lay.num_chunks, -1).abs().sort(dim=1, descending=True).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-4 * top[:, 0]
+    assert clear.sum() >= lay.num_chunks // 2
+    chosen = [set(i.tolist()) for i in ref[2]]
+    assert not (torch.equal(ref[1], fp32[1]) and torch.equal(ref[2], fp32[2]))  # the rounding matters
+    for c in torch.nonzero(clear).flatten().tolist():
+        assert set(tri[2][c].tolist()) == chosen[c], c
+        o_tri, o_ref = tri[2][c].argsort(), ref[2][c].argsort()
+        torch.testing.assert_close(tri[1][c][o_tri].float(), ref[1][c][o_ref].float(), rtol=1e-2, atol=1e-6)
+        if bits:
+            assert torch.equal(tri[3][c][o_tri], ref[3][c][o_ref]) and tri[4][c] == ref[4][c]
+        torch.testing.assert_close(lay.to_chunks(tri[0])[c], lay.to_chunks(ref[0])[c], rtol=1e-5, atol=1e-5)
 
 
 def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient():

@@ -47,7 +47,8 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
                  out_vals: torch.Tensor, out_idx: torch.Tensor, options: KernelOptions = KernelOptions(),
                  addresses: torch.Tensor | None = None, bits: int = 0, out_codes: torch.Tensor | None = None,
                  out_scales: torch.Tensor | None = None, keep: float = 0.0) -> None:
-    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch, always fp32).
+    """Encode every tensor of ``table``: one launch (triton) or the reference per tensor (torch: fp32 products, or
+    the one-pass forward DCT that ``options.forward_precision`` names, rounded alike).
     ``addresses``: the triton launch reads the tensors through these rows instead of ``table.addresses``'s.
     ``bits``: the values also as codes (``out_codes``, one per value) and scales (``out_scales``, one per chunk), the
     momenta losing what the codes stand for; ``keep``: (1 - keep) times that."""
@@ -64,7 +65,8 @@ def encode_table(kernels: str, table: ChunkTable, grads: list, deltas: list, bet
         codes = scales = None
         if bits:
             codes, scales = out_codes[sl], out_scales[sl.start // k : sl.stop // k]
-        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl], bits, codes, scales, keep)
+        encode_reference(g, m, lay, beta, lr, k, out_vals[sl], out_idx[sl], bits, codes, scales, keep,
+                         options.forward_precision)
 
 
 def decode_apply_table(kernels: str, table: ChunkTable, params: list, indices: torch.Tensor, values: torch.Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from flexdemo.chunks import ChunkLayout
-from flexdemo.dct import dct2, idct2
+from flexdemo.dct import dct2, dct_matrix, idct2
 from flexdemo.quant import dequantize, keeps_error, quantize
 
 
@@ -26,18 +26,43 @@ def topk_chunks(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return idx, torch.gather(flat, 1, idx)
 
 
+# the forward DCT's one-pass products (KernelOptions.forward_precision): each factor's significant bits
+ONE_PASS_BITS = {"tf32": 11, "bf16": 8}
+
+
+def round_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 -> fp32 with ``bits`` significant bits, to nearest (ties to even): as a tensor core reads tf32 or bf16
+    factors (finite inputs)."""
+    drop = 24 - bits
+    b = x.view(torch.int32)
+    return ((b + (1 << (drop - 1)) - 1 + ((b >> drop) & 1)) & -(1 << drop)).view(torch.float32)
+
+
+def forward_dct(chunks: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+    """dct2 in fp32, or (``precision`` tf32 / bf16) as one tensor-core pass per product computes it: each factor
+    rounded to nearest, exact products summed in fp32, C = D (m D^T) with m D^T rounded in between, as the Triton
+    encode's rank selection builds C^T = (D m^T) D^T (at k <= s / 2; above, it rounds D m instead). The summation
+    order aside, its one-pass forward (whose tf32 factors the hardware may truncate instead of rounding)."""
+    bits = ONE_PASS_BITS.get(precision)
+    if bits is None:
+        return dct2(chunks)
+    d = round_to_bits(dct_matrix(chunks.shape[-1], chunks.device, torch.float32), bits)
+    return d @ round_to_bits(round_to_bits(chunks, bits) @ d.T, bits)
+
+
 def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float, lr: float,
                      k: int, out_vals: torch.Tensor, out_idx: torch.Tensor, bits: int = 0,
                      out_codes: torch.Tensor | None = None, out_scales: torch.Tensor | None = None,
-                     keep: float = 0.0) -> None:
+                     keep: float = 0.0, forward: str | None = None) -> None:
     """Update ``delta`` (rows, cols) fp32 in place to the residual; write (num_chunks * k) values and indices.
     ``bits`` > 0: also each chunk's values as codes and a scale (``flexdemo.quant``; ``out_codes`` uint8,
     ``out_scales`` fp32), and the residual keeps what the codes lose (it loses the dequantised values; 1-bit sign
-    codes: the sent values whole). ``keep``: the residual loses only (1 - keep) times what was sent."""
+    codes: the sent values whole). ``keep``: the residual loses only (1 - keep) times what was sent. ``forward``:
+    the forward DCT's products (``forward_dct``; the residual still loses exactly what was sent)."""
     delta.mul_(beta)
     if grad is not None:
         delta.add_(grad.float(), alpha=lr)
-    coeffs = dct2(layout.to_chunks(delta)).reshape(layout.num_chunks, -1)
+    coeffs = forward_dct(layout.to_chunks(delta), forward).reshape(layout.num_chunks, -1)
     idx, vals = topk_chunks(coeffs, k)
     sent = vals.to(out_vals.dtype)
     applied = sent.float()
