@@ -576,6 +576,27 @@ def test_one_pass_bf16_forward_dct_matches_its_torch_twin(rows, cols, s, k, bits
         torch.testing.assert_close(lay.to_chunks(tri[0])[c], lay.to_chunks(ref[0])[c], rtol=1e-5, atol=1e-5)
 
 
+def test_torch_path_takes_the_one_pass_forward_dct_it_is_asked_for():
+    """On the torch path (CPU runs) ``dct_forward=bf16`` leaves the momentum ``encode_reference(forward="bf16")``
+    leaves, not the fp32 one."""
+    torch.manual_seed(3)
+    init, grad = torch.randn(70, 130, device=DEVICE) * 0.1, torch.randn(70, 130, device=DEVICE)
+    lay, k = ChunkLayout(70, 130, 64), 32
+    moms = {}
+    for fwd in ("fp32", "bf16"):
+        p = torch.nn.Parameter(init.clone())
+        p.grad = grad.clone()
+        opt = FlexDeMo([p], lr=0.01, chunk=64, topk=k, value_bits=0, index_coding="fixed", kernels="torch",
+                       dct_forward=fwd)
+        opt.step()
+        moms[fwd] = opt.state[p]["delta"].view(70, 130)
+    for fwd, forward in (("fp32", None), ("bf16", "bf16")):
+        d, _, _ = run_encode(encode_reference, grad, torch.zeros_like(grad), lay, opt.cfg.beta, 0.01, k,
+                             torch.bfloat16, forward=forward)
+        assert torch.equal(moms[fwd], d), fwd
+    assert not torch.equal(moms["fp32"], moms["bf16"])
+
+
 def test_optimizer_one_launch_with_mixed_gradient_dtypes_and_a_missing_gradient():
     """Gradients of two dtypes in one table (read as fp32 in one launch) and one parameter without a gradient give
     the torch path's result."""
@@ -611,14 +632,15 @@ def test_default_forward_dct_follows_the_wire():
 
 
 @pytest.mark.parametrize("setting,module,launch_fn,kwarg,expected", [
-    ("dct_forward", "encode", "encode_triton_table", "forward_precision", [None, "tf32"]),
-    ("dct_inverse", "decode", "decode_apply_triton_table", "decode_precision", ["bf16x3", "tf32"]),
+    ("dct_forward", "encode", "encode_triton_table", "forward_precision", {"fp32": None, "tf32": "tf32",
+                                                                             "bf16": "bf16"}),
+    ("dct_inverse", "decode", "decode_apply_triton_table", "decode_precision", {"fp32": "bf16x3", "tf32": "tf32"}),
 ])
 def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(monkeypatch, setting, module, launch_fn,
                                                                               kwarg, expected):
-    """``dct_forward=tf32`` asks the Triton encode for a one-pass tf32 forward DCT (fp32: None, its default for the
-    wire), ``dct_inverse=tf32`` the decode for one tf32 pass (fp32: three bf16 products); both are checked when the
-    config is built, also through flexmore's optim config."""
+    """``dct_forward=tf32`` / ``bf16`` asks the Triton encode for a one-pass forward DCT (fp32: None, its default for
+    the wire), ``dct_inverse=tf32`` the decode for one tf32 pass (fp32: three bf16 products); both are checked when
+    the config is built, also through flexmore's optim config."""
     import importlib
 
     from flexdemo import DeMoConfig
@@ -635,11 +657,11 @@ def test_dct_precision_settings_reach_their_launch_and_bad_values_are_rejected(m
         return launch(*a, **kw)
 
     monkeypatch.setattr(mod, launch_fn, spy)
-    for value in ("fp32", "tf32"):
+    for value in expected:
         p = torch.nn.Parameter(torch.randn(20, 24, device=DEVICE))
         p.grad = torch.randn(20, 24, device=DEVICE)
         FlexDeMo([p], lr=0.01, chunk=16, topk=4, kernels="triton", **{setting: value}).step()
-    assert seen == expected
+    assert seen == list(expected.values())
 
 
 def test_quantised_payload_on_the_triton_path_keeps_what_the_codes_lose():
