@@ -344,6 +344,8 @@ def summarise(runs: list[dict], R: int) -> dict:
     out["variants"] = {o: {"lr": b["lr"], "val_loss": b["val_loss"], "best_val_loss": b["best_val_loss"],
                            "ratio": b["val_loss"] / best["adamw"]["val_loss"], "bytes_per_step": sent_bytes(b),
                            "ratio_over_seeds": paired_ratio(b, best["adamw"]),
+                           # a change to the default against the default itself, seed by seed
+                           "over_default": None if o == "flexdemo" else paired_ratio(b, best["flexdemo"]),
                            "base_2x2_x_dense_bf16": base_compression(b["settings"]["demo"])}
                        for o, b in best.items() if o != "adamw"}
     out["bytes_per_step"] = sent
@@ -364,7 +366,9 @@ def in_distribution_summary(mine: list[dict], names: list[str]) -> dict | None:
     return {"domains": [d for d in mine[0]["val_by_domain"] if d not in SHIFTED],
             **{o: {"lr": b["lr"], "val_loss": b["val_in_distribution"], "ratio": b["val_in_distribution"] / base,
                    "ratio_over_seeds": None if o == "adamw" else
-                   paired_ratio(b, best["adamw"], "seeds_in_distribution")}
+                   paired_ratio(b, best["adamw"], "seeds_in_distribution"),
+                   "over_default": None if o in ("adamw", "flexdemo") else
+                   paired_ratio(b, best["flexdemo"], "seeds_in_distribution")}
                for o, b in best.items()}}
 
 
@@ -417,7 +421,8 @@ def table(by_r: dict) -> str:
         if s.get("in_distribution"):
             i = s["in_distribution"]
             rest = ", ".join(f"{o} {v['ratio']:.3f} (lr {v['lr']:g}"
-                             + (f"; {over_seeds_text(q)})" if (q := v.get("ratio_over_seeds")) else ")")
+                             + (f"; {over_seeds_text(q)}" if (q := v.get("ratio_over_seeds")) else "")
+                             + (f"; × the default {over_seeds_text(q)})" if (q := v.get("over_default")) else ")")
                              for o, v in i.items() if o not in ("domains", "adamw"))
             shifted += (f"\n\nR = {R}, on held-out text of the training distribution only ({', '.join(i['domains'])}; "
                         f"each at its best rate by that measure): AdamW {i['adamw']['val_loss']:.4f} (lr "

@@ -52,6 +52,14 @@ def test_the_summary_picks_each_best_rate_and_counts_the_goal_bytes():
     assert s["flexdemo"]["lr_at_sweep_edge"] and not s["flexdemo-q4"]["lr_at_sweep_edge"]  # one rate: no sweep
     q = s["variants"]["flexdemo-q4"]["ratio_over_seeds"]
     assert q["n"] == 2 and q["mean"] == pytest.approx((1.75 / 1.30 + 1.77 / 1.32) / 2)
+    # a variant against the default at its best rate, seed by seed (0.1 overall, 0.03 in distribution)
+    q = s["variants"]["flexdemo-q4"]["over_default"]
+    assert q["n"] == 2 and q["mean"] == pytest.approx((1.75 / 1.70 + 1.77 / 1.74) / 2)
+    assert s["variants"]["flexdemo"]["over_default"] is None
+    q = i["flexdemo-q4"]["over_default"]
+    want = [_in_distribution(1.75 + n, 0.03) / _in_distribution(1.80 + n, 0.03) for n in (0.0, 0.02)]
+    assert q["mean"] == pytest.approx(sum(want) / 2)
+    assert f"× the default over 2 seeds {q['mean']:.3f}" in bench_parity.table({1: s})
     base = meta_model("base")
     want = {o: comm_row(base, cfg, 2, 2)["ratio_vs_dense_bf16"]
             for o, cfg in (("flexdemo", DeMoConfig(**DEMO_WIRE)), ("flexdemo-q4", DeMoConfig(**{**DEMO_WIRE, "value_bits": 4})))}
