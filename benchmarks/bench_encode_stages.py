@@ -3,7 +3,8 @@
 The cuts are made on a copy of the kernel's source (``--source``, default the shipped ``flexdemo/ops/encode.py``; an
 older revision can be passed to compare) loaded as a temporary module; each cut stores the momentum and one value that
 depends on the work so far, so the compiler cannot drop it. Stages: 0 load + momentum update, 1 + forward DCT,
-10 + bracket of the k-th largest, 11 + narrowing, 12 + candidates copied out, 2 + ranking and payload, 9 whole kernel.
+10 + bracket of the k-th largest, 11 + narrowing, 12 + candidates copied out, 2 + ranking and payload, 9 whole kernel
+(the 2-bit codes and the subtraction of what they stand for).
 Registers and spills per cut come from the compiled kernel.
 
     python benchmarks/bench_encode_stages.py --out stages.json
@@ -40,7 +41,11 @@ CUTS = [(0, ["    d = tl.load(d_ptr + si[:, None] * S + si[None, :])\n"], "tl.su
 
 def staged_module(source: Path):
     """The kernel's source with a STAGE constexpr and an early return at each cut, imported as a module."""
-    src = source.read_text().replace("SELECT: tl.constexpr):", "SELECT: tl.constexpr, STAGE: tl.constexpr = 9):")
+    head = "def _encode_kernel("
+    start = source.read_text().index(head)
+    src = source.read_text()
+    end = src.index("):\n", start)  # the kernel's signature ends here: one more compile-time argument
+    src = src[:end] + ", STAGE: tl.constexpr = 9" + src[end:]
     for stage, where, value in CUTS:
         before = next((w for w in where if w in src), None)
         if before is None:
@@ -68,21 +73,26 @@ def main() -> None:
     lay, k, s = ChunkLayout(rows, cols, 64), 32, 64
     bw = copy_bandwidth()
     floor = 12 * rows * cols / bw * 1e3
-    grad = torch.randn(rows, cols, device="cuda") * 1e-3
-    delta = torch.randn(rows, cols, device="cuda") * 1e-3
-    d = dct_matrix(s, "cuda", torch.float32)
-    vals = torch.empty(lay.num_chunks * k, device="cuda", dtype=torch.bfloat16)
-    idx = torch.empty(lay.num_chunks * k, device="cuda", dtype=torch.int32)
+    dev = "cuda"
+    grad = torch.randn(rows, cols, device=dev) * 1e-3
+    delta = torch.randn(rows, cols, device=dev) * 1e-3
+    d = dct_matrix(s, dev, torch.float32)
+    vals = torch.empty(lay.num_chunks * k, device=dev, dtype=torch.bfloat16)
+    idx = torch.empty(lay.num_chunks * k, device=dev, dtype=torch.int32)
+    codes = torch.empty(lay.num_chunks * k, device=dev, dtype=torch.uint8)
+    scales = torch.empty(lay.num_chunks, device=dev)
     out = []
-    for fwd in (None, "tf32"):  # the default forward DCT for a bf16 wire, and dct_forward=tf32
+    # the default forward DCT for a bf16 wire, dct_forward=tf32 and =bf16; values as the default wire's 2-bit codes
+    for fwd in (None, "tf32", "bf16"):
         for stage in [0, 1, 10, 11, 12, 2, 9]:
-            opts = mod._launch_options(KernelOptions(forward_precision=fwd), k, s, torch.bfloat16)
-            scratch = mod._scratch(lay.num_chunks, opts, "cuda")
+            opts = mod._launch_options(KernelOptions(forward_precision=fwd), k, s, torch.bfloat16, bits=2)
+            scratch = mod._scratch(lay.num_chunks, opts, dev)
 
             def run():
                 return mod._encode_kernel[(lay.num_chunks,)](
-                    grad, delta, d, vals, idx, scratch, d, d, d, rows, cols, grad.stride(0), delta.stride(0),
-                    lay.grid[1], 0, 0.999, 1e-4, HAS_GRAD=True, GROUPED=False, STAGE=stage, **opts)
+                    grad, delta, d, vals, idx, codes, scales, scratch, d, d, d, rows, cols, grad.stride(0),
+                    delta.stride(0), lay.grid[1], 0, 0.999, 1e-4, 1.0, HAS_GRAD=True, GROUPED=False, LR_PTR=False,
+                    LOSE_PART=False, STAGE=stage, **opts)
 
             kern = run()
             t = ms(run)
