@@ -41,10 +41,8 @@ CUTS = [(0, ["    d = tl.load(d_ptr + si[:, None] * S + si[None, :])\n"], "tl.su
 
 def staged_module(source: Path):
     """The kernel's source with a STAGE constexpr and an early return at each cut, imported as a module."""
-    head = "def _encode_kernel("
-    start = source.read_text().index(head)
     src = source.read_text()
-    end = src.index("):\n", start)  # the kernel's signature ends here: one more compile-time argument
+    end = src.index("):\n", src.index("def _encode_kernel("))  # the kernel's signature ends here: one more argument
     src = src[:end] + ", STAGE: tl.constexpr = 9" + src[end:]
     for stage, where, value in CUTS:
         before = next((w for w in where if w in src), None)
