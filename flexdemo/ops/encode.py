@@ -17,6 +17,7 @@ import triton.language as tl
 from flexdemo.chunks import ChunkLayout
 from flexdemo.dct import dct_matrix
 from flexdemo.ops.chunk_table import ChunkTable
+from flexdemo.ops.codes import code_of, dequantised
 from flexdemo.ops.options import KernelOptions
 from flexdemo.ops.precision import runnable
 from flexdemo.ops.rounding import INTERPRETING, cast_like, round_to_bf16
@@ -156,22 +157,6 @@ def _narrow(bits, lo, n_lo, hi, K: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
-def _code(v, scale, QBITS: tl.constexpr):
-    """quant.quantize's operations one by one, so the same codes: v's nearest of 2^QBITS levels over +-scale."""
-    levels = tl.full((), (1 << QBITS) - 1, tl.float32)
-    unit = tl.where(scale > 0, scale, 1.0)
-    x = (tl.div_rn(v, tl.zeros_like(v) + unit) + 1.0) * levels * 0.5 + 0.5
-    return tl.minimum(tl.maximum(tl.floor(x), 0.0), levels)
-
-
-@triton.jit
-def _dequantised(code, scale, QBITS: tl.constexpr):
-    """quant.dequantize's value of a code (fp32), correctly rounded division as there."""
-    levels = tl.full((), (1 << QBITS) - 1, tl.float32)
-    return tl.div_rn(2.0 * code - levels, tl.zeros_like(code) + levels) * scale
-
-
-@triton.jit
 def _forward_dct_bf16(d, m, TRANSPOSED: tl.constexpr):
     """D m D^T (TRANSPOSED: its transpose, D m^T D^T) in one bf16 tensor-core pass per product, fp32 accumulation.
     The interpreter, whose bf16 tl.dot is wrong, multiplies the same bf16 factors in fp32."""
@@ -270,7 +255,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
                 scale = top.to(tl.bfloat16).to(tl.float32)
                 tl.store(scales_ptr + c, scale)
                 wv = cast_like(cv, vals_ptr).to(tl.float32)
-                tl.store(codes_ptr + c * K + rank, _code(wv, scale, QBITS).to(tl.uint8), mask=sent)
+                tl.store(codes_ptr + c * K + rank, code_of(wv, scale, QBITS).to(tl.uint8), mask=sent)
         else:  # 2k > s: narrowed to the k-th largest itself; all above it, lowest-index ties, in index order
             _store_above_and_ties(coef, bits, lo, offs, vals_ptr, idx_ptr, c, K)
     elif SELECT == "bisect":
@@ -304,14 +289,14 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
         pi = tl.load(idx_ptr + c * K + j + kk, mask=live, other=0)
         if COMPACT and QBITS > 1:  # the codes stored above: what they stand for
             code = tl.load(codes_ptr + c * K + j + kk, mask=live, other=0).to(tl.float32)
-            pv = tl.where(live, _dequantised(code, scale, QBITS), 0.0)
+            pv = tl.where(live, dequantised(code, scale, QBITS), 0.0)
         else:
             pv = tl.load(vals_ptr + c * K + j + kk, mask=live, other=0.0).to(tl.float32)
             if QBITS and not COMPACT:
-                code = _code(pv, scale, QBITS)
+                code = code_of(pv, scale, QBITS)
                 tl.store(codes_ptr + c * K + j + kk, code.to(tl.uint8), mask=live)
                 if QBITS > 1:  # the replicas apply what the codes stand for (signs: the value, removed whole)
-                    pv = tl.where(live, _dequantised(code, scale, QBITS), 0.0)  # a padding lane's 0 is a code too
+                    pv = tl.where(live, dequantised(code, scale, QBITS), 0.0)  # a padding lane's 0 is a code too
         if LOSE_PART:  # sent_keep: the momentum loses (1 - keep) times what was sent
             pv = pv * lose
         a = tl.load(d_ptr + (pi // S)[:, None] * S + si[None, :]) * pv[:, None]

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from flexdemo import elias_fano
+from flexdemo.ops.codes import dequantised
 from flexdemo.wire import WireLayout
 
 
@@ -85,8 +86,7 @@ def _unpack_kernel(raw_ptr, row_stride, ef_off, codes_off, scales_off, idx_ptr, 
         half = tl.load(row + scales_off + 2 * c).to(tl.int32) | (tl.load(row + scales_off + 2 * c + 1).to(tl.int32)
                                                                   << 8)
         scale = (half << 16).to(tl.float32, bitcast=True)
-        levels = tl.full((KP,), (1 << BITS) - 1, tl.float32)
-        val = tl.div_rn(2.0 * code.to(tl.float32) - levels, levels) * scale
+        val = dequantised(code.to(tl.float32), scale, BITS)
         tl.store(val_ptr + r * val_rstride + c * K + i, val, mask=live)
 
 
