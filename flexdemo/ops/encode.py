@@ -247,15 +247,15 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
             rank = _rank_desc(key)
             cv, ci = _candidate_of(key, S)
             sent = rank < K
-            tl.store(vals_ptr + c * K + rank, cast_like(cv, vals_ptr), mask=sent)
+            wv = cast_like(cv, vals_ptr)  # as the wire holds it
+            tl.store(vals_ptr + c * K + rank, wv, mask=sent)
             tl.store(idx_ptr + c * K + rank, ci, mask=sent)
             if QBITS:  # the codes from the ranked values in registers, no read-back; the scale is the largest
                 # |value| sent: the chunk's largest |c| (ranked first, always sent), rounded as the wire rounds it
                 top = cast_like((hi - 1).to(tl.float32, bitcast=True), vals_ptr).to(tl.float32)
                 scale = top.to(tl.bfloat16).to(tl.float32)
                 tl.store(scales_ptr + c, scale)
-                wv = cast_like(cv, vals_ptr).to(tl.float32)
-                tl.store(codes_ptr + c * K + rank, code_of(wv, scale, QBITS).to(tl.uint8), mask=sent)
+                tl.store(codes_ptr + c * K + rank, code_of(wv.to(tl.float32), scale, QBITS).to(tl.uint8), mask=sent)
         else:  # 2k > s: narrowed to the k-th largest itself; all above it, lowest-index ties, in index order
             _store_above_and_ties(coef, bits, lo, offs, vals_ptr, idx_ptr, c, K)
     elif SELECT == "bisect":
