@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -181,6 +182,39 @@ SIZES = {
 }
 
 
+def define_variants(specs: list[str]) -> list[str]:
+    """Variants named on the command line, NAME=JSON (``flexdemo-floor0={"min_lr_ratio": 0}``): the default's
+    settings with those fields changed (DeMoConfig's or OPTIM_KEYS), validated here, before any run, so a one-off
+    probe runs from this script with its definition in the summary's command instead of from an edited copy."""
+    from flexdemo import DeMoConfig
+    from flexmore.config import OptimConfig
+
+    names = []
+    for spec in specs:
+        name, sep, body = spec.partition("=")
+        if not sep or not name.startswith("flexdemo-") or name in VARIANTS:
+            raise SystemExit(f"--define {spec!r}: write NAME=JSON with a new NAME starting 'flexdemo-' (not one of "
+                             "the variants already named)")
+        try:
+            fields = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--define {spec!r}: {body!r} is not JSON ({e})") from None
+        if not isinstance(fields, dict):
+            raise SystemExit(f"--define {spec!r}: the settings must be a JSON object, got {body!r}")
+        demo = {k: v for k, v in fields.items() if k not in OPTIM_KEYS}
+        unknown = sorted(set(demo) - {f.name for f in dataclasses.fields(DeMoConfig)})
+        if unknown:
+            raise SystemExit(f"--define {spec!r}: unknown setting(s) {', '.join(unknown)}; allowed: DeMoConfig's "
+                             f"fields and {', '.join(OPTIM_KEYS)}")
+        try:
+            OptimConfig(name="flexdemo", demo=DeMoConfig(**demo), **{k: fields[k] for k in OPTIM_KEYS if k in fields})
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--define {spec!r}: {e}") from None
+        VARIANTS[name] = fields
+        names.append(name)
+    return names
+
+
 def sweep_family(optim: str) -> str:
     """Whose rates a variant without its own sweep takes: AdamW's, DeMo's direct step's, or the default's."""
     if not optim.startswith("flexdemo"):
@@ -250,7 +284,8 @@ def train_stream(size: Size):
     return build_streams(data_config(size), ByteTokenizer(), 1 << 30)[0]
 
 
-def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: list[str], seed: int = 0) -> dict:
+def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: list[str], seed: int = 0,
+            defines: list[str] = ()) -> dict:
     name = f"{optim}-lr{lr:g}-R{R}" + (f"-s{seed}" if seed else "")
     result = work / f"{name}.json"
     if result.is_file():  # resumable: a finished run is not repeated
@@ -258,7 +293,7 @@ def run_one(size: str, optim: str, lr: float, R: int, work: Path, overrides: lis
     # an unfinished attempt resumes from its last checkpoint (train.resume=auto), if it saved one
     cmd = [__file__, "--worker", "--size", size, "--optim", optim, "--lr", str(lr), "--replicas", str(R),
            "--seed", str(seed),
-           "--run-dir", str(work / name), "--result", str(result), "--set", *overrides]
+           "--run-dir", str(work / name), "--result", str(result), "--define", *defines, "--set", *overrides]
     if R > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={R}", *cmd]
     else:
@@ -459,7 +494,14 @@ def plot(runs: list[dict], by_r: dict, path: Path) -> None:
 
 
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)  # first the command line's own variants: --optim may name one
+    pre.add_argument("--define", nargs="*", default=[])
+    defines = pre.parse_known_args()[0].define
+    define_variants(defines)
     ap = argparse.ArgumentParser()
+    ap.add_argument("--define", nargs="*", default=[], metavar="NAME=JSON",
+                    help='variants of the default for this run, e.g. \'flexdemo-floor0={"min_lr_ratio": 0}\' '
+                         "(then name them in --variants)")
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
     ap.add_argument("--replicas", nargs="+", type=int, default=[1])
     ap.add_argument("--out", default="outputs/parity")
@@ -506,7 +548,7 @@ def main() -> None:
 
     def one(job):
         optim, lr, R, seed = job
-        r = run_one(args.size, optim, lr, R, out / "runs", args.set, seed)
+        r = run_one(args.size, optim, lr, R, out / "runs", args.set, seed, defines)
         print(f"R={R} {optim} lr {lr:g} seed {seed}: val {r['val_loss']:.4f} (best {r['best_val_loss']:.4f} at step "
               f"{r['best_step']}), {r['epochs']:.2f} epochs, {r['wall_s']:.0f}s", flush=True)
         return {**r, "size": args.size}
@@ -522,7 +564,7 @@ def main() -> None:
     first = by_r[args.replicas[0]]
     summary = {**first, "by_replicas": {str(R): s for R, s in by_r.items()}, "size": dataclasses.asdict(size),
                "device": runs[0]["device"], "date": time.strftime("%Y-%m-%d"),
-               "command": "python benchmarks/bench_parity.py " + " ".join(sys.argv[1:]),
+               "command": "python benchmarks/bench_parity.py " + shlex.join(sys.argv[1:]),
                "wall_s": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "table.md").write_text(table(by_r) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -103,3 +104,39 @@ def test_a_run_records_each_domain_at_each_evaluation(tmp_path, monkeypatch):
     size = bench_parity.SIZES["tiny"]
     held = TokenStream([embedded_path(d, "train", ByteTokenizer(), size.train_chars, 0) for d in size.domains])
     assert r["epochs"] == pytest.approx(4 * size.global_batch * size.seq_len / held.num_tokens)
+
+
+def test_a_variant_defined_on_the_command_line_runs_as_the_default_with_its_fields(tmp_path, monkeypatch):
+    """--define NAME=JSON: the worker trains the default's settings with those changed (an optim key and a DeMoConfig
+    field here), and its record says so."""
+    monkeypatch.setattr(bench_parity, "VARIANTS", dict(bench_parity.VARIANTS))
+    monkeypatch.setitem(bench_parity.SIZES, "tiny", bench_parity.SIZES["tiny"])
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["bench_parity.py", "--worker", "--size", "tiny", "--optim", "flexdemo-probe",
+                                      "--lr", "0.01", "--define", 'flexdemo-probe={"min_lr_ratio": 0, "topk": 8}',
+                                      "--set", "steps=3", "warmup=1", "eval_every=3", "eval_batches=1",
+                                      "--run-dir", str(tmp_path / "run"), "--result", str(out)])
+    bench_parity.main()
+    demo = dataclasses.asdict(DeMoConfig())
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["min_lr_ratio"] == 0 and settings["demo"]["topk"] == 8
+    assert {k: v for k, v in settings["demo"].items() if k not in ("topk", "weight_decay")} == \
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in demo.items() if k not in ("topk", "weight_decay")}
+    assert bench_parity.sweep_family("flexdemo-probe") == "flexdemo"
+
+
+@pytest.mark.parametrize("spec, said", [
+    ('flexdemo-x={"min_lr_ratio": 2}', "min_lr_ratio=2"),
+    ('flexdemo-x={"topk": 0}', "topk=0"),
+    ('flexdemo-x={"top_k": 8}', "unknown setting(s) top_k"),
+    ("flexdemo-x={topk: 8}", "is not JSON"),
+    ("flexdemo-x=[1]", "must be a JSON object"),
+    ('flexdemo={"topk": 8}', "a new NAME"),
+    ('adamw-x={"min_lr_ratio": 0}', "starting 'flexdemo-'"),
+    ("flexdemo-x", "NAME=JSON"),
+])
+def test_a_bad_definition_fails_before_any_run_naming_it(spec, said, monkeypatch):
+    monkeypatch.setattr(bench_parity, "VARIANTS", dict(bench_parity.VARIANTS))
+    with pytest.raises(SystemExit, match=re.escape(said)):
+        bench_parity.define_variants([spec])
+    assert "flexdemo-x" not in bench_parity.VARIANTS
