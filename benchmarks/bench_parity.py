@@ -182,14 +182,19 @@ SIZES = {
 }
 
 
-def define_variants(specs: list[str]) -> list[str]:
+def split_settings(variant: dict | None) -> tuple[dict, dict]:
+    """A variant's fields -> (the optim settings, weight decay defaulted; DeMoConfig's fields)."""
+    variant = dict(variant or {})
+    return {"weight_decay": WEIGHT_DECAY, **{k: variant.pop(k) for k in OPTIM_KEYS if k in variant}}, variant
+
+
+def define_variants(specs: list[str]) -> None:
     """Variants named on the command line, NAME=JSON (``flexdemo-floor0={"min_lr_ratio": 0}``): the default's
     settings with those fields changed (DeMoConfig's or OPTIM_KEYS), validated here, before any run, so a one-off
     probe runs from this script with its definition in the summary's command instead of from an edited copy."""
     from flexdemo import DeMoConfig
     from flexmore.config import OptimConfig
 
-    names = []
     for spec in specs:
         name, sep, body = spec.partition("=")
         if not sep or not name.startswith("flexdemo-") or name in VARIANTS:
@@ -201,18 +206,16 @@ def define_variants(specs: list[str]) -> list[str]:
             raise SystemExit(f"--define {spec!r}: {body!r} is not JSON ({e})") from None
         if not isinstance(fields, dict):
             raise SystemExit(f"--define {spec!r}: the settings must be a JSON object, got {body!r}")
-        demo = {k: v for k, v in fields.items() if k not in OPTIM_KEYS}
+        optim, demo = split_settings(fields)
         unknown = sorted(set(demo) - {f.name for f in dataclasses.fields(DeMoConfig)})
         if unknown:
             raise SystemExit(f"--define {spec!r}: unknown setting(s) {', '.join(unknown)}; allowed: DeMoConfig's "
                              f"fields and {', '.join(OPTIM_KEYS)}")
         try:
-            OptimConfig(name="flexdemo", demo=DeMoConfig(**demo), **{k: fields[k] for k in OPTIM_KEYS if k in fields})
+            OptimConfig(name="flexdemo", demo=DeMoConfig(**demo), **optim)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"--define {spec!r}: {e}") from None
         VARIANTS[name] = fields
-        names.append(name)
-    return names
 
 
 def sweep_family(optim: str) -> str:
@@ -236,8 +239,7 @@ def worker(args) -> None:
     if size.global_batch % R:
         raise SystemExit(f"global batch {size.global_batch} does not split over {R} replicas")
     demo = args.optim.startswith("flexdemo")
-    variant = dict(VARIANTS[args.optim] or {})
-    optim_extra = {"weight_decay": WEIGHT_DECAY, **{k: variant.pop(k) for k in OPTIM_KEYS if k in variant}}
+    optim_extra, variant = split_settings(VARIANTS[args.optim])
     cfg = Config(
         model=load_preset(size.model),
         data=data_config(size),
