@@ -318,7 +318,7 @@ def wire_codes_rows() -> list[list[str]]:
 
 def parity_rows() -> list[list[str]]:
     rows = []
-    g = load("parity/summary.json")  # the default, four seeds (two calls), two rates each
+    g = load("parity/summary.json")  # the default, four seeds, one rate each (the best at the earlier warm-up)
     a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
     edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
                    if x["lr_at_sweep_edge"])
@@ -326,14 +326,16 @@ def parity_rows() -> list[list[str]]:
     wire = "" if (sent["value_bits"], sent["index_coding"]) == (now.value_bits, now.index_coding) else \
         f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
     rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, "
-                    f"R = 1, seeds {', '.join(g['ratio_over_seeds']['per_seed'])}, "
-                    f"best of {len(g['sweep']['flexdemo'])} rates each{edge}", f"{f['val_loss']:.3f} (lr {f['lr']:g})",
+                    f"R = 1, warm-up {g['size']['warmup']} for both, seeds "
+                    f"{', '.join(g['ratio_over_seeds']['per_seed'])}, " + (
+                        f"best of {len(g['sweep']['flexdemo'])} rates each{edge}" if len(g['sweep']['flexdemo']) > 1
+                        else "one rate each, its best in distribution at warm-up 100 (the rates above: HISTORY)"),
+                    f"{f['val_loss']:.3f} (lr {f['lr']:g})",
                     f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
                     f"{g['ratio']:.3f}, 95% CI {ci95(g['ratio_over_seeds'])}; public, code, math only "
                     f"{i['flexdemo']['ratio']:.3f} (lr {i['flexdemo']['lr']:g}; AdamW lr {i['adamw']['lr']:g}), "
                     f"95% CI {ci95(i['flexdemo']['ratio_over_seeds'])} (goal ≤ 1.02)", device_of(g), g["date"],
-                    "`bench_parity.py --size small --seeds 2 [--first-seed 2] --variants adamw flexdemo ...`, two "
-                    "calls (`parity/summary.json`; its command)"))
+                    f"`{g['command'].removeprefix('python benchmarks/').split(' --out')[0]}` (`parity/summary.json`)"))
     for rel, label in (("parity_small_long/summary_default.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                   "the default at `small`'s best rate, one seed"),
                        ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each "

@@ -113,13 +113,15 @@ def test_a_variant_defined_on_the_command_line_runs_as_the_default_with_its_fiel
     monkeypatch.setitem(bench_parity.SIZES, "tiny", bench_parity.SIZES["tiny"])
     out = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", ["bench_parity.py", "--worker", "--size", "tiny", "--optim", "flexdemo-probe",
-                                      "--lr", "0.01", "--define", 'flexdemo-probe={"min_lr_ratio": 0, "topk": 8}',
+                                      "--lr", "0.01", "--define",
+                                      'flexdemo-probe={"min_lr_ratio": 0, "topk": 8, "warmup_steps": 2, "grad_clip": 0}',
                                       "--set", "steps=3", "warmup=1", "eval_every=3", "eval_batches=1",
                                       "--run-dir", str(tmp_path / "run"), "--result", str(out)])
     bench_parity.main()
     demo = dataclasses.asdict(DeMoConfig())
     settings = json.loads(out.read_text())["settings"]
     assert settings["min_lr_ratio"] == 0 and settings["demo"]["topk"] == 8
+    assert settings["warmup_steps"] == 2 and settings["grad_clip"] == 0  # the size's warm-up 1 (--set) replaced
     assert {k: v for k, v in settings["demo"].items() if k not in ("topk", "weight_decay")} == \
         {k: (list(v) if isinstance(v, tuple) else v) for k, v in demo.items() if k not in ("topk", "weight_decay")}
     assert bench_parity.sweep_family("flexdemo-probe") == "flexdemo"
@@ -128,6 +130,7 @@ def test_a_variant_defined_on_the_command_line_runs_as_the_default_with_its_fiel
 @pytest.mark.parametrize("spec, said", [
     ('flexdemo-x={"min_lr_ratio": 2}', "min_lr_ratio=2"),
     ('flexdemo-x={"topk": 0}', "topk=0"),
+    ('flexdemo-x={"warmup_steps": -1}', "warmup_steps=-1"),
     ('flexdemo-x={"top_k": 8}', "unknown setting(s) top_k"),
     ("flexdemo-x={topk: 8}", "is not JSON"),
     ("flexdemo-x=[1]", "must be a JSON object"),
