@@ -120,6 +120,11 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
         # precision moves only near-ties of the selection
         name = f"{model_name}: FlexDeMo triton, the default, dct_forward={fwd}" + (", cuda_graphs" if graphs else "")
         rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward=fwd))
+    for fwd, graphs in itertools.product(("fp32", "bf16"), (False, True)):  # the residual stored in bf16: the encode
+        # moves 8 bytes per element instead of 12
+        name = (f"{model_name}: FlexDeMo triton, the default, momentum_dtype=bf16"
+                + (f", dct_forward={fwd}" if fwd != "fp32" else "") + (", cuda_graphs" if graphs else ""))
+        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward=fwd, momentum_dtype="bf16"))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from flexdemo import ops
 from flexdemo.chunks import ChunkLayout
-from flexdemo.config import DECODE_STEPS, DeMoConfig
+from flexdemo.config import DECODE_STEPS, MOMENTUM_DTYPES, DeMoConfig
 from flexdemo.graphs import DeviceScalars, PhaseGraphs
 from flexdemo.link import LinkCap
 from flexdemo.ops.chunk_table import ChunkTable
@@ -236,6 +236,9 @@ class FlexDeMo(torch.optim.Optimizer):
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
         plans = {k: pl for b in self.buckets for k, pl in b.plans.items()}
         self.plans = [plans[id(p)] for p in self.params]
+        for p, plan in zip(self.params, self.plans):  # the compressed tensors' residual in momentum_dtype
+            if plan.layout is not None:
+                self.state[p]["delta"] = self.state[p]["delta"].to(MOMENTUM_DTYPES[cfg.momentum_dtype])
         if cfg.dense_step == "adam":  # the dense-sent tensors' moments, alike on every replica
             for p, plan in zip(self.params, self.plans):
                 if plan.layout is None:
@@ -245,6 +248,16 @@ class FlexDeMo(torch.optim.Optimizer):
         self._pending: list[_Pending] = []  # overlap: exchanges whose updates are not applied yet
         self._inboxes: dict = {}  # cuda_graphs: where a captured decode reads the gathered payloads
         self._boxes: dict = {}  # cuda_graphs: where a captured encode reads gradients and their address rows
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load casts each state tensor to its parameter's dtype; the residuals go back to theirs
+        (momentum_dtype for the compressed tensors, fp32 for the dense-sent ones) and the moments to fp32."""
+        super().load_state_dict(state_dict)
+        for p, plan in zip(self.params, self.plans):
+            for key, v in self.state[p].items():
+                if torch.is_tensor(v) and v.is_floating_point():
+                    compressed = key == "delta" and plan.layout is not None
+                    self.state[p][key] = v.to(MOMENTUM_DTYPES[self.cfg.momentum_dtype] if compressed else torch.float32)
 
     @property
     def wire(self) -> WireLayout:

@@ -37,7 +37,8 @@ DIRECT = {"base_step": "direct"}
 GRAPHED = [DIRECT, {**DIRECT, "nesterov": 0.5, "weight_decay": 0.1}, {**DIRECT, "value_bits": 2},
            {}, {"nesterov": 0.5, "weight_decay": 0.1, "value_bits": 2},
            {"weight_decay": 0.1, "value_bits": 1, "index_coding": "elias_fano"},  # the torch packing captured too
-           {"weight_decay": 0.1, "dense_step": "adam", "sent_keep": 0.5}]  # the 1-D tensor by Adam; part kept
+           {"weight_decay": 0.1, "dense_step": "adam", "sent_keep": 0.5},  # the 1-D tensor by Adam; part kept
+           {"weight_decay": 0.1, "momentum_dtype": "bf16"}]  # the matrices' residual stored in bf16
 
 
 # the Triton interpreter (CPU) takes ~25 s a case: there, one case per kernel path (each base step's decode, the

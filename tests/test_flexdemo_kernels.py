@@ -891,6 +891,41 @@ def test_sent_keep_leaves_that_share_of_what_was_sent_in_the_momentum(path, bits
     torch.testing.assert_close(kept[0] - plain[0], keep * lost, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["torch", "triton", "triton-table"])
+@pytest.mark.parametrize("bits", [0, 2])
+def test_a_bf16_momentum_is_the_fp32_step_rounded_once(path, bits):
+    """momentum_dtype=bf16: the same payload as the fp32 momentum holding the same values, and the residual that
+    one's rounded to nearest (ties to even), bit for bit."""
+    torch.manual_seed(21 + bits)
+    rows, cols, s, k = 37, 21, 16, 5
+    lay = ChunkLayout(rows, cols, s)
+    delta = torch.randn(rows, cols, device=DEVICE).bfloat16()
+    grad = torch.randn(rows, cols, device=DEVICE)
+
+    def table_launch(g, d, lay, beta, lr, k, vals, idx, **kw):
+        encode_triton_table(ChunkTable.build([lay], [0], k, torch.device(DEVICE)), [g], [d], beta, lr, vals, idx,
+                            **kw)
+
+    fn = {"torch": encode_reference, "triton": encode_triton, "triton-table": table_launch}[path]
+    half = run_encode(fn, grad, delta, lay, 0.999, 0.1, k, torch.bfloat16, bits)
+    full = run_encode(fn, grad, delta.float(), lay, 0.999, 0.1, k, torch.bfloat16, bits)
+    assert half[0].dtype == torch.bfloat16
+    for a, b in zip(half[1:], full[1:]):
+        assert torch.equal(a, b)
+    assert torch.equal(half[0], full[0].bfloat16())
+    assert not torch.equal(half[0].float(), full[0])  # it did round
+
+
+def test_a_table_launch_takes_one_momentum_dtype():
+    lays = [ChunkLayout(16, 16, 16)] * 2
+    table = ChunkTable.build(lays, [0, 1], 5, torch.device(DEVICE))
+    grads = [torch.randn(16, 16, device=DEVICE) for _ in lays]
+    deltas = [torch.zeros(16, 16, device=DEVICE), torch.zeros(16, 16, device=DEVICE, dtype=torch.bfloat16)]
+    vals = torch.zeros(10, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="one momentum dtype per launch"):
+        encode_triton_table(table, grads, deltas, 0.9, 0.1, vals, torch.zeros(10, dtype=torch.int32, device=DEVICE))
+
+
 def test_encode_with_codes_one_launch_for_a_table_equals_one_per_tensor():
     torch.manual_seed(8)
     s, k, bits = 16, 5, 2

@@ -264,6 +264,50 @@ def test_elias_fano_indices_take_the_same_steps_as_fixed_ones_in_fewer_bytes(bas
     assert fixed_bytes - coded_bytes >= chunks * (48 - 36) - 8  # the payload rounds up to 8 bytes
 
 
+def test_a_bf16_momentum_steps_as_an_fp32_one_rounded_after_each_step():
+    """momentum_dtype=bf16 with two simulated replicas: the same as the fp32 momentum with each compressed tensor's
+    residual rounded to nearest bf16 after every encode (the 1-D tensor's kept in fp32), bit for bit."""
+    torch.manual_seed(0)
+    shapes = [(70, 66), (64, 64), (7,)]
+    init = [torch.randn(s) for s in shapes]
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
+        opts = [FlexDeMo(ps, lr=0.01, weight_decay=0.1, value_bits=2, momentum_dtype=dtype) for ps in reps]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for ps in reps:
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen)
+            gathered = torch.stack([o.encode() for o in opts])
+            for o, ps in zip(opts, reps):
+                if dtype == "fp32":  # round what the encode left, as a bf16 state stores it
+                    for p in ps[:2]:
+                        o.state[p]["delta"].copy_(o.state[p]["delta"].bfloat16())
+                o.decode_apply(gathered)
+        runs[dtype] = (reps, opts)
+    (ref, ref_opts), (half, half_opts) = runs["fp32"], runs["bf16"]
+    for r in range(2):
+        for i, (p, q) in enumerate(zip(ref[r], half[r])):
+            assert torch.equal(p, q)
+            m, h = ref_opts[r].state[p]["delta"], half_opts[r].state[q]["delta"]
+            assert h.dtype == (torch.bfloat16 if i < 2 else torch.float32) and torch.equal(m, h.float())
+    # a state dict loaded the way torch loads it (each tensor cast to its parameter's dtype) keeps the residuals'
+    fresh = FlexDeMo(half[0], lr=0.01, weight_decay=0.1, value_bits=2, momentum_dtype="bf16")
+    fresh.load_state_dict(half_opts[0].state_dict())
+    for p in half[0]:
+        assert torch.equal(fresh.state[p]["delta"], half_opts[0].state[p]["delta"])
+        assert fresh.state[p]["delta"].dtype == half_opts[0].state[p]["delta"].dtype
+
+
+def test_momentum_dtype_is_checked():
+    with pytest.raises(ValueError, match="momentum_dtype='fp16'; allowed: fp32, bf16"):
+        DeMoConfig(momentum_dtype="fp16")
+    with pytest.raises(ValueError, match="momentum_dtype='bf16' .* nesterov=0.5 .*use momentum_dtype=fp32 or "
+                                         "nesterov=0"):
+        DeMoConfig(momentum_dtype="bf16", nesterov=0.5)
+
+
 def test_sign_values_are_the_unquantised_step_at_one_replica_and_a_scale_weighted_vote_at_two():
     """value_bits=1: the momentum loses what the unquantised wire's does; the replicas receive each value's sign at
     its chunk's largest |value|. One replica: the coefficient sign's step is the unquantised one, bit for bit. Two:

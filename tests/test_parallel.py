@@ -102,10 +102,11 @@ def job_four_ranks(tmp: str) -> dict:
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_coefficient_sign"] = {"params": _local(acs.model), "delta": _residuals(acs)}
     # ... with each value's sign at its chunk's scale and each chunk's positions as one Elias-Fano code, the
-    # dense-sent tensors by Adam (dense_step=adam) and the momenta keeping half of what they sent (sent_keep)
+    # dense-sent tensors by Adam (dense_step=adam), the momenta keeping half of what they sent (sent_keep) and
+    # stored in bf16 (momentum_dtype)
     aef = train(tiny_config(tmp / "AEF", optim={**DEMO, "base_step": "coefficient_sign", "value_bits": 1,
                                                 "index_coding": "elias_fano", "dense_step": "adam",
-                                                "sent_keep": 0.5},
+                                                "sent_keep": 0.5, "momentum_dtype": "bf16"},
                             train={"steps": STEPS, "eval_every": STEPS}, parallel=mesh22))
     out["A_elias_fano"] = {"params": _local(aef.model), "delta": _residuals(aef)}
     out["A_rules"] = {"params": _local(aa.model), "delta": _residuals(aa)}

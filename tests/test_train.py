@@ -43,7 +43,8 @@ def test_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("rule, key", [({"base_step": "adam"}, "exp_avg"),
                                        ({"base_step": "direct", "tensor_scale": "adam_rms"}, "grad_avg"),
                                        ({"base_step": "direct", "precondition": "adam", "sign": False}, "grad_avg_sq"),
-                                       ({"base_step": "coefficient_sign", "dense_step": "adam"}, "exp_avg_sq")])
+                                       ({"base_step": "coefficient_sign", "dense_step": "adam"}, "exp_avg_sq"),
+                                       ({"momentum_dtype": "bf16"}, "delta")])
 def test_resume_with_flexdemos_moments_is_bit_identical(tmp_path, capsys, rule, key):
     """The moments of base_step=adam, of tensor_scale or of precondition are checkpointed with the residuals: stop
     at 5, resume, same as straight."""
@@ -61,6 +62,8 @@ def test_resume_with_flexdemos_moments_is_bit_identical(tmp_path, capsys, rule, 
         assert torch.equal(p, q), n
     m = [s[key] for s in rest.optimizer.state.values() if key in s]  # dense_step: the 1-D tensors' only
     assert m and all(x.abs().sum() > 0 for x in m)
+    if rule.get("momentum_dtype") == "bf16":  # restored as stored: the matrices' in bf16, the 1-D tensors' in fp32
+        assert {x.dtype for x in m} == {torch.bfloat16, torch.float32}
 
 
 def test_keep_last_k_and_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):

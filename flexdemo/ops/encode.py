@@ -198,7 +198,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
     q = (local % gc) * S + si[None, :]
     mask = (r < n_rows) & (q < n_cols)
     g_mask = mask & (tl.zeros_like(r) + g_live != 0)
-    m = tl.load(mp + r * sm + q, mask=mask, other=0.0)
+    m = tl.load(mp + r * sm + q, mask=mask, other=0.0).to(tl.float32)  # fp32 or bf16 (momentum_dtype)
     if HAS_GRAD:
         g = tl.load(gp + r * sg + q, mask=g_mask, other=0.0).to(tl.float32)
         if LR_PTR:  # read at run time: a captured CUDA graph replays with each step's rate
@@ -307,7 +307,7 @@ def _encode_kernel(g_ptr, m_ptr, d_ptr, vals_ptr, idx_ptr, codes_ptr, scales_ptr
     si = si + zero
     r = (local // gc) * S + si[:, None]
     q = (local % gc) * S + si[None, :]
-    tl.store(mp + r * sm + q, m, mask=(r < n_rows) & (q < n_cols))
+    tl.store(mp + r * sm + q, cast_like(m, mp), mask=(r < n_rows) & (q < n_cols))
 
 
 def encode_triton(grad: torch.Tensor | None, delta: torch.Tensor, layout: ChunkLayout, beta: float,
@@ -344,6 +344,8 @@ def encode_triton_table(table: ChunkTable, grads: list[torch.Tensor | None], del
     present = [g for g in grads if g is not None]
     if len({g.dtype for g in present}) > 1:
         raise ValueError(f"one gradient dtype per launch; got {sorted({str(g.dtype) for g in present})}")
+    if len({m.dtype for m in deltas}) > 1:  # the kernel reads every momentum as the first one's dtype
+        raise ValueError(f"one momentum dtype per launch; got {sorted({str(m.dtype) for m in deltas})}")
     d = dct_matrix(table.s, deltas[0].device, torch.float32)
     rate, lr_ptr = rate_arg(lr)
     codes, scales = _code_outputs(bits, out_codes, out_scales, out_idx.numel() // table.k, table.k, d)

@@ -58,7 +58,13 @@ def encode_reference(grad: torch.Tensor | None, delta: torch.Tensor, layout: Chu
     ``bits`` > 0: also each chunk's values as codes and a scale (``flexdemo.quant``; ``out_codes`` uint8,
     ``out_scales`` fp32), and the residual keeps what the codes lose (it loses the dequantised values; 1-bit sign
     codes: the sent values whole). ``keep``: the residual loses only (1 - keep) times what was sent. ``forward``:
-    the forward DCT's products (``forward_dct``; the residual still loses exactly what was sent)."""
+    the forward DCT's products (``forward_dct``; the residual still loses exactly what was sent). A bf16 ``delta``
+    (momentum_dtype=bf16): the step computed in fp32, the residual rounded to nearest once, as the kernel stores it."""
+    if delta.dtype != torch.float32:
+        work = delta.float()
+        encode_reference(grad, work, layout, beta, lr, k, out_vals, out_idx, bits, out_codes, out_scales, keep, forward)
+        delta.copy_(work)
+        return
     delta.mul_(beta)
     if grad is not None:
         delta.add_(grad.float(), alpha=lr)
