@@ -235,6 +235,24 @@ def test_matches_naive_demo_with_two_simulated_replicas(sign, base_step, nestero
     assert not torch.equal(opts[0].state[reps[0][0]]["delta"], opts[1].state[reps[1][0]]["delta"])
 
 
+def two_replicas(init: list[torch.Tensor], steps: int = 4, between=None, **settings) -> tuple:
+    """Two simulated replicas from the same weights, each step fresh seeded gradients: (each replica's parameters,
+    its optimizer, the last gathered payloads). ``between(opt, params)``: after the exchange, before the decode."""
+    reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
+    opts = [FlexDeMo(ps, lr=0.01, weight_decay=0.1, **settings) for ps in reps]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for ps in reps:
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+        gathered = torch.stack([o.encode() for o in opts])
+        for o, ps in zip(opts, reps):
+            if between is not None:
+                between(o, ps)
+            o.decode_apply(gathered)
+    return reps, opts, gathered
+
+
 @pytest.mark.parametrize("base_step, value_bits", [("coefficient_sign", 0), ("coefficient_sign", 2), ("direct", 0)])
 def test_elias_fano_indices_take_the_same_steps_as_fixed_ones_in_fewer_bytes(base_step, value_bits):
     """Each chunk's positions go sorted, with their values: the replicas' mean of every position is the same sum, so
@@ -244,17 +262,7 @@ def test_elias_fano_indices_take_the_same_steps_as_fixed_ones_in_fewer_bytes(bas
     init = [torch.randn(s) for s in shapes]
     runs = {}
     for coding in ("fixed", "elias_fano"):
-        reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
-        opts = [FlexDeMo(ps, lr=0.01, weight_decay=0.1, base_step=base_step, value_bits=value_bits,
-                         index_coding=coding) for ps in reps]
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            for ps in reps:
-                for p in ps:
-                    p.grad = torch.randn(p.shape, generator=gen)
-            gathered = torch.stack([o.encode() for o in opts])
-            for o in opts:
-                o.decode_apply(gathered)
+        reps, _, gathered = two_replicas(init, base_step=base_step, value_bits=value_bits, index_coding=coding)
         runs[coding] = (reps, gathered.shape[1])
     (fixed, fixed_bytes), (coded, coded_bytes) = runs["fixed"], runs["elias_fano"]
     for r in range(2):
@@ -270,23 +278,12 @@ def test_a_bf16_momentum_steps_as_an_fp32_one_rounded_after_each_step():
     torch.manual_seed(0)
     shapes = [(70, 66), (64, 64), (7,)]
     init = [torch.randn(s) for s in shapes]
-    runs = {}
-    for dtype in ("fp32", "bf16"):
-        reps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
-        opts = [FlexDeMo(ps, lr=0.01, weight_decay=0.1, value_bits=2, momentum_dtype=dtype) for ps in reps]
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            for ps in reps:
-                for p in ps:
-                    p.grad = torch.randn(p.shape, generator=gen)
-            gathered = torch.stack([o.encode() for o in opts])
-            for o, ps in zip(opts, reps):
-                if dtype == "fp32":  # round what the encode left, as a bf16 state stores it
-                    for p in ps[:2]:
-                        o.state[p]["delta"].copy_(o.state[p]["delta"].bfloat16())
-                o.decode_apply(gathered)
-        runs[dtype] = (reps, opts)
-    (ref, ref_opts), (half, half_opts) = runs["fp32"], runs["bf16"]
+    def rounded(opt, params):  # what the encode left, as a bf16 state stores it
+        for p in params[:2]:
+            opt.state[p]["delta"].copy_(opt.state[p]["delta"].bfloat16())
+
+    ref, ref_opts, _ = two_replicas(init, between=rounded, value_bits=2)
+    half, half_opts, _ = two_replicas(init, value_bits=2, momentum_dtype="bf16")
     for r in range(2):
         for i, (p, q) in enumerate(zip(ref[r], half[r])):
             assert torch.equal(p, q)
