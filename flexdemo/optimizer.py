@@ -236,9 +236,7 @@ class FlexDeMo(torch.optim.Optimizer):
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
         plans = {k: pl for b in self.buckets for k, pl in b.plans.items()}
         self.plans = [plans[id(p)] for p in self.params]
-        for p, plan in zip(self.params, self.plans):  # the compressed tensors' residual in momentum_dtype
-            if plan.layout is not None:
-                self.state[p]["delta"] = self.state[p]["delta"].to(MOMENTUM_DTYPES[cfg.momentum_dtype])
+        self._cast_states()  # the compressed tensors' residual in momentum_dtype
         if cfg.dense_step == "adam":  # the dense-sent tensors' moments, alike on every replica
             for p, plan in zip(self.params, self.plans):
                 if plan.layout is None:
@@ -250,9 +248,13 @@ class FlexDeMo(torch.optim.Optimizer):
         self._boxes: dict = {}  # cuda_graphs: where a captured encode reads gradients and their address rows
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load casts each state tensor to its parameter's dtype; the residuals go back to theirs
-        (momentum_dtype for the compressed tensors, fp32 for the dense-sent ones) and the moments to fp32."""
+        """torch's load casts each state tensor to its parameter's dtype: cast back to the state's own."""
         super().load_state_dict(state_dict)
+        self._cast_states()
+
+    def _cast_states(self) -> None:
+        """Every state tensor in its dtype: momentum_dtype for the compressed tensors' residuals, fp32 for the
+        dense-sent tensors' residuals and for every moment."""
         for p, plan in zip(self.params, self.plans):
             for key, v in self.state[p].items():
                 if torch.is_tensor(v) and v.is_floating_point():
