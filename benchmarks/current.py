@@ -44,6 +44,9 @@ def row(what, value, baseline, ratio, device, date, source) -> list[str]:
 # the one-pass forward DCTs' loss at `small` (1,000 steps, R = 1, 4e-3, seeds 0-3, each paired with the default's
 # run of the same seed in the same call; HISTORY.md, twenty-ninth and thirtieth sessions): not result files
 FORWARD_LOSS = {"tf32": "1.010 (95% CI [0.994, 1.025])", "bf16": "1.003 (95% CI [0.984, 1.021])"}
+# the residual in bf16 over the default, in distribution (HISTORY, thirty-third and thirty-fourth sessions)
+MOMENTUM_LOSS = ("at `small` 0.996 and 1.000 × the default's loss in distribution (lr 4e-3 and 8e-3, two seeds each), "
+                 "at `tiny-long` R = 2 0.993 (95% CI [0.971, 1.015], four seeds)")
 
 
 def kernel_rows() -> list[list[str]]:
@@ -108,6 +111,16 @@ def kernel_rows() -> list[list[str]]:
                             "distribution, four seeds: not the default), 1 replica (eager; `cuda_graphs=true`)",
                             f"{f:.2f} ms; {fg:.2f} ms", f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
                             f"{f / a:.2f}×; {fg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
+        m, mg = eager_graphed("the default, momentum_dtype=bf16")
+        b, bg = eager_graphed("the default, momentum_dtype=bf16, dct_forward=bf16")
+        rows.append(row(f"optimizer step, `{model}`, the default with `momentum_dtype=bf16` (the residual stored in "
+                        f"bf16; {MOMENTUM_LOSS}: not the default); the same with `dct_forward=bf16`, 1 replica "
+                        "(eager; `cuda_graphs=true`)",
+                        f"{m:.2f} ms; {mg:.2f} ms; with `dct_forward=bf16` {b:.2f} ms; {bg:.2f} ms",
+                        f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
+                        f"{m / a:.3f}×; {mg / a:.3f}×; with `dct_forward=bf16` {b / a:.3f}×; {bg / a:.3f}× "
+                        "(goal ≤ 1.0)",
+                        device_of(h), h["date"], hsrc))
     ker = load("kernels_h200/kernels.json")
     dev = device_of(ker)
     one = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
@@ -318,24 +331,29 @@ def wire_codes_rows() -> list[list[str]]:
 
 def parity_rows() -> list[list[str]]:
     rows = []
-    g = load("parity/summary.json")  # the default, four seeds, one rate each (the best at the earlier warm-up)
-    a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
-    edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
-                   if x["lr_at_sweep_edge"])
-    sent, now = g["settings"]["demo"], DeMoConfig()  # a run of an earlier default wire says which it sent
-    wire = "" if (sent["value_bits"], sent["index_coding"]) == (now.value_bits, now.index_coding) else \
-        f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
-    rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, "
-                    f"R = 1, warm-up {g['size']['warmup']} for both, seeds "
-                    f"{', '.join(g['ratio_over_seeds']['per_seed'])}, " + (
-                        f"best of {len(g['sweep']['flexdemo'])} rates each{edge}" if len(g['sweep']['flexdemo']) > 1
-                        else "one rate each, its best in distribution at warm-up 100 (the rates above: HISTORY)"),
-                    f"{f['val_loss']:.3f} (lr {f['lr']:g})",
-                    f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
-                    f"{g['ratio']:.3f}, 95% CI {ci95(g['ratio_over_seeds'])}; public, code, math only "
-                    f"{i['flexdemo']['ratio']:.3f} (lr {i['flexdemo']['lr']:g}; AdamW lr {i['adamw']['lr']:g}), "
-                    f"95% CI {ci95(i['flexdemo']['ratio_over_seeds'])} (goal ≤ 1.02)", device_of(g), g["date"],
-                    f"`{g['command'].removeprefix('python benchmarks/').split(' --out')[0]}` (`parity/summary.json`)"))
+    # the sweep (two seeds, four rates each), then the four-seed run at one rate each of an earlier sweep
+    for rel in ("parity/summary.json", "parity/summary_4seeds.json"):
+        g = load(rel)
+        a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
+        edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
+                       if x["lr_at_sweep_edge"])
+        sent, now = g["settings"]["demo"], DeMoConfig()  # a run of an earlier default wire says which it sent
+        wire = "" if (sent["value_bits"], sent["index_coding"]) == (now.value_bits, now.index_coding) else \
+            f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
+        n = len(g["sweep"]["flexdemo"])
+        rates = f"best of {n} rates each{edge}" if n > 1 else \
+            "one rate each, its best in distribution at warm-up 100 (the rates above: HISTORY)"
+        cmd = g["command"].removeprefix("python benchmarks/").split(" --out")[0]
+        rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, "
+                        f"R = 1, warm-up {g['size']['warmup']} for both, seeds "
+                        f"{', '.join(g['ratio_over_seeds']['per_seed'])}, {rates}",
+                        f"{f['val_loss']:.3f} (lr {f['lr']:g})",
+                        f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
+                        f"{g['ratio']:.3f}, 95% CI {ci95(g['ratio_over_seeds'])}; public, code, math only "
+                        f"{i['flexdemo']['ratio']:.3f} (lr {i['flexdemo']['lr']:g}; AdamW lr {i['adamw']['lr']:g}), "
+                        f"95% CI {ci95(i['flexdemo']['ratio_over_seeds'])} (goal ≤ 1.02)", device_of(g), g["date"],
+                        f"`{cmd}`" + (" (the summary of two device calls' runs: its `commands`)"
+                                      if "commands" in g else "") + f" (`{rel}`)"))
     for rel, label in (("parity_small_long/summary_default.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
                                                                   "the default at `small`'s best rate, one seed"),
                        ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each "
