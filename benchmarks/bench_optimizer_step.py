@@ -116,15 +116,13 @@ def model_rows(model_name: str, skip_slow: bool = False) -> list[dict]:
     for graphs in (False, True):  # the same with the wire packed and unpacked in torch (before 2026-12-06)
         name = (f"{model_name}: FlexDeMo triton, the default, wire_pack=torch" + (", cuda_graphs" if graphs else ""))
         rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, wire_pack="torch"))
-    for fwd, graphs in itertools.product(("tf32", "bf16"), (False, True)):  # with 2-bit values the forward DCT's
-        # precision moves only near-ties of the selection
-        name = f"{model_name}: FlexDeMo triton, the default, dct_forward={fwd}" + (", cuda_graphs" if graphs else "")
-        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward=fwd))
-    for fwd, graphs in itertools.product(("fp32", "bf16"), (False, True)):  # the residual stored in bf16: the encode
-        # moves 8 bytes per element instead of 12
-        name = (f"{model_name}: FlexDeMo triton, the default, momentum_dtype=bf16"
+    # with 2-bit values the forward DCT's precision moves only near-ties of the selection; the residual stored in
+    # bf16 moves 8 bytes per element through the encode instead of 12
+    variants = [("fp32", "tf32"), ("fp32", "bf16"), ("bf16", "fp32"), ("bf16", "bf16")]  # (momentum, forward)
+    for (mom, fwd), graphs in itertools.product(variants, (False, True)):
+        name = (f"{model_name}: FlexDeMo triton, the default" + (f", momentum_dtype={mom}" if mom != "fp32" else "")
                 + (f", dct_forward={fwd}" if fwd != "fp32" else "") + (", cuda_graphs" if graphs else ""))
-        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward=fwd, momentum_dtype="bf16"))
+        rows += released(demo_rows(name, **DEFAULT, cuda_graphs=graphs, dct_forward=fwd, momentum_dtype=mom))
     for kernels, fwd in (("torch", "fp32"), ("triton", "fp32"), ("triton", "tf32"))[skip_slow:]:
         name = f"{model_name}: FlexDeMo {kernels}" + (TF32 if fwd == "tf32" else "")
         rows += released(replica_rows(name, flexdemo(params_with_grads(shapes), kernels=kernels, dct_forward=fwd)))

@@ -219,7 +219,6 @@ class FlexDeMo(torch.optim.Optimizer):
         self.replicas = dist.get_world_size(replicate_group) if replicate_group is not None else 1
         self.params = [p for g in self.param_groups for p in g["params"]]
         for p in self.params:
-            self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
             if cfg.base_step in ("adam", "lion"):  # identical on every replica: they see the same decoded direction
                 self.state[p]["exp_avg"] = torch.zeros_like(local_tensor(p), dtype=torch.float32)
             if cfg.base_step == "adam":
@@ -236,7 +235,8 @@ class FlexDeMo(torch.optim.Optimizer):
         self.buckets = [self._make_bucket(ps, device) for ps in self._check_buckets(buckets)]
         plans = {k: pl for b in self.buckets for k, pl in b.plans.items()}
         self.plans = [plans[id(p)] for p in self.params]
-        self._cast_states()  # the compressed tensors' residual in momentum_dtype
+        for p, plan in zip(self.params, self.plans):  # made once the plans say which tensors are compressed
+            self.state[p]["delta"] = torch.zeros_like(local_tensor(p), dtype=self._state_dtype("delta", plan))
         if cfg.dense_step == "adam":  # the dense-sent tensors' moments, alike on every replica
             for p, plan in zip(self.params, self.plans):
                 if plan.layout is None:
@@ -252,14 +252,17 @@ class FlexDeMo(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._cast_states()
 
+    def _state_dtype(self, key: str, plan) -> torch.dtype:
+        """momentum_dtype for the compressed tensors' residuals, fp32 for the dense-sent tensors' residuals and for
+        every moment."""
+        return MOMENTUM_DTYPES[self.cfg.momentum_dtype] if key == "delta" and plan.layout is not None else torch.float32
+
     def _cast_states(self) -> None:
-        """Every state tensor in its dtype: momentum_dtype for the compressed tensors' residuals, fp32 for the
-        dense-sent tensors' residuals and for every moment."""
+        """Every state tensor in its dtype (``_state_dtype``)."""
         for p, plan in zip(self.params, self.plans):
             for key, v in self.state[p].items():
                 if torch.is_tensor(v) and v.is_floating_point():
-                    compressed = key == "delta" and plan.layout is not None
-                    self.state[p][key] = v.to(MOMENTUM_DTYPES[self.cfg.momentum_dtype] if compressed else torch.float32)
+                    self.state[p][key] = v.to(self._state_dtype(key, plan))
 
     @property
     def wire(self) -> WireLayout:
