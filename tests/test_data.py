@@ -162,6 +162,30 @@ def test_embedded_domains_are_deterministic_and_splits_differ(domain, tmp_path):
     assert embedded_path(domain, "val", tok, 20_000, seed=0, cache_dir=tmp_path / "c1") == a  # cached
 
 
+def test_embedded_path_returns_the_folder_another_process_published_meanwhile(tmp_path, monkeypatch):
+    """Ranks sharing one cache: one finds no folder, another publishes it before the first writes: the first
+    returns the published folder instead of failing."""
+    import flexmore.data.embedded as embedded
+
+    real = embedded.write_documents
+
+    def racing(out, docs, **kw):
+        docs = list(docs)
+        real(out, iter(docs), **kw)  # the other rank, first
+        return real(out, iter(docs), **kw)  # this one: the folder exists now
+
+    monkeypatch.setattr(embedded, "write_documents", racing)
+    out = embedded_path("math", "val", ByteTokenizer(), 5_000, seed=0, cache_dir=tmp_path)
+    assert read_index(out)["num_tokens"] > 0  # the published folder, whole
+
+    def stray(out, docs, **kw):  # a folder is there, but no process published it (no index)
+        raise FileExistsError(out)
+
+    monkeypatch.setattr(embedded, "write_documents", stray)
+    with pytest.raises(FileExistsError):  # a folder without its index is not a published one
+        embedded_path("math", "val", ByteTokenizer(), 6_000, seed=0, cache_dir=tmp_path)
+
+
 def test_code_domain_files_never_in_both_splits():
     train, val = set(code_domain.source_files("train")), set(code_domain.source_files("val"))
     assert train and val and not train & val

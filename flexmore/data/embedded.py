@@ -34,6 +34,11 @@ def embedded_path(domain: str, split: str, tokenizer: Tokenizer, num_chars: int,
             if total >= num_chars:
                 return
 
-    return write_documents(out, docs(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                           tokenizer=tokenizer.name, meta={"domain": domain, "split": split, "seed": seed,
-                                                           "num_chars": num_chars})
+    try:
+        return write_documents(out, docs(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                               tokenizer=tokenizer.name, meta={"domain": domain, "split": split, "seed": seed,
+                                                               "num_chars": num_chars})
+    except FileExistsError:  # another process (a rank sharing this cache) published it after the check above
+        if (out / INDEX).is_file():
+            return out
+        raise
