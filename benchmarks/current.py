@@ -49,20 +49,56 @@ MOMENTUM_LOSS = ("at `small` 0.996 and 1.000 × the default's loss in distributi
                  "at `tiny-long` R = 2 0.993 (95% CI [0.971, 1.015], four seeds)")
 
 
-def kernel_rows() -> list[list[str]]:
+def step_rows(rel: str, every: bool) -> list[list[str]]:
+    """The default's optimizer step against fused AdamW, same run: with ``every``, also its torch packing, DeMo's
+    wire and each one-pass forward DCT; always the residual in bf16 (alone and with the bf16 forward DCT)."""
     rows = []
-    o = load("optstep_h200/step.json")  # the same benchmark on the goal's device, without the profiler
-    om = {r["what"]: r["ms"] for r in o["rows"]}
-    odev = device_of(o)
-    src = "`bench_optimizer_step.py --model base 1b` (`optstep_h200/step.json`)"
+    h = load(rel)
+    hm = {r["what"]: r["ms"] for r in h["rows"]}
+    hsrc = f"`bench_optimizer_step.py --model 1b base --skip-slow` (`{rel}`)"
+    wire = "value_bits=2 index_coding=elias_fano"
     for model in ("base", "1b"):
-        a = om[f"{model}: fused AdamW step"]
-        for g in ("", ", cuda_graphs"):
-            f, t = (om[f"{model}: FlexDeMo triton{g}{v}, 1 replica"] for v in ("", ", dct_forward=tf32"))
-            graphs = " with `cuda_graphs=true`" if g else ""
-            rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton, direct step{graphs} (fp32 DCT; "
-                            "`dct_forward=tf32`)", f"{f:.2f} ms; {t:.2f} ms", f"fused AdamW {a:.2f} ms",
-                            f"{f / a:.2f}×; {t / a:.2f}× (goal ≤ 1.0)", odev, o["date"], src))
+        def eager_graphed(what: str) -> tuple[float, float]:
+            return tuple(hm[f"{model}: FlexDeMo triton, {what}{g}, 1 replica"] for g in ("", ", cuda_graphs"))
+
+        d, dg = eager_graphed(f"the default (base_step=coefficient_sign {wire})")
+        a = hm[f"{model}: fused AdamW step"]
+        if every:
+            t, tg = eager_graphed("the default, wire_pack=torch")
+            q, qg = eager_graphed("base_step=coefficient_sign")
+            rows.append(row(f"optimizer step, `{model}`, the default (the coefficient sign; 2-bit values, Elias-Fano "
+                            "indices, packed and unpacked by Triton kernels), 1 replica (eager; `cuda_graphs=true`); "
+                            "the same packed in torch (`wire_pack=torch`); the same update with DeMo's wire (bf16 "
+                            "values, 12-bit indices)",
+                            f"{d:.2f} ms; {dg:.2f} ms; torch packing {t:.2f} ms; {tg:.2f} ms; DeMo's wire {q:.2f} ms; "
+                            f"{qg:.2f} ms", f"fused AdamW {a:.2f} ms",
+                            f"{d / a:.2f}×; {dg / a:.2f}×; torch packing {t / a:.2f}×; {tg / a:.2f}×; DeMo's wire "
+                            f"{q / a:.2f}×; {qg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
+            for fwd, loss in FORWARD_LOSS.items():
+                f, fg = eager_graphed(f"the default, dct_forward={fwd}")
+                rows.append(row(f"optimizer step, `{model}`, the default with `dct_forward={fwd}` (one {fwd} product "
+                                f"per forward DCT instead of three bf16 ones; at `small` {loss} × the default's loss "
+                                "in distribution, four seeds: not the default), 1 replica (eager; `cuda_graphs=true`)",
+                                f"{f:.2f} ms; {fg:.2f} ms",
+                                f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
+                                f"{f / a:.2f}×; {fg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
+        both = load("parity/probes_h200.json")["paired_over_default"]["flexdemo-bf16both"]["in_distribution"]
+        m, mg = eager_graphed("the default, momentum_dtype=bf16")
+        b, bg = eager_graphed("the default, momentum_dtype=bf16, dct_forward=bf16")
+        rows.append(row(f"optimizer step, `{model}`, the default with `momentum_dtype=bf16` (the residual stored in "
+                        f"bf16; {MOMENTUM_LOSS}); the same with `dct_forward=bf16` (at `small` {both['mean']:.3f} "
+                        f"(95% CI {ci95(both)}) × the default's loss in distribution, {both['n']} seeds); neither the "
+                        "default, 1 replica (eager; `cuda_graphs=true`)",
+                        f"{m:.2f} ms; {mg:.2f} ms; with `dct_forward=bf16` {b:.2f} ms; {bg:.2f} ms",
+                        f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
+                        f"{m / a:.3f}×; {mg / a:.3f}×; with `dct_forward=bf16` {b / a:.3f}×; {bg / a:.3f}× "
+                        "(goal ≤ 1.0)",
+                        device_of(h), h["date"], hsrc))
+    return rows
+
+
+def kernel_rows() -> list[list[str]]:
+    rows = step_rows("optstep_h200/step.json", every=True)  # the goal's device
     t = load("train_step_h200/optims.json")  # the same optimizers inside a whole compiled training step
     tm = {(r["case"], r["optim"]): r for r in t["rows"]}
     for case in ("small", "base"):
@@ -74,53 +110,7 @@ def kernel_rows() -> list[list[str]]:
                         device_of(t), t["date"],
                         "`bench_train_step.py --models small base --compile on --optims adamw flexdemo "
                         "flexdemo-graphs` (`train_step_h200/optims.json`)"))
-    c = load("optstep_h200/step_fused.json")  # the coefficient sign against the direct step, same run
-    cm = {r["what"]: r["ms"] for r in c["rows"]}
-    csrc = "`bench_optimizer_step.py --model base 1b --skip-slow` (`optstep_h200/step_fused.json`)"
-    for model in ("base", "1b"):
-        a, default = (cm[f"{model}: {w}"] for w in ("fused AdamW step", "FlexDeMo triton, 1 replica"))
-        cs = cm[f"{model}: FlexDeMo triton, base_step=coefficient_sign, 1 replica"]
-        rows.append(row(f"optimizer step, `{model}`, FlexDeMo Triton with `base_step=coefficient_sign`, 1 replica",
-                        f"{cs:.2f} ms", f"fused AdamW {a:.2f} ms; direct step {default:.2f} ms",
-                        f"{cs / a:.2f}× (goal ≤ 1.0); {cs / default:.2f}× the direct step's", device_of(c),
-                        c["date"], csrc))
-    h = load("optstep_h100/step.json")  # the default's step, its torch packing and DeMo's wire, on an H100
-    hm = {r["what"]: r["ms"] for r in h["rows"]}
-    hsrc = "`bench_optimizer_step.py --model 1b base --skip-slow` (`optstep_h100/step.json`)"
-    wire = "value_bits=2 index_coding=elias_fano"
-    for model in ("base", "1b"):
-        def eager_graphed(what: str) -> tuple[float, float]:
-            return tuple(hm[f"{model}: FlexDeMo triton, {what}{g}, 1 replica"] for g in ("", ", cuda_graphs"))
-
-        d, dg = eager_graphed(f"the default (base_step=coefficient_sign {wire})")
-        t, tg = eager_graphed("the default, wire_pack=torch")
-        q, qg = eager_graphed("base_step=coefficient_sign")
-        a = hm[f"{model}: fused AdamW step"]
-        rows.append(row(f"optimizer step, `{model}`, the default (the coefficient sign; 2-bit values, Elias-Fano "
-                        "indices, packed and unpacked by Triton kernels), 1 replica (eager; `cuda_graphs=true`); the "
-                        "same packed in torch (`wire_pack=torch`); the same update with DeMo's wire (bf16 values, "
-                        "12-bit indices)",
-                        f"{d:.2f} ms; {dg:.2f} ms; torch packing {t:.2f} ms; {tg:.2f} ms; DeMo's wire {q:.2f} ms; "
-                        f"{qg:.2f} ms", f"fused AdamW {a:.2f} ms",
-                        f"{d / a:.2f}×; {dg / a:.2f}×; torch packing {t / a:.2f}×; {tg / a:.2f}×; DeMo's wire "
-                        f"{q / a:.2f}×; {qg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
-        for fwd, loss in FORWARD_LOSS.items():
-            f, fg = eager_graphed(f"the default, dct_forward={fwd}")
-            rows.append(row(f"optimizer step, `{model}`, the default with `dct_forward={fwd}` (one {fwd} product per "
-                            f"forward DCT instead of three bf16 ones; at `small` {loss} × the default's loss in "
-                            "distribution, four seeds: not the default), 1 replica (eager; `cuda_graphs=true`)",
-                            f"{f:.2f} ms; {fg:.2f} ms", f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
-                            f"{f / a:.2f}×; {fg / a:.2f}× (goal ≤ 1.0)", device_of(h), h["date"], hsrc))
-        m, mg = eager_graphed("the default, momentum_dtype=bf16")
-        b, bg = eager_graphed("the default, momentum_dtype=bf16, dct_forward=bf16")
-        rows.append(row(f"optimizer step, `{model}`, the default with `momentum_dtype=bf16` (the residual stored in "
-                        f"bf16; {MOMENTUM_LOSS}: not the default); the same with `dct_forward=bf16`, 1 replica "
-                        "(eager; `cuda_graphs=true`)",
-                        f"{m:.2f} ms; {mg:.2f} ms; with `dct_forward=bf16` {b:.2f} ms; {bg:.2f} ms",
-                        f"fused AdamW {a:.2f} ms; the default {d:.2f} ms; {dg:.2f} ms",
-                        f"{m / a:.3f}×; {mg / a:.3f}×; with `dct_forward=bf16` {b / a:.3f}×; {bg / a:.3f}× "
-                        "(goal ≤ 1.0)",
-                        device_of(h), h["date"], hsrc))
+    rows += step_rows("optstep_h100/step.json", every=False)  # an H100's memory: the same settings nearer the goal
     ker = load("kernels_h200/kernels.json")
     dev = device_of(ker)
     one = [r for r in ker["rows"] if r["case"].startswith("4096x11008 float32")]
@@ -331,9 +321,15 @@ def wire_codes_rows() -> list[list[str]]:
 
 def parity_rows() -> list[list[str]]:
     rows = []
-    # the sweep (two seeds, four rates each), then the four-seed run at one rate each of an earlier sweep
-    for rel in ("parity/summary.json", "parity/summary_4seeds.json"):
+    # the sweep (two seeds, four rates each), the four-seed run at one rate each of an earlier sweep, and R = 2 on one
+    # GPU at the sweep's rates
+    for rel, one_rate in (("parity/summary.json", ""),
+                          ("parity/summary_4seeds.json", "its best in distribution at warm-up 100 (the rates above: "
+                                                         "HISTORY)"),
+                          ("parity_r2_small/summary.json", "the R = 1 sweep's best over all domains")):
         g = load(rel)
+        R = next(iter(g["by_replicas"]))
+        where = "R = 1" if R == "1" else f"R = {R} on one GPU"
         a, f, i = g["adamw"], g["flexdemo"], g["in_distribution"]
         edge = "".join(f"; {o} at the edge of its sweep" for o, x in (("AdamW", a), ("FlexDeMo", f))
                        if x["lr_at_sweep_edge"])
@@ -341,11 +337,10 @@ def parity_rows() -> list[list[str]]:
         wire = "" if (sent["value_bits"], sent["index_coding"]) == (now.value_bits, now.index_coding) else \
             f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
         n = len(g["sweep"]["flexdemo"])
-        rates = f"best of {n} rates each{edge}" if n > 1 else \
-            "one rate each, its best in distribution at warm-up 100 (the rates above: HISTORY)"
+        rates = f"best of {n} rates each{edge}" if n > 1 else f"one rate each, {one_rate}"
         cmd = g["command"].removeprefix("python benchmarks/").split(" --out")[0]
         rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, "
-                        f"R = 1, warm-up {g['size']['warmup']} for both, seeds "
+                        f"{where}, warm-up {g['size']['warmup']} for both, seeds "
                         f"{', '.join(g['ratio_over_seeds']['per_seed'])}, {rates}",
                         f"{f['val_loss']:.3f} (lr {f['lr']:g})",
                         f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g})",
@@ -354,19 +349,16 @@ def parity_rows() -> list[list[str]]:
                         f"95% CI {ci95(i['flexdemo']['ratio_over_seeds'])} (goal ≤ 1.02)", device_of(g), g["date"],
                         f"`{cmd}`" + (" (the summary of two device calls' runs: its `commands`)"
                                       if "commands" in g else "") + f" (`{rel}`)"))
-    for rel, label in (("parity_small_long/summary_default.json", "`small-long` (4000 steps, 0.99 epochs), R = 1, "
-                                                                  "the default at `small`'s best rate, one seed"),
-                       ("parity_r2_small/summary.json", "`small` (1000 steps), R = 2 on one GPU, one rate each "
-                                                        "(direct step, the default then)")):
-        g = load(rel)
-        a, f = g["adamw"], g["flexdemo"]
-        doms = " / ".join(f"{d} {x:.3f}" for d, x in g["ratio_by_domain"].items())
-        rows.append(row(f"FlexDeMo / AdamW validation loss, {label}", f"{f['val_loss']:.3f} (lr {f['lr']:g}; best "
-                        f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
-                        f"{a['best_val_loss']:.3f})",
-                        f"{g['ratio']:.3f}; per domain {doms}{without_shifted(g)} (goal ≤ 1.02)",
-                        device_of(g), g["date"],
-                        f"`{command(g)}` (`{rel}`)"))
+    rel = "parity_small_long/summary_default.json"
+    g = load(rel)
+    a, f = g["adamw"], g["flexdemo"]
+    doms = " / ".join(f"{d} {x:.3f}" for d, x in g["ratio_by_domain"].items())
+    rows.append(row("FlexDeMo / AdamW validation loss, `small-long` (4000 steps, 0.99 epochs), R = 1, the default at "
+                    "`small`'s best rate, one seed", f"{f['val_loss']:.3f} (lr {f['lr']:g}; best "
+                    f"{f['best_val_loss']:.3f})", f"AdamW {a['val_loss']:.3f} (lr {a['lr']:g}; best "
+                    f"{a['best_val_loss']:.3f})",
+                    f"{g['ratio']:.3f}; per domain {doms}{without_shifted(g)} (goal ≤ 1.02)",
+                    device_of(g), g["date"], f"`{command(g)}` (`{rel}`)"))
     return rows
 
 
