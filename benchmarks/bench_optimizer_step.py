@@ -236,7 +236,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernel-choice", default=None, help="bench_flexdemo_kernels.py's JSON: use its fastest variants")
     ap.add_argument("--skip-slow", action="store_true", help="leave out the torch path and the orthogonal step "
-                    "(minutes at 1b)")
+                    "over whole matrices (minutes at 1b; the per-chunk one stays)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile each model's FlexDeMo step: host enqueue time, and a table of ops per model")
     args = ap.parse_args()
