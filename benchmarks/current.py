@@ -339,7 +339,6 @@ def parity_rows() -> list[list[str]]:
             f" update, with value_bits={sent['value_bits']} index_coding={sent['index_coding']}"
         n = len(g["sweep"]["flexdemo"])
         rates = f"best of {n} rates each{edge}" if n > 1 else f"one rate each, {one_rate}"
-        cmd = g["command"].removeprefix("python benchmarks/").split(" --out")[0]
         rows.append(row(f"FlexDeMo (the default{wire}) / AdamW validation loss, `small`, {g['size']['steps']} steps, "
                         f"{where}, warm-up {g['size']['warmup']} for both, seeds "
                         f"{', '.join(g['ratio_over_seeds']['per_seed'])}, {rates}",
@@ -348,8 +347,8 @@ def parity_rows() -> list[list[str]]:
                         f"{g['ratio']:.3f}, 95% CI {ci95(g['ratio_over_seeds'])}; public, code, math only "
                         f"{i['flexdemo']['ratio']:.3f} (lr {i['flexdemo']['lr']:g}; AdamW lr {i['adamw']['lr']:g}), "
                         f"95% CI {ci95(i['flexdemo']['ratio_over_seeds'])} (goal ≤ 1.02)", device_of(g), g["date"],
-                        f"`{cmd}`" + (" (the summary of two device calls' runs: its `commands`)"
-                                      if "commands" in g else "") + f" (`{rel}`)"))
+                        f"`{command(g)}`" + (" (the summary of two device calls' runs: its `commands`)"
+                                             if "commands" in g else "") + f" (`{rel}`)"))
     rel = "parity_small_long/summary_default.json"
     g = load(rel)
     a, f = g["adamw"], g["flexdemo"]
