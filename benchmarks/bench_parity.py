@@ -327,8 +327,8 @@ def in_distribution(r: dict) -> float | None:
 
 
 def over_seeds(runs: list[dict]) -> list[dict]:
-    """One record per (optimizer, lr): losses averaged over its seeds, the per-seed losses kept (``seeds``); the
-    curves and the rest are the first seed's."""
+    """One record per (optimizer, lr): losses averaged over its seeds (overall and per domain), the per-seed losses
+    kept (``seeds``); the curves and the rest are the first seed's."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["replicas"], r["optim"], r["lr"]), []).append(r)
@@ -338,6 +338,9 @@ def over_seeds(runs: list[dict]) -> list[dict]:
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("val_loss", "best_val_loss")}
         ids = [in_distribution(r) for r in rs]
         mean["val_in_distribution"] = None if None in ids else sum(ids) / len(ids)
+        if all("val_by_domain" in r for r in rs):
+            mean["val_by_domain"] = {d: sum(r["val_by_domain"][d] for r in rs) / len(rs)
+                                     for d in rs[0]["val_by_domain"]}
         out.append({**rs[0], **mean, "seeds": {r.get("seed", 0): r["val_loss"] for r in rs},
                     "seeds_in_distribution": {r.get("seed", 0): x for r, x in zip(rs, ids)}})
     return out
@@ -375,7 +378,7 @@ def summarise(runs: list[dict], R: int) -> dict:
     out["ratio"] = best["flexdemo"]["val_loss"] / best["adamw"]["val_loss"]  # of the means over seeds
     out["ratio_over_seeds"] = paired_ratio(best["flexdemo"], best["adamw"])
     out["ratio_best"] = best["flexdemo"]["best_val_loss"] / best["adamw"]["best_val_loss"]
-    # the final loss per validation domain (the first seed's): which domain carries the gap
+    # the final loss per validation domain (means over seeds): which domain carries the gap
     out["ratio_by_domain"] = {d: v / best["adamw"]["val_by_domain"][d]
                               for d, v in best["flexdemo"].get("val_by_domain", {}).items()}
     def sent_bytes(r: dict) -> float:

@@ -279,16 +279,15 @@ def seeds_row(g: dict, name: str, what: str, extra: str, src: str, where: str) -
                "(goal ≤ 1.02)", device_of(g), g["date"], src)
 
 
-WIRE_CODES = {"flexdemo-coefsign-wd0.1-q2": "the default update with values in 2 bits (with Elias-Fano indices the "
-                                            "default wire since 2026-12-05)",
-              "flexdemo-coefsign-wd0.1-k30-q4": "the default update with k 30, values in 4 bits",
+WIRE_CODES = {"flexdemo-coefsign-wd0.1-k30-q4": "the default update with k 30, values in 4 bits",
               "flexdemo-coefsign-wd0.1-q1-ef": "the default update with each value's sign at its chunk's scale "
                                                "(`value_bits=1`) and Elias-Fano indices"}
 
 
 def wire_codes_rows() -> list[list[str]]:
     """Fewer bytes for the default update: quantised values and coded indices at `tiny-long`, four seeds, over bf16
-    values and 12-bit indices with the same seeds; at R = 4 eight seeds of the default wire and the sign wire."""
+    values and 12-bit indices with the same seeds; at R = 2 eight seeds of the default wire, at R = 4 eight seeds of
+    the default wire and the sign wire."""
     rows = []
     rel = "parity_tiny_long/summary_r1_default_wire.json"  # R = 1: the default against the same update in bf16
     g = load(rel)
@@ -308,8 +307,15 @@ def wire_codes_rows() -> list[list[str]]:
         extra = "" if q is None else paired_over("bf16 values", q)
         rows.append(seeds_row(g, name, what, extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
                               f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
-    rel = "parity_tiny_long/summary_codes_r2.json"  # R = 2 (R = 4: the eight seeds above)
-    g = load(rel)
+    rel = "parity_tiny_long/summary_r2_8seeds.json"
+    g, codes = load(rel), load("parity_tiny_long/summary_codes_r2.json")
+    rows.append(seeds_row(g, "flexdemo", "the default: values in 2 bits, Elias-Fano indices "
+                          f"({g['base_2x2_x_dense_bf16']['flexdemo']:.1f}×)",
+                          paired_over("bf16 values (seeds 0–3)", codes["over_default"]["flexdemo-coefsign-wd0.1-q2"]),
+                          f"`bench_parity.py --size tiny-long --replicas 2 --seeds 4 [--first-seed 4] ...` (`{rel}`; its "
+                          "commands)", "`tiny-long` (3000 steps), R = 2"))
+    rel = "parity_tiny_long/summary_codes_r2.json"  # R = 2, other wires (the default: the eight seeds above)
+    g = codes
     for name, what in WIRE_CODES.items():
         q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
         bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
@@ -322,11 +328,9 @@ def wire_codes_rows() -> list[list[str]]:
 
 def parity_rows() -> list[list[str]]:
     rows = []
-    # the sweep (two seeds, four rates each), the four-seed run at one rate each of an earlier sweep, and R = 2 on one
-    # GPU at the sweep's rates
+    # the sweep (two seeds, four rates each), eight seeds at the sweep's best rates, and R = 2 on one GPU at them
     for rel, one_rate in (("parity/summary.json", ""),
-                          ("parity/summary_4seeds.json", "its best in distribution at warm-up 100 (the rates above: "
-                                                         "HISTORY)"),
+                          ("parity/summary_8seeds.json", "the sweep's best over all domains"),
                           ("parity_r2_small/summary.json", "the R = 1 sweep's best over all domains")):
         g = load(rel)
         R = next(iter(g["by_replicas"]))
