@@ -269,7 +269,7 @@ def seeds_row(g: dict, name: str, what: str, extra: str, src: str, where: str) -
     """A rule at one rate over the seeds of a summary composed by hand: its mean loss, and its ratio to AdamW paired
     by seed, over all domains and in distribution."""
     v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][name]
-    seeds = sorted(v["per_seed"])
+    seeds = sorted(v["per_seed"], key=int)
     mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
     base = sum(g["seeds"][s_]["adamw"]["val_loss"] for s_ in seeds) / len(seeds)
     return row(f"FlexDeMo ({what}) / AdamW validation loss, {where}, seeds {', '.join(seeds)}"
@@ -286,8 +286,8 @@ WIRE_CODES = {"flexdemo-coefsign-wd0.1-k30-q4": "the default update with k 30, v
 
 def wire_codes_rows() -> list[list[str]]:
     """Fewer bytes for the default update: quantised values and coded indices at `tiny-long`, four seeds, over bf16
-    values and 12-bit indices with the same seeds; at R = 2 eight seeds of the default wire, at R = 4 eight seeds of
-    the default wire and the sign wire."""
+    values and 12-bit indices with the same seeds; at R = 4 eight seeds of the bf16 wire and the sign wire; the
+    default wire over eight seeds at R = 2 and twelve at R = 4."""
     rows = []
     rel = "parity_tiny_long/summary_r1_default_wire.json"  # R = 1: the default against the same update in bf16
     g = load(rel)
@@ -300,20 +300,23 @@ def wire_codes_rows() -> list[list[str]]:
     g = load(rel)
     for name, what in (("flexdemo-coefsign-wd0.1", "the default update with bf16 values and 12-bit indices "
                                                    "(71.5× less than dense bf16 for `base` 2 × 2)"),
-                       ("flexdemo-coefsign-wd0.1-q2", "the default: values in 2 bits, Elias-Fano indices (168.7×)"),
                        ("flexdemo-coefsign-wd0.1-q1-ef", "the default update with signs for values, Elias-Fano "
                                                          "indices (183.8×)")):
         q = g["over_bf16_values"].get(name)
         extra = "" if q is None else paired_over("bf16 values", q)
         rows.append(seeds_row(g, name, what, extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
                               f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
-    rel = "parity_tiny_long/summary_r2_8seeds.json"
-    g, codes = load(rel), load("parity_tiny_long/summary_codes_r2.json")
-    rows.append(seeds_row(g, "flexdemo", "the default: values in 2 bits, Elias-Fano indices "
-                          f"({g['base_2x2_x_dense_bf16']['flexdemo']:.1f}×)",
-                          paired_over("bf16 values (seeds 0–3)", codes["over_default"]["flexdemo-coefsign-wd0.1-q2"]),
-                          f"`bench_parity.py --size tiny-long --replicas 2 --seeds 4 [--first-seed 4] ...` (`{rel}`; its "
-                          "commands)", "`tiny-long` (3000 steps), R = 2"))
+    codes, q2 = load("parity_tiny_long/summary_codes_r2.json"), "flexdemo-coefsign-wd0.1-q2"
+    # the default (its earlier seeds are those files' q2 runs) against the same update with bf16 values
+    for R, rel, q, seeds, firsts in (
+            (2, "parity_tiny_long/summary_r2_8seeds.json", codes["over_default"][q2], "0–3", "4"),
+            (4, "parity_tiny_long/summary_r4_12seeds.json", g["over_bf16_values"][q2], "0–7", "4 / 8")):
+        d = load(rel)
+        rows.append(seeds_row(d, "flexdemo", "the default: values in 2 bits, Elias-Fano indices "
+                              f"({d['base_2x2_x_dense_bf16']['flexdemo']:.1f}×)",
+                              paired_over(f"bf16 values (seeds {seeds})", q),
+                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 [--first-seed {firsts}] ...` "
+                              f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
     rel = "parity_tiny_long/summary_codes_r2.json"  # R = 2, other wires (the default: the eight seeds above)
     g = codes
     for name, what in WIRE_CODES.items():
