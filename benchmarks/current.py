@@ -315,8 +315,8 @@ def wire_codes_rows() -> list[list[str]]:
         rows.append(seeds_row(d, "flexdemo", "the default: values in 2 bits, Elias-Fano indices "
                               f"({d['base_2x2_x_dense_bf16']['flexdemo']:.1f}×)",
                               paired_over(f"bf16 values (seeds {seeds})", q),
-                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 [--first-seed {firsts}] ...` "
-                              f"(`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
+                              f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 [--first-seed {firsts}] "
+                              f"...` (`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
     rel = "parity_tiny_long/summary_codes_r2.json"  # R = 2, other wires (the default: the eight seeds above)
     g = codes
     for name, what in WIRE_CODES.items():
