@@ -303,36 +303,36 @@ def wire_codes_rows() -> list[list[str]]:
                           paired_over("bf16 values", q),
                           f"`bench_parity.py --worker --size tiny-long --optim flexdemo --lr 0.01 --replicas 1 "
                           f"--seed S ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 1"))
-    rel = "parity_tiny_long/summary_r4_8seeds.json"
-    g = load(rel)
+    r4_rel = "parity_tiny_long/summary_r4_8seeds.json"
+    r4 = load(r4_rel)
     for name, what in (("flexdemo-coefsign-wd0.1", "the default update with bf16 values and 12-bit indices "
                                                    "(71.5× less than dense bf16 for `base` 2 × 2)"),
                        ("flexdemo-coefsign-wd0.1-q1-ef", "the default update with signs for values, Elias-Fano "
                                                          "indices (183.8×)")):
-        q = g["over_bf16_values"].get(name)
+        q = r4["over_bf16_values"].get(name)
         extra = "" if q is None else paired_over("bf16 values", q)
-        rows.append(seeds_row(g, name, what, extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
-                              f"4 [--first-seed 4] ...` (`{rel}`; its commands)", "`tiny-long` (3000 steps), R = 4"))
-    codes, q2 = load("parity_tiny_long/summary_codes_r2.json"), "flexdemo-coefsign-wd0.1-q2"
+        rows.append(seeds_row(r4, name, what, extra, f"`bench_parity.py --size tiny-long --replicas 4 --seeds "
+                              f"4 [--first-seed 4] ...` (`{r4_rel}`; its commands)",
+                              "`tiny-long` (3000 steps), R = 4"))
+    codes_rel, q2 = "parity_tiny_long/summary_codes_r2.json", "flexdemo-coefsign-wd0.1-q2"
+    codes = load(codes_rel)
     # the default (its earlier seeds are those files' q2 runs) against the same update with bf16 values
     for R, rel, q, seeds, firsts in (
             (2, "parity_tiny_long/summary_r2_8seeds.json", codes["over_default"][q2], "0–3", "4"),
-            (4, "parity_tiny_long/summary_r4_12seeds.json", g["over_bf16_values"][q2], "0–7, lr 0.01", "4 / 8")):
+            (4, "parity_tiny_long/summary_r4_12seeds.json", r4["over_bf16_values"][q2], "0–7, lr 0.01", "4 / 8")):
         d = load(rel)
         rows.append(seeds_row(d, "flexdemo", "the default: values in 2 bits, Elias-Fano indices "
                               f"({d['base_2x2_x_dense_bf16']['flexdemo']:.1f}×)",
                               paired_over(f"bf16 values (seeds {seeds})", q),
                               f"`bench_parity.py --size tiny-long --replicas {R} --seeds 4 [--first-seed {firsts}] "
                               f"...` (`{rel}`; its commands)", f"`tiny-long` (3000 steps), R = {R}"))
-    rel = "parity_tiny_long/summary_codes_r2.json"  # R = 2, other wires (the default: the eight seeds above)
-    g = codes
-    for name, what in WIRE_CODES.items():
-        q, x, ef = g["over_default"][name], g["base_2x2_x_dense_bf16"][name], g["with_elias_fano"][name]
+    for name, what in WIRE_CODES.items():  # R = 2, other wires (the default: the eight seeds above)
+        q, x, ef = codes["over_default"][name], codes["base_2x2_x_dense_bf16"][name], codes["with_elias_fano"][name]
         bytes_ = f"{x:.1f}×" if x == ef else f"{x:.1f}× ({ef:.1f}× with Elias-Fano indices, the same update)"
-        rows.append(seeds_row(g, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}",
+        rows.append(seeds_row(codes, name, f"{what}; fewer bytes than dense bf16 for `base` 2 × 2: {bytes_}",
                               paired_over("bf16 values", q),
-                              f"`bench_parity.py --size tiny-long --replicas 2 --seeds 4 ...` (`{rel}`; its commands)",
-                              "`tiny-long` (3000 steps), R = 2"))
+                              f"`bench_parity.py --size tiny-long --replicas 2 --seeds 4 ...` (`{codes_rel}`; its "
+                              "commands)", "`tiny-long` (3000 steps), R = 2"))
     return rows
 
 
