@@ -269,9 +269,7 @@ def seeds_row(g: dict, name: str, what: str, extra: str, src: str, where: str) -
     """A rule over the seeds of a summary composed by hand: its mean loss, and its ratio to AdamW paired by seed, over
     all domains and in distribution; at one rate, or (the summary's ``best``) at its best rate by each measure."""
     best = g.get("best")
-    in_name = best["val_in_distribution"] if best else name
-    if best:
-        name = best["val_loss"]
+    name, in_name = (best["val_loss"], best["val_in_distribution"]) if best else (name, name)
     v, i = g["ratio_over_seeds"][name], g["in_distribution_over_seeds"][in_name]
     seeds = sorted(v["per_seed"], key=int)
     mean = sum(g["seeds"][s_][name]["val_loss"] for s_ in seeds) / len(seeds)
